@@ -1,0 +1,57 @@
+# `make demo` and `make test` work on a fresh clone with nothing but Python 3.11.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# The CPU wheel of torch lies on disk here; never let pip resolve an unpinned torch (a CUDA
+# build of several GB).
+TORCH_SPEC ?= torch==2.13.0
+NVCC   ?= $(shell command -v nvcc)
+CUDA_ARCHS ?= 80 90
+CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+
+.PHONY: all demo test test-fast cuda-check bench build env clean
+
+all: test
+
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q "triton>=3.6" ninja numpy pytest hypothesis
+	touch $@
+
+# Editable install builds alignops._C with the torch already in the venv.
+$(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
+	flock $(VENV)/.build.lock $(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
+
+env: build
+	$(PY) -m alignops.env
+
+# Compile-check every CUDA source for sm_80 and sm_90 (no GPU needed, no torch headers used).
+cuda-check:
+	@if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found, CUDA sources NOT compile-checked"; \
+	else for f in csrc/cuda/*.cu; do \
+	  echo "nvcc $$f ($(CUDA_ARCHS))"; \
+	  $(NVCC) -std=c++17 -O3 -Icsrc $(foreach a,$(CUDA_ARCHS),-gencode=arch=compute_$(a),code=sm_$(a)) \
+	    -c $$f -o /tmp/alignops-$$(basename $$f).o || exit 1; \
+	done; fi
+
+test: build cuda-check
+	$(PY) -m alignops.env
+	$(PY) -m pytest tests
+
+test-fast: build
+	$(PY) -m pytest tests -x -q -p no:cacheprovider -k "not slow"
+
+demo: build
+	$(PY) -m alignops.demo
+
+bench: build
+	$(PY) -m bench.run
+
+clean:
+	rm -rf build *.egg-info alignops/_C*.so alignops/_build_info.json $(VENV)

@@ -1,0 +1,207 @@
+"""Backend selection and the kernel registry.
+
+Every logits-pass op has four implementations (DESIGN.md "Backends"):
+
+    torch   eager reference, float64-capable, the oracle (alignops/reference/)
+    cpu     C++ kernels in alignops._C (csrc/cpu/)
+    triton  Triton kernels in alignops.kernels (kernels/); CUDA tensors, or CPU under TRITON_INTERPRET=1
+    cuda    CUDA kernels in alignops._C (csrc/cuda/), plain .cu files with C launchers
+
+`backend=None` picks: CUDA tensor -> triton, else cuda, else torch; CPU tensor -> cpu, else torch.
+`ALIGNOPS_BACKEND` overrides. A backend that was named but cannot run raises; it never silently
+falls back.
+
+Kernels are looked up by (op, backend) in one registry. Each kernel writes into output tensors
+that the caller allocated, so the same Python autograd code drives every backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+C_ABI_VERSION = 1  # must equal C_ABI_VERSION in setup.py
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run here."""
+
+
+# --------------------------------------------------------------------------------------------
+# alignops._C
+
+_c_module = None
+_c_error: str | None = None
+_c_tried = False
+
+
+def load_c():
+    """Import alignops._C once. Returns the module or None; never raises."""
+    global _c_module, _c_error, _c_tried
+    if _c_tried:
+        return _c_module
+    _c_tried = True
+    rebuild = "rebuild it with `pip install -e . --no-build-isolation` (or `make build`)"
+    try:
+        from alignops import _C  # noqa: PLC0415 - registers torch.ops.alignops_C.*
+    except ImportError as e:
+        _c_error = f"alignops._C could not be loaded ({e}); {rebuild}"
+        return None
+    abi = getattr(_C, "abi_version", lambda: -1)()
+    if abi != C_ABI_VERSION:
+        _c_error = (f"alignops._C is stale (built for op ABI {abi}, this source needs "
+                    f"{C_ABI_VERSION}); {rebuild}")
+        return None
+    _c_module = _C
+    return _C
+
+
+def c_error() -> str | None:
+    load_c()
+    return _c_error
+
+
+def build_info() -> dict:
+    path = os.path.join(os.path.dirname(__file__), "_build_info.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError:
+        return {}
+
+
+def c_has_cuda() -> bool:
+    c = load_c()
+    return bool(c is not None and c.with_cuda())
+
+
+# --------------------------------------------------------------------------------------------
+# availability
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_importable() -> str | None:
+    try:
+        importlib.import_module("triton")
+    except ImportError as e:
+        return f"triton is not installed ({e})"
+    return None
+
+
+def why_unavailable(backend: str, device: torch.device) -> str | None:
+    """None if `backend` can run on tensors of `device`, else the reason."""
+    if backend == "torch":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend runs on CPU tensors, got a {device.type} tensor"
+        return c_error()
+    if backend == "triton":
+        if device.type == "cpu" and not triton_interpreted():
+            return "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+        if device.type not in ("cpu", "cuda"):
+            return f"the triton backend does not run on {device.type} tensors"
+        return _triton_importable()
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got a {device.type} tensor"
+        err = c_error()
+        if err:
+            return err
+        if not c_has_cuda():
+            return "alignops._C was built without CUDA kernels (no nvcc or CPU-only torch at build time)"
+        return None
+    return f"unknown backend {backend!r}; expected one of {BACKENDS}"
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    device = torch.device(device)
+    return [b for b in BACKENDS if why_unavailable(b, device) is None]
+
+
+_warned_fallback = False
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The backend an op runs with: the named one (or ALIGNOPS_BACKEND), else the automatic choice."""
+    global _warned_fallback
+    if backend is None:
+        backend = os.environ.get("ALIGNOPS_BACKEND") or None
+    if backend is not None:
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        reason = why_unavailable(backend, device)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend={backend!r} cannot run: {reason}")
+        return backend
+    order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+    for b in order:
+        if why_unavailable(b, device) is None:
+            return b
+    if device.type == "cpu" and not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(f"alignops: using the slow torch backend: {c_error()}", RuntimeWarning, stacklevel=3)
+    return "torch"
+
+
+# --------------------------------------------------------------------------------------------
+# kernel registry: (op, backend) -> zero-argument loader returning the kernel callable
+
+_KERNEL_LOADERS: dict[tuple[str, str], Callable[[], Callable]] = {}
+_KERNEL_CACHE: dict[tuple[str, str], Callable] = {}
+
+
+def register_kernel(op: str, backend: str, loader: Callable[[], Callable]) -> None:
+    _KERNEL_LOADERS[(op, backend)] = loader
+
+
+def kernel(op: str, backend: str) -> Callable:
+    key = (op, backend)
+    fn = _KERNEL_CACHE.get(key)
+    if fn is None:
+        if key not in _KERNEL_LOADERS:
+            raise BackendUnavailableError(f"op {op!r} has no {backend!r} kernel")
+        fn = _KERNEL_CACHE[key] = _KERNEL_LOADERS[key]()
+    return fn
+
+
+def _c_op(name: str) -> Callable[[], Callable]:
+    def load():
+        if load_c() is None:
+            raise BackendUnavailableError(c_error())
+        return getattr(torch.ops.alignops_C, name)
+    return load
+
+
+def _cuda_op(name: str) -> Callable[[], Callable]:
+    """CUDA launchers take the current stream as an int, so the bindings need no CUDA headers."""
+    def load():
+        op = _c_op(name)()
+
+        def run(*args):
+            device = next(a.device for a in args if isinstance(a, torch.Tensor))
+            with torch.cuda.device(device):
+                op(*args, torch.cuda.current_stream(device).cuda_stream)
+        return run
+    return load
+
+
+def _triton_fn(module: str, name: str) -> Callable[[], Callable]:
+    def load():
+        return getattr(importlib.import_module(f"alignops.kernels.{module}"), name)
+    return load
+
+
+for _op in ("token_stats_fwd", "token_stats_bwd"):
+    register_kernel(_op, "cpu", _c_op(f"{_op}_cpu"))
+    register_kernel(_op, "cuda", _cuda_op(f"{_op}_cuda"))
+    register_kernel(_op, "triton", _triton_fn("token_stats", _op))

@@ -1,0 +1,209 @@
+// CPU kernels of the logits pass: per-token log-prob, log-sum-exp and entropy, and the fused
+// backward. Contract: alignops/token_logprobs.py.
+//
+// Rows run in parallel (at::parallel_for). Each row is processed in blocks of kBlock elements
+// converted once to fp32 in an L1-resident buffer: block max, then exp-sums on the hot buffer,
+// then an exact merge into the running statistics. One read of the row from memory and one
+// exp per element; a single-pass online update would need two.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "../common/softmax_stats.h"
+#include "ops.h"
+
+namespace alignops::cpu {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kBlock = 2048;  // 8 KiB of fp32: stays in L1 with the output buffer
+
+template <typename T>
+inline float to_float(T x) { return static_cast<float>(x); }
+
+// Rows are visited in order; a row costs ~V, so a grain of a few rows keeps threads busy
+// without oversubscribing short inputs.
+inline int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
+
+template <typename scalar_t>
+inline const scalar_t* row_ptr(const scalar_t* base, int64_t n, int64_t T, int64_t sb, int64_t st) {
+  return base + (n / T) * sb + (n % T) * st;
+}
+
+// fp32 statistics of z = x * inv_temp over one row.
+template <typename scalar_t>
+SoftmaxStats<float> row_stats_f32(const scalar_t* x, int64_t V, float inv_temp, float* buf) {
+  SoftmaxStats<float> st = stats_empty<float>();
+  for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
+    const int64_t len = std::min(kBlock, V - v0);
+    for (int64_t i = 0; i < len; ++i) buf[i] = to_float(x[v0 + i]) * inv_temp;
+    const int64_t vlen = len - len % Vec::size();
+    Vec vmax(-std::numeric_limits<float>::infinity());
+    for (int64_t i = 0; i < vlen; i += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(buf + i));
+    float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+    for (int64_t i = vlen; i < len; ++i) m = std::max(m, buf[i]);
+    if (m == -std::numeric_limits<float>::infinity()) continue;  // block of -inf logits: p = 0
+    // NaN logits make m NaN and propagate to every output, as they should.
+    const Vec vm(m), zero(0.f);
+    Vec vs(0.f), vt(0.f);
+    for (int64_t i = 0; i < vlen; i += Vec::size()) {
+      const Vec d = Vec::loadu(buf + i) - vm;
+      const Vec e = d.exp_u20();
+      vs = vs + e;
+      // e == 0 where d = -inf; blend keeps 0 * -inf from turning into NaN.
+      vt = vt + Vec::blendv(e * d, zero, e == zero);
+    }
+    float s = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vs);
+    float t = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vt);
+    for (int64_t i = vlen; i < len; ++i) {
+      const float d = buf[i] - m, e = std::exp(d);
+      s += e;
+      if (e > 0.f) t += e * d;
+    }
+    st = stats_merge<float>(st, {m, s, t});
+  }
+  return st;
+}
+
+// fp64 path, for float64 logits (gradcheck and oracle comparisons): plain loops, exact exp.
+SoftmaxStats<double> row_stats_f64(const double* x, int64_t V, double inv_temp) {
+  SoftmaxStats<double> st = stats_empty<double>();
+  for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
+    const int64_t len = std::min(kBlock, V - v0);
+    double m = -std::numeric_limits<double>::infinity();
+    for (int64_t i = 0; i < len; ++i) m = std::max(m, x[v0 + i] * inv_temp);
+    if (m == -std::numeric_limits<double>::infinity()) continue;
+    double s = 0, t = 0;
+    for (int64_t i = 0; i < len; ++i) {
+      const double d = x[v0 + i] * inv_temp - m, e = std::exp(d);
+      s += e;
+      if (e > 0) t += e * d;
+    }
+    st = stats_merge<double>(st, {m, s, t});
+  }
+  return st;
+}
+
+template <typename scalar_t, typename acc_t>
+void fwd_impl(const at::Tensor& logits, const at::Tensor& labels, double inv_temperature,
+              int64_t ignore_index, bool compute_entropy, const at::Tensor& logp,
+              const at::Tensor& lse, const at::Tensor& entropy) {
+  const int64_t N = labels.numel(), T = logits.size(1), V = logits.size(2);
+  const int64_t sb = logits.stride(0), st_ = logits.stride(1);
+  const scalar_t* base = logits.data_ptr<scalar_t>();
+  const int64_t* y = labels.data_ptr<int64_t>();
+  acc_t* out_logp = logp.data_ptr<acc_t>();
+  acc_t* out_lse = lse.data_ptr<acc_t>();
+  acc_t* out_ent = entropy.data_ptr<acc_t>();
+  const acc_t inv_temp = static_cast<acc_t>(inv_temperature);
+
+  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+    alignas(64) float buf[kBlock];
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t label = y[n];
+      if (label == ignore_index) {
+        out_logp[n] = out_lse[n] = out_ent[n] = acc_t(0);
+        continue;
+      }
+      const scalar_t* x = row_ptr(base, n, T, sb, st_);
+      SoftmaxStats<acc_t> s;
+      if constexpr (std::is_same_v<scalar_t, double>) {
+        s = row_stats_f64(x, V, inv_temp);
+      } else {
+        s = row_stats_f32(x, V, inv_temp, buf);
+      }
+      const acc_t l = stats_lse(s);
+      out_lse[n] = l;
+      out_logp[n] = (label >= 0 && label < V) ? static_cast<acc_t>(x[label]) * inv_temp - l
+                                              : std::numeric_limits<acc_t>::quiet_NaN();
+      out_ent[n] = compute_entropy ? stats_entropy(s) : acc_t(0);
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void bwd_impl(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+              const at::Tensor& entropy, const at::Tensor& grad_logp, const at::Tensor& grad_entropy,
+              double inv_temperature, int64_t ignore_index, bool has_entropy_grad,
+              const at::Tensor& grad_logits) {
+  const int64_t N = labels.numel(), T = logits.size(1), V = logits.size(2);
+  const int64_t sb = logits.stride(0), st_ = logits.stride(1);
+  const int64_t gsb = grad_logits.stride(0), gst = grad_logits.stride(1);
+  const scalar_t* base = logits.data_ptr<scalar_t>();
+  scalar_t* gbase = grad_logits.data_ptr<scalar_t>();
+  const int64_t* y = labels.data_ptr<int64_t>();
+  const acc_t* lse_p = lse.data_ptr<acc_t>();
+  const acc_t* ent_p = entropy.data_ptr<acc_t>();
+  const acc_t* ga = grad_logp.data_ptr<acc_t>();
+  const acc_t* gb = grad_entropy.data_ptr<acc_t>();
+  const acc_t inv_temp = static_cast<acc_t>(inv_temperature);
+
+  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+    alignas(64) float buf[kBlock];
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t label = y[n];
+      const scalar_t* x = row_ptr(base, n, T, sb, st_);
+      scalar_t* g = const_cast<scalar_t*>(row_ptr<scalar_t>(gbase, n, T, gsb, gst));
+      if (label == ignore_index || label < 0 || label >= V) {
+        std::fill(g, g + V, scalar_t(0));
+        continue;
+      }
+      const acc_t l = lse_p[n], h = ent_p[n];
+      // The temperature's 1/T is folded into the coefficients.
+      const acc_t a = ga[n] * inv_temp, b = has_entropy_grad ? gb[n] * inv_temp : acc_t(0);
+      if constexpr (std::is_same_v<scalar_t, double>) {
+        for (int64_t v = 0; v < V; ++v) g[v] = logits_grad<double>(x[v] * inv_temp, v == label, l, h, a, b);
+        continue;
+      } else {
+        const Vec vl(l), vh(h), va(a), vb(b), zero(0.f), vinv(inv_temp);
+        for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
+          const int64_t len = std::min(kBlock, V - v0);
+          // Read the whole block before writing it: grad_logits may alias the logits.
+          for (int64_t i = 0; i < len; ++i) buf[i] = to_float(x[v0 + i]);
+          const int64_t vlen = len - len % Vec::size();
+          for (int64_t i = 0; i < vlen; i += Vec::size()) {
+            const Vec zc = Vec::loadu(buf + i) * vinv - vl;
+            const Vec p = zc.exp_u20();
+            Vec gv = Vec(0.f) - va * p;
+            if (b != 0.f) gv = gv - Vec::blendv(vb * p * (zc + vh), zero, p == zero);
+            gv.store(buf + i);
+          }
+          for (int64_t i = vlen; i < len; ++i) buf[i] = logits_grad<float>(buf[i] * inv_temp, false, l, h, a, b);
+          if (label >= v0 && label < v0 + len) buf[label - v0] += a;
+          for (int64_t i = 0; i < len; ++i) g[v0 + i] = static_cast<scalar_t>(buf[i]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void token_stats_fwd(const at::Tensor& logits, const at::Tensor& labels, double inv_temperature,
+                     int64_t ignore_index, bool compute_entropy, const at::Tensor& logp,
+                     const at::Tensor& lse, const at::Tensor& entropy) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "token_stats_fwd", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    TORCH_CHECK(logp.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "token_stats_fwd: output dtype");
+    fwd_impl<scalar_t, acc_t>(logits, labels, inv_temperature, ignore_index, compute_entropy, logp, lse, entropy);
+  });
+}
+
+void token_stats_bwd(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                     const at::Tensor& entropy, const at::Tensor& grad_logp,
+                     const at::Tensor& grad_entropy, double inv_temperature, int64_t ignore_index,
+                     bool has_entropy_grad, const at::Tensor& grad_logits) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "token_stats_bwd", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    TORCH_CHECK(grad_logits.scalar_type() == logits.scalar_type(), "token_stats_bwd: grad dtype");
+    TORCH_CHECK(lse.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "token_stats_bwd: stats dtype");
+    bwd_impl<scalar_t, acc_t>(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature,
+                              ignore_index, has_entropy_grad, grad_logits);
+  });
+}
+
+}  // namespace alignops::cpu
