@@ -25,6 +25,20 @@ constexpr int64_t kBlock = 2048;  // 8 KiB of fp32: stays in L1 with the output 
 template <typename T>
 inline float to_float(T x) { return static_cast<float>(x); }
 
+inline float hmax(const Vec& v) {
+  alignas(64) float a[Vec::size()];
+  v.store(a);
+  return *std::max_element(a, a + Vec::size());
+}
+
+inline float hsum(const Vec& v) {
+  alignas(64) float a[Vec::size()];
+  v.store(a);
+  float s = 0.f;
+  for (int i = 0; i < Vec::size(); ++i) s += a[i];
+  return s;
+}
+
 // Rows are visited in order; a row costs ~V, so a grain of a few rows keeps threads busy
 // without oversubscribing short inputs.
 inline int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
@@ -44,7 +58,7 @@ SoftmaxStats<float> row_stats_f32(const scalar_t* x, int64_t V, float inv_temp, 
     const int64_t vlen = len - len % Vec::size();
     Vec vmax(-std::numeric_limits<float>::infinity());
     for (int64_t i = 0; i < vlen; i += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(buf + i));
-    float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+    float m = hmax(vmax);
     for (int64_t i = vlen; i < len; ++i) m = std::max(m, buf[i]);
     if (m == -std::numeric_limits<float>::infinity()) continue;  // block of -inf logits: p = 0
     // NaN logits make m NaN and propagate to every output, as they should.
@@ -57,8 +71,8 @@ SoftmaxStats<float> row_stats_f32(const scalar_t* x, int64_t V, float inv_temp, 
       // e == 0 where d = -inf; blend keeps 0 * -inf from turning into NaN.
       vt = vt + Vec::blendv(e * d, zero, e == zero);
     }
-    float s = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vs);
-    float t = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vt);
+    float s = hsum(vs);
+    float t = hsum(vt);
     for (int64_t i = vlen; i < len; ++i) {
       const float d = buf[i] - m, e = std::exp(d);
       s += e;
