@@ -1,0 +1,81 @@
+"""token_logprobs (log-probs + entropy, forward and backward) vs the eager path trainers use.
+
+    python -m bench.bench_token_logprobs              # CPU: N=2048 V=32000 fp32, N=512 V=151936
+    python -m bench.bench_token_logprobs --device cuda  # N=8192, V in {128256, 151936}, bf16
+
+eager   = TRL/verl style: logits.float() / T, log_softmax, gather, entropy from the softmax,
+          under autograd (what trainers run today).
+compile = torch.compile of that same function.
+liger   = Liger-Kernel's fused cross entropy (log-probs only), when installed (GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import alignops as ao
+from bench.harness import Case, copy_bandwidth_gbs, run_cases
+
+TEMPERATURE = 0.9
+
+
+def eager_logprobs_entropy(logits, labels, temperature=TEMPERATURE):
+    logits = logits.float() / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    entropy = torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return logp, entropy
+
+
+def make_case(n, v, dtype, device, backend=None):
+    def make_inputs():
+        g = torch.Generator(device="cpu").manual_seed(0)
+        logits = (torch.randn(n, v, generator=g) * 2).to(dtype=dtype, device=device)
+        labels = torch.randint(0, v, (n,), generator=g).to(device)
+        return {"logits": logits, "labels": labels}
+
+    compiled = torch.compile(eager_logprobs_entropy)
+    impls = {
+        "alignops": lambda x: ao.token_logprobs(x["logits"], x["labels"], temperature=TEMPERATURE,
+                                                return_entropy=True, backend=backend),
+        "eager": lambda x: eager_logprobs_entropy(x["logits"], x["labels"]),
+        "compile": lambda x: compiled(x["logits"], x["labels"]),
+    }
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy  # noqa: PLC0415
+        if device == "cuda":
+            impls["liger(ce only)"] = lambda x: -liger_cross_entropy(
+                x["logits"] / TEMPERATURE, x["labels"], reduction="none")
+    except ImportError:
+        pass
+    elem = torch.finfo(dtype).bits // 8
+    nbytes = n * v * elem
+    name = f"N={n} V={v} {str(dtype).replace('torch.', '')}"
+    return Case(name, {"N": n, "V": v, "dtype": str(dtype).replace("torch.", ""), "device": device},
+                make_inputs, impls, grad_inputs=("logits",),
+                bytes_moved={"fwd": nbytes, "bwd": 2 * nbytes, "fwd+bwd": 3 * nbytes})
+
+
+def cases_for(device: str, quick: bool = False):
+    if device == "cuda":
+        shapes = [(8192, 128256), (8192, 151936)] if not quick else [(1024, 151936)]
+        return [make_case(n, v, torch.bfloat16, device) for n, v in shapes]
+    shapes = [(2048, 32000), (512, 151936)] if not quick else [(256, 32000)]
+    return [make_case(n, v, torch.float32, device) for n, v in shapes]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="one small shape (smoke run)")
+    p.add_argument("--reps", type=int, default=5)
+    args = p.parse_args(argv)
+    if args.device == "cuda":
+        print(f"measured copy bandwidth: {copy_bandwidth_gbs(torch.device('cuda')):.0f} GB/s")
+    return run_cases("token_logprobs", cases_for(args.device, args.quick), reps=args.reps)
+
+
+if __name__ == "__main__":
+    main()

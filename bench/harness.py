@@ -1,0 +1,254 @@
+"""The benchmark harness every op shares.
+
+A benchmark is a list of `Case`s: one shape, a function that makes fresh inputs, and named
+implementations (`alignops`, `eager`, `compile`, peers...). Each implementation maps the inputs to
+a scalar loss (or a tensor that is summed); the harness times forward, backward and both, measures
+peak memory above the inputs, and writes `bench/results/<op>-<machine>.{csv,md}`.
+
+    from bench.harness import Case, run_cases
+    run_cases("token_logprobs", [Case(name, shape, make_inputs, impls, grad_inputs=("logits",))])
+
+Timings are medians over repeats after warm-up. Peak memory: on CUDA the allocator's peak; on CPU
+the process's peak RSS (reset through /proc/self/clear_refs before each measurement), both minus
+the memory held before the call, so they count what the implementation allocates on top of its
+inputs. Bandwidth (GB/s) is reported when a case gives `bytes_moved` for a mode.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gc
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+def _fix_mmap_threshold():
+    """glibc raises its mmap threshold after large frees, after which freed tensors stay in the
+    heap and peak RSS stops seeing new allocations; a fixed threshold returns them to the OS."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB
+    except (OSError, AttributeError):
+        pass
+
+
+_fix_mmap_threshold()
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+@dataclasses.dataclass
+class Case:
+    name: str                                   # e.g. "N=2048 V=32000 fp32"
+    shape: dict                                 # columns written to the table (N, V, dtype, ...)
+    make_inputs: Callable[[], dict]             # fresh inputs (tensors that need grad set up inside)
+    impls: dict[str, Callable[[dict], torch.Tensor]]
+    grad_inputs: tuple[str, ...] = ()           # input names that get .requires_grad_() for bwd
+    bytes_moved: dict[str, int] = dataclasses.field(default_factory=dict)  # mode -> ideal bytes
+    modes: tuple[str, ...] = MODES
+
+
+def machine_name() -> str:
+    if env := os.environ.get("ALIGNOPS_BENCH_MACHINE"):
+        return env
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name().lower()
+        for tag in ("h200", "h100", "a100", "l40s", "l4", "a10", "4090", "3090"):
+            if tag in name:
+                return tag
+        return name.replace(" ", "-")
+    return f"cpu{os.cpu_count()}"
+
+
+def machine_description() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, ISA {torch.backends.cpu.get_cpu_capability()}")
+
+
+# --------------------------------------------------------------------------------------------
+# measurement
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakMemory:
+    """Peak bytes allocated inside the block, above what was held when it began."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+            except OSError:
+                pass
+            self.base = _rss_bytes("VmRSS:")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.peak = _rss_bytes("VmHWM:") - self.base
+        return False
+
+
+def _prepare(case: Case, need_grad: bool) -> dict:
+    inputs = case.make_inputs()
+    if need_grad:
+        for k in case.grad_inputs:
+            inputs[k] = inputs[k].detach().requires_grad_(True)
+    return inputs
+
+
+def _device_of(inputs: dict) -> torch.device:
+    return next(v.device for v in inputs.values() if isinstance(v, torch.Tensor))
+
+
+def _loss(out) -> torch.Tensor:
+    out = out.loss if hasattr(out, "loss") else out
+    if isinstance(out, (tuple, list)):
+        out = sum(o.float().sum() for o in out if isinstance(o, torch.Tensor))
+    return out if out.dim() == 0 else out.float().sum()
+
+
+def time_impl(case: Case, fn, mode: str, warmup: int, reps: int) -> tuple[float, int]:
+    """(median milliseconds, peak extra bytes) of one implementation in one mode."""
+    need_grad = mode != "fwd"
+    inputs = _prepare(case, need_grad)
+    device = _device_of(inputs)
+
+    def clear_grads():
+        for k in case.grad_inputs:
+            if isinstance(inputs.get(k), torch.Tensor):
+                inputs[k].grad = None
+
+    def once():
+        clear_grads()
+        _sync(device)
+        if mode == "fwd":
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fn(inputs)
+            _sync(device)
+            return time.perf_counter() - t0
+        t0 = time.perf_counter()
+        loss = _loss(fn(inputs))
+        _sync(device)
+        t1 = time.perf_counter()
+        loss.backward()
+        _sync(device)
+        t2 = time.perf_counter()
+        return (t2 - t1) if mode == "bwd" else (t2 - t0)
+
+    for _ in range(warmup):
+        once()
+    clear_grads()  # so the peak counts the gradient this call writes
+    with PeakMemory(device) as mem:
+        once()
+    times = [once() for _ in range(reps)]
+    del inputs
+    return statistics.median(times) * 1e3, mem.peak
+
+
+def run_cases(op: str, cases: list[Case], *, warmup: int = 2, reps: int = 5, baseline: str = "eager",
+              out_dir: str = RESULTS, machine: str | None = None, quiet: bool = False) -> list[dict]:
+    """Times every implementation of every case and writes the CSV and Markdown tables."""
+    machine = machine or machine_name()
+    rows = []
+    for case in cases:
+        for mode in case.modes:
+            base_ms = None
+            results = {}
+            for impl, fn in case.impls.items():
+                try:
+                    ms, peak = time_impl(case, fn, mode, warmup, reps)
+                except Exception as e:  # a peer that does not run here is reported, not fatal
+                    if not quiet:
+                        print(f"  {impl:>10} {mode:>8}: skipped ({type(e).__name__}: {str(e)[:100]})")
+                    continue
+                results[impl] = (ms, peak)
+                if impl == baseline:
+                    base_ms = ms
+            for impl, (ms, peak) in results.items():
+                row = {"op": op, "case": case.name, **case.shape, "impl": impl, "mode": mode,
+                       "ms": round(ms, 3), "peak_extra_MiB": round(peak / 2**20, 1),
+                       f"speedup_vs_{baseline}": round(base_ms / ms, 2) if base_ms else None}
+                if mode in case.bytes_moved:
+                    row["GB/s"] = round(case.bytes_moved[mode] / (ms * 1e-3) / 1e9, 1)
+                rows.append(row)
+                if not quiet:
+                    print(f"  {case.name:>28} {mode:>8} {impl:>12}: {ms:9.3f} ms  "
+                          f"peak +{peak / 2**20:8.1f} MiB  x{row[f'speedup_vs_{baseline}'] or 0:.2f}")
+    write_tables(op, rows, out_dir, machine)
+    return rows
+
+
+def write_tables(op: str, rows: list[dict], out_dir: str, machine: str) -> tuple[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    base = os.path.join(out_dir, f"{op}-{machine}")
+    with open(base + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    with open(base + ".md", "w") as f:
+        f.write(f"# {op} on {machine}\n\n{machine_description()}\n\n")
+        f.write("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n")
+        for r in rows:
+            f.write("| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + " |\n")
+    return base + ".csv", base + ".md"
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes per second)."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() / statistics.median(times) / 1e9
