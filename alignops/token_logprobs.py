@@ -11,7 +11,7 @@ method: the policy losses only change how a and b are computed.
 Kernel contract (every backend in the registry of alignops._backend implements it):
 
     token_stats_fwd(logits, labels, inv_temperature, ignore_index, compute_entropy, logp, lse, entropy)
-    token_stats_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature,
+    token_stats_bwd(logits, labels, logp, lse, entropy, grad_logp, grad_entropy, inv_temperature,
                     ignore_index, has_entropy_grad, grad_logits)
 
     logits       [B, T, V], fp32/fp16/bf16 (cpu: also fp64), any strides with stride(2) == 1
@@ -21,6 +21,9 @@ Kernel contract (every backend in the registry of alignops._backend implements i
     grad_logits  [B, T, V] in the logits' dtype, any strides with stride(2) == 1; may alias logits
     A row whose label is ignore_index is not read: logp = lse = entropy = 0 and its gradient is 0.
     A label outside [0, V) gives logp = NaN, never an out-of-bounds read.
+    Precision (both matter for logits shifted by +-1000, where lse's fp32 ulp is ~1e-4):
+    forward computes logp = (z_y - max) - log(sum exp(z - max)), never z_y - lse; backward
+    rebuilds log p_v = (z_v - z_y) + logp (z_v - lse only when z_y or logp is not finite).
     Entropy is written as 0 when compute_entropy is false. p_v = 0 (logit -inf) contributes 0.
 """
 
@@ -67,39 +70,39 @@ def _(logits, labels, temperature, ignore_index, compute_entropy, backend):
 
 
 @torch.library.custom_op("alignops::token_stats_backward", mutates_args=())
-def token_stats_backward_op(logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor,
+def token_stats_backward_op(logits: Tensor, labels: Tensor, logp: Tensor, lse: Tensor, entropy: Tensor,
                             grad_logp: Tensor, grad_entropy: Tensor, temperature: float,
                             ignore_index: int, has_entropy_grad: bool, backend: str) -> Tensor:
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if labels.numel():
         _backend.kernel("token_stats_bwd", backend)(
-            logits, labels, lse, entropy, grad_logp, grad_entropy, 1.0 / temperature,
+            logits, labels, logp, lse, entropy, grad_logp, grad_entropy, 1.0 / temperature,
             ignore_index, has_entropy_grad, grad_logits)
     return grad_logits
 
 
 @token_stats_backward_op.register_fake
-def _(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
+def _(logits, labels, logp, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
       has_entropy_grad, backend):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _setup_context(ctx, inputs, output):
     logits, labels, temperature, ignore_index, compute_entropy, backend = inputs
-    _, lse, entropy = output
-    ctx.save_for_backward(logits, labels, lse, entropy)
+    logp, lse, entropy = output
+    ctx.save_for_backward(logits, labels, logp, lse, entropy)
     ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
     ctx.compute_entropy = compute_entropy
 
 
 def _backward(ctx, grad_logp, grad_lse, grad_entropy):
-    logits, labels, lse, entropy = ctx.saved_tensors
-    if grad_logp is None:
-        grad_logp = torch.zeros_like(lse)
+    logits, labels, logp, lse, entropy = ctx.saved_tensors
+    # Upstream gradients may arrive expanded (stride 0); the kernels take contiguous rows.
+    grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.contiguous()
     has_entropy_grad = ctx.compute_entropy and grad_entropy is not None
     grad_entropy = grad_entropy.contiguous() if has_entropy_grad else grad_logp
     grad_logits = token_stats_backward_op(
-        logits, labels, lse, entropy, grad_logp.contiguous(), grad_entropy, ctx.temperature,
+        logits, labels, logp, lse, entropy, grad_logp, grad_entropy, ctx.temperature,
         ctx.ignore_index, has_entropy_grad, ctx.backend)
     return grad_logits, None, None, None, None, None
 
@@ -184,12 +187,18 @@ def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0, ign
     temperature = check_temperature(temperature)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    # Data-dependent checks cannot be traced by torch.compile: label checks are skipped there and
+    # check_finite becomes an asynchronous device assert.
+    compiling = torch.compiler.is_compiling()
     if validate_labels is None:
-        validate_labels = labels.device.type == "cpu"
+        validate_labels = labels.device.type == "cpu" and not compiling
     if validate_labels:
         check_label_range(labels, logits.shape[-1], ignore_index)
-    if check_finite and not bool(torch.isfinite(logits).all()):
-        raise ValueError("logits contain NaN or inf (check_finite=True)")
+    if check_finite:
+        if compiling:
+            torch._assert_async(torch.isfinite(logits).all(), "logits contain NaN or inf (check_finite=True)")
+        elif not bool(torch.isfinite(logits).all()):
+            raise ValueError("logits contain NaN or inf (check_finite=True)")
 
     backend = _backend.resolve_backend(backend, logits.device)
     if backend == "torch":

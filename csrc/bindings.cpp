@@ -30,15 +30,16 @@ void token_stats_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels, dou
                                  logp, lse, entropy);
 }
 
-void token_stats_bwd_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+void token_stats_bwd_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& logp,
+                         const at::Tensor& lse,
                          const at::Tensor& entropy, const at::Tensor& grad_logp,
                          const at::Tensor& grad_entropy, double inv_temperature,
                          int64_t ignore_index, bool has_entropy_grad,
                          const at::Tensor& grad_logits) {
   check_rows(logits, labels);
   check_rows(grad_logits, labels);
-  for (auto* t : {&lse, &entropy, &grad_logp, &grad_entropy}) check_stat(*t, labels, "row stats");
-  alignops::cpu::token_stats_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy,
+  for (auto* t : {&logp, &lse, &entropy, &grad_logp, &grad_entropy}) check_stat(*t, labels, "row stats");
+  alignops::cpu::token_stats_bwd(logits, labels, logp, lse, entropy, grad_logp, grad_entropy,
                                  inv_temperature, ignore_index, has_entropy_grad, grad_logits);
 }
 
@@ -69,19 +70,20 @@ void token_stats_fwd_cuda(const at::Tensor& logits, const at::Tensor& labels, do
       entropy.data_ptr<float>(), reinterpret_cast<void*>(stream)));
 }
 
-void token_stats_bwd_cuda(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+void token_stats_bwd_cuda(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& logp,
+                          const at::Tensor& lse,
                           const at::Tensor& entropy, const at::Tensor& grad_logp,
                           const at::Tensor& grad_entropy, double inv_temperature,
                           int64_t ignore_index, bool has_entropy_grad,
                           const at::Tensor& grad_logits, int64_t stream) {
   check_rows(logits, labels);
   check_rows(grad_logits, labels);
-  for (auto* t : {&lse, &entropy, &grad_logp, &grad_entropy}) check_stat(*t, labels, "row stats");
+  for (auto* t : {&logp, &lse, &entropy, &grad_logp, &grad_entropy}) check_stat(*t, labels, "row stats");
   TORCH_CHECK(grad_logits.scalar_type() == logits.scalar_type(), "alignops_C: grad dtype");
   check_cuda(alignops_token_stats_bwd_cuda(
       logits.data_ptr(), dtype_code(logits), logits.size(0), logits.size(1), logits.size(2),
-      logits.stride(0), logits.stride(1), labels.data_ptr<int64_t>(), lse.data_ptr<float>(),
-      entropy.data_ptr<float>(), grad_logp.data_ptr<float>(), grad_entropy.data_ptr<float>(),
+      logits.stride(0), logits.stride(1), labels.data_ptr<int64_t>(), logp.data_ptr<float>(),
+      lse.data_ptr<float>(), entropy.data_ptr<float>(), grad_logp.data_ptr<float>(), grad_entropy.data_ptr<float>(),
       float(inv_temperature), ignore_index, has_entropy_grad, grad_logits.data_ptr(),
       grad_logits.stride(0), grad_logits.stride(1), reinterpret_cast<void*>(stream)));
 }
@@ -93,7 +95,7 @@ TORCH_LIBRARY(alignops_C, m) {
   m.def("token_stats_fwd_cpu(Tensor logits, Tensor labels, float inv_temperature, int ignore_index, "
         "bool compute_entropy, Tensor(a!) logp, Tensor(b!) lse, Tensor(c!) entropy) -> ()",
         &token_stats_fwd_cpu);
-  m.def("token_stats_bwd_cpu(Tensor logits, Tensor labels, Tensor lse, Tensor entropy, "
+  m.def("token_stats_bwd_cpu(Tensor logits, Tensor labels, Tensor logp, Tensor lse, Tensor entropy, "
         "Tensor grad_logp, Tensor grad_entropy, float inv_temperature, int ignore_index, "
         "bool has_entropy_grad, Tensor(a!) grad_logits) -> ()",
         &token_stats_bwd_cpu);
@@ -101,7 +103,7 @@ TORCH_LIBRARY(alignops_C, m) {
   m.def("token_stats_fwd_cuda(Tensor logits, Tensor labels, float inv_temperature, int ignore_index, "
         "bool compute_entropy, Tensor(a!) logp, Tensor(b!) lse, Tensor(c!) entropy, int stream) -> ()",
         &token_stats_fwd_cuda);
-  m.def("token_stats_bwd_cuda(Tensor logits, Tensor labels, Tensor lse, Tensor entropy, "
+  m.def("token_stats_bwd_cuda(Tensor logits, Tensor labels, Tensor logp, Tensor lse, Tensor entropy, "
         "Tensor grad_logp, Tensor grad_entropy, float inv_temperature, int ignore_index, "
         "bool has_entropy_grad, Tensor(a!) grad_logits, int stream) -> ()",
         &token_stats_bwd_cuda);

@@ -25,10 +25,13 @@ constexpr int64_t kBlock = 2048;  // 8 KiB of fp32: stays in L1 with the output 
 template <typename T>
 inline float to_float(T x) { return static_cast<float>(x); }
 
+// NaN-propagating horizontal max (std::max_element would skip a NaN lane).
 inline float hmax(const Vec& v) {
   alignas(64) float a[Vec::size()];
   v.store(a);
-  return *std::max_element(a, a + Vec::size());
+  float m = a[0];
+  for (int i = 1; i < Vec::size(); ++i) m = (a[i] > m || std::isnan(a[i])) ? a[i] : m;
+  return m;
 }
 
 inline float hsum(const Vec& v) {
@@ -59,9 +62,14 @@ SoftmaxStats<float> row_stats_f32(const scalar_t* x, int64_t V, float inv_temp, 
     Vec vmax(-std::numeric_limits<float>::infinity());
     for (int64_t i = 0; i < vlen; i += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(buf + i));
     float m = hmax(vmax);
-    for (int64_t i = vlen; i < len; ++i) m = std::max(m, buf[i]);
+    for (int64_t i = vlen; i < len; ++i) m = (buf[i] > m || std::isnan(buf[i])) ? buf[i] : m;
     if (m == -std::numeric_limits<float>::infinity()) continue;  // block of -inf logits: p = 0
-    // NaN logits make m NaN and propagate to every output, as they should.
+    // A NaN logit makes the row NaN. exp_u20 is a bit-trick polynomial that does not propagate
+    // NaN, so this cannot be left to the arithmetic.
+    if (std::isnan(m)) {
+      const float nan = std::numeric_limits<float>::quiet_NaN();
+      return {nan, nan, nan};
+    }
     const Vec vm(m), zero(0.f);
     Vec vs(0.f), vt(0.f);
     for (int64_t i = 0; i < vlen; i += Vec::size()) {
@@ -130,17 +138,19 @@ void fwd_impl(const at::Tensor& logits, const at::Tensor& labels, double inv_tem
       } else {
         s = row_stats_f32(x, V, inv_temp, buf);
       }
-      const acc_t l = stats_lse(s);
-      out_lse[n] = l;
-      out_logp[n] = (label >= 0 && label < V) ? static_cast<acc_t>(x[label]) * inv_temp - l
-                                              : std::numeric_limits<acc_t>::quiet_NaN();
+      out_lse[n] = stats_lse(s);
+      // (z_y - m) - log s, not z_y - lse: lse is ~1000 for shifted logits and its fp32 ulp would
+      // swamp a small log-prob.
+      out_logp[n] = (label >= 0 && label < V)
+                        ? (static_cast<acc_t>(x[label]) * inv_temp - s.m) - std::log(s.s)
+                        : std::numeric_limits<acc_t>::quiet_NaN();
       out_ent[n] = compute_entropy ? stats_entropy(s) : acc_t(0);
     }
   });
 }
 
 template <typename scalar_t, typename acc_t>
-void bwd_impl(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+void bwd_impl(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& logp, const at::Tensor& lse,
               const at::Tensor& entropy, const at::Tensor& grad_logp, const at::Tensor& grad_entropy,
               double inv_temperature, int64_t ignore_index, bool has_entropy_grad,
               const at::Tensor& grad_logits) {
@@ -150,6 +160,7 @@ void bwd_impl(const at::Tensor& logits, const at::Tensor& labels, const at::Tens
   const scalar_t* base = logits.data_ptr<scalar_t>();
   scalar_t* gbase = grad_logits.data_ptr<scalar_t>();
   const int64_t* y = labels.data_ptr<int64_t>();
+  const acc_t* logp_p = logp.data_ptr<acc_t>();
   const acc_t* lse_p = lse.data_ptr<acc_t>();
   const acc_t* ent_p = entropy.data_ptr<acc_t>();
   const acc_t* ga = grad_logp.data_ptr<acc_t>();
@@ -166,27 +177,39 @@ void bwd_impl(const at::Tensor& logits, const at::Tensor& labels, const at::Tens
         std::fill(g, g + V, scalar_t(0));
         continue;
       }
-      const acc_t l = lse_p[n], h = ent_p[n];
+      const acc_t h = ent_p[n];
+      // log p_v = (z_v - z_y) + logp_y: both terms are small and exact where z_v - lse would carry
+      // lse's fp32 rounding (1e-4 at |z| ~ 1000). A label logit of -inf falls back to lse.
+      const acc_t zy = static_cast<acc_t>(x[label]) * inv_temp;
+      const bool via_label = std::isfinite(zy) && std::isfinite(logp_p[n]);
+      const acc_t shift = via_label ? zy - logp_p[n] : lse_p[n];
       // The temperature's 1/T is folded into the coefficients.
       const acc_t a = ga[n] * inv_temp, b = has_entropy_grad ? gb[n] * inv_temp : acc_t(0);
       if constexpr (std::is_same_v<scalar_t, double>) {
-        for (int64_t v = 0; v < V; ++v) g[v] = logits_grad<double>(x[v] * inv_temp, v == label, l, h, a, b);
+        for (int64_t v = 0; v < V; ++v) {
+          const double zc = via_label ? (x[v] * inv_temp - zy) + logp_p[n] : x[v] * inv_temp - shift;
+          g[v] = logits_grad<double>(zc, v == label, 0.0, h, a, b);
+        }
         continue;
       } else {
-        const Vec vl(l), vh(h), va(a), vb(b), zero(0.f), vinv(inv_temp);
+        const Vec vzy(via_label ? zy : shift), vlogp(via_label ? logp_p[n] : 0.f), vh(h), va(a), vb(b),
+            zero(0.f), vinv(inv_temp);
         for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
           const int64_t len = std::min(kBlock, V - v0);
           // Read the whole block before writing it: grad_logits may alias the logits.
           for (int64_t i = 0; i < len; ++i) buf[i] = to_float(x[v0 + i]);
           const int64_t vlen = len - len % Vec::size();
           for (int64_t i = 0; i < vlen; i += Vec::size()) {
-            const Vec zc = Vec::loadu(buf + i) * vinv - vl;
+            const Vec zc = (Vec::loadu(buf + i) * vinv - vzy) + vlogp;
             const Vec p = zc.exp_u20();
             Vec gv = Vec(0.f) - va * p;
             if (b != 0.f) gv = gv - Vec::blendv(vb * p * (zc + vh), zero, p == zero);
             gv.store(buf + i);
           }
-          for (int64_t i = vlen; i < len; ++i) buf[i] = logits_grad<float>(buf[i] * inv_temp, false, l, h, a, b);
+          for (int64_t i = vlen; i < len; ++i) {
+            const float zc = (buf[i] * inv_temp - (via_label ? zy : shift)) + (via_label ? logp_p[n] : 0.f);
+            buf[i] = logits_grad<float>(zc, false, 0.f, h, a, b);
+          }
           if (label >= v0 && label < v0 + len) buf[label - v0] += a;
           for (int64_t i = 0; i < len; ++i) g[v0 + i] = static_cast<scalar_t>(buf[i]);
         }
@@ -207,15 +230,15 @@ void token_stats_fwd(const at::Tensor& logits, const at::Tensor& labels, double 
   });
 }
 
-void token_stats_bwd(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
-                     const at::Tensor& entropy, const at::Tensor& grad_logp,
+void token_stats_bwd(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& logp,
+                     const at::Tensor& lse, const at::Tensor& entropy, const at::Tensor& grad_logp,
                      const at::Tensor& grad_entropy, double inv_temperature, int64_t ignore_index,
                      bool has_entropy_grad, const at::Tensor& grad_logits) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "token_stats_bwd", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     TORCH_CHECK(grad_logits.scalar_type() == logits.scalar_type(), "token_stats_bwd: grad dtype");
     TORCH_CHECK(lse.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "token_stats_bwd: stats dtype");
-    bwd_impl<scalar_t, acc_t>(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature,
+    bwd_impl<scalar_t, acc_t>(logits, labels, logp, lse, entropy, grad_logp, grad_entropy, inv_temperature,
                               ignore_index, has_entropy_grad, grad_logits);
   });
 }
