@@ -76,7 +76,9 @@ def assert_within(name, got, ref, eager, dtype, scale=None):
     assert torch.isfinite(got).all() == torch.isfinite(ref).all(), f"{name}: non-finite mismatch"
     finite = torch.isfinite(ref)
     err = (got - ref)[finite].abs().max().item() if finite.any() else 0.0
-    eager_err = (eager - ref)[finite].abs().max().item() if finite.any() else 0.0
+    # Eager torch may itself produce NaN (an all -inf row): such entries say nothing about its error.
+    both = finite & torch.isfinite(eager)
+    eager_err = (eager - ref)[both].abs().max().item() if both.any() else 0.0
     if scale is None:
         scale = max(1.0, ref[finite].abs().max().item()) if finite.any() else 1.0
     bound = 2 * eager_err + 1e-5 * scale
@@ -109,12 +111,9 @@ def check_against_oracle(x, labels, temperature, backend, ignore_index=-100, wit
     rl, _, re = ref_token_stats(xr, labels.cpu(), temperature, ignore_index)
     (rl * ga + (re * gb if with_entropy else 0)).sum().backward()
 
-    xe, el, ee = eager_in_dtype(x.cpu() if dtype != torch.float16 else x.cpu().float(),
-                                labels.cpu(), temperature, ignore_index)
-    if dtype == torch.float16:  # CPU fp16 log_softmax is missing on some builds: fp16-round fp32 math
-        el, ee = el.half(), ee.half()
+    xe, el, ee = eager_in_dtype(x.cpu(), labels.cpu(), temperature, ignore_index)
     (el.double() * ga + (ee.double() * gb if with_entropy else 0)).sum().backward()
-    eg = xe.grad.to(dtype)
+    eg = xe.grad
 
     assert_within("logp", logp, rl, el, dtype)
     if with_entropy:

@@ -16,8 +16,11 @@ def token_stats(logits: Tensor, labels: Tensor, temperature: float = 1.0, ignore
 
     Positions whose label is ignore_index hold 0 in all three outputs and get no gradient.
     """
-    z = logits.to(compute_dtype(logits.dtype)) / temperature
     valid = labels != ignore_index
+    z = logits.to(compute_dtype(logits.dtype)) / temperature
+    # Ignored rows are zeroed first so that whatever they hold (an all -inf row, NaN) cannot
+    # reach their gradient: 0 * NaN would survive the final where().
+    z = torch.where(valid.unsqueeze(-1), z, torch.zeros((), dtype=z.dtype, device=z.device))
     lse = torch.logsumexp(z, dim=-1)
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
     logp = z.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1) - lse
