@@ -18,7 +18,7 @@ $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q "triton>=3.6" ninja numpy pytest hypothesis
+	$(PIP) install -q "triton>=3.6" ninja numpy pytest hypothesis transformers safetensors matplotlib tqdm
 	touch $@
 
 # Editable install builds alignops._C with the torch already in the venv.

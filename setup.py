@@ -11,7 +11,7 @@ import os
 import shutil
 
 import torch
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -93,7 +93,7 @@ with open(os.path.join(HERE, "alignops", "_build_info.json"), "w") as f:
     json.dump(build_info, f, indent=1)
 
 setup(
-    packages=["alignops", "alignops.reference", "alignops.kernels"],
+    packages=find_packages(include=["alignops", "alignops.*"]) + ["alignops.kernels"],
     # Triton kernels live at the top-level kernels/ folder but install as alignops.kernels, so no
     # top-level module named `kernels` is ever installed.
     package_dir={"alignops": "alignops", "alignops.kernels": "kernels"},
