@@ -6,7 +6,12 @@ kernels are loaded on first use.
 
 from alignops._backend import BACKENDS, BackendUnavailableError, available_backends
 from alignops.token_logprobs import token_logprobs
+from alignops.preference import dpo_loss, gvpo_loss, log1mexp, orpo_loss, rahf_loss
+from alignops.sft import (chord_loss, chord_mu_schedule, iw_sft_weights, sequence_logprobs,
+                          sft_loss)
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "token_logprobs"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "token_logprobs",
+           "sequence_logprobs", "sft_loss", "iw_sft_weights", "chord_loss", "chord_mu_schedule",
+           "dpo_loss", "orpo_loss", "gvpo_loss", "rahf_loss", "log1mexp"]

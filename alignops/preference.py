@@ -1,0 +1,423 @@
+"""Pairwise preference losses (DPO, IPO, cDPO, robust DPO, ORPO), GVPO and RAHF.
+
+These are `[B]`-sized math on sequence log-probs (or, for RAHF, on hidden states): the expensive
+pass over the logits is `alignops.sequence_logprobs`, fused on every backend. Everything is
+computed in fp32 (fp64 for fp64 inputs) whatever the input dtype (METHODS.md R3), with
+`logsigmoid`, never `log(sigmoid)` (3.3).
+
+Metric names follow TRL: `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`,
+`rewards/margins`, `logps/chosen`, `logps/rejected` (+ ORPO's `nll_loss`, `log_odds_ratio`,
+`log_odds_chosen`).
+
+METHODS.md 2.14 (GVPO), 2.22 (DPO family), 2.23 (ORPO), 2.26 (RAHF), 3.3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from alignops.sft import _inverse_normalizer, check_mask, check_option
+
+DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
+GVPO_REDUCTIONS = ("mean", "sum")
+# METHODS.md 2.23: P = exp(mean logp) -> 1 sends log(1 - P) to -inf; the odds use mean logp <= this.
+ORPO_LOGP_CLAMP = -1e-6
+_LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass
+class PreferenceOutput:
+    """`loss`: scalar with autograd. `losses`: per pair (or per group for GVPO), with autograd.
+    `chosen_rewards` / `rejected_rewards`: detached implicit rewards per pair (None for GVPO/RAHF).
+    `metrics`: detached fp32 scalars (tensors, no host sync)."""
+    loss: Tensor
+    losses: Tensor
+    metrics: dict
+    chosen_rewards: Optional[Tensor] = None
+    rejected_rewards: Optional[Tensor] = None
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate everywhere: log1p(-exp(x)) below -ln 2 and
+    log(-expm1(x)) above (Maechler 2012); each branch loses digits in the other's range."""
+    # Each branch is evaluated on an input that keeps it finite, so the branch that where() drops
+    # cannot send inf/NaN into the gradient.
+    far = x < -_LN2
+    x_far = torch.where(far, x, torch.full_like(x, -1.0))
+    x_near = torch.where(far, torch.full_like(x, -0.5), x)
+    return torch.where(far, torch.log1p(-torch.exp(x_far)), torch.log(-torch.expm1(x_near)))
+
+
+def _float_dtype(*tensors) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check_vector(t, name, like=None, like_name=None, *, floating=True):
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if like is None:
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D tensor [B], got shape {tuple(t.shape)}")
+    else:
+        if t.shape != like.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match {like_name} shape "
+                             f"{tuple(like.shape)}")
+        if t.device != like.device:
+            raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
+    return t
+
+
+def _check_positive(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return float(value)
+
+
+def _mean(x: Tensor) -> Tensor:
+    """Detached fp32 mean that is 0 (not NaN) for an empty batch."""
+    x = x.detach().float()
+    return x.sum() / max(x.numel(), 1)
+
+
+def _lengths(lengths, like, name):
+    if lengths is None:
+        return None
+    if not isinstance(lengths, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [B], got {type(lengths).__name__}")
+    if lengths.shape != like.shape:
+        raise ValueError(f"{name} shape {tuple(lengths.shape)} must be [B] = {tuple(like.shape)}")
+    # An empty response has S = 0; dividing by max(L, 1) keeps its mean 0 instead of 0/0.
+    return lengths.to(device=like.device, dtype=like.dtype).clamp_min(1)
+
+
+# --------------------------------------------------------------------------------------------
+# DPO family
+
+
+def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+             ref_chosen_logps: Optional[Tensor] = None, ref_rejected_logps: Optional[Tensor] = None,
+             beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0, *,
+             chosen_lengths: Optional[Tensor] = None, rejected_lengths: Optional[Tensor] = None,
+             ipo_length_norm: bool = True, normalizer=None) -> PreferenceOutput:
+    """DPO and its cheap variants on summed sequence log-probs (METHODS.md 2.22).
+
+    With `h = (S_w - S_w^ref) - (S_l - S_l^ref)` (summed log-probs, `sequence_logprobs`):
+
+        sigmoid  -(1 - eps) logsig(beta h) - eps logsig(-beta h)   (eps = label_smoothing: cDPO)
+        robust   (-(1 - eps) logsig(beta h) + eps logsig(-beta h)) / (1 - 2 eps),  0 <= eps < 0.5
+        ipo      (h~ - 1 / (2 beta))^2, h~ from length-averaged log-ratios when ipo_length_norm
+                 (TRL; needs chosen_lengths / rejected_lengths), else from the sums (OpenRLHF)
+        hinge    relu(1 - beta h)   (SLiC)
+
+    `ref_*=None` (both) is reference-free DPO. `loss` = sum of per-pair losses / normalizer
+    (default: number of pairs; pass the step's global pair count for gradient accumulation).
+    Metrics as TRL: rewards/chosen = mean beta (S_w - S_w^ref), rewards/rejected,
+    rewards/accuracies (chosen reward > rejected), rewards/margins, logps/chosen, logps/rejected.
+    """
+    _check_vector(policy_chosen_logps, "policy_chosen_logps")
+    _check_vector(policy_rejected_logps, "policy_rejected_logps", policy_chosen_logps, "policy_chosen_logps")
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("ref_chosen_logps and ref_rejected_logps must both be given or both be None "
+                         "(reference-free)")
+    if ref_chosen_logps is not None:
+        _check_vector(ref_chosen_logps, "ref_chosen_logps", policy_chosen_logps, "policy_chosen_logps")
+        _check_vector(ref_rejected_logps, "ref_rejected_logps", policy_chosen_logps, "policy_chosen_logps")
+    beta = _check_positive(beta, "beta")
+    check_option(loss_type, DPO_LOSS_TYPES, "loss_type")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
+    eps = float(label_smoothing)
+    if loss_type == "robust" and not 0.0 <= eps < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust', got {eps}")
+    if loss_type == "sigmoid" and not 0.0 <= eps <= 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5] for loss_type='sigmoid', got {eps}")
+    if loss_type in ("ipo", "hinge") and eps != 0.0:
+        raise ValueError(f"label_smoothing is not defined for loss_type={loss_type!r}; got {eps}")
+
+    tensors = [policy_chosen_logps, policy_rejected_logps]
+    if ref_chosen_logps is not None:
+        tensors += [ref_chosen_logps, ref_rejected_logps]
+    dtype = _float_dtype(*tensors)
+    pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    if ref_chosen_logps is None:
+        rc = rr = torch.zeros_like(pc)
+    else:
+        rc, rr = ref_chosen_logps.detach().to(dtype), ref_rejected_logps.detach().to(dtype)
+    chosen_ratio, rejected_ratio = pc - rc, pr - rr
+    if loss_type == "ipo" and ipo_length_norm:
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("loss_type='ipo' with ipo_length_norm=True needs chosen_lengths and "
+                             "rejected_lengths (or pass ipo_length_norm=False for summed log-ratios)")
+        chosen_ratio = chosen_ratio / _lengths(chosen_lengths, pc, "chosen_lengths")
+        rejected_ratio = rejected_ratio / _lengths(rejected_lengths, pc, "rejected_lengths")
+    h = chosen_ratio - rejected_ratio
+
+    if loss_type == "sigmoid":
+        losses = -(1.0 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        losses = (-(1.0 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1.0 - 2.0 * eps)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        losses = torch.relu(1.0 - beta * h)
+
+    inv_norm = _inverse_normalizer(normalizer, torch.tensor(float(losses.numel()), dtype=dtype,
+                                                            device=losses.device))
+    loss = losses.sum() * inv_norm
+    chosen_rewards = (beta * chosen_ratio).detach()
+    rejected_rewards = (beta * rejected_ratio).detach()
+    metrics = {
+        "rewards/chosen": _mean(chosen_rewards),
+        "rewards/rejected": _mean(rejected_rewards),
+        "rewards/accuracies": _mean((chosen_rewards > rejected_rewards).float()),
+        "rewards/margins": _mean(chosen_rewards - rejected_rewards),
+        "logps/chosen": _mean(pc),
+        "logps/rejected": _mean(pr),
+    }
+    return PreferenceOutput(loss, losses, metrics, chosen_rewards, rejected_rewards)
+
+
+# --------------------------------------------------------------------------------------------
+# ORPO
+
+
+def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor,
+              rejected_lengths: Tensor, beta: float = 0.1, *, nll_loss: Optional[Tensor] = None,
+              nll_normalizer=None, normalizer=None) -> PreferenceOutput:
+    """ORPO (METHODS.md 2.23): `L = L_NLL(chosen) - beta * mean logsig(z)`, no reference model.
+
+    Inputs are **summed** response log-probs and response lengths per pair (e.g.
+    `sequence_logprobs(..., return_lengths=True)`); the odds use the means `S / L`, clamped to
+    <= -1e-6 (P -> 1 sends log(1 - P) to -inf; above the clamp the odds term has no gradient):
+
+        z = (Sw~ - Sl~) - (log1mexp(Sw~) - log1mexp(Sl~))
+
+    The NLL term is, by default, the token-mean NLL of the chosen *responses*:
+    `-sum S_w / sum L_w` (the paper; `nll_normalizer` overrides the token count for gradient
+    accumulation). TRL computes it over prompt + chosen: pass that as `nll_loss` (e.g.
+    `sft_loss(...).loss` on the concatenated sequence) to reproduce TRL. `beta` is TRL's `beta`
+    (the paper's lambda). The odds term is summed over pairs / normalizer (default: pairs).
+    Metrics: TRL's names (rewards = beta * mean log-prob), nll_loss, log_odds_ratio
+    (mean logsig(z)), log_odds_chosen (mean z).
+    """
+    _check_vector(policy_chosen_logps, "policy_chosen_logps")
+    _check_vector(policy_rejected_logps, "policy_rejected_logps", policy_chosen_logps, "policy_chosen_logps")
+    if chosen_lengths is None or rejected_lengths is None:
+        raise ValueError("chosen_lengths and rejected_lengths are required (ORPO's odds use mean log-probs)")
+    beta = _check_positive(beta, "beta")
+    dtype = _float_dtype(policy_chosen_logps, policy_rejected_logps)
+    sw, sl = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    lw = _lengths(chosen_lengths, sw, "chosen_lengths")
+    ll = _lengths(rejected_lengths, sw, "rejected_lengths")
+    mean_w = (sw / lw).clamp(max=ORPO_LOGP_CLAMP)
+    mean_l = (sl / ll).clamp(max=ORPO_LOGP_CLAMP)
+    log_odds = (mean_w - mean_l) - (log1mexp(mean_w) - log1mexp(mean_l))
+    ratio = F.logsigmoid(log_odds)
+    losses = -beta * ratio
+    inv_pairs = _inverse_normalizer(normalizer, torch.tensor(float(sw.numel()), dtype=dtype, device=sw.device))
+    odds_term = losses.sum() * inv_pairs
+
+    if nll_loss is None:
+        tokens = chosen_lengths.to(device=sw.device, dtype=dtype).sum()
+        nll = -sw.sum() * _inverse_normalizer(nll_normalizer, tokens, "nll_normalizer")
+    else:
+        if not isinstance(nll_loss, Tensor) or nll_loss.numel() != 1:
+            raise ValueError("nll_loss must be a scalar tensor (or None for the response-only NLL)")
+        nll = nll_loss.reshape(()).to(dtype)
+    loss = nll + odds_term
+    chosen_rewards = (beta * (sw / lw)).detach()
+    rejected_rewards = (beta * (sl / ll)).detach()
+    metrics = {
+        "rewards/chosen": _mean(chosen_rewards),
+        "rewards/rejected": _mean(rejected_rewards),
+        "rewards/accuracies": _mean((chosen_rewards > rejected_rewards).float()),
+        "rewards/margins": _mean(chosen_rewards - rejected_rewards),
+        "logps/chosen": _mean(sw / lw),
+        "logps/rejected": _mean(sl / ll),
+        "nll_loss": nll.detach().float(),
+        "log_odds_ratio": _mean(ratio),
+        "log_odds_chosen": _mean(log_odds),
+    }
+    return PreferenceOutput(loss, losses, metrics, chosen_rewards, rejected_rewards)
+
+
+# --------------------------------------------------------------------------------------------
+# GVPO
+
+
+def _group_index(rows: int, group_size, group_ids, device):
+    """(inverse [B] int64 group index, counts [P]) from group_size or group_ids."""
+    if (group_size is None) == (group_ids is None):
+        raise ValueError("give exactly one of group_size (consecutive rows) and group_ids ([B])")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+        if group_size < 2:
+            raise ValueError(f"group_size must be >= 2 for GVPO (k - 1 divides the loss), got {group_size}")
+        if rows % group_size:
+            raise ValueError(f"the batch of {rows} rows is not a whole number of groups of group_size={group_size}")
+        n_groups = rows // group_size
+        inverse = torch.arange(rows, device=device) // group_size
+        return inverse, torch.full((n_groups,), group_size, device=device, dtype=torch.int64)
+    if not isinstance(group_ids, Tensor):
+        raise TypeError(f"group_ids must be a torch.Tensor [B], got {type(group_ids).__name__}")
+    if tuple(group_ids.shape) != (rows,):
+        raise ValueError(f"group_ids must have shape [B] = ({rows},), got {tuple(group_ids.shape)}")
+    _, inverse, counts = torch.unique(group_ids.to(device), return_inverse=True, return_counts=True)
+    if counts.numel() and int(counts.min()) < 2:
+        raise ValueError("every GVPO group needs k >= 2 members in the step (found a group of 1)")
+    return inverse, counts
+
+
+def gvpo_loss(logp: Tensor, anchor_logp: Tensor, rewards: Tensor, *, mask: Optional[Tensor] = None,
+              group_size: Optional[int] = None, group_ids: Optional[Tensor] = None,
+              beta: float = 0.1, reduction: str = "mean", normalizer=None) -> PreferenceOutput:
+    """GVPO (METHODS.md 2.14): per group g of k rows,
+
+        L_g = 1/(k-1) * 1/2 * sum_i [ (R~_i - mean_g R~) - (R_i - mean_g R) ]^2,   R~ = beta (S - S_anc)
+
+    with S the **summed** sequence log-prob under the policy (with gradient) and S_anc under the
+    anchor (the rollout policy in the authors' code; the reference model is valid too).
+    `logp`/`anchor_logp`: `[B]` sequence sums (e.g. `sequence_logprobs`), or `[B, T]` token
+    log-probs with `mask` (summed here in fp32). Groups: `group_size=k` (consecutive rows) or
+    `group_ids=[B]` (the latter synchronises with the host to count groups). k >= 2.
+
+    reduction "mean" (default, ours): sum of L_g / normalizer (default: the number of groups);
+    "sum": the authors' code, which sums over the groups of the micro-batch.
+    Metrics: implicit_rewards/mean, implicit_rewards/centered_std, residual/mse.
+    """
+    check_option(reduction, GVPO_REDUCTIONS, "reduction")
+    if not isinstance(logp, Tensor):
+        raise TypeError(f"logp must be a torch.Tensor, got {type(logp).__name__}")
+    _check_vector(anchor_logp, "anchor_logp", logp, "logp")
+    beta = _check_positive(beta, "beta")
+    dtype = _float_dtype(logp, anchor_logp)
+    if logp.dim() == 2:
+        valid = check_mask(mask, logp.shape, logp.device)
+        if valid is None:
+            raise ValueError("token-level logp [B, T] needs mask")
+        zero = torch.zeros((), dtype=dtype, device=logp.device)
+        s = torch.where(valid, logp.to(dtype), zero).sum(-1)
+        s_anc = torch.where(valid, anchor_logp.detach().to(dtype), zero).sum(-1)
+    elif logp.dim() == 1:
+        if mask is not None:
+            raise ValueError("mask applies to token-level logp [B, T]; logp [B] are already sequence sums")
+        s, s_anc = logp.to(dtype), anchor_logp.detach().to(dtype)
+    else:
+        raise ValueError(f"logp must be [B] sequence sums or [B, T] token log-probs, got {tuple(logp.shape)}")
+    rows = s.shape[0]
+    _check_vector(rewards, "rewards")
+    if tuple(rewards.shape) != (rows,):
+        raise ValueError(f"rewards must have shape [B] = ({rows},), got {tuple(rewards.shape)}")
+    inverse, counts = _group_index(rows, group_size, group_ids, s.device)
+    n_groups = counts.numel()
+    k = counts.to(dtype)
+
+    def group_sums(x):
+        # Consecutive groups reduce with a reshape: deterministic on every device (index_add
+        # would use float atomics on CUDA).
+        if group_size is not None:
+            return x.view(n_groups, group_size).sum(-1)
+        return torch.zeros(n_groups, dtype=dtype, device=x.device).index_add(0, inverse, x)
+
+    def centred(x):
+        return x - (group_sums(x) / k)[inverse]
+
+    implicit = beta * (s - s_anc)
+    residual = centred(implicit) - centred(rewards.detach().to(dtype))
+    per_row = 0.5 * residual.square() / (k - 1)[inverse]
+    losses = group_sums(per_row)
+    if reduction == "sum":
+        loss = losses.sum()
+    else:
+        inv = _inverse_normalizer(normalizer, torch.tensor(float(n_groups), dtype=dtype, device=s.device))
+        loss = losses.sum() * inv
+    with torch.no_grad():
+        metrics = {
+            "implicit_rewards/mean": _mean(implicit),
+            "implicit_rewards/centered_std": _mean(centred(implicit).square()).sqrt(),
+            "residual/mse": _mean(residual.square()),
+        }
+    return PreferenceOutput(loss, losses, metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# RAHF
+
+
+HiddenStates = Union[Tensor, Sequence[Tensor]]
+
+
+def _stack_layers(x: HiddenStates, name: str) -> Tensor:
+    """[L, B, T, H] from a tensor [L, B, T, H] / [B, T, H] (one layer) or a sequence of [B, T, H]."""
+    if isinstance(x, Tensor):
+        if x.dim() == 3:
+            return x.unsqueeze(0)
+        if x.dim() == 4:
+            return x
+        raise ValueError(f"{name} must be [B, T, H], [L, B, T, H] or a list of [B, T, H], got {tuple(x.shape)}")
+    if isinstance(x, (list, tuple)) and x and all(isinstance(t, Tensor) for t in x):
+        shapes = {tuple(t.shape) for t in x}
+        if len(shapes) != 1 or x[0].dim() != 3:
+            raise ValueError(f"{name} layers must all be [B, T, H] of one shape, got {sorted(shapes)}")
+        return torch.stack(list(x))
+    raise TypeError(f"{name} must be a tensor or a non-empty list of tensors, got {type(x).__name__}")
+
+
+def rahf_loss(lora_hidden: HiddenStates, base_hidden: HiddenStates, direction: HiddenStates,
+              mask: Optional[Tensor] = None, alpha: float = 5.0, *,
+              count_padding: bool = False) -> PreferenceOutput:
+    """RAHF's representation loss (METHODS.md 2.26): per layer l and response position (b, t),
+
+        d = || h^LoRA_lbt - (h^base_lbt + alpha v_lbt) ||_2          (unsquared L2 over H)
+
+    averaged over the valid positions (mask [B, T]) of each layer, then over layers. The target
+    (base + alpha v) is detached. `count_padding=True` reproduces the authors' code, which zeroes
+    masked positions but still counts them in the mean (dividing by B*T). Inputs: one tensor per
+    layer ([B, T, H] each, a list) or stacked [L, B, T, H]; the layer ids are the caller's (HF's
+    `hidden_states[l]` is the output of block l-1). fp32 math for any input dtype.
+    `losses` holds the per-layer losses; metrics `layer/{i}` the same values, detached.
+    """
+    h = _stack_layers(lora_hidden, "lora_hidden")
+    base = _stack_layers(base_hidden, "base_hidden")
+    v = _stack_layers(direction, "direction")
+    for name, t in (("base_hidden", base), ("direction", v)):
+        if t.shape != h.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match lora_hidden shape {tuple(h.shape)}")
+        if t.device != h.device:
+            raise ValueError(f"{name} is on {t.device} but lora_hidden is on {h.device}")
+    if not h.dtype.is_floating_point:
+        raise TypeError(f"lora_hidden must be floating point, got {h.dtype}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite float, got {alpha!r}")
+    n_layers, batch, seq, _ = h.shape
+    valid = check_mask(mask, (batch, seq), h.device)
+    dtype = _float_dtype(h, base, v)
+    target = (base.detach().to(dtype) + float(alpha) * v.detach().to(dtype))
+    # vector_norm's backward is 0 (not NaN) where the difference is exactly 0: the alpha = 0,
+    # fresh-LoRA starting point has a zero, finite gradient.
+    dist = torch.linalg.vector_norm(h.to(dtype) - target, dim=-1)  # [L, B, T]
+    if valid is None:
+        per_layer = dist.mean(dim=(1, 2)) if batch * seq else dist.sum(dim=(1, 2))
+    else:
+        dist = torch.where(valid, dist, torch.zeros_like(dist))
+        count = torch.tensor(float(batch * seq), dtype=dtype, device=h.device) if count_padding \
+            else valid.sum().to(dtype)
+        per_layer = dist.sum(dim=(1, 2)) * _inverse_normalizer(None, count)
+    loss = per_layer.mean()
+    metrics = {f"layer/{i}": per_layer[i].detach().float() for i in range(n_layers)}
+    return PreferenceOutput(loss, per_layer, metrics)
