@@ -1,0 +1,120 @@
+"""fused GRPO policy loss (+ k3 KL + entropy bonus) from logits, forward and backward, vs the eager
+path trainers run today.
+
+    python -m bench.bench_policy_loss                # CPU: N=2048 (16 x 128) V=32000 fp32
+    python -m bench.bench_policy_loss --device cuda  # N=8192 (32 x 256) V=151936 bf16
+
+alignops      = ao.fused_policy_loss(logits, labels, ..., method="grpo", kl_coef, entropy_coef):
+                token_stats forward (one read of the logits), per-token math on [N], one fused
+                read + write backward.
+alignops+gif  = the same with grad_in_forward=True (backward kernel runs during forward).
+eager         = TRL/verl style: logits.float() / T, log_softmax, gather, entropy from the softmax,
+                clipped ratio, k3 KL, entropy bonus, token-mean, under autograd.
+compile       = torch.compile of that same function.
+liger         = Liger-Kernel's logits-in GRPO loss (triton_grpo_loss; no entropy bonus), when
+                installed (GPU). Its concatenation of one extra position is part of its timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import alignops as ao
+from bench.harness import Case, copy_bandwidth_gbs, run_cases
+
+TEMPERATURE = 0.9
+CLIP = 0.2
+KL_COEF = 0.04
+ENT_COEF = 0.01
+
+
+def eager_grpo(logits, labels, old_logp, ref_logp, adv, mask):
+    """What a trainer writes today (TRL's GRPOTrainer / verl's dp_actor, condensed)."""
+    logits = logits.float() / TEMPERATURE
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    probs = torch.softmax(logits, dim=-1)
+    entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+    ratio = torch.exp((logp - old_logp).clamp(-20, 20))
+    a = adv.unsqueeze(-1)
+    pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - CLIP, 1 + CLIP))
+    u = ref_logp - logp
+    kl = torch.expm1(u) - u
+    per_token = pg + KL_COEF * kl - ENT_COEF * entropy
+    m = mask.float()
+    return (per_token * m).sum() / m.sum().clamp(min=1)
+
+
+def make_case(b, t, v, dtype, device, backend=None):
+    def make_inputs():
+        g = torch.Generator(device="cpu").manual_seed(0)
+        logits = (torch.randn(b, t, v, generator=g) * 2).to(dtype=dtype, device=device)
+        labels = torch.randint(0, v, (b, t), generator=g).to(device)
+        with torch.no_grad():
+            logp = torch.log_softmax(logits.float() / TEMPERATURE, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        old = (logp + 0.1 * torch.randn(b, t, generator=g).to(device)).contiguous()
+        ref = (logp + 0.1 * torch.randn(b, t, generator=g).to(device)).contiguous()
+        adv = torch.randn(b, generator=g).to(device)
+        mask = (torch.rand(b, t, generator=g) > 0.1).to(device)
+        return {"logits": logits, "labels": labels, "old": old, "ref": ref, "adv": adv, "mask": mask}
+
+    def fused(x, **kw):
+        return ao.fused_policy_loss(x["logits"], x["labels"], x["old"], x["adv"], x["mask"], method="grpo",
+                                    temperature=TEMPERATURE, clip_low=CLIP, ref_logp=x["ref"], kl_coef=KL_COEF,
+                                    kl_estimator="k3", entropy_coef=ENT_COEF, backend=backend, **kw).loss
+
+    compiled = torch.compile(eager_grpo)
+    impls = {
+        "alignops": fused,
+        "alignops+gif": lambda x: fused(x, grad_in_forward=True),
+        "eager": lambda x: eager_grpo(x["logits"], x["labels"], x["old"], x["ref"], x["adv"], x["mask"]),
+        "compile": lambda x: compiled(x["logits"], x["labels"], x["old"], x["ref"], x["adv"], x["mask"]),
+    }
+    if device == "cuda":
+        try:
+            from liger_kernel.transformers.grpo_loss import triton_grpo_loss  # noqa: PLC0415
+        except ImportError:
+            triton_grpo_loss = None
+        if triton_grpo_loss is not None:
+            def liger(x):
+                # Liger takes the logits of T + 1 positions (the last is dropped inside) and returns
+                # per-token losses first; the mean over the mask is the token-mean loss.
+                logits = torch.cat([x["logits"], x["logits"][:, -1:]], 1)
+                out = triton_grpo_loss(logits, x["old"], x["ref"], x["labels"], x["adv"], x["mask"].int(),
+                                       temperature=TEMPERATURE, beta=KL_COEF, eps_low=CLIP, eps_high=CLIP,
+                                       inplace=True)
+                per_token = out[0] if isinstance(out, tuple) else out
+                m = x["mask"].float()
+                return (per_token * m).sum() / m.sum()
+            impls["liger(no entropy)"] = liger
+    elem = torch.finfo(dtype).bits // 8
+    nbytes = b * t * v * elem
+    name = f"N={b * t} V={v} {str(dtype).replace('torch.', '')}"
+    return Case(name, {"N": b * t, "V": v, "dtype": str(dtype).replace("torch.", ""), "device": device},
+                make_inputs, impls, grad_inputs=("logits",),
+                bytes_moved={"fwd": nbytes, "bwd": 2 * nbytes, "fwd+bwd": 3 * nbytes})
+
+
+def cases_for(device: str, quick: bool = False):
+    if device == "cuda":
+        shapes = [(32, 256, 151936)] if not quick else [(8, 128, 151936)]
+        return [make_case(b, t, v, torch.bfloat16, device) for b, t, v in shapes]
+    shapes = [(16, 128, 32000)] if not quick else [(4, 64, 32000)]
+    return [make_case(b, t, v, torch.float32, device) for b, t, v in shapes]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="one small shape (smoke run)")
+    p.add_argument("--reps", type=int, default=5)
+    args = p.parse_args(argv)
+    if args.device == "cuda":
+        print(f"measured copy bandwidth: {copy_bandwidth_gbs(torch.device('cuda')):.0f} GB/s")
+    return run_cases("policy_loss", cases_for(args.device, args.quick), reps=args.reps)
+
+
+if __name__ == "__main__":
+    main()
