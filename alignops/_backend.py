@@ -205,3 +205,17 @@ for _op in ("token_stats_fwd", "token_stats_bwd"):
     register_kernel(_op, "cpu", _c_op(f"{_op}_cpu"))
     register_kernel(_op, "cuda", _cuda_op(f"{_op}_cuda"))
     register_kernel(_op, "triton", _triton_fn("token_stats", _op))
+
+
+def _torch_ref(module: str, name: str) -> Callable[[], Callable]:
+    def load():
+        return getattr(importlib.import_module(f"alignops.reference.{module}"), name)
+    return load
+
+
+# Advantage kernels (contract: alignops/advantages.py). No cuda kernel: on CUDA tensors they run
+# with triton, or torch when triton is missing.
+for _op in ("group_advantages", "masked_moments", "whiten_apply", "gae_scan"):
+    register_kernel(_op, "torch", _torch_ref("advantages", _op))
+    register_kernel(_op, "cpu", _c_op(f"{_op}_cpu"))
+    register_kernel(_op, "triton", _triton_fn("advantages", _op))

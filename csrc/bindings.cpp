@@ -89,9 +89,80 @@ void token_stats_bwd_cuda(const at::Tensor& logits, const at::Tensor& labels, co
 }
 #endif
 
+// ---- advantage kernels (contract: alignops/advantages.py) ----
+void check_vec(const at::Tensor& t, at::ScalarType dtype, int64_t n, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == dtype && t.dim() == 1 &&
+                  (n < 0 || t.numel() == n),
+              "alignops_C: ", name, " must be a contiguous 1-d CPU tensor of dtype ", dtype,
+              n >= 0 ? " and the matching length" : "");
+}
+
+void group_advantages_cpu(const at::Tensor& rewards, const at::Tensor& order, const at::Tensor& offsets,
+                          int64_t mode, double std_eps, bool singleton_raw, const at::Tensor& adv,
+                          const at::Tensor& count, const at::Tensor& mean, const at::Tensor& std_out) {
+  const auto dt = rewards.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "alignops_C: rewards must be float32 or float64");
+  check_vec(rewards, dt, -1, "rewards");
+  check_vec(order, at::kLong, rewards.numel(), "order");
+  check_vec(offsets, at::kLong, -1, "offsets");
+  TORCH_CHECK(offsets.numel() >= 1, "alignops_C: offsets must hold num_groups + 1 entries");
+  check_vec(adv, dt, rewards.numel(), "adv");
+  for (auto* t : {&count, &mean, &std_out}) check_vec(*t, dt, offsets.numel() - 1, "group stats");
+  alignops::cpu::group_advantages(rewards, order, offsets, mode, std_eps, singleton_raw, adv, count, mean,
+                                  std_out);
+}
+
+void masked_moments_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& out) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "alignops_C: x must be float32 or float64");
+  check_vec(x, dt, -1, "x");
+  check_vec(mask, at::kBool, x.numel(), "mask");
+  check_vec(out, at::kDouble, 3, "out");
+  alignops::cpu::masked_moments(x, mask, out);
+}
+
+void whiten_apply_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& stats, bool shift_back,
+                      const at::Tensor& out) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "alignops_C: x must be float32 or float64");
+  check_vec(x, dt, -1, "x");
+  check_vec(mask, at::kBool, x.numel(), "mask");
+  check_vec(stats, at::kDouble, 2, "stats");
+  check_vec(out, dt, x.numel(), "out");
+  alignops::cpu::whiten_apply(x, mask, stats, shift_back, out);
+}
+
+void gae_scan_cpu(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask,
+                  const at::Tensor& cu_seqlens, double gamma, const at::Tensor& lam_actor,
+                  const at::Tensor& lam_critic, const at::Tensor& adv, const at::Tensor& ret) {
+  const auto dt = rewards.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "alignops_C: rewards must be float32 or float64");
+  const int64_t n = rewards.numel();
+  check_vec(rewards, dt, -1, "rewards");
+  check_vec(values, dt, n, "values");
+  check_vec(mask, at::kBool, n, "mask");
+  check_vec(cu_seqlens, at::kLong, -1, "cu_seqlens");
+  const int64_t rows = cu_seqlens.numel() - 1;
+  TORCH_CHECK(rows >= 0, "alignops_C: cu_seqlens must hold B + 1 entries");
+  check_vec(lam_actor, dt, rows, "lam_actor");
+  check_vec(lam_critic, dt, rows, "lam_critic");
+  check_vec(adv, dt, n, "adv");
+  check_vec(ret, dt, n, "ret");
+  alignops::cpu::gae_scan(rewards, values, mask, cu_seqlens, gamma, lam_actor, lam_critic, adv, ret);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(alignops_C, m) {
+  m.def("group_advantages_cpu(Tensor rewards, Tensor order, Tensor offsets, int mode, float std_eps, "
+        "bool singleton_raw, Tensor(a!) adv, Tensor(b!) count, Tensor(c!) mean, Tensor(d!) std) -> ()",
+        &group_advantages_cpu);
+  m.def("masked_moments_cpu(Tensor x, Tensor mask, Tensor(a!) out) -> ()", &masked_moments_cpu);
+  m.def("whiten_apply_cpu(Tensor x, Tensor mask, Tensor stats, bool shift_back, Tensor(a!) out) -> ()",
+        &whiten_apply_cpu);
+  m.def("gae_scan_cpu(Tensor rewards, Tensor values, Tensor mask, Tensor cu_seqlens, float gamma, "
+        "Tensor lam_actor, Tensor lam_critic, Tensor(a!) adv, Tensor(b!) ret) -> ()",
+        &gae_scan_cpu);
   m.def("token_stats_fwd_cpu(Tensor logits, Tensor labels, float inv_temperature, int ignore_index, "
         "bool compute_entropy, Tensor(a!) logp, Tensor(b!) lse, Tensor(c!) entropy) -> ()",
         &token_stats_fwd_cpu);

@@ -15,4 +15,15 @@ void token_stats_bwd(const at::Tensor& logits, const at::Tensor& labels, const a
                      const at::Tensor& grad_entropy, double inv_temperature, int64_t ignore_index,
                      bool has_entropy_grad, const at::Tensor& grad_logits);
 
+// Advantage kernels (csrc/cpu/advantages.cpp). Contract: alignops/advantages.py.
+void group_advantages(const at::Tensor& rewards, const at::Tensor& order, const at::Tensor& offsets,
+                      int64_t mode, double std_eps, bool singleton_raw, const at::Tensor& adv,
+                      const at::Tensor& count, const at::Tensor& mean, const at::Tensor& std_out);
+void masked_moments(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& out);
+void whiten_apply(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& stats, bool shift_back,
+                  const at::Tensor& out);
+void gae_scan(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask,
+              const at::Tensor& cu_seqlens, double gamma, const at::Tensor& lam_actor,
+              const at::Tensor& lam_critic, const at::Tensor& adv, const at::Tensor& ret);
+
 }  // namespace alignops::cpu

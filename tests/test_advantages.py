@@ -1,0 +1,758 @@
+"""Advantage estimators and normalisation on every backend that runs here (torch, cpu, triton under
+the interpreter), against plain-Python float64 oracles written from METHODS.md, never from the code
+under test.
+
+Tolerances: float64 inputs must match the oracle to 1e-10 of the output scale; float32 inputs to
+1e-5 of the output scale (DESIGN.md's fp32 bound).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import alignops as ao
+from alignops import _backend
+from tests.conftest import backends_for
+
+BACKENDS = ["torch"] + backends_for("cpu")
+NAN = float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# float64 oracles (plain Python loops)
+
+
+def oracle_group(rewards, group_of, mode="scale", eps=1e-6, singleton="zero"):
+    """mode: "scale" (GRPO), "center" (Dr.GRPO), "rloo". Returns advantages and per-group
+    (mean, std, count) keyed by group id."""
+    groups = {}
+    for i, g in enumerate(group_of):
+        groups.setdefault(g, []).append(i)
+    adv = [0.0] * len(rewards)
+    stats = {}
+    for g, rows in groups.items():
+        vals = [rewards[i] for i in rows if not math.isnan(rewards[i])]
+        k = len(vals)
+        mean = sum(vals) / k if k else 0.0
+        if k >= 2 and max(vals) != min(vals):
+            std = math.sqrt(sum((x - mean) ** 2 for x in vals) / (k - 1))
+        else:
+            std = 0.0
+        stats[g] = (mean, std, k)
+        for i in rows:
+            x = rewards[i]
+            if math.isnan(x):
+                a = 0.0
+            elif k == 1:
+                a = x if singleton == "raw" else 0.0
+            elif std == 0.0:
+                a = 0.0
+            elif mode == "scale":
+                a = (x - mean) / (std + eps)
+            elif mode == "rloo":
+                a = x - (sum(vals) - x) / (k - 1)
+            else:
+                a = x - mean
+            adv[i] = a
+    return adv, stats
+
+
+def oracle_gae(r, v, m, gamma, lam):
+    """One row: backward over valid positions only; returns (adv, returns=GAE+V)."""
+    T = len(r)
+    adv, ret = [0.0] * T, [0.0] * T
+    next_v, run = 0.0, 0.0
+    for t in range(T - 1, -1, -1):
+        if not m[t]:
+            continue
+        delta = r[t] + gamma * next_v - v[t]
+        run = delta + gamma * lam * run
+        adv[t], ret[t] = run, run + v[t]
+        next_v = v[t]
+    return adv, ret
+
+
+def oracle_whiten(x, m, unbiased=True, eps=1e-8, eps_mode="add_inside", shift_mean=True):
+    vals = [a for a, k in zip(x, m) if k]
+    n = len(vals)
+    mean = sum(vals) / n if n else 0.0
+    if n <= 1:
+        inv = 1.0
+    else:
+        var = sum((a - mean) ** 2 for a in vals) / ((n - 1) if unbiased else n)
+        inv = 1 / math.sqrt(var + eps) if eps_mode == "add_inside" else 1 / math.sqrt(max(var, eps))
+    return [((a - mean) * inv + (0 if shift_mean else mean)) if k else 0.0 for a, k in zip(x, m)]
+
+
+def assert_close_scale(got, want, dtype, what="", cond=1.0):
+    """cond: the problem's condition number (whitening 1000 +- 1e-3 amplifies the unavoidable
+    rounding of x - mean by |x| / std); 1 for well-conditioned outputs."""
+    got = torch.as_tensor(got, dtype=torch.float64).flatten()
+    want = torch.as_tensor(want, dtype=torch.float64).flatten()
+    assert got.shape == want.shape, what
+    assert torch.isfinite(got).all(), f"{what}: non-finite output {got}"
+    scale = max(1.0, want.abs().max().item() if want.numel() else 1.0)
+    tol = (1e-10 if dtype == torch.float64 else 1e-5) * scale * max(1.0, cond)
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g}\n got {got}\nwant {want}"
+
+
+# --------------------------------------------------------------------------------------------
+# hypothesis strategies
+
+
+@st.composite
+def grouped_rewards(draw, max_groups=12, max_size=64):
+    sizes = draw(st.lists(st.integers(1, max_size), min_size=1, max_size=max_groups))
+    kind = draw(st.sampled_from(["binary", "normal", "shifted", "constant", "tiny_spread"]))
+    rewards = []
+    for s in sizes:
+        for _ in range(s):
+            if kind == "binary":
+                rewards.append(float(draw(st.integers(0, 1))))
+            elif kind == "constant":
+                rewards.append(0.1)
+            else:
+                x = draw(st.floats(-3, 3, allow_nan=False, allow_infinity=False, width=32))
+                rewards.append({"normal": x, "shifted": 1000 + x, "tiny_spread": 0.5 + 1e-3 * x}[kind])
+    nan_frac = draw(st.sampled_from([0.0, 0.0, 0.2]))
+    if nan_frac:
+        idx = draw(st.lists(st.integers(0, len(rewards) - 1), max_size=max(1, len(rewards) // 5)))
+        for i in idx:
+            rewards[i] = NAN
+    group_of = [g for g, s in enumerate(sizes) for _ in range(s)]
+    perm = draw(st.permutations(range(len(rewards))))
+    # ragged, shuffled ids that are not 0..P-1
+    ids = [7 * group_of[p] + 3 for p in perm]
+    rewards = [rewards[p] for p in perm]
+    return rewards, ids
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(data=grouped_rewards(), mode=st.sampled_from(["scale", "center", "rloo"]),
+       singleton=st.sampled_from(["zero", "raw"]))
+def test_group_estimators_match_oracle(backend, dtype, data, mode, singleton):
+    rewards, ids = data
+    r = torch.tensor(rewards, dtype=dtype)
+    gid = torch.tensor(ids)
+    rd = r.double().tolist()  # the oracle sees the same dtype-rounded rewards
+    want, stats = oracle_group(rd, ids, mode, 1e-6, singleton)
+    if mode == "rloo":
+        out = ao.rloo_advantages(r, group_ids=gid, singleton=singleton, return_stats=True, backend=backend)
+    else:
+        out = ao.grpo_advantages(r, group_ids=gid, scale="group" if mode == "scale" else "none",
+                                 singleton=singleton, return_stats=True, backend=backend)
+    assert out.advantages.dtype == dtype
+    assert_close_scale(out.advantages, want, dtype, f"{mode} advantages")
+    keys = sorted(stats)
+    assert_close_scale(out.mean, [stats[k][0] for k in keys], dtype, "mean")
+    assert_close_scale(out.std, [stats[k][1] for k in keys], dtype, "std")
+    assert out.count.tolist() == [stats[k][2] for k in keys]
+    assert out.zero_variance.tolist() == [stats[k][1] == 0.0 for k in keys]
+    assert out.group_index.tolist() == [keys.index(i) for i in ids]
+    # equal rewards give exactly zero, not eps-sized noise
+    for i, g in enumerate(ids):
+        if stats[g][1] == 0.0 and not (stats[g][2] == 1 and singleton == "raw"):
+            assert out.advantages[i].item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_size_layout_and_num_groups_equal_group_ids(backend):
+    g = torch.Generator().manual_seed(1)
+    r = (torch.rand(96, generator=g) > 0.5).float()
+    a = ao.grpo_advantages(r, 8, backend=backend)
+    ids = torch.arange(96) // 8
+    b = ao.grpo_advantages(r, group_ids=ids, backend=backend)
+    c = ao.grpo_advantages(r, group_ids=ids, num_groups=12, backend=backend)
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_bf16_int_bool_rewards_computed_in_fp32(backend):
+    r = torch.tensor([1, 0, 0, 0, 1, 1, 0, 1])
+    want = ao.grpo_advantages(r.float(), 4, backend="torch")
+    for x in (r, r.bool(), r.half(), r.bfloat16()):
+        out = ao.grpo_advantages(x, 4, backend=backend)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, want)
+
+
+# --------------------------------------------------------------------------------------------
+# worked vectors of METHODS.md
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_worked_vectors(backend):
+    r = torch.tensor([1.0, 0, 0, 0], dtype=torch.float64)
+    s = 0.5 / (0.5 + 1e-6)  # unbiased sigma = 0.5, eps outside the root
+    torch.testing.assert_close(ao.grpo_advantages(r, 4, backend=backend),
+                               torch.tensor([1.5, -0.5, -0.5, -0.5], dtype=torch.float64) * s)
+    # the biased sigma would give 1.732: pin the unbiased one
+    assert abs(ao.grpo_advantages(r, 4, backend=backend)[0].item() - 1.5) < 1e-5
+    torch.testing.assert_close(ao.grpo_advantages(r, 4, scale="none", backend=backend),
+                               torch.tensor([0.75, -0.25, -0.25, -0.25], dtype=torch.float64))
+    torch.testing.assert_close(ao.rloo_advantages(r, 4, backend=backend),
+                               torch.tensor([1, -1 / 3, -1 / 3, -1 / 3], dtype=torch.float64))
+    r2 = torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.float64)
+    out = ao.gpg_advantages(r2, 4, return_stats=True, backend=backend)
+    assert out.alpha.item() == 2.0
+    torch.testing.assert_close(out.advantages, torch.tensor([1.5, -0.5, -0.5, -0.5, 0, 0, 0, 0],
+                                                            dtype=torch.float64))
+    # verl's alpha counts rows with a non-zero reward: 8 / 5
+    v = ao.gpg_advantages(r2, 4, alpha_mode="verl_nonzero", return_stats=True, backend=backend)
+    assert abs(v.alpha.item() - 8 / 5) < 1e-12
+    # GVPO centred rewards: [1, 0] -> [0.5, -0.5], loss at the anchor = sum^2 / (2 (k-1)) = 0.25
+    c = ao.gvpo_centered_rewards(torch.tensor([1.0, 0.0]), 2, backend=backend)
+    assert c.tolist() == [0.5, -0.5] and (c ** 2).sum().item() / 2 == 0.25
+
+
+def test_dapo_overlong_penalty():
+    L = torch.tensor([100, 16384, 18432, 20480, 30000])
+    out = ao.dapo_overlong_penalty(L, max_length=20480, cache_length=4096)
+    assert out.tolist() == [0.0, 0.0, -0.5, -1.0, -1.0]  # capped at -kappa beyond max_length
+    assert ao.dapo_overlong_penalty(L, 20480, 4096, penalty_factor=2.0)[2].item() == -1.0
+
+
+def test_semantic_entropy_and_seed_grpo():
+    clusters = torch.tensor([0, 0, 0, 0, 1, 1, 2, 3, 5, 5, 5, 5, 5, 5, 5, 5])
+    se = ao.semantic_entropy(clusters, 8)
+    assert abs(se[0].item() - 1.2130) < 1e-4 and se[1].item() == 0.0
+    assert abs(se[0].item() / math.log(8) - 0.5833) < 1e-4
+    r = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 1])
+    base = ao.grpo_advantages(r, 8, scale="none")
+    out = ao.seed_grpo_advantages(r, se, 8, alpha=1.0)
+    torch.testing.assert_close(out[:8], base[:8] * (1 - se[0] / math.log(8)))
+    assert abs((1 - se[0].item() / math.log(8)) - 0.4167) < 1e-4
+    torch.testing.assert_close(out[8:], base[8:])  # identical answers: scale 1
+    # alpha > 1 would flip the sign without the clamp
+    assert torch.all(ao.seed_grpo_advantages(r, se, 8, alpha=5.0)[:8] == 0)
+    # per-row semantic entropy is accepted too
+    torch.testing.assert_close(ao.seed_grpo_advantages(r, se.repeat_interleave(8), 8, alpha=1.0), out)
+
+
+def test_vapo_lambda():
+    lam = ao.vapo_lambda(torch.tensor([100, 1000, 20, 5, 0]))
+    torch.testing.assert_close(lam, torch.tensor([0.8, 0.98, 0.0, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weighting", ["token", "row"])
+def test_dler_batch_normalisation(backend, weighting):
+    g = torch.Generator().manual_seed(3)
+    B, G, T = 32, 4, 12
+    r = (torch.rand(B, generator=g) > 0.4).double()
+    truncated = torch.rand(B, generator=g) > 0.7
+    mask = torch.arange(T)[None] < torch.randint(1, T + 1, (B,), generator=g)[:, None]
+    A = ao.dler_advantages(r, G, mask=mask if weighting == "token" else None, truncated=truncated,
+                           stat_weighting=weighting, backend=backend)
+    r_eff = torch.where(truncated, 0.0, r)
+    a = (r_eff.view(-1, G) - r_eff.view(-1, G).mean(1, keepdim=True)).flatten()
+    w = mask.sum(-1).double() if weighting == "token" else torch.ones(B, dtype=torch.float64)
+    mean = (w * a).sum() / w.sum()
+    var = (w * (a - mean) ** 2).sum() / (w.sum() - 1)
+    torch.testing.assert_close(A, (a - mean) / (var.sqrt() + 1e-6))
+    # the oracle of METHODS.md: weighted mean 0, weighted std 1 (up to eps)
+    assert abs((w * A).sum().item() / w.sum().item()) < 1e-12
+    assert abs(((w * A ** 2).sum() / (w.sum() - 1)).sqrt().item() - 1) < 1e-5
+
+
+def test_dler_raw_equals_trl_batch_scaling():
+    g = torch.Generator().manual_seed(4)
+    r = torch.rand(24, generator=g, dtype=torch.float64)
+    got = ao.dler_advantages(r, 6, stat_weighting="row", batch_std_of="raw")
+    want = ao.grpo_advantages(r, 6, scale="batch")
+    torch.testing.assert_close(got, want)
+    trl = (r.view(-1, 6) - r.view(-1, 6).mean(1, keepdim=True)).flatten() / (r.std() + 1e-6)
+    torch.testing.assert_close(want, trl)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_awpo(backend):
+    g = torch.Generator().manual_seed(5)
+    B, G = 40, 8
+    r_out = (torch.rand(B, generator=g) > 0.5).double()
+    r_out[:8] = 1.0  # a saturated group: the gate must stay shut
+    r_rsn = torch.rand(B, generator=g, dtype=torch.float64)
+    out = ao.awpo_advantages(r_out, r_rsn, G, backend=backend)
+    # oracle from the survey's equations
+    ro, rm = r_out.view(-1, G), (r_out + r_rsn).view(-1, G)
+
+    def norm(x):
+        sd = x.std(1, keepdim=True)
+        return torch.where(sd > 0, (x - x.mean(1, keepdim=True)) / (sd + 1e-6), 0.0), sd.squeeze(1)
+
+    a_out, sd_out = norm(ro)
+    a_mix, sd_mix = norm(rm)
+    ratio = sd_mix / (sd_out + sd_mix + 1e-6)
+    mean_out = ro.mean(1)
+    w = torch.where((mean_out < 1.0) & (ratio < 0.6), ratio, 0.0)
+    d = torch.where((mean_out > 0.2) & (mean_out < 0.8), 1.5, 1.0)
+    want = (d[:, None] * ((1 - w[:, None]) * a_out + w[:, None] * a_mix)).flatten()
+    torch.testing.assert_close(out.advantages, want)
+    torch.testing.assert_close(out.gate, w)
+    assert out.gate[0].item() == 0.0
+    torch.testing.assert_close(out.clip_eps, torch.tensor(0.1 + (1 - w.mean().item()) * 0.1, dtype=torch.float64))
+    assert ((out.gate >= 0) & (out.gate < 1)).all()
+    # reasoning reward off -> GRPO (with d = 1)
+    plain = ao.awpo_advantages(r_out, torch.zeros_like(r_out), G, alpha_prio=1.0, backend=backend)
+    torch.testing.assert_close(plain.advantages, ao.grpo_advantages(r_out, G))
+
+
+# --------------------------------------------------------------------------------------------
+# group oracles (METHODS.md 3.2.6) and dynamic sampling
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=grouped_rewards(max_groups=8, max_size=16))
+def test_group_sums_are_zero(backend, data):
+    rewards, ids = data
+    r = torch.tensor(rewards, dtype=torch.float64)
+    gid = torch.tensor(ids)
+    _, index = torch.unique(gid, return_inverse=True)
+    for name, adv in [
+        ("grpo", ao.grpo_advantages(r, group_ids=gid, singleton="zero", backend=backend)),
+        ("drgrpo", ao.grpo_advantages(r, group_ids=gid, scale="none", singleton="zero", backend=backend)),
+        ("rloo", ao.rloo_advantages(r, group_ids=gid, singleton="zero", backend=backend)),
+        ("gpg", ao.gpg_advantages(r, group_ids=gid, singleton="zero", backend=backend)),
+    ]:
+        sums = torch.zeros(int(index.max()) + 1, dtype=torch.float64).index_add_(0, index, adv)
+        assert sums.abs().max().item() < 1e-8 * max(1.0, adv.abs().max().item()), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dynamic_sampling(backend):
+    r = torch.tensor([1.0, 0, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0.3, NAN, NAN, NAN, 0.2, 0.2, 0.2, NAN])
+    ds = ao.dynamic_sampling_mask(r, 4, backend=backend)
+    assert ds.group_keep.tolist() == [True, False, False, False, False]
+    assert ds.row_keep.tolist() == [True] * 4 + [False] * 16
+    assert ds.num_kept.item() == 1 and abs(ds.kept_fraction.item() - 0.2) < 1e-7
+    st_ = ao.group_stats(r, 4, backend=backend)
+    assert st_.zero_variance.tolist() == [False, True, True, True, True]
+    assert st_.count.tolist() == [4, 4, 4, 1, 3]
+
+
+# --------------------------------------------------------------------------------------------
+# masked statistics and whitening
+
+
+@st.composite
+def masked_matrix(draw):
+    B = draw(st.integers(1, 6))
+    T = draw(st.integers(1, 40))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, generator=g, dtype=torch.float64) * draw(st.sampled_from([1e-3, 1.0, 50.0]))
+    x += draw(st.sampled_from([0.0, 1000.0, -1000.0]))
+    density = draw(st.sampled_from([0.0, 0.05, 0.5, 1.0]))
+    m = torch.rand(B, T, generator=g) < density
+    if draw(st.booleans()):
+        m[0] = False  # an empty row
+    if draw(st.booleans()):
+        x[~m] = NAN  # padding may hold garbage
+    return x, m
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(data=masked_matrix(), var=st.sampled_from(["unbiased", "biased"]),
+       eps_mode=st.sampled_from(["add_inside", "floor"]), shift_mean=st.booleans())
+def test_masked_whiten_matches_oracle(backend, dtype, data, var, eps_mode, shift_mean):
+    x, m = data
+    x = x.to(dtype)
+    out = ao.masked_whiten(x, m, shift_mean, var=var, eps_mode=eps_mode, backend=backend)
+    want = oracle_whiten(x.double().flatten().tolist(), m.flatten().tolist(), var == "unbiased", 1e-8,
+                         eps_mode, shift_mean)
+    assert out.dtype == dtype and out.shape == x.shape
+    vals = [a for a, k in zip(x.double().flatten().tolist(), m.flatten().tolist()) if k]
+    n = len(vals)
+    mean = sum(vals) / n if n else 0.0
+    spread = math.sqrt(sum((a - mean) ** 2 for a in vals) / n) if n > 1 else 0.0
+    # float64 rounding of x - mean is ~1e-16 |x|, amplified by 1/std: 1e-10 covers |x|/std <= 1e6
+    cond = max((abs(a) for a in vals), default=0.0) / spread * 1e-6 if spread > 0 else 1.0
+    assert_close_scale(out, want, dtype, "whiten", cond=cond)
+    assert_close_scale(ao.masked_mean(x, m, backend=backend), [mean], dtype, "mean")
+    denom = (n - 1) if var == "unbiased" else n
+    v = sum((a - mean) ** 2 for a in vals) / denom if denom > 0 else 0.0
+    got_v = ao.masked_var(x, m, unbiased=var == "unbiased", backend=backend).item()
+    # variance from (sum, sum of squares) in float64: error ~ 1e-16 * mean^2
+    assert abs(got_v - v) <= 1e-10 * max(1.0, v) + 1e-15 * mean * mean + (1e-6 * v if dtype == torch.float32 else 0)
+
+
+def test_masked_whiten_small_n_and_semantics():
+    x = torch.tensor([[3.0, 5.0, NAN]])
+    m = torch.tensor([[True, False, False]])
+    assert ao.masked_whiten(x, m).tolist() == [[0.0, 0.0, 0.0]]  # N = 1: centred, no raise
+    assert ao.masked_whiten(x, m, shift_mean=False).tolist() == [[3.0, 0.0, 0.0]]
+    assert ao.masked_whiten(x, torch.zeros_like(m)).tolist() == [[0.0, 0.0, 0.0]]  # N = 0
+    assert ao.masked_mean(x, torch.zeros_like(m)).item() == 0.0
+    # per-row masked mean with an empty row gives 0, not NaN
+    mm = ao.masked_mean(torch.tensor([[1.0, 3.0], [5.0, 7.0]]), torch.tensor([[1, 1], [0, 0]]), dim=-1)
+    assert mm.tolist() == [2.0, 0.0]
+
+
+# --------------------------------------------------------------------------------------------
+# GAE
+
+
+@st.composite
+def gae_inputs(draw):
+    B = draw(st.integers(1, 5))
+    T = draw(st.integers(1, 150))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(B, T, generator=g, dtype=torch.float64)
+    v = torch.randn(B, T, generator=g, dtype=torch.float64)
+    layout = draw(st.sampled_from(["right_pad", "holes", "all", "empty_row"]))
+    if layout == "all":
+        m = torch.ones(B, T, dtype=torch.bool)
+    else:
+        lengths = torch.randint(0, T + 1, (B,), generator=g)
+        m = torch.arange(T)[None] < lengths[:, None]
+        if layout == "holes":
+            m &= torch.rand(B, T, generator=g) > 0.3
+        if layout == "empty_row":
+            m[0] = False
+    r[~m] = 1e6  # masked rewards/values must never be read
+    v[~m] = -1e6
+    gamma = draw(st.sampled_from([1.0, 0.99, 0.5]))
+    lam = draw(st.sampled_from([1.0, 0.95, 0.0]))
+    critic_lam = draw(st.sampled_from([None, 1.0, 0.9]))
+    return r, v, m, gamma, lam, critic_lam
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(data=gae_inputs(), packed=st.booleans())
+def test_gae_matches_python_loop(backend, dtype, data, packed):
+    r, v, m, gamma, lam, critic_lam = data
+    r, v = r.to(dtype), v.to(dtype)
+    if packed:
+        lengths = torch.randint(0, r.shape[1] + 1, (r.shape[0],), generator=torch.Generator().manual_seed(0))
+        keep = torch.arange(r.shape[1])[None] < lengths[:, None]
+        cu = torch.zeros(r.shape[0] + 1, dtype=torch.int64)
+        cu[1:] = lengths.cumsum(0)
+        adv, ret = ao.gae_advantages(r[keep], v[keep], m[keep], gamma, lam, critic_lam=critic_lam,
+                                     cu_seqlens=cu, backend=backend)
+        rows = [(r[b, :lengths[b]], v[b, :lengths[b]], m[b, :lengths[b]]) for b in range(r.shape[0])]
+    else:
+        adv, ret = ao.gae_advantages(r, v, m, gamma, lam, critic_lam=critic_lam, backend=backend)
+        rows = [(r[b], v[b], m[b]) for b in range(r.shape[0])]
+    want_a, want_r = [], []
+    for rb, vb, mb in rows:
+        a, _ = oracle_gae(rb.double().tolist(), vb.double().tolist(), mb.tolist(), gamma, lam)
+        _, rt = oracle_gae(rb.double().tolist(), vb.double().tolist(), mb.tolist(), gamma,
+                           lam if critic_lam is None else critic_lam)
+        want_a += a
+        want_r += rt
+    assert adv.dtype == dtype
+    assert_close_scale(adv, want_a, dtype, "gae advantages")
+    assert_close_scale(ret, want_r, dtype, "gae returns")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gae_oracles(backend):
+    g = torch.Generator().manual_seed(7)
+    B, T = 4, 33
+    v = torch.randn(B, T, generator=g, dtype=torch.float64)
+    R = torch.randn(B, generator=g, dtype=torch.float64)
+    m = torch.rand(B, T, generator=g) > 0.25
+    tr = ao.token_level_rewards(R, m)
+    # lambda = gamma = 1: A_t = R - V_t on every valid token
+    adv, ret = ao.gae_advantages(tr, v, m, 1.0, 1.0, backend=backend)
+    torch.testing.assert_close(adv, torch.where(m, R[:, None] - v, 0.0))
+    torch.testing.assert_close(ret, torch.where(m, R[:, None].expand(B, T), 0.0))
+    # lambda = 0: A_t = r_t + V_next(t) - V_t
+    adv0, _ = ao.gae_advantages(tr, v, m, 1.0, 0.0, backend=backend)
+    for b in range(B):
+        idx = torch.nonzero(m[b]).flatten().tolist()
+        for j, t in enumerate(idx):
+            nv = v[b, idx[j + 1]].item() if j + 1 < len(idx) else 0.0
+            assert abs(adv0[b, t].item() - (tr[b, t].item() + nv - v[b, t].item())) < 1e-12
+    # decoupled GAE with equal lambdas reproduces plain GAE bit for bit
+    a1, r1 = ao.gae_advantages(tr, v, m, 0.99, 0.95, backend=backend)
+    a2, r2 = ao.gae_advantages(tr, v, m, 0.99, 0.95, critic_lam=0.95, backend=backend)
+    assert torch.equal(a1, a2) and torch.equal(r1, r2)
+    # per-row (VAPO) lambda equals running each row with its own scalar lambda
+    lam = ao.vapo_lambda(m.sum(-1)).double()
+    a3, _ = ao.gae_advantages(tr, v, m, 1.0, lam, critic_lam=1.0, backend=backend)
+    for b in range(B):
+        ab, _ = ao.gae_advantages(tr[b:b + 1], v[b:b + 1], m[b:b + 1], 1.0, float(lam[b]), backend=backend)
+        torch.testing.assert_close(a3[b], ab[0])
+    # whitening after GAE: returns untouched, advantages whitened over valid tokens
+    aw, rw = ao.gae_advantages(tr, v, m, 0.99, 0.95, whiten=True, backend=backend)
+    torch.testing.assert_close(rw, r1)
+    torch.testing.assert_close(aw, ao.masked_whiten(a1, m))
+
+
+# --------------------------------------------------------------------------------------------
+# REINFORCE++, KL in reward, ReMax
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reinforce_pp(backend):
+    g = torch.Generator().manual_seed(8)
+    B, T = 6, 20
+    scores = torch.randn(B, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([20, 5, 0, 13, 1, 9])
+    m = torch.arange(T)[None] < lengths[:, None]
+    m[0, 3] = False  # a hole
+    old = torch.randn(B, T, generator=g, dtype=torch.float64)
+    ref = torch.randn(B, T, generator=g, dtype=torch.float64)
+    beta, gamma = 0.1, 0.9
+    out = ao.reinforce_pp_advantages(scores, m, old_logp=old, ref_logp=ref, kl_coef=beta, gamma=gamma,
+                                     backend=backend)
+    want_ret = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        idx = torch.nonzero(m[b]).flatten().tolist()
+        G = 0.0
+        for j in reversed(range(len(idx))):
+            t = idx[j]
+            rt = -beta * (old[b, t] - ref[b, t]).item() + (scores[b].item() if j == len(idx) - 1 else 0.0)
+            G = rt + gamma * G
+            want_ret[b, t] = G
+    torch.testing.assert_close(out.returns, want_ret)
+    flat = oracle_whiten(want_ret.flatten().tolist(), m.flatten().tolist())
+    torch.testing.assert_close(out.advantages.flatten(), torch.tensor(flat, dtype=torch.float64))
+    # the oracle of METHODS.md 2.5: token-weighted mean 0, std 1
+    a = out.advantages[m]
+    assert abs(a.mean().item()) < 1e-12 and abs(a.std().item() - 1) < 1e-6
+    # OpenRLHF semantics: biased variance, floor
+    o = ao.reinforce_pp_advantages(scores, m, old_logp=old, ref_logp=ref, kl_coef=beta, gamma=gamma,
+                                   var="biased", eps_mode="floor", backend=backend)
+    flat_b = oracle_whiten(want_ret.flatten().tolist(), m.flatten().tolist(), False, 1e-8, "floor")
+    torch.testing.assert_close(o.advantages.flatten(), torch.tensor(flat_b, dtype=torch.float64))
+    # packed layout gives the same
+    cu = torch.zeros(B + 1, dtype=torch.int64)
+    cu[1:] = lengths.cumsum(0)
+    keep = torch.arange(T)[None] < lengths[:, None]
+    p = ao.reinforce_pp_advantages(scores, m[keep], cu_seqlens=cu, old_logp=old[keep], ref_logp=ref[keep],
+                                   kl_coef=beta, gamma=gamma, backend=backend)
+    torch.testing.assert_close(p.advantages, out.advantages[keep])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reinforce_pp_baseline(backend):
+    g = torch.Generator().manual_seed(9)
+    B, G, T = 16, 4, 10
+    scores = (torch.rand(B, generator=g) > 0.5).double()
+    m = torch.ones(B, T, dtype=torch.bool)
+    out = ao.reinforce_pp_baseline_advantages(scores, m, G, backend=backend)
+    c = (scores.view(-1, G) - scores.view(-1, G).mean(1, keepdim=True)).flatten()
+    # equal lengths, no KL: (R - mean_g) / token-level std of (R - mean_g)
+    tok = c[:, None].expand(B, T)
+    want = (tok - tok.mean()) / (tok.std() ** 2 + 1e-8).sqrt()
+    torch.testing.assert_close(out.advantages, want)
+    torch.testing.assert_close(out.returns, tok.contiguous())
+
+
+def test_kl_helpers():
+    old = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -0.5]])
+    ref = torch.tensor([[-1.5, -1.0, -3.0], [-0.5, -1.5, -9.0]])
+    m = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    k1 = ao.k1_penalty(old, ref, m)
+    assert k1.tolist() == [[0.5, -1.0, 0.0], [0.0, 1.0, 8.5]]
+    tr = ao.token_level_rewards(torch.tensor([2.0, 3.0]), m, kl=k1, kl_coef=0.1)
+    torch.testing.assert_close(tr, torch.tensor([[-0.05, 2.1, 0.0], [0.0, -0.1, 3.0 - 0.85]]))
+    s = ao.kl_penalized_scores(torch.tensor([2.0, 3.0]), old, ref, m, kl_coef=0.1)
+    torch.testing.assert_close(s, torch.tensor([2.0 + 0.05, 3.0 - 0.95]))
+
+
+def test_adaptive_kl_controller():
+    c = ao.AdaptiveKLController(0.1, target_kl=6.0, horizon=10000)
+    assert abs(c.update(12.0, n_steps=100) - 0.1 * (1 + 0.2 * 100 / 10000)) < 1e-15  # clipped at +0.2
+    v = c.value
+    assert abs(c.update(torch.tensor(5.4, dtype=torch.float64), n_steps=256) - v * (1 - 0.1 * 256 / 10000)) < 1e-12
+    assert ao.FixedKLController(0.05).update(100.0, 3) == 0.05
+    with pytest.raises(ValueError, match="target_kl"):
+        ao.AdaptiveKLController(0.1, target_kl=0.0, horizon=10)
+
+
+def test_remax():
+    r = torch.tensor([1.0, 0.5])
+    b = torch.tensor([0.5, 0.5])
+    assert ao.remax_advantages(r, b).tolist() == [0.5, 0.0]
+    tr = torch.tensor([[0.0, 0.1, 1.0, 9.0], [0.2, 0.0, 0.3, 0.0]])
+    m = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    out = ao.remax_advantages(tr, b, m)
+    torch.testing.assert_close(out, torch.tensor([[0.6, 0.6, 0.5, 0.0], [0.0, -0.2, -0.2, -0.5]]))
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_input():
+    r = torch.tensor([1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="group_size=2 does not divide"):
+        ao.grpo_advantages(r, 2)
+    with pytest.raises(ValueError, match="single scorable reward"):
+        ao.grpo_advantages(r, 1)
+    with pytest.raises(ValueError, match="single scorable reward"):
+        ao.rloo_advantages(torch.tensor([1.0, NAN, 0.0, 1.0]), 2)
+    with pytest.raises(ValueError, match="single scorable reward"):
+        ao.gvpo_centered_rewards(r, group_ids=torch.tensor([0, 0, 1]))
+    with pytest.raises(ValueError, match="exactly one of group_size"):
+        ao.grpo_advantages(r)
+    with pytest.raises(ValueError, match="exactly one of group_size"):
+        ao.grpo_advantages(r, 3, group_ids=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="group_ids must have shape"):
+        ao.grpo_advantages(r, group_ids=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="group_ids must be an integer"):
+        ao.grpo_advantages(r, group_ids=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"group_ids must lie in \[0, num_groups"):
+        ao.grpo_advantages(r, group_ids=torch.tensor([0, 1, 5]), num_groups=2)
+    with pytest.raises(ValueError, match="rewards contains infinite"):
+        ao.grpo_advantages(torch.tensor([1.0, math.inf]), 2)
+    with pytest.raises(ValueError, match="scores contains NaN"):
+        ao.reinforce_pp_advantages(torch.tensor([NAN]), torch.ones(1, 3))
+    with pytest.raises(ValueError, match="rewards must be a 1-d"):
+        ao.grpo_advantages(torch.zeros(2, 2), 2)
+    with pytest.raises(TypeError, match="rewards must be a torch.Tensor"):
+        ao.grpo_advantages([1.0, 0.0], 2)
+    with pytest.raises(ValueError, match="scale must be one of"):
+        ao.grpo_advantages(r, 3, scale="global")
+    with pytest.raises(ValueError, match="singleton must be one of"):
+        ao.grpo_advantages(r, 3, singleton="ignore")
+    with pytest.raises(ValueError, match="std_eps must be >= 0"):
+        ao.grpo_advantages(r, 3, std_eps=-1.0)
+    with pytest.raises(ValueError, match="values shape"):
+        ao.gae_advantages(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="mask shape"):
+        ao.gae_advantages(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(3, 2))
+    with pytest.raises(ValueError, match="lam must be <= 1"):
+        ao.gae_advantages(torch.zeros(2, 3), torch.zeros(2, 3), lam=1.5)
+    with pytest.raises(ValueError, match=r"lam values must lie in \[0, 1\]"):
+        ao.gae_advantages(torch.zeros(2, 3), torch.zeros(2, 3), lam=torch.tensor([0.5, -0.1]))
+    with pytest.raises(ValueError, match="gamma must be"):
+        ao.gae_advantages(torch.zeros(2, 3), torch.zeros(2, 3), gamma=math.nan)
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+        ao.gae_advantages(torch.zeros(5), torch.zeros(5), cu_seqlens=torch.tensor([0, 2, 4]))
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+        ao.masked_whiten(torch.zeros(3), torch.tensor([0.0, 0.5, 1.0]))
+    with pytest.raises(ValueError, match="eps_mode must be one of"):
+        ao.masked_whiten(torch.zeros(3), eps_mode="outside")
+    with pytest.raises(ValueError, match="semantic_entropy must be"):
+        ao.seed_grpo_advantages(torch.zeros(4), torch.zeros(3), 2, alpha=1.0)
+    with pytest.raises(ValueError, match="cache_length must lie"):
+        ao.dapo_overlong_penalty(torch.tensor([1]), 100, 0)
+    with pytest.raises(ValueError, match="stat_weighting='token' needs"):
+        ao.dler_advantages(torch.zeros(4), 2)
+    with pytest.raises(ValueError, match="process_group was given but torch.distributed"):
+        ao.masked_whiten(torch.zeros(3), process_group=object())
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ao.grpo_advantages(r, 3, backend="numpy")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_degenerate_inputs_are_finite(backend):
+    empty = torch.zeros(0)
+    assert ao.grpo_advantages(empty, 4, backend=backend).numel() == 0
+    assert ao.grpo_advantages(empty, group_ids=torch.zeros(0, dtype=torch.long), backend=backend).numel() == 0
+    allnan = torch.full((4,), NAN)
+    assert ao.grpo_advantages(allnan, 2, backend=backend).tolist() == [0.0] * 4
+    assert ao.grpo_advantages(allnan, 2, scale="batch", backend=backend).tolist() == [0.0] * 4
+    a, r = ao.gae_advantages(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), whiten=True,
+                             backend=backend)
+    assert a.abs().sum().item() == 0 and r.abs().sum().item() == 0
+    out = ao.reinforce_pp_advantages(torch.tensor([1.0, 2.0]), torch.zeros(2, 4), backend=backend)
+    assert torch.isfinite(out.advantages).all() and out.advantages.abs().sum().item() == 0
+    assert ao.gpg_advantages(torch.ones(8), 4, return_stats=True, backend=backend).alpha.item() == 0.0
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend not available here")
+def test_triton_long_rows_cross_tiles():
+    # rows longer than the interpreter's 64-lane tile, with holes across tile boundaries
+    g = torch.Generator().manual_seed(11)
+    B, T = 2, 300
+    r = torch.randn(B, T, generator=g)
+    v = torch.randn(B, T, generator=g)
+    m = torch.rand(B, T, generator=g) > 0.5
+    m[0, 60:200] = False  # a hole spanning whole tiles
+    a_t, r_t = ao.gae_advantages(r, v, m, 0.99, 0.9, critic_lam=1.0, backend="triton")
+    a_c, r_c = ao.gae_advantages(r.double(), v.double(), m, 0.99, 0.9, critic_lam=1.0, backend="torch")
+    assert_close_scale(a_t, a_c, torch.float32, "triton gae")
+    assert_close_scale(r_t, r_c, torch.float32, "triton returns")
+    x = torch.randn(3000, generator=g) + 1000
+    mx = torch.rand(3000, generator=g) > 0.1
+    assert_close_scale(ao.masked_whiten(x, mx, backend="triton"),
+                       oracle_whiten(x.double().tolist(), mx.tolist()), torch.float32, "triton whiten")
+    big = torch.rand(200, generator=g)
+    assert_close_scale(ao.grpo_advantages(big, 100, backend="triton"),
+                       oracle_group(big.double().tolist(), [i // 100 for i in range(200)])[0],
+                       torch.float32, "triton group of 100")
+
+
+# --------------------------------------------------------------------------------------------
+# distributed: two CPU processes with gloo == one process with the whole batch
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dist_batch():
+    g = torch.Generator().manual_seed(12)
+    B, G, T = 16, 4, 9
+    r = (torch.rand(B, generator=g) > 0.5).double() + 0.1 * torch.randn(B, generator=g, dtype=torch.float64)
+    r[:4] = 1.0
+    m = torch.rand(B, T, generator=g) > 0.3
+    x = torch.randn(B, T, generator=g, dtype=torch.float64) + 3
+    rsn = torch.rand(B, generator=g, dtype=torch.float64)
+    return r, m, x, rsn, G
+
+
+def _dist_stats(r, m, x, rsn, G, pg):
+    out = {
+        "grpo_batch": ao.grpo_advantages(r, G, scale="batch", process_group=pg, return_stats=True).batch_std,
+        "whiten": ao.masked_whiten(x, m, process_group=pg),
+        "mean": ao.masked_mean(x, m, process_group=pg),
+        "var": ao.masked_var(x, m, process_group=pg),
+        "dler": ao.dler_advantages(r, G, mask=m, process_group=pg),
+        "gpg_alpha": ao.gpg_advantages(r, G, process_group=pg, return_stats=True).alpha,
+        "awpo_clip": ao.awpo_advantages(r, rsn, G, process_group=pg).clip_eps,
+        "rpp": ao.reinforce_pp_advantages(r, m, process_group=pg).advantages,
+    }
+    return out
+
+
+def _dist_worker(rank, world, port, outdir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        r, m, x, rsn, G = _dist_batch()
+        half = r.numel() // world
+        sl = slice(rank * half, (rank + 1) * half)
+        res = _dist_stats(r[sl], m[sl], x[sl], rsn[sl], G, dist.group.WORLD)
+        torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_gloo_ranks_equal_one_process():
+    import torch.multiprocessing as mp
+    r, m, x, rsn, G = _dist_batch()
+    whole = _dist_stats(r, m, x, rsn, G, None)
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_dist_worker, args=(2, _free_port(), d), nprocs=2, join=True)
+        ranks = [torch.load(os.path.join(d, f"rank{k}.pt")) for k in range(2)]
+    half = r.numel() // 2
+    for key, want in whole.items():
+        for k, got in enumerate(ranks):
+            part = got[key]
+            if want.dim() > 0:  # per-row outputs: this rank's rows of the whole-batch answer
+                want_k = want[k * half:(k + 1) * half]
+            else:  # global statistics: identical on every rank
+                want_k = want
+            torch.testing.assert_close(part, want_k, rtol=1e-12, atol=1e-12, msg=f"{key} rank {k}")
