@@ -1,0 +1,140 @@
+"""Trainer configuration: field names follow TRL; verl and OpenRLHF names are accepted as aliases.
+Every method is a named preset (alignops.train.presets) that sets fields, each of which can still
+be overridden on the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # what to train
+    method: str = "grpo"
+    task: str = "add"                      # built-in task name or a path to a prompts+answers .jsonl
+    model: str | None = None               # local HF checkpoint dir; None: a tiny random-init model
+    arch: str = "llama"                    # tiny model style: llama | qwen2
+    init_from: str | None = "runs/base"    # SFT base checkpoint to start from ("none": random init)
+    output_dir: str | None = None          # default runs/<method>
+    seed: int = 0
+    backend: str | None = None             # alignops backend (None: automatic)
+    device: str = "cpu"
+
+    # rollouts
+    num_prompts: int = 16                  # prompts per step
+    num_generations: int = 8               # samples per prompt (group size)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_completion_length: int = 6
+
+    # optimisation
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    max_steps: int = 200
+    time_budget_s: float | None = None     # stop after this many seconds of training
+    num_iterations: int = 1                # PPO epochs over each rollout batch
+    num_mini_batches: int = 1              # optimiser steps per epoch
+    gradient_accumulation_steps: int = 1   # micro-batches per optimiser step (same update)
+    max_grad_norm: float = 1.0
+
+    # the loss (names from TRL; alignops names in comments)
+    loss_method: str = "grpo"              # alignops per-token loss: ppo, grpo, dapo, cispo, gspo, ...
+    epsilon: float = 0.2                   # clip_low
+    epsilon_high: float | None = None      # clip_high (None: same as epsilon)
+    delta: float | None = None             # dual-clip constant (clip_ratio_c)
+    beta: float = 0.0                      # kl_coef of the KL loss against the reference model
+    kl_estimator: str = "k3"
+    entropy_coeff: float = 0.0
+    loss_type: str = "token-mean"          # aggregation: token-mean | seq-mean-token-mean | ...
+    loss_kwargs: dict = dataclasses.field(default_factory=dict)  # method-specific knobs
+
+    # advantages
+    advantage: str = "grpo"                # grpo | rloo | reinforce | ...
+    scale_rewards: str = "group"           # group | batch | none
+    advantage_kwargs: dict = dataclasses.field(default_factory=dict)
+
+    # evaluation and logging
+    eval_every: int = 20
+    eval_size: int = 1000
+    log_every: int = 1
+    save_every: int = 0                    # 0: only at the end
+    resume: bool = False
+    progress: bool = True
+
+    def resolved_output_dir(self) -> str:
+        return self.output_dir or f"runs/{self.method}"
+
+
+# verl / OpenRLHF / TRL-synonym names -> TrainConfig fields
+ALIASES = {
+    "clip_ratio": "epsilon", "clip_ratio_low": "epsilon", "eps_clip": "epsilon", "clip_low": "epsilon",
+    "clip_ratio_high": "epsilon_high", "clip_high": "epsilon_high",
+    "clip_ratio_c": "delta", "dual_clip": "delta",
+    "kl_loss_coef": "beta", "kl_coef": "beta", "init_kl_coef": "beta",
+    "kl_loss_type": "kl_estimator",
+    "entropy_coef": "entropy_coeff",
+    "loss_agg_mode": "loss_type", "agg": "loss_type",
+    "rollout_n": "num_generations", "n_samples_per_prompt": "num_generations", "group_size": "num_generations",
+    "response_length": "max_completion_length", "generate_max_len": "max_completion_length",
+    "lr": "learning_rate", "actor_learning_rate": "learning_rate",
+    "ppo_epochs": "num_iterations", "grad_clip": "max_grad_norm",
+    "total_training_steps": "max_steps",
+    "train_batch_size": "num_prompts", "rollout_batch_size": "num_prompts",
+}
+
+# TRL's loss_type names bundle an aggregation; map them to alignops' aggregation modes.
+TRL_LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean",
+                  "dr_grpo": "seq-mean-token-sum-norm", "cispo": "token-mean"}
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def canonical(name: str) -> str:
+    name = name.replace("-", "_")
+    return ALIASES.get(name, name)
+
+
+def _parse_value(field: dataclasses.Field, text: str):
+    hint = typing.get_type_hints(TrainConfig)[field.name]
+    if text.lower() in ("none", "null") and "None" in str(hint):
+        return None
+    base = typing.get_args(hint)[0] if typing.get_origin(hint) in (typing.Union, type(int | None)) else hint
+    if base is bool:
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ValueError(f"--{field.name} expects true/false, got {text!r}")
+        return text.lower() in ("1", "true", "yes")
+    if base is dict:
+        import json  # noqa: PLC0415
+        return json.loads(text)
+    return base(text)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict) -> TrainConfig:
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for key, value in overrides.items():
+        name = canonical(key)
+        if name not in fields:
+            raise ValueError(f"unknown option --{key}; see --help for the options")
+        if isinstance(value, str):
+            value = _parse_value(fields[name], value)
+        setattr(cfg, name, value)
+    if cfg.loss_type in TRL_LOSS_TYPES:
+        cfg.loss_type = TRL_LOSS_TYPES[cfg.loss_type]
+    return cfg
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("trainer options (TRL names; verl/OpenRLHF aliases accepted)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "method":
+            continue
+        aliases = sorted(a for a, t in ALIASES.items() if t == f.name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"default: {default}" + (f"; aliases: {', '.join('--' + a for a in aliases)}" if aliases else "")
+        group.add_argument(f"--{f.name}", *[f"--{a}" for a in aliases], dest=f.name, default=argparse.SUPPRESS,
+                           help=help_text, metavar=type(default).__name__.upper() if default is not None else "X")
