@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import alignops as ao
+from alignops.policy_loss import policy_loss
 from alignops.reference import sft as ref
 from tests.conftest import device_backend_pairs
 
@@ -444,7 +445,7 @@ def test_chord_mu_extremes_are_pure_parts():
     x, labels, mask, old, adv, expert = _chord_batch(gen)
     logp = ao.token_logprobs(x, torch.where(mask, labels, -100))
     e = expert[:, None].expand_as(mask)
-    pure_grpo = ao.policy_loss(logp, old, adv, mask & ~e, method="grpo", agg="token-mean").loss
+    pure_grpo = policy_loss(logp, old, adv, mask & ~e, method="grpo", agg="token-mean").loss
     pure_sft = ao.sft_loss(x, labels, mask & e).loss
     torch.testing.assert_close(ao.chord_loss(logp, old, adv, mask, expert, 0.0).loss, pure_grpo)
     torch.testing.assert_close(ao.chord_loss(logp, old, adv, mask, expert, 1.0).loss, pure_sft)
@@ -456,7 +457,7 @@ def test_chord_separate_normalizers_and_missing_parts():
     logp = ao.token_logprobs(x, torch.where(mask, labels, -100))
     e = expert[:, None].expand_as(mask)
     out = ao.chord_loss(logp, old, adv, mask, expert, 0.5, rl_normalizer=100, sft_normalizer=40)
-    grpo = ao.policy_loss(logp, old, adv, mask & ~e, method="grpo", agg="token-mean", normalizer=100).loss
+    grpo = policy_loss(logp, old, adv, mask & ~e, method="grpo", agg="token-mean", normalizer=100).loss
     sft = ao.sft_loss(x, labels, mask & e, normalizer=40).loss
     torch.testing.assert_close(out.loss, 0.5 * grpo + 0.5 * sft)
     # No expert rows: the SFT part is 0 (no NaN); no rollout rows: the GRPO part is 0.
