@@ -38,7 +38,7 @@ from alignops import _backend
 from alignops.reference import policy_loss as ref
 from alignops.reference.policy_loss import AGG_MODES, KL_ESTIMATORS, bapo_search
 from alignops.token_logprobs import (
-    as_rows, check_label_range, check_logits_labels, check_temperature, token_logprobs, token_stats_op)
+    as_rows, check_label_range, check_logits_labels, check_temperature, token_logprobs)
 
 __all__ = ["policy_loss", "fused_policy_loss", "PolicyLossOutput", "register_method", "METHODS",
            "method_names", "bapo_search", "AGG_MODES", "KL_ESTIMATORS"]
@@ -256,7 +256,6 @@ def _resolve_options(method: Method, kwargs: dict) -> dict:
         raise TypeError(f"unknown option(s) {unknown} for method={method.name!r} "
                         f"(its options: {sorted(method.options) or 'none'}); {hints}")
     opts = {**method.options, **kwargs}
-    name = method.name
     if "gppo_beta1" in opts:
         for k in ("gppo_beta1", "gppo_beta2"):
             opts[k] = _check_float(k, opts[k], lo=0.0, lo_open=False)
@@ -293,7 +292,6 @@ def _resolve_options(method: Method, kwargs: dict) -> dict:
             raise ValueError("give group_size or group_ids, not both")
         if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs < 1):
             raise ValueError(f"group_size must be a positive int, got {gs!r}")
-    del name
     return opts
 
 
