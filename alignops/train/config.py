@@ -16,6 +16,8 @@ class TrainConfig:
     task: str = "add"                      # built-in task name or a path to a prompts+answers .jsonl
     model: str | None = None               # local HF checkpoint dir; None: a tiny random-init model
     arch: str = "llama"                    # tiny model style: llama | qwen2
+    hidden_size: int = 128                 # tiny model width
+    num_layers: int = 3                    # tiny model depth
     init_from: str | None = "runs/base"    # SFT base checkpoint to start from ("none": random init)
     output_dir: str | None = None          # default runs/<method>
     seed: int = 0

@@ -27,7 +27,8 @@ from alignops.train.tokenizer import CharTokenizer
 def setup(cfg: TrainConfig):
     task = make_task(cfg.task)
     tok = CharTokenizer(task.alphabet)
-    policy = build_policy(tok.vocab_size, cfg.model, cfg.arch, seed=cfg.seed).to(cfg.device)
+    policy = build_policy(tok.vocab_size, cfg.model, cfg.arch, seed=cfg.seed, hidden=cfg.hidden_size,
+                          layers=cfg.num_layers, heads=max(1, cfg.hidden_size // 32)).to(cfg.device)
     return task, tok, policy
 
 

@@ -1,0 +1,57 @@
+"""python -m alignops.train --method grpo [options]      train one method from the SFT base
+   python -m alignops.train sft [--seconds 60]           build the shared SFT base (runs/base)
+   python -m alignops.train --list                       list the methods
+
+Every method is a preset of the options below; any option overrides the preset. Option names
+follow TRL; verl and OpenRLHF names are accepted as aliases (e.g. --clip_ratio_high = --epsilon_high).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from alignops.train.config import TrainConfig, add_config_arguments
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sft = bool(argv) and argv[0] == "sft"
+    if sft:
+        argv = argv[1:]
+    p = argparse.ArgumentParser(prog="python -m alignops.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="grpo", help="the method preset (default: grpo; --list shows all)")
+    p.add_argument("--list", action="store_true", help="list the method presets and exit")
+    p.add_argument("--seconds", type=float, default=60.0, help="sft: time budget (default 60)")
+    p.add_argument("--sft_steps", type=int, default=5000, help="sft: step cap (default 5000)")
+    add_config_arguments(p)
+    args = vars(p.parse_args(argv))
+    from alignops.train.presets import PRESETS, make_config  # noqa: PLC0415
+
+    if args.pop("list"):
+        for name, preset in sorted(PRESETS.items()):
+            print(f"{name:>22}  {preset.description}")
+        return 0
+    method, seconds, sft_steps = args.pop("method"), args.pop("seconds"), args.pop("sft_steps")
+    if sft:
+        from alignops.train.trainer import sft_warmup  # noqa: PLC0415
+        from alignops.train.config import apply_overrides  # noqa: PLC0415
+        cfg = apply_overrides(TrainConfig(), args)
+        info = sft_warmup(cfg, steps=sft_steps, time_budget_s=seconds,
+                          out_dir=cfg.init_from if cfg.init_from not in (None, "none") else "runs/base")
+        print(json.dumps(info))
+        return 0
+    cfg = make_config(method, args)
+    from alignops.train.trainer import train  # noqa: PLC0415
+    result = train(cfg)
+    log = result.pop("log")
+    print(json.dumps(result))
+    print(f"held-out accuracy {100 * result['accuracy_before']:.1f}% -> {100 * result['accuracy_after']:.1f}% "
+          f"in {result['steps']} steps, {result['seconds']} s; curves: {cfg.resolved_output_dir()}/curves.png")
+    return 0 if log else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
