@@ -5,7 +5,7 @@ kernels are loaded on first use.
 """
 
 from alignops._backend import BACKENDS, BackendUnavailableError, available_backends
-from alignops.token_logprobs import token_logprobs
+from alignops.token_stats import token_logprobs
 from alignops import advantages
 from alignops.advantages import *  # noqa: F403 - the estimators listed in advantages.__all__
 from alignops.policy_loss import PolicyLossOutput, fused_policy_loss, policy_loss

@@ -131,6 +131,7 @@ def available_backends(device: torch.device | str) -> list[str]:
 _warned_fallback = False
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend an op runs with: the named one (or ALIGNOPS_BACKEND), else the automatic choice."""
     global _warned_fallback

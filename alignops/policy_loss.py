@@ -16,7 +16,7 @@ A method is a per-token loss plus its defaults for the shared knobs (clip_low, c
 and its own options; presets (dapo, dr_grpo, ...) are registry entries that reuse a loss with
 other defaults.
 
-fused_policy_loss runs the logits pass of alignops.token_logprobs (one read of the logits
+fused_policy_loss runs the logits pass of alignops.token_stats (one read of the logits
 forward; one read and one write backward, for every method, since the per-token math only changes
 the coefficients a = dL/dlogp and b = dL/dH that the backward consumes). Options:
     inplace_grad=True      the gradient is written into the logits buffer (the logits are destroyed).
@@ -37,7 +37,7 @@ from torch import Tensor
 from alignops import _backend
 from alignops.reference import policy_loss as ref
 from alignops.reference.policy_loss import AGG_MODES, KL_ESTIMATORS, bapo_search
-from alignops.token_logprobs import (
+from alignops.token_stats import (
     as_rows, check_label_range, check_logits_labels, check_temperature, token_logprobs)
 
 __all__ = ["policy_loss", "fused_policy_loss", "PolicyLossOutput", "register_method", "METHODS",

@@ -1,6 +1,6 @@
 """Sequence log-probs and supervised / SFT-hybrid losses on top of the fused logits pass.
 
-Everything here that reads logits goes through `alignops.token_logprobs` (custom op
+Everything here that reads logits goes through `alignops.token_stats` (custom op
 alignops::token_stats): one read of the logits forward, one read and one write backward, on every
 backend. The per-token weights of DFT, CHORD-phi and iw-SFT are detached functions of the token's
 own log-prob (p = exp(logp), never a softmax) or per-sequence constants, so they only change the
@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from alignops.token_logprobs import check_logits_labels, token_logprobs
+from alignops.token_stats import check_logits_labels, token_logprobs
 
 SFT_WEIGHTINGS = ("none", "dft", "chord_phi", "iw")
 SEQUENCE_REDUCTIONS = ("sum", "mean")
@@ -175,7 +175,7 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = N
         mask: same shape as labels, bool or 0/1; None = every label != ignore_index counts.
         reduction: "sum" or "mean" over the valid positions of each row.
         cu_seqlens: `[B+1]` int row boundaries of the packed layout.
-        temperature, ignore_index, backend: as in `alignops.token_logprobs`.
+        temperature, ignore_index, backend: as in `alignops.token_stats`.
         return_lengths: also return `L_i`, the number of valid positions per row (int64).
 
     Returns:
@@ -374,7 +374,7 @@ def chord_loss(logp: Tensor, old_logp: Optional[Tensor], advantages: Tensor, mas
 
     One batch holds both kinds of rows, flagged per row by `expert_mask` ([B] bool). `logp` are
     the current token log-probs ([B, T], or packed [N] with cu_seqlens), typically from
-    `alignops.token_logprobs(logits, labels)`: the whole loss then costs one fused pass over the
+    `alignops.token_stats(logits, labels)`: the whole loss then costs one fused pass over the
     logits each way. The GRPO part (`alignops.policy_loss(..., method="grpo")` on the rollout
     rows, with `clip_low`, `clip_high`, `agg` and any further policy_loss keyword) is divided by
     `rl_normalizer`, the SFT part (`weighted_nll` on the expert rows, `sft_weighting` "none" for

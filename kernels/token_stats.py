@@ -1,5 +1,5 @@
 """Triton kernels of the logits pass: per-token log-prob, log-sum-exp and entropy, and the fused
-backward. The launchers follow the kernel contract in alignops/token_logprobs.py exactly.
+backward. The launchers follow the kernel contract in alignops/token_stats.py exactly.
 
 Layout: one program per row of the [B, T, V] logits view (row n = b*T + t, found through the
 view's own strides), looping over the vocabulary in tiles of BLOCK_V. The grid is 1-D and capped;
@@ -173,7 +173,7 @@ def _token_stats_bwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# launchers (signatures: the kernel contract in alignops/token_logprobs.py)
+# launchers (signatures: the kernel contract in alignops/token_stats.py)
 
 
 def _check_logits(logits: torch.Tensor, name: str = "logits") -> None:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import alignops as ao
 from alignops import _backend
 from alignops.reference.token_stats import token_stats as ref_token_stats
-from alignops.token_logprobs import token_stats_op
+from alignops.token_stats import token_stats_op
 from tests.conftest import HAS_CUDA, device_backend_pairs
 
 PAIRS = device_backend_pairs()
@@ -391,3 +391,16 @@ def test_import_is_lazy():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.mark.skipif("cpu" not in _backend.available_backends("cpu"), reason="alignops._C not built")
+def test_torch_compile_as_first_call_in_a_fresh_process():
+    """Backend resolution (which loads alignops._C) must not break tracing when the very first
+    call of the process is inside torch.compile(fullgraph=True)."""
+    code = ("import torch, alignops as ao\n"
+            "x = torch.randn(4, 33, requires_grad=True); y = torch.randint(0, 33, (4,))\n"
+            "f = torch.compile(lambda x, y: ao.token_logprobs(x, y).sum(), fullgraph=True, backend='aot_eager')\n"
+            "f(x, y).backward(); print('ok', x.grad.abs().sum().item() > 0)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "ok True" in out.stdout, out.stderr[-2000:]

@@ -5,7 +5,7 @@
 
 namespace alignops::cpu {
 
-// Contract: alignops/token_logprobs.py.
+// Contract: alignops/token_stats.py.
 void token_stats_fwd(const at::Tensor& logits, const at::Tensor& labels, double inv_temperature,
                      int64_t ignore_index, bool compute_entropy, const at::Tensor& logp,
                      const at::Tensor& lse, const at::Tensor& entropy);

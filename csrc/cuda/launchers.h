@@ -13,7 +13,7 @@ enum AlignopsDtype { ALIGNOPS_F32 = 0, ALIGNOPS_F16 = 1, ALIGNOPS_BF16 = 2 };
 
 const char* alignops_cuda_error_string(int err);
 
-// Contract: alignops/token_logprobs.py. logits are [B, T, V] with strides (stride_b, stride_t, 1);
+// Contract: alignops/token_stats.py. logits are [B, T, V] with strides (stride_b, stride_t, 1);
 // labels, logp, lse, entropy are contiguous [B*T].
 int alignops_token_stats_fwd_cuda(const void* logits, int dtype, int64_t B, int64_t T, int64_t V,
                                   int64_t stride_b, int64_t stride_t, const int64_t* labels,
