@@ -443,7 +443,7 @@ def _mask(mask, shape, device) -> Tensor:
     if mask.dtype.is_floating_point and mask.device.type == "cpu" and not torch.compiler.is_compiling():
         if bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError("mask must hold only 0 and 1")
-    return mask != 0
+    return mask if mask.dtype == torch.bool else mask != 0
 
 
 class _Tokens(NamedTuple):

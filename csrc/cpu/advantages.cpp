@@ -17,6 +17,9 @@ namespace alignops::cpu {
 namespace {
 
 constexpr int64_t kMomentChunk = 1 << 12;
+// Elements of work per parallel task. Below this a second thread costs more than it saves (and on
+// a loaded machine a descheduled OpenMP thread stalls the whole call).
+constexpr int64_t kGrainElements = 1 << 16;
 
 template <typename scalar_t>
 void group_advantages_impl(const at::Tensor& rewards, const at::Tensor& order, const at::Tensor& offsets,
@@ -30,8 +33,8 @@ void group_advantages_impl(const at::Tensor& rewards, const at::Tensor& order, c
   scalar_t* mean_out = mean.data_ptr<scalar_t>();
   scalar_t* sd_out = std_out.data_ptr<scalar_t>();
   const int64_t num_groups = offsets.numel() - 1;
-  // A group costs a few flops per row; many groups per task keeps the scheduling overhead small.
-  at::parallel_for(0, num_groups, 256, [&](int64_t g0, int64_t g1) {
+  const int64_t rows_per_group = std::max<int64_t>(1, rewards.numel() / std::max<int64_t>(num_groups, 1));
+  at::parallel_for(0, num_groups, std::max<int64_t>(1, kGrainElements / rows_per_group), [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t s = off[g], e = off[g + 1];
       double sum = 0.0, n = 0.0;
@@ -90,7 +93,7 @@ void masked_moments_impl(const at::Tensor& x, const at::Tensor& mask, const at::
   const int64_t n = x.numel();
   const int64_t chunks = (n + kMomentChunk - 1) / kMomentChunk;
   std::vector<double> part(3 * std::max<int64_t>(chunks, 1), 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, chunks, kGrainElements / kMomentChunk, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t b = c * kMomentChunk, e = std::min(n, b + kMomentChunk);
       double s = 0.0, k = 0.0;
@@ -136,10 +139,11 @@ void whiten_apply_impl(const at::Tensor& x, const at::Tensor& mask, const at::Te
   const double mu = stats.data_ptr<double>()[0];
   const double inv = stats.data_ptr<double>()[1];
   const double back = shift_back ? mu : 0.0;
-  at::parallel_for(0, x.numel(), kMomentChunk, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, x.numel(), kGrainElements, [&](int64_t i0, int64_t i1) {
+    // Branch-free select so the loop vectorises; NaN in masked-out x is computed and discarded.
     for (int64_t i = i0; i < i1; ++i) {
-      po[i] = pm[i] ? static_cast<scalar_t>((static_cast<double>(px[i]) - mu) * inv + back)
-                    : static_cast<scalar_t>(0);
+      const double y = (static_cast<double>(px[i]) - mu) * inv + back;
+      po[i] = pm[i] ? static_cast<scalar_t>(y) : static_cast<scalar_t>(0);
     }
   });
 }
@@ -157,7 +161,8 @@ void gae_scan_impl(const at::Tensor& rewards, const at::Tensor& values, const at
   scalar_t* pa = adv.data_ptr<scalar_t>();
   scalar_t* pt = ret.data_ptr<scalar_t>();
   const int64_t rows = cu_seqlens.numel() - 1;
-  at::parallel_for(0, rows, 4, [&](int64_t b0, int64_t b1) {
+  const int64_t row_len = std::max<int64_t>(1, rewards.numel() / std::max<int64_t>(rows, 1));
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / row_len), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const double gl_a = gamma * static_cast<double>(la[b]);
       const double gl_c = gamma * static_cast<double>(lc[b]);
