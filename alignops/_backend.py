@@ -53,7 +53,9 @@ def load_c():
     except ImportError as e:
         _c_error = f"alignops._C could not be loaded ({e}); {rebuild}"
         return None
-    abi = getattr(_C, "abi_version", lambda: -1)()
+    # Plain attributes, not pybind calls: this runs inside torch.compile tracing when the first
+    # call of a process is compiled, and dynamo can read an int but not call into pybind.
+    abi = getattr(_C, "ABI_VERSION", -1)
     if abi != C_ABI_VERSION:
         _c_error = (f"alignops._C is stale (built for op ABI {abi}, this source needs "
                     f"{C_ABI_VERSION}); {rebuild}")
@@ -78,7 +80,7 @@ def build_info() -> dict:
 
 def c_has_cuda() -> bool:
     c = load_c()
-    return bool(c is not None and c.with_cuda())
+    return bool(c is not None and c.WITH_CUDA)
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,7 +133,6 @@ def available_backends(device: torch.device | str) -> list[str]:
 _warned_fallback = False
 
 
-@torch.compiler.assume_constant_result
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend an op runs with: the named one (or ALIGNOPS_BACKEND), else the automatic choice."""
     global _warned_fallback

@@ -182,12 +182,10 @@ TORCH_LIBRARY(alignops_C, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("abi_version", [] { return ALIGNOPS_C_ABI; });
-  m.def("with_cuda", [] {
+  m.attr("ABI_VERSION") = ALIGNOPS_C_ABI;
 #ifdef ALIGNOPS_WITH_CUDA
-    return true;
+  m.attr("WITH_CUDA") = true;
 #else
-    return false;
+  m.attr("WITH_CUDA") = false;
 #endif
-  });
 }

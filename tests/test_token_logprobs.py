@@ -370,7 +370,7 @@ def test_stale_extension_gives_clear_message(monkeypatch):
     import alignops._C as C
     monkeypatch.setattr(_backend, "_c_tried", False)
     monkeypatch.setattr(_backend, "_c_module", None)
-    monkeypatch.setattr(C, "abi_version", lambda: -7, raising=False)
+    monkeypatch.setattr(C, "ABI_VERSION", -7, raising=False)
     assert _backend.load_c() is None
     assert "stale" in _backend.c_error() and "pip install -e ." in _backend.c_error()
     with pytest.raises(ao.BackendUnavailableError, match="stale"):
