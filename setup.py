@@ -16,7 +16,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Bumped whenever the C++ op signatures change, so a stale _C is detected at import.
-C_ABI_VERSION = 1
+C_ABI_VERSION = 2
 
 
 def cpu_isa_flags():

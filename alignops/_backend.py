@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
-C_ABI_VERSION = 1  # must equal C_ABI_VERSION in setup.py
+C_ABI_VERSION = 2  # must equal C_ABI_VERSION in setup.py
 
 
 class BackendUnavailableError(RuntimeError):
