@@ -18,13 +18,12 @@ whiten: alignops     ao.masked_whiten (fused moments + apply)
 
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
 
 import torch
 
 import alignops as ao
-from bench.harness import Case, run_cases
+from bench.harness import Case, bench_main
 
 
 def verl_grpo_loop(scores, index, eps=1e-6):
@@ -72,7 +71,8 @@ def verl_masked_whiten(x, mask, eps=1e-8):
     return (x - mean) * torch.rsqrt(var + eps)
 
 
-def cases_for(device, backend, quick=False):
+def cases_for(device, backend=None, quick=False):
+    backend = backend or ("triton" if device == "cuda" else "cpu")
     B, G = (512, 8) if quick else (4096, 8)
     rows, T = (64, 256) if quick else (512, 1024)
 
@@ -109,13 +109,7 @@ def cases_for(device, backend, quick=False):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
-    p.add_argument("--reps", type=int, default=20)
-    args, _ = p.parse_known_args(argv)
-    backend = "triton" if args.device == "cuda" else "cpu"
-    return run_cases("advantages", cases_for(args.device, backend, args.quick), reps=args.reps)
+    return bench_main("advantages", __doc__, cases_for, argv, reps=20)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,11 @@ alignops = ao.sft_loss(..., weighting="dft") / ao.sequence_logprobs(...): one fu
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 import alignops as ao
-from bench.harness import Case, copy_bandwidth_gbs, run_cases
+from bench.harness import Case, bench_main
 
 
 def eager_token_logprobs(logits, labels, mask):
@@ -71,15 +70,7 @@ def cases_for(device: str, quick: bool = False, backend=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default=None, help="alignops backend (default: automatic)")
-    p.add_argument("--quick", action="store_true", help="one small shape (smoke run)")
-    p.add_argument("--reps", type=int, default=5)
-    args = p.parse_args(argv)
-    if args.device == "cuda":
-        print(f"measured copy bandwidth: {copy_bandwidth_gbs(torch.device('cuda')):.0f} GB/s")
-    return run_cases("sft", cases_for(args.device, args.quick, args.backend), reps=args.reps)
+    return bench_main("sft", __doc__, cases_for, argv, reps=5)
 
 
 if __name__ == "__main__":

@@ -252,3 +252,23 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30, reps: int = 
         _sync(device)
         times.append(time.perf_counter() - t0)
     return 2 * src.numel() / statistics.median(times) / 1e9
+
+
+def bench_main(op: str, doc: str | None, cases_for, argv=None, reps: int = 5) -> list[dict]:
+    """The command line every bench_<op>.py shares: --device, --backend, --quick, --reps.
+    `cases_for(device=, quick=, backend=)` returns the cases (backend only if it takes one)."""
+    import argparse  # noqa: PLC0415
+    import inspect  # noqa: PLC0415
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", default=None, help="alignops backend (default: automatic)")
+    p.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
+    p.add_argument("--reps", type=int, default=reps)
+    args = p.parse_args(argv)
+    if args.device == "cuda":
+        print(f"measured copy bandwidth: {copy_bandwidth_gbs(torch.device('cuda')):.0f} GB/s")
+    kwargs = {"device": args.device, "quick": args.quick}
+    if "backend" in inspect.signature(cases_for).parameters:
+        kwargs["backend"] = args.backend
+    return run_cases(op, cases_for(**kwargs), reps=args.reps)
