@@ -45,8 +45,8 @@ class Preset:
         if self.group_method and cfg.num_generations < 2:
             raise ValueError(f"method {self.name!r} compares samples within a group: "
                              f"num_generations must be >= 2, got {cfg.num_generations}")
-        if cfg.beta < 0 or cfg.entropy_coeff < 0 and False:
-            raise ValueError("beta must be >= 0")
+        if cfg.beta < 0 or cfg.entropy_coeff < 0:
+            raise ValueError(f"beta and entropy_coeff must be >= 0, got {cfg.beta} and {cfg.entropy_coeff}")
         if cfg.num_prompts * cfg.num_generations % (cfg.num_mini_batches * cfg.gradient_accumulation_steps):
             raise ValueError("num_prompts * num_generations must divide into num_mini_batches x "
                              "gradient_accumulation_steps micro-batches")
