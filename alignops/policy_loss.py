@@ -515,6 +515,144 @@ class _PrecomputedGrad(torch.autograd.Function):
         return None, grad_logits.mul_(grad_output.to(grad_logits.dtype)), None
 
 
+# One-launch policy loss (issue 3): the per-token math of token-local methods runs inside the logits
+# pass (csrc/common/policy_math.h, kernels/policy_loss.py), which writes the gradient row at once.
+# Kernel contract, cpu and triton:
+#   policy_loss_fused(logits, labels, old_logp, adv, ref_logp, is_weight, agg_norm, row_len, mask, method,
+#                     kl_estimator,
+#                     knobs, flags, inv_temperature, ignore_index, compute_entropy,
+#                     logp, entropy, loss_terms, pg_terms, grad_logits)
+#   per-token inputs [B*T] contiguous in the stats dtype, zeroed where mask is False; mask bool;
+#   agg_norm = the normaliser per token, row_len = the row's length (seq-mean-token-mean) or 1: a
+#   term's weight is (coef / agg_norm) / row_len; knobs/flags: policy_math.h.
+#   loss_terms.sum() is the loss, pg_terms.sum() the pg_loss; grad_logits may alias logits.
+
+_EPILOGUE_CODES = {"ppo": 0, "grpo": 0, "dapo": 0, "dr_grpo": 0, "ecpo": 0, "gppo": 1, "gppo_klear": 1,
+                   "cispo": 2, "cispo_scalerl": 2, "reinforce": 3, "gpg": 3}
+_EPILOGUE_KL_CODES = {"k1": 1, "k2": 2, "k3": 3, "low_var_kl": 4}  # KlEstimatorCode in policy_math.h
+# The registry entries the codes describe; a re-registered name falls back to the two-pass path.
+_EPILOGUE_METHODS = {name: METHODS[name] for name in _EPILOGUE_CODES}
+_POLICY_SHARED_KEYS = ("clip_low", "clip_high", "clip_ratio_c", "ref_logp", "kl_coef", "kl_estimator",
+                       "entropy_coef", "agg", "normalizer", "max_len", "rollout_is_weights", "ratio_log_clamp",
+                       "cu_seqlens")
+
+
+def _epilogue_eligible(method, kwargs, backend, compute_entropy, labels) -> bool:
+    if backend not in ("cpu", "triton") or not isinstance(method, str):
+        return False
+    if _EPILOGUE_METHODS.get(method) is None or METHODS.get(method) is not _EPILOGUE_METHODS[method]:
+        return False
+    if method == "ecpo" and kwargs.get("ratio_level", "token") != "token":
+        return False  # the sequence-level log-ratio is a row mean
+    if method == "gpg" and kwargs.get("gpg_alpha") is None:
+        return False  # alpha is a statistic of the batch's groups
+    entropy_coef = kwargs.get("entropy_coef", 0.0)
+    if not compute_entropy and not (_is_number(entropy_coef) and entropy_coef == 0):
+        return False  # the two-pass path raises the right error
+    if labels.dim() != (1 if kwargs.get("cu_seqlens") is not None else 2):
+        return False  # likewise
+    try:
+        _backend.kernel("policy_loss_fused", backend)
+    except Exception:  # noqa: BLE001 - a stale alignops._C without the op: the two-pass path still works
+        return False
+    return True
+
+
+def _epilogue_policy_loss(logits, logits3, labels, flat_labels, old_logp, advantages, mask, method, temperature,
+                          ignore_index, compute_entropy, backend, inplace_grad, kwargs) -> PolicyLossOutput:
+    m = METHODS[method]
+    shared = {k: kwargs[k] for k in _POLICY_SHARED_KEYS if k in kwargs}
+    opts = _resolve_options(m, {k: v for k, v in kwargs.items() if k not in _POLICY_SHARED_KEYS})
+    clip_low = shared.get("clip_low")
+    clip_high = shared.get("clip_high")
+    clip_ratio_c = shared.get("clip_ratio_c")
+    clip_low = _check_float("clip_low", m.defaults["clip_low"] if clip_low is None else clip_low, lo=0.0, hi=1.0)
+    clip_high = clip_low if (clip_high is None and m.defaults["clip_high"] is None) else (
+        m.defaults["clip_high"] if clip_high is None else clip_high)
+    clip_high = _check_float("clip_high", clip_high, lo=0.0)
+    clip_ratio_c = m.defaults["clip_ratio_c"] if clip_ratio_c is None else clip_ratio_c
+    clip_ratio_c = _check_float("clip_ratio_c", clip_ratio_c, lo=1.0, allow_none=True)
+    ratio_log_clamp = _check_float("ratio_log_clamp", shared.get("ratio_log_clamp", 20.0), lo=0.0, allow_none=True)
+    kl_coef = _check_float("kl_coef", shared.get("kl_coef", 0.0), lo=0.0, lo_open=False)
+    entropy_coef = _check_float("entropy_coef", shared.get("entropy_coef", 0.0))
+    kl_estimator = shared.get("kl_estimator", "k3")
+    agg = shared.get("agg") or m.defaults["agg"]
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    ref_logp = shared.get("ref_logp")
+    if kl_coef > 0 and ref_logp is None:
+        raise ValueError("kl_coef > 0 needs ref_logp (the reference policy's log-probs)")
+    normalizer, max_len = shared.get("normalizer"), shared.get("max_len")
+    if agg == "seq-mean-token-sum-norm" and normalizer is None:
+        if max_len is None:
+            raise ValueError("agg='seq-mean-token-sum-norm' needs max_len (the constant C, e.g. the maximum "
+                             "response length) or an explicit normalizer")
+        max_len = _check_float("max_len", max_len, lo=0.0)
+    cu_seqlens = shared.get("cu_seqlens")
+    if cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, labels)
+    mask = _check_mask(mask, labels)
+    rollout_is_weights = shared.get("rollout_is_weights")
+    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("rollout_is_weights", rollout_is_weights)):
+        _check_token_tensor(name, x, labels)
+    rows = ref.Rows(labels.shape, labels.device, cu_seqlens)
+    advantages = _check_advantages(advantages, labels, rows)
+
+    dtype = ref.compute_dtype(logits.dtype)
+    if normalizer is None:
+        norm = ref.default_normalizer(agg, mask, rows, max_len, dtype)
+    elif isinstance(normalizer, Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"normalizer must be a scalar, got shape {tuple(normalizer.shape)}")
+        norm = normalizer.reshape(()).to(device=labels.device, dtype=dtype)
+    else:
+        norm = torch.as_tensor(_check_float("normalizer", normalizer, lo=0.0, lo_open=False), dtype=dtype,
+                               device=labels.device)
+    # The kernel forms each term's weight as (coef / normaliser) / row length, the order autograd
+    # takes through ref.aggregate, so a and b match the two-pass path's.
+    agg_norm = norm.expand(labels.shape).reshape(-1).contiguous()
+    if agg == "seq-mean-token-mean":
+        row_len = rows.to_tokens(rows.row_sum(mask.to(dtype)).clamp(min=1)).reshape(-1).contiguous()
+    else:
+        row_len = torch.ones(labels.numel(), dtype=dtype, device=labels.device)
+
+    def flat(x):
+        return ref.sanitize(x.detach(), mask, dtype).reshape(-1).contiguous()
+
+    adv_c = flat(advantages)
+    knobs = [1.0 - clip_low, 1.0 + clip_high, clip_ratio_c or 0.0, ratio_log_clamp or 0.0,
+             math.log1p(clip_high + opts["ecpo_delta"]) if method == "ecpo" else 0.0,
+             opts.get("gppo_beta1", 1.0), opts.get("gppo_beta2", 1.0),
+             opts["gpg_alpha"] if method == "gpg" else 1.0, kl_coef, entropy_coef]
+    kl_on = kl_coef > 0
+    flags = ((1 if old_logp is not None else 0) | (2 if kl_on else 0) | (4 if rollout_is_weights is not None else 0)
+             | (8 if clip_ratio_c is not None else 0) | (16 if ratio_log_clamp is not None else 0)
+             | (32 if method == "ecpo" else 0))
+    n = flat_labels.numel()
+    logp = torch.empty(n, dtype=dtype, device=labels.device)
+    entropy, loss_terms, pg_terms = torch.empty_like(logp), torch.empty_like(logp), torch.empty_like(logp)
+    target = logits3.detach() if inplace_grad else torch.empty_like(logits3)
+    with torch.no_grad():
+        if n:
+            _backend.kernel("policy_loss_fused", backend)(
+                logits3.detach(), flat_labels, flat(old_logp) if old_logp is not None else adv_c, adv_c,
+                flat(ref_logp) if kl_on else adv_c,
+                flat(rollout_is_weights) if rollout_is_weights is not None else adv_c,
+                agg_norm, row_len, mask.reshape(-1).contiguous(), _EPILOGUE_CODES[method],
+                _EPILOGUE_KL_CODES[kl_estimator] if kl_on else 0, knobs, flags, 1.0 / temperature, ignore_index,
+                compute_entropy, logp, entropy, loss_terms, pg_terms, target)
+        # metrics (and every remaining argument check) in torch from the kernel's logp: O(N) work
+        out = policy_loss(logp.view(labels.shape), old_logp, advantages, mask, method=method,
+                          entropy=entropy.view(labels.shape) if compute_entropy else None, **kwargs)
+    grad = target.view(logits.shape) if inplace_grad else target.reshape(logits.shape)
+    # The loss value is torch's reduction over the kernel's logp (bit-identical to the two-pass
+    # path; loss_terms.sum() equals it up to summation order).
+    loss = _PrecomputedGrad.apply(out.loss.detach(), logits, grad)
+    return PolicyLossOutput(loss, out.metrics)
+
+
 def fused_policy_loss(logits: Tensor, labels: Tensor, old_logp: Tensor | None, advantages: Tensor,
                       mask: Tensor | None = None, *, method: str = "grpo", temperature: float = 1.0,
                       ignore_index: int = -100, compute_entropy: bool | None = None,
@@ -573,6 +711,9 @@ def fused_policy_loss(logits: Tensor, labels: Tensor, old_logp: Tensor | None, a
         raise ValueError("inplace_grad=True needs logits with unit stride over the vocabulary")
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    if grad_in_forward and needs_grad and _epilogue_eligible(method, kwargs, backend, compute_entropy, labels):
+        return _epilogue_policy_loss(logits, logits3, labels, flat_labels, old_logp, advantages, mask, method,
+                                     temperature, ignore_index, compute_entropy, backend, inplace_grad, kwargs)
 
     if not grad_in_forward:
         logp, _, entropy = _InplaceTokenStats.apply(logits3, flat_labels, temperature, ignore_index,

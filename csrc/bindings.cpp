@@ -43,6 +43,23 @@ void token_stats_bwd_cpu(const at::Tensor& logits, const at::Tensor& labels, con
                                  inv_temperature, ignore_index, has_entropy_grad, grad_logits);
 }
 
+void policy_loss_fused_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp,
+                           const at::Tensor& adv, const at::Tensor& ref_logp, const at::Tensor& is_weight,
+                           const at::Tensor& agg_norm, const at::Tensor& row_len, const at::Tensor& mask, int64_t method, int64_t kl_estimator,
+                           std::vector<double> knobs, int64_t flags, double inv_temperature,
+                           int64_t ignore_index, bool compute_entropy, const at::Tensor& logp,
+                           const at::Tensor& entropy, const at::Tensor& loss_terms, const at::Tensor& pg_terms,
+                           const at::Tensor& grad_logits) {
+  check_rows(logits, labels);
+  check_rows(grad_logits, labels);
+  for (auto* t : {&old_logp, &adv, &ref_logp, &is_weight, &agg_norm, &row_len, &mask, &logp, &entropy, &loss_terms, &pg_terms})
+    check_stat(*t, labels, "per-token tensors");
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "alignops_C: mask must be bool");
+  alignops::cpu::policy_loss_fused(logits, labels, old_logp, adv, ref_logp, is_weight, agg_norm, row_len, mask, method,
+                                   kl_estimator, knobs, flags, inv_temperature, ignore_index, compute_entropy,
+                                   logp, entropy, loss_terms, pg_terms, grad_logits);
+}
+
 #ifdef ALIGNOPS_WITH_CUDA
 int dtype_code(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -170,6 +187,11 @@ TORCH_LIBRARY(alignops_C, m) {
         "Tensor grad_logp, Tensor grad_entropy, float inv_temperature, int ignore_index, "
         "bool has_entropy_grad, Tensor(a!) grad_logits) -> ()",
         &token_stats_bwd_cpu);
+  m.def("policy_loss_fused_cpu(Tensor logits, Tensor labels, Tensor old_logp, Tensor adv, Tensor ref_logp, "
+        "Tensor is_weight, Tensor agg_norm, Tensor row_len, Tensor mask, int method, int kl_estimator, float[] knobs, int flags, "
+        "float inv_temperature, int ignore_index, bool compute_entropy, Tensor(a!) logp, Tensor(b!) entropy, "
+        "Tensor(c!) loss_terms, Tensor(d!) pg_terms, Tensor(e!) grad_logits) -> ()",
+        &policy_loss_fused_cpu);
 #ifdef ALIGNOPS_WITH_CUDA
   m.def("token_stats_fwd_cuda(Tensor logits, Tensor labels, float inv_temperature, int ignore_index, "
         "bool compute_entropy, Tensor(a!) logp, Tensor(b!) lse, Tensor(c!) entropy, int stream) -> ()",

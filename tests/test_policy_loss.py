@@ -959,6 +959,15 @@ def test_fused_equals_policy_loss_of_token_logprobs(device, backend, dtype, opti
     if backend == "torch" and option != "default":
         # the torch backend's explicit backward formula vs autograd through the eager reference
         torch.testing.assert_close(leaf.grad, e_g, rtol=1e-5, atol=1e-6 * e_g.abs().max().item())
+    elif backend in ("cpu", "triton") and kw["grad_in_forward"]:
+        # the one-launch epilogue forms a = dL/dlogp in autograd's order but with the kernel's own
+        # exp/expm1 (glibc on cpu, numpy in the triton interpreter, the GPU's on a device), which
+        # differ from torch's by an ulp on some tokens
+        scale = e_g.abs().max().item()
+        if dtype == torch.bfloat16:
+            torch.testing.assert_close(leaf.grad.float(), e_g.float(), rtol=2 ** -8, atol=2 ** -8 * scale)
+        else:
+            torch.testing.assert_close(leaf.grad, e_g, rtol=1e-5, atol=1e-6 * scale)
     else:
         # the same kernel consumes the same a = dL/dlogp and b = dL/dH: bit-identical
         assert torch.equal(leaf.grad, e_g)

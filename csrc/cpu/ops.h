@@ -26,4 +26,13 @@ void gae_scan(const at::Tensor& rewards, const at::Tensor& values, const at::Ten
               const at::Tensor& cu_seqlens, double gamma, const at::Tensor& lam_actor,
               const at::Tensor& lam_critic, const at::Tensor& adv, const at::Tensor& ret);
 
+// One-launch policy loss (csrc/cpu/policy_loss.cpp). Contract: alignops/policy_loss.py.
+void policy_loss_fused(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp,
+                       const at::Tensor& adv, const at::Tensor& ref_logp, const at::Tensor& is_weight,
+                       const at::Tensor& agg_norm, const at::Tensor& row_len, const at::Tensor& mask, int64_t method, int64_t kl_estimator,
+                       const std::vector<double>& knobs, int64_t flags, double inv_temperature,
+                       int64_t ignore_index, bool compute_entropy, const at::Tensor& logp,
+                       const at::Tensor& entropy, const at::Tensor& loss_terms, const at::Tensor& pg_terms,
+                       const at::Tensor& grad_logits);
+
 }  // namespace alignops::cpu
