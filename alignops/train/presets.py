@@ -25,10 +25,51 @@ def _gpg_advantages(cfg, rewards, **_):
     return ao.gpg_advantages(rewards, group_size=cfg.num_generations, **cfg.advantage_kwargs)
 
 
+def _reinforce_pp_baseline_advantages(cfg, rewards, batch, **_):
+    out = ao.reinforce_pp_baseline_advantages(rewards, batch.completion_mask, group_size=cfg.num_generations)
+    return out.advantages
+
+
+def _dler_advantages(cfg, rewards, batch, **_):
+    # DLER's truncation penalty: a response that hits the length budget scores 0 (METHODS.md §00.13).
+    rewards = torch.where(batch.truncated, torch.zeros_like(rewards), rewards)
+    return ao.dler_advantages(rewards, group_size=cfg.num_generations, mask=batch.completion_mask,
+                              truncated=batch.truncated)
+
+
+def _seed_grpo_advantages(cfg, rewards, group, texts, **_):
+    """Semantic entropy from clustering each group's final answers (exact string match)."""
+    from alignops.train.tasks import final_answer  # noqa: PLC0415
+
+    ids, table = [], {}
+    for i, t in enumerate(texts):
+        ids.append(table.setdefault((i // cfg.num_generations, final_answer(t)), len(table)))
+    se = ao.semantic_entropy(torch.tensor(ids), group_size=cfg.num_generations)
+    alpha = cfg.advantage_kwargs.get("alpha", 0.5)
+    return ao.seed_grpo_advantages(rewards, se, group_size=cfg.num_generations, alpha=alpha)
+
+
+def _remax_advantages(cfg, rewards, group, policy, tok, task, **_):
+    """Baseline: the reward of the greedy decode of the same prompt (one extra decode per prompt)."""
+    from alignops.train.rollout import generate  # noqa: PLC0415
+
+    G = cfg.num_generations
+    prompts = group[::G]
+    greedy = generate(policy, [tok.encode(p.prompt, bos=True) for p in prompts],
+                      max_new_tokens=cfg.max_completion_length, eos_id=tok.eos_token_id,
+                      pad_id=tok.pad_token_id, temperature=0.0)
+    greedy_r = torch.tensor([task.reward(p, tok.decode(ids)) for p, ids in zip(prompts, greedy.completion_ids)])
+    return ao.remax_advantages(rewards, greedy_r.repeat_interleave(G).to(rewards.device))
+
+
 ADVANTAGES: dict[str, Callable] = {
     "grpo": _grpo_advantages,
     "rloo": _rloo_advantages,
     "gpg": _gpg_advantages,
+    "reinforce_pp_baseline": _reinforce_pp_baseline_advantages,
+    "dler": _dler_advantages,
+    "seed_grpo": _seed_grpo_advantages,
+    "remax": _remax_advantages,
 }
 
 
@@ -76,6 +117,26 @@ class Preset:
         pass
 
 
+@dataclasses.dataclass
+class ReinforcePreset(Preset):
+    """REINFORCE with an exponential-moving-average reward baseline (no groups needed)."""
+
+    ema: float = 0.9
+    baseline: float | None = None
+
+    def prepare(self, cfg, batch, rewards, **ctx):
+        b = float(rewards.mean()) if self.baseline is None else self.baseline
+        adv = rewards - b
+        self.baseline = self.ema * b + (1 - self.ema) * float(rewards.mean())
+        return batch, rewards, adv, {"baseline": b}
+
+    def state(self) -> dict:
+        return {"baseline": self.baseline}
+
+    def load_state(self, state: dict) -> None:
+        self.baseline = state.get("baseline")
+
+
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("grpo", "GRPO (DeepSeekMath): group-normalised advantages, PPO clip, k3 KL loss, "
                    "sequence-mean of token-means",
@@ -107,6 +168,19 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            {"loss_method": "gpg", "advantage": "gpg", "loss_type": "token-mean", "beta": 0.0}),
     Preset("rloo", "RLOO: leave-one-out baseline, token-level PPO clip",
            {"loss_method": "ppo", "advantage": "rloo", "loss_type": "token-mean", "beta": 0.0}),
+    ReinforcePreset("reinforce", "REINFORCE with an EMA reward baseline, -A*logp, seq-mean-token-sum",
+                    {"loss_method": "reinforce", "advantage": "grpo", "loss_type": "seq-mean-token-sum",
+                     "beta": 0.0}, group_method=False),
+    Preset("reinforce_pp_baseline", "REINFORCE++-baseline: group-mean baseline, global token whitening, PPO clip",
+           {"loss_method": "ppo", "advantage": "reinforce_pp_baseline", "loss_type": "token-mean", "beta": 0.0}),
+    Preset("remax", "ReMax: baseline = reward of the greedy decode, PPO clip (verl)",
+           {"loss_method": "ppo", "advantage": "remax", "loss_type": "token-mean", "beta": 0.0}, group_method=False),
+    Preset("dler", "DLER: truncation reward 0, group-centred + batch-normalised advantages, clip-higher 0.28",
+           {"loss_method": "ppo", "advantage": "dler", "epsilon": 0.2, "epsilon_high": 0.28,
+            "loss_type": "token-mean", "beta": 0.0}),
+    Preset("seed_grpo", "SEED-GRPO: Dr.GRPO advantage scaled by 1 - alpha*SE/log G (answers clustered by "
+                        "exact match; alpha 0.5 is ours)",
+           {"loss_method": "grpo", "advantage": "seed_grpo", "loss_type": "token-mean", "beta": 0.0}),
 ]}
 
 

@@ -229,6 +229,7 @@ def train(cfg: TrainConfig) -> dict:
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     log = MetricLog(os.path.join(out_dir, "metrics.jsonl"), cfg.resume)
     start, elapsed = 0, 0.0
+    preset.load_state({})  # presets are shared objects: no state leaks from an earlier run
     if cfg.resume and ckpt.is_checkpoint(out_dir):
         state = ckpt.load_json(os.path.join(out_dir, "state.json"))
         ckpt.load_model_weights(out_dir, policy)
@@ -252,9 +253,8 @@ def train(cfg: TrainConfig) -> dict:
     for step in bar:
         t0 = time.time()
         group, batch, texts, rewards = rollout_step(cfg, preset, task, tok, policy, rng, generator)
-        batch, rewards, adv, extra = preset.prepare(cfg, batch, rewards, group=group, policy=policy,
-                                                    tok=tok, task=task, rollout=lambda: rollout_step(
-                                                        cfg, preset, task, tok, policy, rng, generator))
+        batch, rewards, adv, extra = preset.prepare(cfg, batch, rewards, group=group, texts=texts,
+                                                    policy=policy, tok=tok, task=task)
         metrics = policy_update(cfg, preset, policy, ref, opt, batch, adv)
         elapsed += time.time() - t0
         G = cfg.num_generations
