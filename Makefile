@@ -10,7 +10,7 @@ NVCC   ?= $(shell command -v nvcc)
 CUDA_ARCHS ?= 80 90
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: all demo test test-fast cuda-check bench build env clean
+.PHONY: all demo test test-fast cuda-check bench learning build env clean
 
 all: test
 
@@ -52,6 +52,10 @@ demo: build
 
 bench: build
 	$(PY) -m bench.run
+
+# Every method from the same SFT base, same budget and seed -> bench/results/learning.{md,png}
+learning: build
+	$(PY) -m bench.learning
 
 clean:
 	rm -rf build *.egg-info alignops/_C*.so alignops/_build_info.json $(VENV)
