@@ -60,7 +60,7 @@ def load_c():
         _c_error = (f"alignops._C is stale (built for op ABI {abi}, this source needs "
                     f"{C_ABI_VERSION}); {rebuild}")
         return None
-    _c_module = _C
+    _c_module, _c_error = _C, None
     return _C
 
 

@@ -379,7 +379,8 @@ def test_stale_extension_gives_clear_message(monkeypatch):
     ao.token_logprobs(torch.randn(2, 3), torch.tensor([0, 1]), backend="torch")
     monkeypatch.undo()
     _backend._c_tried = False
-    assert _backend.load_c() is not None
+    assert _backend.load_c() is not None and _backend.c_error() is None
+    assert _backend.resolve_backend(None, torch.device("cpu")) == "cpu"  # later tests see a healthy _C
 
 
 def test_import_is_lazy():

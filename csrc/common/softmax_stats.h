@@ -26,13 +26,15 @@ ALIGNOPS_HD SoftmaxStats<acc_t> stats_empty() {
   return {-INFINITY, acc_t(0), acc_t(0)};
 }
 
-// Combines the statistics of two disjoint parts of a row.
+// Combines the statistics of two disjoint parts of a row. `scale` converts differences of m to
+// z units when m is kept in raw-logit units (the CPU kernels: z = x * scale); 1 when m is z.
 template <typename acc_t>
-ALIGNOPS_HD SoftmaxStats<acc_t> stats_merge(SoftmaxStats<acc_t> a, SoftmaxStats<acc_t> b) {
+ALIGNOPS_HD SoftmaxStats<acc_t> stats_merge(SoftmaxStats<acc_t> a, SoftmaxStats<acc_t> b,
+                                            acc_t scale = acc_t(1)) {
   if (b.m == -INFINITY) return a;  // also covers parts made only of -inf logits
   if (a.m == -INFINITY) return b;
   const acc_t m = a.m > b.m ? a.m : b.m;
-  const acc_t da = a.m - m, db = b.m - m;  // <= 0
+  const acc_t da = (a.m - m) * scale, db = (b.m - m) * scale;  // <= 0
   const acc_t ea = exp(da), eb = exp(db);
   return {m, a.s * ea + b.s * eb, ea * (a.t + da * a.s) + eb * (b.t + db * b.s)};
 }
