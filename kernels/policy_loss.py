@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .token_stats import (_MAX_PROGRAMS, _check_inv_temperature, _check_logits, _check_rows, _device_guard,
+from .token_stats import (row_softmax_stats, _MAX_PROGRAMS, _check_inv_temperature, _check_logits, _check_rows, _device_guard,
                           _interpreted, _launch_config, _round_to_bf16)
 
 # Method and KL codes: the enums of csrc/common/policy_math.h.
@@ -158,23 +158,7 @@ def _policy_loss_fused_kernel(
         # The row's readable length: 0 skips every load of an ignored row (a scalar predicate
         # and-ed into a block mask is not accepted by the interpreter).
         read_len = tl.where(readable, V, 0)
-        m = float("-inf")
-        s = 0.0
-        t = 0.0
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + cols_in_tile
-            x = tl.load(row_ptr + cols, mask=cols < read_len, other=float("-inf")).to(tl.float32)
-            new_m = tl.maximum(m, tl.max(x, 0))
-            ref = tl.where(new_m == float("-inf"), 0.0, new_m)
-            d = (x - ref) * INV_TEMP
-            e = tl.exp(d)
-            d_old = (m - ref) * INV_TEMP
-            scale_old = tl.exp(d_old)
-            if NEED_ENTROPY:
-                t_tile = tl.sum(e * tl.where(e > 0.0, d, 0.0), 0)
-                t = scale_old * (t + tl.where(scale_old > 0.0, d_old, 0.0) * s) + t_tile
-            s = s * scale_old + tl.sum(e, 0)
-            m = new_m
+        m, s, t = row_softmax_stats(row_ptr, read_len, V, INV_TEMP, NEED_ENTROPY, BLOCK_V)
         # s = 0 only for an ignored row (a row of -inf logits has its own s = 0 and NaN stats, as
         # in token_stats); 1 keeps the ignored row's discarded values free of log(0) warnings.
         s = tl.where(readable, s, 1.0)

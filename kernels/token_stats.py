@@ -48,6 +48,37 @@ def _launch_config(V: int) -> tuple[int, int]:
 
 
 @triton.jit
+def row_softmax_stats(row_ptr, read_len, V, INV_TEMP: tl.constexpr, NEED_T: tl.constexpr,
+                      BLOCK_V: tl.constexpr):
+    """Softmax statistics of one row, tile by tile: m is the running max in raw (un-tempered)
+    units, s = sum exp((x - m)/T) and t = sum exp((x - m)/T) * (x - m)/T relative to it.
+    Elements at or past read_len are not loaded (read_len = 0 reads nothing)."""
+    cols_in_tile = tl.arange(0, BLOCK_V)
+    m = float("-inf")
+    s = 0.0
+    t = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + cols_in_tile
+        x = tl.load(row_ptr + cols, mask=cols < read_len, other=float("-inf")).to(tl.float32)
+        new_m = tl.maximum(m, tl.max(x, 0))
+        # A row (so far) made only of -inf has no finite max: measure from 0 instead so that
+        # -inf - (-inf) never appears; every term is then exp(-inf) = 0.
+        ref = tl.where(new_m == float("-inf"), 0.0, new_m)
+        d = (x - ref) * INV_TEMP
+        e = tl.exp(d)
+        d_old = (m - ref) * INV_TEMP
+        scale_old = tl.exp(d_old)
+        if NEED_T:
+            # e == 0 exactly where d == -inf (masked tail, -inf logits), and likewise scale_old == 0
+            # where m == -inf (s = t = 0): zero the -inf before it meets a 0, since 0 * -inf is NaN.
+            t_tile = tl.sum(e * tl.where(e > 0.0, d, 0.0), 0)
+            t = scale_old * (t + tl.where(scale_old > 0.0, d_old, 0.0) * s) + t_tile
+        s = s * scale_old + tl.sum(e, 0)
+        m = new_m
+    return m, s, t
+
+
+@triton.jit
 def _token_stats_fwd_kernel(
     logits_ptr, labels_ptr, logp_ptr, lse_ptr, entropy_ptr,
     N, T, V, stride_b, stride_t, ignore_index,
@@ -66,29 +97,7 @@ def _token_stats_fwd_kernel(
             tl.store(entropy_ptr + row, 0.0)
         else:
             row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
-            # m is the running max in raw (un-tempered) units; s and t are relative to it.
-            m = float("-inf")
-            s = 0.0
-            t = 0.0
-            for v0 in range(0, V, BLOCK_V):
-                cols = v0 + cols_in_tile
-                x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-                new_m = tl.maximum(m, tl.max(x, 0))
-                # A row (so far) made only of -inf has no finite max: measure from 0 instead so
-                # that -inf - (-inf) never appears; every term is then exp(-inf) = 0.
-                ref = tl.where(new_m == float("-inf"), 0.0, new_m)
-                d = (x - ref) * INV_TEMP
-                e = tl.exp(d)
-                d_old = (m - ref) * INV_TEMP
-                scale_old = tl.exp(d_old)
-                if COMPUTE_ENTROPY:
-                    # e == 0 exactly where d == -inf (masked tail, -inf logits), and likewise
-                    # scale_old == 0 where m == -inf (s = t = 0): zero the -inf before it meets
-                    # a 0, since 0 * -inf is NaN.
-                    t_tile = tl.sum(e * tl.where(e > 0.0, d, 0.0), 0)
-                    t = scale_old * (t + tl.where(scale_old > 0.0, d_old, 0.0) * s) + t_tile
-                s = s * scale_old + tl.sum(e, 0)
-                m = new_m
+            m, s, t = row_softmax_stats(row_ptr, V, V, INV_TEMP, COMPUTE_ENTROPY, BLOCK_V)
             log_s = tl.log(s)
             m_z = m * INV_TEMP
             tl.store(lse_ptr + row, m_z + log_s)
