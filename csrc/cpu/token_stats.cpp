@@ -1,5 +1,5 @@
 // CPU kernels of the logits pass: per-token log-prob, log-sum-exp and entropy, and the fused
-// backward. Contract: alignops/token_logprobs.py.
+// backward. Contract: alignops/token_stats.py.
 //
 // Rows run in parallel (at::parallel_for). Each row is processed in blocks of kBlock elements
 // converted once to fp32 in an L1-resident buffer: block max, then exp-sums on the hot buffer,

@@ -1,5 +1,5 @@
 // CUDA kernels of the logits pass: per-token log-prob, log-sum-exp and entropy, and the fused
-// backward. Contract: alignops/token_logprobs.py; C launchers: launchers.h. No torch headers.
+// backward. Contract: alignops/token_stats.py; C launchers: launchers.h. No torch headers.
 //
 // One thread block per row; a 1-D grid of at most kMaxBlocks blocks loops over rows, so no grid
 // dimension grows with the number of tokens. Every offset is int64 (N * V exceeds 2^31 at
