@@ -40,7 +40,7 @@ from alignops.reference.policy_loss import AGG_MODES, KL_ESTIMATORS, bapo_search
 from alignops.token_stats import (
     as_rows, check_label_range, check_logits_labels, check_temperature, token_logprobs)
 
-__all__ = ["policy_loss", "fused_policy_loss", "PolicyLossOutput", "register_method", "METHODS",
+__all__ = ["policy_loss", "fused_policy_loss", "value_loss", "PolicyLossOutput", "register_method", "METHODS",
            "method_names", "bapo_search", "AGG_MODES", "KL_ESTIMATORS"]
 
 
@@ -743,3 +743,67 @@ def fused_policy_loss(logits: Tensor, labels: Tensor, old_logp: Tensor | None, a
     # detached: out.loss's graph was consumed by autograd.grad above and must not be revisited
     loss = _PrecomputedGrad.apply(out.loss.detach(), logits, grad)
     return PolicyLossOutput(loss, out.metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# value_loss (the PPO family's critic)
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor | None = None, *,
+               clip_range: float | None = 0.5, agg: str = "token-mean", normalizer=None,
+               max_len: int | None = None, cu_seqlens: Tensor | None = None) -> PolicyLossOutput:
+    """PPO's clipped value loss (METHODS.md 2.1):
+
+        L_V = 1/2 Agg( max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) )
+
+    `values` `[B, T]` (or packed `[N]`) with autograd; `old_values` (rollout-time values) and
+    `returns` (the GAE targets, computed before whitening) detached, same shape. `clip_range`
+    None disables the clipped branch (plain 1/2 MSE). Aggregation and normaliser as in
+    `policy_loss` (verl aggregates the critic with the actor's mode). Masked positions never
+    reach the arithmetic. Metrics: vf_loss, vf_clipfrac (share of valid tokens where the clipped
+    branch is the larger), vpred_mean, explained_variance."""
+    if not isinstance(values, Tensor) or not values.dtype.is_floating_point:
+        raise TypeError("values must be a floating-point torch.Tensor")
+    if cu_seqlens is None and values.dim() != 2:
+        raise ValueError(f"values must be [B, T] (or packed [N] with cu_seqlens), got shape {tuple(values.shape)}")
+    if cu_seqlens is not None:
+        if values.dim() != 1:
+            raise ValueError(f"with cu_seqlens, values must be packed [N], got shape {tuple(values.shape)}")
+        _check_cu_seqlens(cu_seqlens, values)
+    for name, x in (("old_values", old_values), ("returns", returns)):
+        if x is None:
+            raise ValueError(f"{name} is required")
+        _check_token_tensor(name, x, values)
+    clip_range = _check_float("clip_range", clip_range, lo=0.0, allow_none=True)
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    if agg == "seq-mean-token-sum-norm" and normalizer is None and max_len is None:
+        raise ValueError("agg='seq-mean-token-sum-norm' needs max_len or an explicit normalizer")
+    mask = _check_mask(mask, values)
+    rows = ref.Rows(values.shape, values.device, cu_seqlens)
+    dtype = ref.compute_dtype(values.dtype)
+    v = ref.sanitize(values, mask, dtype)
+    v_old = ref.sanitize(old_values.detach(), mask, dtype)
+    ret = ref.sanitize(returns.detach(), mask, dtype)
+    unclipped = (v - ret).square()
+    if clip_range is None:
+        per_token = unclipped
+        clipped_wins = torch.zeros_like(mask)
+    else:
+        clipped = (v_old + (v - v_old).clamp(-clip_range, clip_range) - ret).square()
+        per_token = torch.maximum(unclipped, clipped)
+        clipped_wins = clipped > unclipped
+    if normalizer is None:
+        norm = ref.default_normalizer(agg, mask, rows, max_len, dtype)
+    elif isinstance(normalizer, Tensor):
+        norm = normalizer.reshape(()).to(device=values.device, dtype=dtype)
+    else:
+        norm = _check_float("normalizer", normalizer, lo=0.0, lo_open=False)
+    loss = 0.5 * ref.aggregate(per_token, mask, rows, agg, norm)
+    with torch.no_grad():
+        ret_var = ref.masked_mean((ret - ref.masked_mean(ret, mask)).square(), mask)
+        res_var = ref.masked_mean((ret - v - ref.masked_mean(ret - v, mask)).square(), mask)
+        explained = torch.where(ret_var > 0, 1 - res_var / ret_var.clamp_min(1e-12), torch.zeros_like(ret_var))
+        metrics = {"vf_loss": loss.detach(), "vf_clipfrac": ref.masked_mean(clipped_wins.to(dtype), mask),
+                   "vpred_mean": ref.masked_mean(v.detach(), mask), "explained_variance": explained}
+    return PolicyLossOutput(loss, ref.finalize_metrics(metrics))

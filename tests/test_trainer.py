@@ -14,7 +14,8 @@ from alignops.train.presets import PRESETS, make_config
 from alignops.train.rollout import generate
 from alignops.train.tasks import AdditionTask, addition_steps, make_task
 from alignops.train.tokenizer import CharTokenizer
-from alignops.train.trainer import policy_update, rollout_step, setup, train
+from alignops.train.rewards import RewardModel
+from alignops.train.trainer import Context, Scorer, collect_rollouts, policy_update, setup, train
 
 MICRO = dict(hidden_size=32, num_layers=1, num_prompts=2, num_generations=4, max_completion_length=3,
              eval_size=8, eval_every=100, init_from="none", progress=False, max_steps=2)
@@ -51,18 +52,19 @@ def _one_update(cfg, seed=0):
     task, tok, policy = setup(cfg)
     from alignops.train.presets import get_preset
     preset = get_preset(cfg.method)
-    group, batch, texts, rewards = rollout_step(cfg, preset, task, tok, policy, rng, gen)
-    rewards = torch.arange(rewards.numel(), dtype=torch.float32) % 3  # signal in every group
-    batch, rewards, adv, _ = preset.prepare(cfg, batch, rewards, group=group)
+    rollout = collect_rollouts(cfg, task, tok, policy, RewardModel("accuracy"), rng, gen)
+    rollout.scores = torch.arange(rollout.scores.numel(), dtype=torch.float32) % 3  # signal in every group
+    scorer = Scorer(cfg, policy, None, None)
+    prep = preset.prepare(cfg, rollout, scorer, Context(policy, tok, task, 0.0, None))
     opt = torch.optim.SGD(policy.parameters(), lr=1.0)
-    policy_update(cfg, preset, policy, None, opt, batch, adv)
+    policy_update(cfg, preset, policy, opt, prep, scorer)
     return policy.state_dict()
 
 
 @pytest.mark.parametrize("method,agg", [("dapo", "token-mean"), ("grpo", "seq-mean-token-mean"),
                                         ("dr_grpo", "seq-mean-token-sum-norm")])
 def test_gradient_accumulation_is_the_same_update(method, agg, tmp_path):
-    cfg = micro(method, tmp_path, beta=0.0, loss_type=agg)
+    cfg = micro(method, tmp_path, beta=0.0, loss_type=agg, dynamic_sampling=False)
     full = _one_update(cfg)
     acc = _one_update(dataclasses.replace(cfg, gradient_accumulation_steps=4))
     for k in full:

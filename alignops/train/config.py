@@ -19,6 +19,7 @@ class TrainConfig:
     hidden_size: int = 128                 # tiny model width
     num_layers: int = 3                    # tiny model depth
     init_from: str | None = "runs/base"    # SFT base checkpoint to start from ("none": random init)
+    ref_model: str | None = "init"         # reference policy: "init" (frozen start policy), a path, or "none"
     output_dir: str | None = None          # default runs/<method>
     seed: int = 0
     backend: str | None = None             # alignops backend (None: automatic)
@@ -30,9 +31,19 @@ class TrainConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_completion_length: int = 6
+    reward_funcs: str = "accuracy"         # comma-separated: accuracy, format, arithmetic_work, module:function
+    reward_weights: str | None = None      # comma-separated weights (default: all 1)
+    dynamic_sampling: bool = False         # DAPO: keep only groups whose rewards differ, refill
+    max_num_gen_batches: int = 10          # dynamic sampling / resampling: generation rounds per step
+    min_valid_group_fraction: float = 0.0  # GPG threshold resampling beta_th (0: off)
+    overlong_buffer_len: int = 0           # DAPO overlong shaping L_cache (0: off)
+    overlong_penalty_factor: float = 1.0
+    mask_truncated_completions: bool = False  # overlong filtering: truncated rows leave the loss
+    truncation_reward: float | None = None    # DLER: reward of a truncated completion (None: as scored)
 
     # optimisation
     learning_rate: float = 5e-4
+    warmup_steps: int = 0                  # linear learning-rate warm-up (Adam's first steps are sign steps)
     weight_decay: float = 0.0
     max_steps: int = 200
     time_budget_s: float | None = None     # stop after this many seconds of training
@@ -41,6 +52,16 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1   # micro-batches per optimiser step (same update)
     max_grad_norm: float = 1.0
 
+    # critic (PPO family)
+    critic_learning_rate: float = 1e-3
+    cliprange_value: float | None = 0.2    # value clip c_v (None: plain MSE)
+    gamma: float = 1.0
+    lam: float = 0.95                      # GAE lambda of the actor's advantages
+    critic_lam: float | None = None        # lambda of the value targets (VC-PPO/VAPO decoupled GAE: 1.0)
+    lam_alpha: float | None = None         # VAPO length-adaptive lambda = 1 - 1/(alpha L) (None: off)
+    whiten_advantages: bool = True
+    value_pretrain_steps: int = 0          # VC-PPO/VAPO: critic-only steps on Monte-Carlo targets first
+
     # the loss (names from TRL; alignops names in comments)
     loss_method: str = "grpo"              # alignops per-token loss: ppo, grpo, dapo, cispo, gspo, ...
     epsilon: float = 0.2                   # clip_low
@@ -48,6 +69,11 @@ class TrainConfig:
     delta: float | None = None             # dual-clip constant (clip_ratio_c)
     beta: float = 0.0                      # kl_coef of the KL loss against the reference model
     kl_estimator: str = "k3"
+    kl_in_reward: bool = False             # beta weighs k1(old, ref) in the token rewards, not a loss
+    kl_ctrl: str = "fixed"                 # fixed | adaptive (Ziegler et al.; for KL in reward)
+    kl_target: float = 0.1
+    kl_horizon: int = 10000
+    nll_coef: float = 0.0                  # VAPO: + nll_coef * NLL of the correct completions
     entropy_coeff: float = 0.0
     loss_type: str = "token-mean"          # aggregation: token-mean | seq-mean-token-mean | ...
     loss_kwargs: dict = dataclasses.field(default_factory=dict)  # method-specific knobs
@@ -80,9 +106,14 @@ ALIASES = {
     "loss_agg_mode": "loss_type", "agg": "loss_type",
     "rollout_n": "num_generations", "n_samples_per_prompt": "num_generations", "group_size": "num_generations",
     "response_length": "max_completion_length", "generate_max_len": "max_completion_length",
-    "lr": "learning_rate", "actor_learning_rate": "learning_rate",
+    "lr": "learning_rate", "actor_learning_rate": "learning_rate", "lr_warmup_steps": "warmup_steps",
     "ppo_epochs": "num_iterations", "grad_clip": "max_grad_norm",
     "total_training_steps": "max_steps",
+    "critic_lr": "critic_learning_rate", "value_clip": "cliprange_value",
+    "lambd": "lam", "gae_lambda": "lam", "critic_warmup": "value_pretrain_steps",
+    "use_kl_in_reward": "kl_in_reward", "target_kl": "kl_target", "horizon": "kl_horizon",
+    "filter_groups": "dynamic_sampling", "min_inverse_alpha": "min_valid_group_fraction",
+    "positive_loss_coeff": "nll_coef", "lm_loss_coef": "nll_coef",
     "train_batch_size": "num_prompts", "rollout_batch_size": "num_prompts",
 }
 

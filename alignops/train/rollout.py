@@ -104,3 +104,28 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: in
     full_attn = torch.cat([left_pad(prompts, pad_id, device)[1], cmask.long()], 1)
     return Batch(full_ids, full_attn, P, completion.masked_fill(after_eos, pad_id), cmask,
                  torch.stack(logps, 1) * cmask, truncated)
+
+
+def concat_batches(batches: list[Batch], pad_id: int) -> Batch:
+    """Stacks batches from several generate() calls (dynamic sampling): prompts re-left-padded
+    to the longest prompt, completions right-padded to the longest completion."""
+    if len(batches) == 1:
+        return batches[0]
+    P = max(b.prompt_len for b in batches)
+    T = max(b.completion_ids.shape[1] for b in batches)
+
+    def pad(x, left, right, value):
+        return torch.nn.functional.pad(x, (left, right), value=value)
+
+    parts = []
+    for b in batches:
+        lp, rp = P - b.prompt_len, T - b.completion_ids.shape[1]
+        prompt_ids, completion_ids = b.input_ids[:, :b.prompt_len], b.input_ids[:, b.prompt_len:]
+        prompt_attn, completion_attn = b.attention_mask[:, :b.prompt_len], b.attention_mask[:, b.prompt_len:]
+        parts.append(Batch(torch.cat([pad(prompt_ids, lp, 0, pad_id), pad(completion_ids, 0, rp, pad_id)], 1),
+                           torch.cat([pad(prompt_attn, lp, 0, 0), pad(completion_attn, 0, rp, 0)], 1),
+                           P, pad(b.completion_ids, 0, rp, pad_id), pad(b.completion_mask, 0, rp, 0.0),
+                           pad(b.behaviour_logp, 0, rp, 0.0), b.truncated))
+    cat = lambda name: torch.cat([getattr(b, name) for b in parts])  # noqa: E731
+    return Batch(cat("input_ids"), cat("attention_mask"), P, cat("completion_ids"), cat("completion_mask"),
+                 cat("behaviour_logp"), cat("truncated"))

@@ -3,6 +3,7 @@ fused policy loss -> AdamW -> metrics. Methods differ only through their preset 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import alignops as ao
 from alignops.train import checkpoint as ckpt
 from alignops.train.config import TrainConfig
 from alignops.train.model import build_policy, frozen_copy
-from alignops.train.rollout import Batch, generate
+from alignops.train.rollout import Batch, concat_batches, generate
 from alignops.train.tasks import make_task
 from alignops.train.tokenizer import CharTokenizer
 
@@ -119,12 +120,16 @@ def progress(iterable, enabled: bool, **kw):
 # SFT warm-up: the shared starting policy ("base model") of every method
 
 
-def sft_warmup(cfg: TrainConfig, steps: int = 3000, batch_size: int = 64, lr: float = 3e-3,
-               time_budget_s: float = 60.0, out_dir: str = "runs/base") -> dict:
+def sft_warmup(cfg: TrainConfig, steps: int = 2000, batch_size: int = 64, lr: float = 3e-3,
+               time_budget_s: float | None = None, out_dir: str = "runs/base", warmup_steps: int = 50) -> dict:
+    """A fixed number of steps (so the base is the same on every machine) with linear warm-up and
+    cosine decay to 0: the decay is worth several points of greedy accuracy over a constant rate."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     task, tok, policy = setup(cfg)
     opt = torch.optim.AdamW(policy.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps) * 0.5 * (
+        1 + math.cos(math.pi * min(s, steps) / steps)))
     with_steps = task.with_steps()
     t0, step = time.time(), 0
     bar = progress(range(steps), cfg.progress, desc="sft warm-up")
@@ -146,9 +151,10 @@ def sft_warmup(cfg: TrainConfig, steps: int = 3000, batch_size: int = 64, lr: fl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         if cfg.progress and step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        if time.time() - t0 > time_budget_s:
+        if time_budget_s and time.time() - t0 > time_budget_s:
             break
     acc = evaluate(policy, task, tok, cfg.eval_size, cfg.max_completion_length)
     info = {"kind": "sft_base", "steps": step + 1, "seconds": round(time.time() - t0, 1),
@@ -158,11 +164,29 @@ def sft_warmup(cfg: TrainConfig, steps: int = 3000, batch_size: int = 64, lr: fl
 
 
 # --------------------------------------------------------------------------------------------
-# the RL loop
+# rollouts
 
 
-def rollout_step(cfg, preset, task, tok, policy, rng, generator):
-    """Samples num_prompts x num_generations completions and scores them."""
+@dataclasses.dataclass
+class Rollout:
+    """One step's sampled groups: each prompt repeated num_generations times, consecutively."""
+
+    problems: list
+    batch: Batch
+    texts: list[str]
+    rewards: torch.Tensor   # [B] the reward functions' total (metrics, group filtering)
+    correct: torch.Tensor   # [B] bool: the task's verifier accepts the completion
+    metrics: dict = dataclasses.field(default_factory=dict)
+    scores: torch.Tensor | None = None  # [B] what the advantages see: rewards + overlong shaping
+
+    def select(self, rows: torch.Tensor) -> "Rollout":
+        idx = rows.tolist()
+        return Rollout([self.problems[i] for i in idx], self.batch.select(rows), [self.texts[i] for i in idx],
+                       self.rewards[rows], self.correct[rows], dict(self.metrics),
+                       None if self.scores is None else self.scores[rows])
+
+
+def sample_groups(cfg, task, tok, policy, reward_model, rng, generator) -> Rollout:
     problems = task.sample(rng, cfg.num_prompts)
     group = [p for p in problems for _ in range(cfg.num_generations)]
     batch = generate(policy, [tok.encode(p.prompt, bos=True) for p in group],
@@ -170,51 +194,255 @@ def rollout_step(cfg, preset, task, tok, policy, rng, generator):
                      pad_id=tok.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p,
                      generator=generator)
     texts = [tok.decode(ids) for ids in batch.completion_ids]
-    rewards = torch.tensor([task.reward(p, t) for p, t in zip(group, texts)], dtype=torch.float32,
-                           device=batch.input_ids.device)
-    return group, batch, texts, rewards
+    totals, metrics = reward_model(task, group, texts)
+    device = batch.input_ids.device
+    rewards = torch.tensor(totals, dtype=torch.float32, device=device)
+    if cfg.truncation_reward is not None:
+        rewards = torch.where(batch.truncated, torch.full_like(rewards, cfg.truncation_reward), rewards)
+    correct = torch.tensor([task.reward(p, t) > 0 for p, t in zip(group, texts)], device=device)
+    return Rollout(group, batch, texts, rewards, correct, metrics)
 
 
-def policy_update(cfg, preset, policy, ref, opt, batch: Batch, advantages: torch.Tensor) -> dict:
+def _cat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    return Rollout([p for r in parts for p in r.problems], concat_batches([r.batch for r in parts], pad_id),
+                   [t for r in parts for t in r.texts], torch.cat([r.rewards for r in parts]),
+                   torch.cat([r.correct for r in parts]), dict(parts[0].metrics))
+
+
+def collect_rollouts(cfg, task, tok, policy, reward_model, rng, generator) -> Rollout:
+    """One generation round; or, with dynamic sampling (DAPO, DLER), rounds until num_prompts groups
+    whose rewards differ are collected (exactly num_prompts kept); or, with threshold resampling
+    (GPG's beta_th), rounds until that share of the batch is such groups, the rest filled with
+    the others. Overlong shaping is added to the scores after filtering (filters judge rewards)."""
+    G = cfg.num_generations
+    filtering = cfg.dynamic_sampling or cfg.min_valid_group_fraction > 0
+    parts = [sample_groups(cfg, task, tok, policy, reward_model, rng, generator)]
+    if filtering:
+        need = cfg.num_prompts if cfg.dynamic_sampling else math.ceil(cfg.min_valid_group_fraction * cfg.num_prompts)
+        valid, invalid = [], []
+        while True:
+            r = parts[-1].rewards.view(-1, G)
+            varied = (r.max(-1).values > r.min(-1).values).tolist()
+            base = (len(parts) - 1) * cfg.num_prompts
+            for g, ok in enumerate(varied):
+                (valid if ok else invalid).append(base + g)
+            if len(valid) >= need:
+                break
+            if 0 < cfg.max_num_gen_batches <= len(parts):
+                if cfg.dynamic_sampling:
+                    raise RuntimeError(
+                        f"dynamic sampling found {len(valid)} of {cfg.num_prompts} groups with differing rewards "
+                        f"in {len(parts)} generation rounds (max_num_gen_batches): the policy solves every "
+                        "prompt or none; raise max_num_gen_batches or turn dynamic_sampling off")
+                break
+            parts.append(sample_groups(cfg, task, tok, policy, reward_model, rng, generator))
+        keep = valid[:cfg.num_prompts]
+        if not cfg.dynamic_sampling:
+            keep += invalid[:cfg.num_prompts - len(keep)]
+        rows = torch.tensor([g * G + j for g in keep for j in range(G)])
+        generated = len(parts) * cfg.num_prompts
+        rollout = _cat_rollouts(parts, tok.pad_token_id).select(rows.to(parts[0].rewards.device))
+        rollout.metrics.update({"sampling/gen_rounds": len(parts),
+                                "sampling/filtered_groups_frac": 1 - len(valid) / generated})
+    else:
+        rollout = parts[0]
+    rollout.scores = rollout.rewards
+    if cfg.overlong_buffer_len > 0:
+        rollout.scores = rollout.rewards + ao.dapo_overlong_penalty(
+            rollout.batch.lengths, cfg.max_completion_length, cfg.overlong_buffer_len,
+            cfg.overlong_penalty_factor).to(rollout.rewards.device)
+    return rollout
+
+
+class Scorer:
+    """Per-token quantities of a rollout batch before the update, each computed at most once:
+    the rollout policy's log-probs, the reference's, and the critic's values."""
+
+    def __init__(self, cfg, policy, ref, critic):
+        self.cfg, self.policy, self.ref, self.critic = cfg, policy, ref, critic
+        self._cache: dict = {}
+
+    def _get(self, key, batch, fn):
+        k = (key, id(batch))
+        if k not in self._cache:
+            self._cache[k] = (batch, fn())  # keeps batch alive so id() stays unique
+        return self._cache[k][1]
+
+    def old_logp(self, batch: Batch) -> torch.Tensor:
+        return self._get("old", batch, lambda: completion_logprobs(self.policy, batch, self.cfg.temperature,
+                                                                   self.cfg.backend))
+
+    def ref_logp(self, batch: Batch) -> torch.Tensor:
+        if self.ref is None:
+            raise ValueError("this method needs a reference model (--ref_model)")
+        return self._get("ref", batch, lambda: completion_logprobs(self.ref, batch, self.cfg.temperature,
+                                                                   self.cfg.backend))
+
+    def values(self, batch: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            return self._get("values", batch, lambda: completion_values(self.critic, batch))
+
+
+def completion_values(critic, batch: Batch) -> torch.Tensor:
+    """V of the state before each completion token: [B, T], aligned like sequence_logits."""
+    v = critic(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids())
+    return v[:, batch.prompt_len - 1:-1]
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What a preset hands the update: the batch, per-row data sliced with each micro-batch
+    (advantages [B] or [B, T], returns, ...), per-step loss overrides and metrics."""
+
+    batch: Batch
+    data: dict
+    loss_overrides: dict = dataclasses.field(default_factory=dict)
+    metrics: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Context:
+    """What a preset may use besides the rollout: the models, the task, the current in-reward KL
+    coefficient, and more rollouts (CPPO's refill)."""
+
+    policy: torch.nn.Module
+    tok: CharTokenizer
+    task: object
+    kl_coef: float
+    sample_more: object
+
+
+# --------------------------------------------------------------------------------------------
+# the update
+
+
+def minibatches(cfg, preset, B: int, device) -> list[torch.Tensor]:
+    """Row indices of each mini-batch; methods that compare a group's rows (GVPO) keep groups whole."""
+    if cfg.num_mini_batches == 1:
+        return [torch.arange(B, device=device)]
+    if preset.whole_groups:
+        G = cfg.num_generations
+        groups = torch.randperm(B // G, device=device)
+        order = (groups[:, None] * G + torch.arange(G, device=device)).reshape(-1)
+    else:
+        order = torch.randperm(B, device=device)
+    return list(order.chunk(cfg.num_mini_batches))
+
+
+def policy_update(cfg, preset, policy, opt, prep: Prepared, scorer: Scorer, critic=None, critic_opt=None) -> dict:
     """num_iterations epochs x num_mini_batches optimiser steps, each accumulated over
     gradient_accumulation_steps micro-batches with the mini-batch's global normaliser, so
-    micro-batching gives the same update as one big batch."""
+    micro-batching gives the same update as one big batch. The critic (PPO family) takes its
+    step on the same mini-batch, with its own optimiser."""
+    batch = prep.batch
     B = batch.input_ids.shape[0]
     on_policy = cfg.num_iterations == 1 and cfg.num_mini_batches == 1
-    old_logp = None if on_policy else completion_logprobs(policy, batch, cfg.temperature, cfg.backend)
-    ref_logp = completion_logprobs(ref, batch, cfg.temperature, cfg.backend) if ref is not None else None
-    labels = batch.completion_ids.masked_fill(batch.completion_mask == 0, -100)
+    data = dict(prep.data)
+    data["labels"] = batch.completion_ids.masked_fill(batch.completion_mask == 0, -100)
+    data["mask"] = batch.completion_mask
+    if cfg.mask_truncated_completions:
+        data["mask"] = batch.completion_mask * (~batch.truncated)[:, None]
+    if not on_policy or preset.needs_old_logp(cfg):
+        data["old_logp"] = scorer.old_logp(batch)
+    if scorer.ref is not None and preset.needs_reference(cfg):
+        data["ref_logp"] = scorer.ref_logp(batch)
+    if critic is not None:
+        data["old_values"] = scorer.values(batch)
     sums: dict[str, float] = {}
     n_updates = 0
+
+    def add(metrics, weight=1.0):
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * weight
+
     for _ in range(cfg.num_iterations):
-        order = torch.randperm(B, device=batch.input_ids.device) if cfg.num_mini_batches > 1 else torch.arange(B)
-        for mb in order.chunk(cfg.num_mini_batches):
-            mask = batch.completion_mask[mb]
-            normalizer = normalizer_for(cfg.loss_type, mask, cfg.max_completion_length)
+        for mb in minibatches(cfg, preset, B, batch.input_ids.device):
+            norms = preset.normalizers(cfg, {k: v[mb] for k, v in data.items()})
+            micros = mb.chunk(cfg.gradient_accumulation_steps)
             opt.zero_grad(set_to_none=True)
-            for micro in mb.chunk(cfg.gradient_accumulation_steps):
-                sub = batch.select(micro)
-                out = preset.loss(cfg, logits=sequence_logits(policy, sub), labels=labels[micro],
-                                  old_logp=None if old_logp is None else old_logp[micro],
-                                  advantages=advantages[micro], mask=sub.completion_mask,
-                                  ref_logp=None if ref_logp is None else ref_logp[micro],
-                                  normalizer=normalizer)
+            for micro in micros:
+                d = {k: v[micro] for k, v in data.items()}
+                out = preset.loss(cfg, logits=sequence_logits(policy, batch.select(micro)), data=d, norms=norms,
+                                  overrides=prep.loss_overrides)
                 out.loss.backward()
-                for k, v in out.metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * len(micro) / len(mb)
-                sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach())
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                add(out.metrics, len(micro) / len(mb))
+                add({"loss": out.loss.detach()})
+            add({"grad_norm": torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)})
             opt.step()
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+            if critic is not None:
+                add(critic_step(cfg, critic, critic_opt, batch, data, mb, norms["pg"]))
             n_updates += 1
     return {k: v / n_updates for k, v in sums.items()}
 
 
+def critic_step(cfg, critic, critic_opt, batch: Batch, data: dict, mb: torch.Tensor, normalizer) -> dict:
+    """One optimiser step of the clipped value loss on a mini-batch (micro-batched like the actor)."""
+    critic_opt.zero_grad(set_to_none=True)
+    metrics: dict[str, float] = {}
+    for micro in mb.chunk(cfg.gradient_accumulation_steps):
+        values = completion_values(critic, batch.select(micro))
+        out = ao.value_loss(values, data["old_values"][micro], data["returns"][micro], data["mask"][micro],
+                            clip_range=cfg.cliprange_value, agg="token-mean", normalizer=normalizer)
+        out.loss.backward()
+        for k, v in out.metrics.items():
+            metrics[f"critic/{k}"] = metrics.get(f"critic/{k}", 0.0) + float(v) * len(micro) / len(mb)
+    metrics["critic/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm))
+    critic_opt.step()
+    return metrics
+
+
+def pretrain_critic(cfg, critic, critic_opt, collect) -> dict:
+    """VC-PPO/VAPO value pretraining: the policy is frozen (rollouts only) and the critic learns
+    Monte-Carlo targets (GAE with lambda = 1: the return R at every token)."""
+    metrics: dict = {}
+    for _ in range(cfg.value_pretrain_steps):
+        rollout = collect()
+        batch, mask = rollout.batch, rollout.batch.completion_mask
+        with torch.no_grad():
+            old_values = completion_values(critic, batch)
+        rewards = ao.token_level_rewards(rollout.scores, mask)
+        returns = ao.gae_advantages(rewards, old_values, mask, gamma=cfg.gamma, lam=1.0).returns
+        data = {"old_values": old_values, "returns": returns, "mask": mask}
+        metrics = critic_step(cfg, critic, critic_opt, batch, data, torch.arange(mask.shape[0]), mask.sum())
+    return {k.replace("critic/", "value_pretrain/"): v for k, v in metrics.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# the RL loop
+
+
+def build_critic(policy) -> torch.nn.Module:
+    """A value model with the policy's architecture, its trunk initialised from the policy (the
+    SFT base), its scalar head from zero."""
+    from alignops.train.model import ValueModel  # noqa: PLC0415
+
+    critic = ValueModel(policy.config).to(next(policy.parameters()).device)
+    critic.trunk.load_state_dict(policy.get_decoder().state_dict())
+    return critic
+
+
+def reference_model(cfg, policy, preset):
+    if not preset.needs_reference(cfg):
+        return None
+    if cfg.ref_model in (None, "none"):
+        raise ValueError(f"method {cfg.method!r} with these options needs a reference model "
+                         f"(beta={cfg.beta}, kl_in_reward={cfg.kl_in_reward}); --ref_model is none")
+    if cfg.ref_model == "init":
+        return frozen_copy(policy)
+    ref = frozen_copy(policy)
+    if ckpt.is_checkpoint(cfg.ref_model):
+        ckpt.load_model_weights(cfg.ref_model, ref)
+        return ref
+    return frozen_copy(build_policy(0, cfg.ref_model).to(cfg.device))
+
+
 def train(cfg: TrainConfig) -> dict:
     from alignops.train.presets import get_preset  # noqa: PLC0415
+    from alignops.train.rewards import RewardModel  # noqa: PLC0415
 
     preset = get_preset(cfg.method)
     preset.validate(cfg)
+    reward_model = RewardModel(cfg.reward_funcs, cfg.reward_weights)
     out_dir = cfg.resolved_output_dir()
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -225,45 +453,73 @@ def train(cfg: TrainConfig) -> dict:
             raise ValueError(f"no base checkpoint at {cfg.init_from!r}: run `python -m alignops.train sft` "
                              f"first, or pass --init_from none")
         ckpt.load_model_weights(cfg.init_from, policy)
-    ref = frozen_copy(policy) if preset.needs_reference(cfg) else None
+    ref = reference_model(cfg, policy, preset)
+    critic = build_critic(policy) if preset.needs_critic(cfg) else None
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_learning_rate) if critic else None
+    kl_ctl = (ao.AdaptiveKLController(cfg.beta, cfg.kl_target, cfg.kl_horizon) if cfg.kl_ctrl == "adaptive"
+              else ao.FixedKLController(cfg.beta))
     log = MetricLog(os.path.join(out_dir, "metrics.jsonl"), cfg.resume)
     start, elapsed = 0, 0.0
     preset.load_state({})  # presets are shared objects: no state leaks from an earlier run
+
+    def collect():
+        return collect_rollouts(cfg, task, tok, policy, reward_model, rng, generator)
+
     if cfg.resume and ckpt.is_checkpoint(out_dir):
+        from safetensors.torch import load_file  # noqa: PLC0415
         state = ckpt.load_json(os.path.join(out_dir, "state.json"))
         ckpt.load_model_weights(out_dir, policy)
-        from safetensors.torch import load_file  # noqa: PLC0415
         ckpt.load_optimizer(opt, load_file(os.path.join(out_dir, "optim.safetensors")), state["optimizer"])
+        if critic is not None:
+            critic.load_state_dict(load_file(os.path.join(out_dir, "critic.safetensors")))
+            ckpt.load_optimizer(critic_opt, load_file(os.path.join(out_dir, "critic_optim.safetensors")),
+                                state["critic_optimizer"])
         ckpt.set_rng_state(state["rng"], generator, rng)
         preset.load_state(state.get("preset", {}))
+        kl_ctl.value = state.get("kl_coef", kl_ctl.value)
         start, elapsed = state["step"], state["elapsed_s"]
         log.truncate(start)
     else:
         acc0 = evaluate(policy, task, tok, cfg.eval_size, cfg.max_completion_length)
-        log.add({"step": 0, "eval/accuracy": acc0})
+        row = {"step": 0, "eval/accuracy": acc0}
+        if critic is not None and cfg.value_pretrain_steps:
+            t0 = time.time()
+            row.update(pretrain_critic(cfg, critic, critic_opt, collect))
+            elapsed += time.time() - t0
+            row["time_s"] = elapsed
+        log.add(row)
 
     def save(step):
-        ckpt.save_checkpoint(out_dir, policy, opt, tokenizer=tok, state={
-            "step": step, "elapsed_s": elapsed, "rng": ckpt.rng_state(generator, rng),
-            "preset": preset.state(), "config": {k: v for k, v in vars(cfg).items()}})
+        state = {"step": step, "elapsed_s": elapsed, "rng": ckpt.rng_state(generator, rng),
+                 "preset": preset.state(), "kl_coef": kl_ctl.value, "config": dict(vars(cfg))}
+        if critic is not None:
+            ckpt.save_tensors(os.path.join(out_dir, "critic.safetensors"), critic.state_dict())
+            tensors, state["critic_optimizer"] = ckpt.optimizer_tensors(critic_opt)
+            ckpt.save_tensors(os.path.join(out_dir, "critic_optim.safetensors"), tensors)
+        ckpt.save_checkpoint(out_dir, policy, opt, tokenizer=tok, state=state)
 
     bar = progress(range(start, cfg.max_steps), cfg.progress, desc=cfg.method, initial=start, total=cfg.max_steps)
     step = start
     for step in bar:
         t0 = time.time()
-        group, batch, texts, rewards = rollout_step(cfg, preset, task, tok, policy, rng, generator)
-        batch, rewards, adv, extra = preset.prepare(cfg, batch, rewards, group=group, texts=texts,
-                                                    policy=policy, tok=tok, task=task)
-        metrics = policy_update(cfg, preset, policy, ref, opt, batch, adv)
+        for g in opt.param_groups:  # from the step counter, so a resumed run gets the same rates
+            g["lr"] = cfg.learning_rate * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        rollout = collect()
+        scorer = Scorer(cfg, policy, ref, critic)
+        prep = preset.prepare(cfg, rollout, scorer, Context(policy, tok, task, kl_ctl.value, collect))
+        metrics = policy_update(cfg, preset, policy, opt, prep, scorer, critic, critic_opt)
+        if cfg.kl_in_reward:
+            metrics["kl_coef"] = kl_ctl.value
+            kl_ctl.update(float(prep.metrics.get("kl", 0.0)), n_steps=int(prep.batch.input_ids.shape[0]))
         elapsed += time.time() - t0
-        G = cfg.num_generations
+        rewards, G = rollout.rewards, cfg.num_generations
         r = rewards.view(-1, G) if rewards.numel() % G == 0 else rewards.view(1, -1)
         row = {"step": step + 1, "reward": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else 0.0,
-               "frac_reward_zero_std": (r.std(-1) == 0).float().mean(),
-               "completions/mean_length": batch.lengths.mean(),
-               "completions/clipped_ratio": batch.truncated.float().mean(),
-               "time_s": elapsed, **extra, **metrics}
+               "frac_reward_zero_std": (r.std(-1) == 0).float().mean(), "accuracy": rollout.correct.float().mean(),
+               "completions/mean_length": rollout.batch.lengths.mean(),
+               "completions/clipped_ratio": rollout.batch.truncated.float().mean(),
+               "time_s": elapsed, **rollout.metrics, **prep.metrics, **metrics}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
             row["eval/accuracy"] = evaluate(policy, task, tok, cfg.eval_size, cfg.max_completion_length)
         log.add(row)
