@@ -137,3 +137,202 @@ def test_aliases_map_to_trl_names():
                                "loss_agg_mode": "token-mean"})
     assert (cfg.epsilon_high, cfg.beta, cfg.num_generations, cfg.loss_type) == (0.3, 0.01, 4, "token-mean")
     assert make_config("grpo", {"loss_type": "dr_grpo"}).loss_type == "seq-mean-token-sum-norm"
+
+
+# --------------------------------------------------------------------------------------------
+# the same math inside a real loop, data policies, the PPO family
+
+
+def test_backend_parity_torch_vs_fused_cpu(tmp_path, varied_rewards):
+    """The same GRPO run with the float reference backend and the fused C++ one: same losses step
+    by step (fp32; the rollouts are identical while the parameters agree to rounding)."""
+    logs = {}
+    for backend in ("torch", "cpu"):
+        res = train(micro("grpo", tmp_path, backend=backend, max_steps=4, output_dir=str(tmp_path / backend)))
+        logs[backend] = [r for r in res["log"] if "loss" in r]
+    assert len(logs["torch"]) == 4
+    for a, b in zip(logs["torch"], logs["cpu"]):
+        assert a["reward"] == b["reward"]
+        for k in ("loss", "pg_loss", "kl", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (k, a["step"])
+
+
+def _rollout(cfg, seed=0, reward=None):
+    torch.manual_seed(seed)
+    task, tok, policy = setup(cfg)
+    return collect_rollouts(cfg, task, tok, policy, RewardModel(reward or "accuracy"), random.Random(seed),
+                            torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def parity_reward(monkeypatch):
+    monkeypatch.setattr(AdditionTask, "reward", lambda self, problem, completion: float(len(completion) % 2))
+
+
+def test_dynamic_sampling_keeps_exactly_the_varied_groups(tmp_path, parity_reward):
+    cfg = micro("dapo", tmp_path, num_prompts=4, overlong_buffer_len=0)
+    r = _rollout(cfg)
+    g = r.rewards.view(-1, cfg.num_generations)
+    assert g.shape[0] == cfg.num_prompts
+    assert bool((g.std(-1) > 0).all())
+    assert r.metrics["sampling/gen_rounds"] >= 1 and 0 <= r.metrics["sampling/filtered_groups_frac"] < 1
+    assert r.batch.input_ids.shape[0] == len(r.problems) == len(r.texts) == r.scores.numel()
+    for i in range(0, len(r.problems), cfg.num_generations):  # groups stay whole and aligned
+        assert len({p.prompt for p in r.problems[i:i + cfg.num_generations]}) == 1
+
+
+def test_dynamic_sampling_cap_is_a_clear_error(tmp_path):
+    cfg = micro("dapo", tmp_path, max_num_gen_batches=2)  # a random micro-policy never solves a sum
+    with pytest.raises(RuntimeError, match="max_num_gen_batches"):
+        _rollout(cfg)
+
+
+def test_gpg_threshold_resampling_fills_with_invalid_groups(tmp_path, parity_reward):
+    cfg = micro("gpg", tmp_path, num_prompts=4, min_valid_group_fraction=0.5, max_num_gen_batches=5)
+    r = _rollout(cfg)
+    g = r.rewards.view(-1, cfg.num_generations)
+    assert g.shape[0] == 4 and int((g.std(-1) > 0).sum()) >= 2
+    cfg = micro("gpg", tmp_path, num_prompts=4, min_valid_group_fraction=1.0, max_num_gen_batches=1)
+    r = _rollout(cfg)  # one round allowed: no refill, whatever came is kept
+    assert r.rewards.numel() == 4 * cfg.num_generations and r.metrics["sampling/gen_rounds"] == 1
+
+
+def test_overlong_shaping_and_truncation_reward(tmp_path, parity_reward):
+    cfg = micro("grpo", tmp_path, num_prompts=4, overlong_buffer_len=2, max_completion_length=3)
+    r = _rollout(cfg)
+    want = r.rewards + ao_overlong(r.batch.lengths, 3, 2)
+    torch.testing.assert_close(r.scores, want)
+    cfg = micro("dler", tmp_path, num_prompts=4, dynamic_sampling=False, max_completion_length=2)
+    r = _rollout(cfg)
+    assert bool(r.batch.truncated.any()) and bool((r.rewards[r.batch.truncated] == 0).all())
+
+
+def ao_overlong(lengths, max_len, buf):
+    L = lengths.double()
+    return (-((L - (max_len - buf)) / buf).clamp(0, 1)).float()
+
+
+def _prepare(cfg, rollout, ref=False, critic=False):
+    from alignops.train.presets import get_preset
+    from alignops.train.trainer import build_critic, frozen_copy
+    task, tok, policy = setup(cfg)
+    c = build_critic(policy) if critic else None
+    scorer = Scorer(cfg, policy, frozen_copy(policy) if ref else None, c)
+    return get_preset(cfg.method).prepare(cfg, rollout, scorer, Context(policy, tok, task, cfg.beta, None))
+
+
+def test_cppo_pruning_keeps_the_largest_advantages(tmp_path, parity_reward):
+    import alignops as ao
+    cfg = micro("cppo_xmu", tmp_path, num_prompts=3, max_num_gen_batches=1, advantage_kwargs={"pruning_rate": 0.75})
+    r = _rollout(cfg)
+    r.scores = torch.tensor([1., 0, 0, 0, 1, 1, 1, 1, 0, 1, 1, 0])  # k = 1 of 4; the all-equal group is dropped
+    prep = _prepare(cfg, r)
+    full = ao.grpo_advantages(r.scores, group_size=4)
+    assert prep.batch.input_ids.shape[0] == 2
+    torch.testing.assert_close(prep.data["advantages"], full[[0, 8]])  # R=[1,0,0,0] keeps row 0; a tie keeps the earlier row
+    cfg = micro("cppo_xmu", tmp_path, num_prompts=3, max_num_gen_batches=1, advantage_kwargs={"pruning_rate": 0.0})
+    prep = _prepare(cfg, r)  # P = 0 (METHODS.md 2.12b): GRPO, minus the zero-variance group
+    torch.testing.assert_close(prep.data["advantages"], torch.cat([full[:4], full[8:]]))
+
+
+def test_ppo_advantages_are_returns_minus_values_with_lambda_one(tmp_path, parity_reward):
+    """GAE(1, 1) without whitening: A_t = R - V_t on every valid token (METHODS.md 2.3 oracle)."""
+    cfg = micro("orz", tmp_path, num_prompts=2, whiten_advantages=False)
+    r = _rollout(cfg)
+    from alignops.train.trainer import build_critic, completion_values
+    task, tok, policy = setup(cfg)
+    critic = build_critic(policy)
+    torch.nn.init.normal_(critic.head.weight, std=0.5)
+    scorer = Scorer(cfg, policy, None, critic)
+    from alignops.train.presets import get_preset
+    prep = get_preset("orz").prepare(cfg, r, scorer, Context(policy, tok, task, 0.0, None))
+    m = r.batch.completion_mask > 0
+    V = completion_values(critic, r.batch).detach()
+    want = (r.scores[:, None] - V)
+    torch.testing.assert_close(prep.data["advantages"][m], want[m].to(prep.data["advantages"].dtype))
+    torch.testing.assert_close(prep.data["returns"][m], r.scores[:, None].expand_as(m)[m].to(prep.data["returns"].dtype))
+
+
+def test_kl_in_reward_lowers_ppo_token_rewards(tmp_path, parity_reward):
+    cfg = micro("reinforce_pp", tmp_path, num_prompts=2, beta=0.5)
+    r = _rollout(cfg)
+    task, tok, policy = setup(cfg)
+    from alignops.train.trainer import frozen_copy
+    ref = frozen_copy(policy)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    from alignops.train.presets import get_preset
+    import alignops as ao
+    scorer = Scorer(cfg, policy, ref, None)
+    prep = get_preset("reinforce_pp").prepare(cfg, r, scorer, Context(policy, tok, task, 0.5, None))
+    old, rl = scorer.old_logp(r.batch), scorer.ref_logp(r.batch)
+    want = ao.reinforce_pp_advantages(r.scores, r.batch.completion_mask, old_logp=old, ref_logp=rl, kl_coef=0.5)
+    torch.testing.assert_close(prep.data["advantages"], want.advantages)
+    assert float(prep.metrics["kl"]) != 0.0
+
+
+def test_resume_with_critic_and_adaptive_kl(tmp_path, varied_rewards):
+    kw = dict(value_pretrain_steps=0)
+    straight = train(micro("ppo", tmp_path, max_steps=4, output_dir=str(tmp_path / "a"), **kw))
+    train(micro("ppo", tmp_path, max_steps=2, output_dir=str(tmp_path / "b"), **kw))
+    resumed = train(micro("ppo", tmp_path, max_steps=4, output_dir=str(tmp_path / "b"), resume=True, **kw))
+    key = lambda log: [(r["step"], r.get("loss"), r.get("critic/vf_loss"), r.get("kl_coef"))  # noqa: E731
+                       for r in log if "loss" in r]
+    assert key(resumed["log"]) == key(straight["log"])
+    coefs = [r["kl_coef"] for r in straight["log"] if "kl_coef" in r]
+    assert coefs[0] == 0.01 and len(set(coefs)) > 1  # the adaptive controller moved
+
+
+def test_value_pretraining_moves_only_the_critic(tmp_path, varied_rewards):
+    from alignops.train.trainer import build_critic, pretrain_critic
+    cfg = micro("vc_ppo", tmp_path, value_pretrain_steps=3)
+    task, tok, policy = setup(cfg)
+    critic = build_critic(policy)
+    before_p, before_c = copy.deepcopy(policy.state_dict()), copy.deepcopy(critic.state_dict())
+    opt = torch.optim.AdamW(critic.parameters(), lr=1e-2)
+    out = pretrain_critic(cfg, critic, opt, lambda: collect_rollouts(cfg, task, tok, policy, RewardModel("accuracy"),
+                                                                     random.Random(0), torch.Generator().manual_seed(0)))
+    assert all(torch.equal(before_p[k], v) for k, v in policy.state_dict().items())
+    assert any(not torch.equal(before_c[k], v) for k, v in critic.state_dict().items())
+    assert "value_pretrain/vf_loss" in out
+
+
+def test_gvpo_needs_whole_groups(tmp_path):
+    with pytest.raises(ValueError, match="whole groups"):
+        train(micro("gvpo", tmp_path, gradient_accumulation_steps=8))
+
+
+def test_awpo_rule_judge_and_reward_functions():
+    from alignops.train import rewards as rw
+    task = AdditionTask()
+    p = next(q for q in task.train if q.prompt == "37+48=")
+    assert rw.arithmetic_work(task, p, "85") == 1.0
+    assert rw.arithmetic_work(task, p, "75") == 0.5          # units column right, tens wrong
+    assert rw.arithmetic_work(task, p, "185") == 0.5         # both columns right, one extra digit
+    assert rw.arithmetic_work(task, p, "x") == 0.0
+    assert rw.arithmetic_work(task, p, "7+8=15;3+4=7#75") == 0.5  # the carry was lost in column 2
+    model = rw.RewardModel("accuracy,format", "1,0.5")
+    totals, metrics = model(task, [p, p], ["85", "x"])
+    assert totals == [1.5, 0.0] and metrics == {"rewards/accuracy": 0.5, "rewards/format": 0.5}
+    user = rw.RewardModel("alignops.train.rewards:accuracy")
+    assert user(task, [p], ["85"])[0] == [1.0]
+    with pytest.raises(ValueError, match="reward function"):
+        rw.RewardModel("nope")
+    with pytest.raises(ValueError, match="reward_weights"):
+        rw.RewardModel("accuracy,format", "1")
+
+
+@pytest.mark.parametrize("method,overrides,match", [
+    ("grpo", {"kl_in_reward": True}, "kl_in_reward"),
+    ("grpo", {"ref_model": "none"}, "reference model"),
+    ("cppo_hit", {"ref_model": "none"}, "reference model"),
+    ("grpo", {"value_pretrain_steps": 3}, "critic"),
+    ("dapo", {"min_valid_group_fraction": 0.5}, "choose one"),
+    ("ppo", {"kl_ctrl": "pid"}, "kl_ctrl"),
+    ("dapo", {"overlong_buffer_len": 9}, "overlong_buffer_len"),
+    ("dapo", {"num_generations": 1}, "num_generations"),
+])
+def test_incompatible_knobs_fail_before_training(method, overrides, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        train(micro(method, tmp_path, **overrides))
