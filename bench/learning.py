@@ -1,12 +1,14 @@
 """Every method learning on the built-in task: same SFT base, same budget, same seed.
 
-    python -m bench.learning                       # all presets, 150 s of training each
+    python -m bench.learning                       # all presets, 120 s of training each
     python -m bench.learning --methods grpo,dapo --seconds 60
 
 Builds the SFT base (runs/base) if missing, trains each preset from it for --seconds of training
 time (held-out evaluation is not counted), and writes bench/results/learning.md with held-out
-greedy accuracy before/after, steps, wall time and the final KL/entropy metrics, plus a combined
-plot bench/results/learning.png. A method that does not reach +20 points is reported as it is.
+greedy accuracy before/after, the training reward (sampled accuracy at the rollout temperature)
+over the first and last 50 steps, steps, time and the final KL/entropy metrics, plus a combined
+plot bench/results/learning.png. A method that does not reach +20 points is reported as it is;
+a method that stops with an error is reported with the error.
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ from bench.harness import RESULTS, machine_description
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=None, help="comma-separated presets (default: all)")
-    p.add_argument("--seconds", type=float, default=150.0, help="training seconds per method")
-    p.add_argument("--sft_seconds", type=float, default=90.0, help="SFT warm-up seconds (if no base)")
+    p.add_argument("--seconds", type=float, default=120.0, help="training seconds per method")
     p.add_argument("--base", default="runs/base")
     p.add_argument("--eval_every", type=int, default=50)
     p.add_argument("--out", default=RESULTS)
@@ -33,8 +34,8 @@ def main(argv=None):
     from alignops.train.trainer import plot_curves, sft_warmup, train  # noqa: PLC0415
 
     if not ckpt.is_checkpoint(args.base):
-        print(f"building the SFT base in {args.base} ({args.sft_seconds:.0f} s)")
-        print(sft_warmup(TrainConfig(progress=False), steps=10**6, time_budget_s=args.sft_seconds, out_dir=args.base))
+        print(f"building the SFT base in {args.base}")
+        print(sft_warmup(TrainConfig(progress=False), out_dir=args.base))
     base_info = ckpt.load_json(os.path.join(args.base, "state.json"))
     methods = args.methods.split(",") if args.methods else sorted(PRESETS)
     rows, logs = [], {}
@@ -42,17 +43,25 @@ def main(argv=None):
         cfg = make_config(method, {"init_from": args.base, "time_budget_s": args.seconds, "max_steps": 10**6,
                                    "eval_every": args.eval_every, "progress": False,
                                    "output_dir": f"runs/learning/{method}"})
-        res = train(cfg)
+        try:
+            res = train(cfg)
+        except RuntimeError as e:  # e.g. dynamic sampling's generation cap: reported, not hidden
+            rows.append({"method": method, "error": str(e)})
+            print(f"{method:>24}: stopped: {e}")
+            continue
         log = res.pop("log")
         logs[method] = log
-        last = [r for r in log if "loss" in r][-1] if any("loss" in r for r in log) else {}
+        steps = [r for r in log if "loss" in r]
+        last = steps[-1] if steps else {}
         gain = 100 * (res["accuracy_after"] - res["accuracy_before"])
+        acc = lambda rs: 100 * sum(r["accuracy"] for r in rs) / max(1, len(rs))  # noqa: E731
         rows.append({"method": method, "before": 100 * res["accuracy_before"], "after": 100 * res["accuracy_after"],
-                     "gain": gain, "steps": res["steps"], "train_s": res["seconds"],
-                     "kl": last.get("kl", last.get("approx_kl")), "entropy": last.get("entropy"),
-                     "reward": last.get("reward")})
-        print(f"{method:>24}: {rows[-1]['before']:.1f}% -> {rows[-1]['after']:.1f}% ({gain:+.1f}) "
-              f"in {res['steps']} steps, {res['seconds']} s")
+                     "gain": gain, "train_first": acc(steps[:50]), "train_last": acc(steps[-50:]),
+                     "steps": res["steps"], "train_s": res["seconds"],
+                     "kl": last.get("kl", last.get("approx_kl")), "entropy": last.get("entropy")})
+        print(f"{method:>24}: {rows[-1]['before']:.1f}% -> {rows[-1]['after']:.1f}% ({gain:+.1f}); training "
+              f"accuracy {rows[-1]['train_first']:.1f}% -> {rows[-1]['train_last']:.1f}% in {res['steps']} steps, "
+              f"{res['seconds']} s")
     write(args.out, rows, logs, base_info, args, machine_description())
     for method, log in logs.items():
         plot_curves(log, os.path.join(f"runs/learning/{method}", "curves.png"), method)
@@ -68,14 +77,19 @@ def write(out, rows, logs, base_info, args, machine):
         f.write(f"# Learning on the built-in task `add`\n\n{machine}. Command: `python -m bench.learning "
                 f"--seconds {args.seconds:.0f}`. Base: SFT warm-up, {base_info.get('steps')} steps / "
                 f"{base_info.get('seconds')} s, held-out {100 * base_info.get('heldout_accuracy', 0):.1f}%. "
-                f"Held-out = greedy accuracy on the task's fixed 1000 problems; {args.seconds:.0f} s of "
-                "training per method (evaluation not counted), seed 0.\n\n")
-        f.write("| method | held-out before | after | gain (points) | steps | train s | final KL | final entropy | final reward |\n")
-        f.write("|---|---|---|---|---|---|---|---|---|\n")
+                f"Held-out = greedy accuracy on the task's fixed 1000 problems; training accuracy = share of "
+                f"the step's sampled completions (temperature 1) that are correct, mean over the first and the "
+                f"last 50 steps; {args.seconds:.0f} s of training per method (evaluation not counted), seed 0.\n\n")
+        f.write("| method | held-out before | after | gain (points) | training acc. first 50 steps | last 50 | "
+                "steps | train s | final KL | final entropy |\n")
+        f.write("|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
+            if "error" in r:
+                f.write(f"| {r['method']} | stopped: {r['error']} ||||||||| \n")
+                continue
             f.write(f"| {r['method']} | {fmt(r['before'])} | {fmt(r['after'])} | {fmt(r['gain'], '+.1f')} | "
-                    f"{r['steps']} | {fmt(r['train_s'])} | {fmt(r['kl'], '.4f')} | {fmt(r['entropy'], '.3f')} | "
-                    f"{fmt(r['reward'], '.3f')} |\n")
+                    f"{fmt(r['train_first'])} | {fmt(r['train_last'])} | {r['steps']} | {fmt(r['train_s'])} | "
+                    f"{fmt(r['kl'], '.4f')} | {fmt(r['entropy'], '.3f')} |\n")
     import matplotlib  # noqa: PLC0415
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415

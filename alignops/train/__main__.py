@@ -1,5 +1,5 @@
 """python -m alignops.train --method grpo [options]      train one method from the SFT base
-   python -m alignops.train sft [--seconds 60]           build the shared SFT base (runs/base)
+   python -m alignops.train sft [--sft_steps N]          build the shared SFT base (runs/base)
    python -m alignops.train --list                       list the methods
 
 Every method is a preset of the options below; any option overrides the preset. Option names
@@ -24,8 +24,8 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="grpo", help="the method preset (default: grpo; --list shows all)")
     p.add_argument("--list", action="store_true", help="list the method presets and exit")
-    p.add_argument("--seconds", type=float, default=60.0, help="sft: time budget (default 60)")
-    p.add_argument("--sft_steps", type=int, default=5000, help="sft: step cap (default 5000)")
+    p.add_argument("--seconds", type=float, default=None, help="sft: time cap in seconds (default: none)")
+    p.add_argument("--sft_steps", type=int, default=None, help="sft: optimiser steps (default: sft_warmup's)")
     add_config_arguments(p)
     args = vars(p.parse_args(argv))
     from alignops.train.presets import PRESETS, make_config  # noqa: PLC0415
@@ -39,7 +39,7 @@ def main(argv=None):
         from alignops.train.trainer import sft_warmup  # noqa: PLC0415
         from alignops.train.config import apply_overrides  # noqa: PLC0415
         cfg = apply_overrides(TrainConfig(), args)
-        info = sft_warmup(cfg, steps=sft_steps, time_budget_s=seconds,
+        info = sft_warmup(cfg, **({"steps": sft_steps} if sft_steps else {}), time_budget_s=seconds,
                           out_dir=cfg.init_from if cfg.init_from not in (None, "none") else "runs/base")
         print(json.dumps(info))
         return 0

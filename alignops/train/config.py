@@ -42,8 +42,8 @@ class TrainConfig:
     truncation_reward: float | None = None    # DLER: reward of a truncated completion (None: as scored)
 
     # optimisation
-    learning_rate: float = 5e-4
-    warmup_steps: int = 0                  # linear learning-rate warm-up (Adam's first steps are sign steps)
+    learning_rate: float = 3e-5
+    warmup_steps: int = 20                 # linear learning-rate warm-up (Adam's first steps are sign steps)
     weight_decay: float = 0.0
     max_steps: int = 200
     time_budget_s: float | None = None     # stop after this many seconds of training

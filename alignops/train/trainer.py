@@ -120,10 +120,13 @@ def progress(iterable, enabled: bool, **kw):
 # SFT warm-up: the shared starting policy ("base model") of every method
 
 
-def sft_warmup(cfg: TrainConfig, steps: int = 2000, batch_size: int = 64, lr: float = 3e-3,
+def sft_warmup(cfg: TrainConfig, steps: int = 1200, batch_size: int = 64, lr: float = 3e-3,
                time_budget_s: float | None = None, out_dir: str = "runs/base", warmup_steps: int = 50) -> dict:
-    """A fixed number of steps (so the base is the same on every machine) with linear warm-up and
-    cosine decay to 0: the decay is worth several points of greedy accuracy over a constant rate."""
+    """A fixed number of steps (the base does not depend on the machine's speed) with linear
+    warm-up and cosine decay to 0. Measured on the default task and model: 1000 steps give 11 %
+    held-out greedy accuracy, 1200 give 50 %, 1400 give 99 % (the model learns addition in a jump).
+    The default 1200 leaves an imperfect base whose sampled groups mostly hold both right and
+    wrong answers (about 80 % of groups of 8), the regime RL methods are built for."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     task, tok, policy = setup(cfg)
