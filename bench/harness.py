@@ -29,15 +29,15 @@ import torch
 
 def _fix_mmap_threshold():
     """glibc raises its mmap threshold after large frees, after which freed tensors stay in the
-    heap and peak RSS stops seeing new allocations; a fixed threshold returns them to the OS."""
+    heap and peak RSS stops seeing new allocations; a fixed threshold returns them to the OS.
+    Set only when a benchmark runs, never at import: every allocation above 64 KiB then costs an
+    mmap/munmap, which made the trainer 2x slower in processes that imported this module."""
     try:
         import ctypes
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB
     except (OSError, AttributeError):
         pass
 
-
-_fix_mmap_threshold()
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -190,6 +190,7 @@ def time_impl(case: Case, fn, mode: str, warmup: int, reps: int) -> tuple[float,
 def run_cases(op: str, cases: list[Case], *, warmup: int = 2, reps: int = 5, baseline: str = "eager",
               out_dir: str = RESULTS, machine: str | None = None, quiet: bool = False) -> list[dict]:
     """Times every implementation of every case and writes the CSV and Markdown tables."""
+    _fix_mmap_threshold()
     machine = machine or machine_name()
     rows = []
     for case in cases:

@@ -22,9 +22,9 @@ from bench.harness import RESULTS, machine_description
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=None, help="comma-separated presets (default: all)")
-    p.add_argument("--seconds", type=float, default=120.0, help="training seconds per method")
+    p.add_argument("--seconds", type=float, default=100.0, help="training seconds per method")
     p.add_argument("--base", default="runs/base")
-    p.add_argument("--eval_every", type=int, default=50)
+    p.add_argument("--eval_every", type=int, default=10**6, help="held-out evaluations (default: before and after)")
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args(argv)
 
@@ -56,10 +56,11 @@ def main(argv=None):
         gain = 100 * (res["accuracy_after"] - res["accuracy_before"])
         acc = lambda rs: 100 * sum(r["accuracy"] for r in rs) / max(1, len(rs))  # noqa: E731
         rows.append({"method": method, "before": 100 * res["accuracy_before"], "after": 100 * res["accuracy_after"],
-                     "gain": gain, "train_first": acc(steps[:50]), "train_last": acc(steps[-50:]),
+                     "gain": gain, "s_before": 100 * res["sampled_before"], "s_after": 100 * res["sampled_after"], "train_first": acc(steps[:50]), "train_last": acc(steps[-50:]),
                      "steps": res["steps"], "train_s": res["seconds"],
                      "kl": last.get("kl", last.get("approx_kl")), "entropy": last.get("entropy")})
-        print(f"{method:>24}: {rows[-1]['before']:.1f}% -> {rows[-1]['after']:.1f}% ({gain:+.1f}); training "
+        print(f"{method:>24}: greedy {rows[-1]['before']:.1f}% -> {rows[-1]['after']:.1f}% ({gain:+.1f}); mean@4 "
+              f"{rows[-1]['s_before']:.1f}% -> {rows[-1]['s_after']:.1f}%; training "
               f"accuracy {rows[-1]['train_first']:.1f}% -> {rows[-1]['train_last']:.1f}% in {res['steps']} steps, "
               f"{res['seconds']} s")
     write(args.out, rows, logs, base_info, args, machine_description())
@@ -77,28 +78,39 @@ def write(out, rows, logs, base_info, args, machine):
         f.write(f"# Learning on the built-in task `add`\n\n{machine}. Command: `python -m bench.learning "
                 f"--seconds {args.seconds:.0f}`. Base: SFT warm-up, {base_info.get('steps')} steps / "
                 f"{base_info.get('seconds')} s, held-out {100 * base_info.get('heldout_accuracy', 0):.1f}%. "
-                f"Held-out = greedy accuracy on the task's fixed 1000 problems; training accuracy = share of "
+                f"Held-out: the task's fixed 1000 problems, greedy accuracy and mean@4 (4 samples per problem at "
+                f"temperature 1, the policy RL optimises; fixed sampling seed); training accuracy = share of "
                 f"the step's sampled completions (temperature 1) that are correct, mean over the first and the "
                 f"last 50 steps; {args.seconds:.0f} s of training per method (evaluation not counted), seed 0.\n\n")
-        f.write("| method | held-out before | after | gain (points) | training acc. first 50 steps | last 50 | "
-                "steps | train s | final KL | final entropy |\n")
-        f.write("|---|---|---|---|---|---|---|---|---|---|\n")
+        f.write("| method | greedy before | after | gain | mean@4 before | after | gain | training acc. first 50 "
+                "steps | last 50 | steps | train s | final KL | final entropy |\n")
+        f.write("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             if "error" in r:
-                f.write(f"| {r['method']} | stopped: {r['error']} ||||||||| \n")
+                f.write(f"| {r['method']} | stopped: {r['error']} |||||||||||| \n")
                 continue
             f.write(f"| {r['method']} | {fmt(r['before'])} | {fmt(r['after'])} | {fmt(r['gain'], '+.1f')} | "
+                    f"{fmt(r['s_before'])} | {fmt(r['s_after'])} | {fmt(r['s_after'] - r['s_before'], '+.1f')} | "
                     f"{fmt(r['train_first'])} | {fmt(r['train_last'])} | {r['steps']} | {fmt(r['train_s'])} | "
                     f"{fmt(r['kl'], '.4f')} | {fmt(r['entropy'], '.3f')} |\n")
     import matplotlib  # noqa: PLC0415
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
-    fig, ax = plt.subplots(figsize=(8, 5))
+    from alignops.train.trainer import moving_average  # noqa: PLC0415
+    fig, ax = plt.subplots(1, 2, figsize=(13, 5))
     for method, log in logs.items():
-        ev = [r for r in log if "eval/accuracy" in r]
-        ax.plot([r["step"] for r in ev], [100 * r["eval/accuracy"] for r in ev], marker=".", label=method)
-    ax.set(xlabel="step", ylabel="held-out accuracy (%)", title="every method from the same SFT base")
-    ax.legend(fontsize=7, ncol=2)
+        steps = [r for r in log if "accuracy" in r and "loss" in r]
+        ax[0].plot([r["time_s"] for r in steps], [100 * a for a in moving_average([r["accuracy"] for r in steps], 50)],
+                   lw=1, label=method)
+    ax[0].set(xlabel="training seconds", ylabel="training accuracy (%), mean of 50 steps",
+              title="sampled accuracy during training (same SFT base)")
+    ax[0].legend(fontsize=6, ncol=2)
+    done = [r for r in rows if "error" not in r]
+    ax[1].barh([r["method"] for r in done], [r["s_after"] - r["s_before"] for r in done], label="mean@4", alpha=0.7)
+    ax[1].barh([r["method"] for r in done], [r["gain"] for r in done], label="greedy", alpha=0.5)
+    ax[1].axvline(0, color="k", lw=0.5)
+    ax[1].set(xlabel="held-out gain (points)", title="held-out accuracy after - before")
+    ax[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "learning.png"), dpi=110)
     plt.close(fig)

@@ -86,6 +86,7 @@ class TrainConfig:
     # evaluation and logging
     eval_every: int = 20
     eval_size: int = 1000
+    eval_samples: int = 4                  # also report mean@k: k samples per problem at `temperature` (0: off)
     log_every: int = 1
     save_every: int = 0                    # 0: only at the end
     resume: bool = False

@@ -47,16 +47,32 @@ def completion_logprobs(model, batch: Batch, temperature: float, backend=None) -
 
 
 @torch.no_grad()
-def evaluate(model, task, tok, size: int, max_new_tokens: int, batch_size: int = 500) -> float:
-    """Greedy accuracy on the task's fixed held-out problems (the same set for every method)."""
+def evaluate(model, task, tok, size: int, max_new_tokens: int, batch_size: int = 500, samples: int = 0,
+             temperature: float = 1.0) -> float:
+    """Accuracy on the task's fixed held-out problems (the same set for every method): greedy
+    decoding, or with `samples` = k > 0 the mean over k samples per problem at `temperature`
+    (verl's mean@k, an estimate of pass@1 of the sampling policy RL optimises), drawn from a fixed
+    seed so every method and step sees the same sampling noise."""
     problems = task.heldout[:size]
+    if samples:
+        problems = [p for p in problems for _ in range(samples)]
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(1234)
     correct = 0
     for i in range(0, len(problems), batch_size):
         chunk = problems[i:i + batch_size]
         b = generate(model, [tok.encode(p.prompt, bos=True) for p in chunk], max_new_tokens=max_new_tokens,
-                     eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0.0)
+                     eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=temperature if samples else 0.0,
+                     generator=generator)
         correct += sum(task.reward(p, tok.decode(ids)) for p, ids in zip(chunk, b.completion_ids))
     return correct / max(1, len(problems))
+
+
+def evaluation(cfg, model, task, tok) -> dict:
+    out = {"eval/accuracy": evaluate(model, task, tok, cfg.eval_size, cfg.max_completion_length)}
+    if cfg.eval_samples:
+        out[f"eval/mean@{cfg.eval_samples}"] = evaluate(model, task, tok, cfg.eval_size, cfg.max_completion_length,
+                                                        samples=cfg.eval_samples, temperature=cfg.temperature)
+    return out
 
 
 def normalizer_for(agg: str, mask: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -98,15 +114,30 @@ def plot_curves(rows: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    steps = [r["step"] for r in rows if "reward" in r]
-    ax[0].plot(steps, [r["reward"] for r in rows if "reward" in r], lw=1)
+    train_rows = [r for r in rows if "reward" in r]
+    ax[0].plot([r["step"] for r in train_rows], [r["reward"] for r in train_rows], lw=0.6, alpha=0.5, label="per step")
+    avg = moving_average([r["reward"] for r in train_rows], 25)
+    ax[0].plot([r["step"] for r in train_rows], avg, lw=1.5, label="mean of 25 steps")
     ax[0].set(xlabel="step", ylabel="mean reward", title=f"{title}: training reward")
+    ax[0].legend(fontsize=7)
     ev = [r for r in rows if "eval/accuracy" in r]
-    ax[1].plot([r["step"] for r in ev], [100 * r["eval/accuracy"] for r in ev], marker="o")
-    ax[1].set(xlabel="step", ylabel="held-out accuracy (%)", title="greedy held-out accuracy")
+    ax[1].plot([r["step"] for r in ev], [100 * r["eval/accuracy"] for r in ev], marker="o", label="greedy")
+    for key in sorted({k for r in ev for k in r if k.startswith("eval/mean@")}):
+        pts = [r for r in ev if key in r]
+        ax[1].plot([r["step"] for r in pts], [100 * r[key] for r in pts], marker="s", label=key.split("/")[1])
+    ax[1].set(xlabel="step", ylabel="held-out accuracy (%)", title="held-out accuracy")
+    ax[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def moving_average(xs: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, x in enumerate(xs):
+        acc += x - (xs[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
 
 
 def progress(iterable, enabled: bool, **kw):
@@ -484,8 +515,7 @@ def train(cfg: TrainConfig) -> dict:
         start, elapsed = state["step"], state["elapsed_s"]
         log.truncate(start)
     else:
-        acc0 = evaluate(policy, task, tok, cfg.eval_size, cfg.max_completion_length)
-        row = {"step": 0, "eval/accuracy": acc0}
+        row = {"step": 0, **evaluation(cfg, policy, task, tok)}
         if critic is not None and cfg.value_pretrain_steps:
             t0 = time.time()
             row.update(pretrain_critic(cfg, critic, critic_opt, collect))
@@ -502,7 +532,8 @@ def train(cfg: TrainConfig) -> dict:
             ckpt.save_tensors(os.path.join(out_dir, "critic_optim.safetensors"), tensors)
         ckpt.save_checkpoint(out_dir, policy, opt, tokenizer=tok, state=state)
 
-    bar = progress(range(start, cfg.max_steps), cfg.progress, desc=cfg.method, initial=start, total=cfg.max_steps)
+    bar = progress(range(start, cfg.max_steps), cfg.progress, desc=cfg.method, initial=start,
+                   total=None if cfg.time_budget_s else cfg.max_steps)
     step = start
     for step in bar:
         t0 = time.time()
@@ -524,7 +555,7 @@ def train(cfg: TrainConfig) -> dict:
                "completions/clipped_ratio": rollout.batch.truncated.float().mean(),
                "time_s": elapsed, **rollout.metrics, **prep.metrics, **metrics}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
-            row["eval/accuracy"] = evaluate(policy, task, tok, cfg.eval_size, cfg.max_completion_length)
+            row.update(evaluation(cfg, policy, task, tok))
         log.add(row)
         if cfg.progress:
             bar.set_postfix(reward=f"{float(row['reward']):.2f}", acc=row.get("eval/accuracy", ""))
@@ -536,9 +567,11 @@ def train(cfg: TrainConfig) -> dict:
     else:
         step = cfg.max_steps
     if "eval/accuracy" not in log.rows[-1]:
-        log.add({"step": step, "eval/accuracy": evaluate(policy, task, tok, cfg.eval_size, cfg.max_completion_length)})
+        log.add({"step": step, **evaluation(cfg, policy, task, tok)})
     save(step)
     plot_curves(log.rows, os.path.join(out_dir, "curves.png"), cfg.method)
-    accs = [r["eval/accuracy"] for r in log.rows if "eval/accuracy" in r]
+    evals = [r for r in log.rows if "eval/accuracy" in r]
+    sampled = f"eval/mean@{cfg.eval_samples}"
     return {"method": cfg.method, "steps": step, "seconds": round(elapsed, 1),
-            "accuracy_before": accs[0], "accuracy_after": accs[-1], "log": log.rows}
+            "accuracy_before": evals[0]["eval/accuracy"], "accuracy_after": evals[-1]["eval/accuracy"],
+            "sampled_before": evals[0].get(sampled), "sampled_after": evals[-1].get(sampled), "log": log.rows}
