@@ -40,6 +40,9 @@ def test_every_preset_runs_and_updates(method, tmp_path, varied_rewards):
     result = train(cfg)
     rows = [r for r in result["log"] if "loss" in r]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    trl_names = {"reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
+                 "completions/clipped_ratio", "grad_norm"} | ({"entropy"} if method != "gvpo" else set())
+    assert trl_names <= set(rows[0]), trl_names - set(rows[0])
     _, _, after = setup(cfg)
     ckpt.load_model_weights(cfg.resolved_output_dir(), after)
     changed = any(not torch.equal(before[k], v) for k, v in after.state_dict().items())

@@ -306,8 +306,10 @@ class Preset:
                     max_len=cfg.max_completion_length, **cfg.loss_kwargs)
 
     def loss(self, cfg, *, logits, data, norms, overrides):
+        # compute_entropy: the entropy metric every step (TRL logs it); it comes from the same logits pass
         return ao.fused_policy_loss(logits, data["labels"], data.get("old_logp"), data["advantages"], data["mask"],
-                                    backend=cfg.backend, **self.loss_options(cfg, data, norms, overrides))
+                                    backend=cfg.backend, compute_entropy=True,
+                                    **self.loss_options(cfg, data, norms, overrides))
 
     def state(self) -> dict:
         return {}
@@ -321,10 +323,8 @@ def _policy_loss_from_logits(preset, cfg, logits, data, norms, overrides):
     that add a term of their own on the same log-probs."""
     opts = preset.loss_options(cfg, data, norms, overrides)
     temperature = opts.pop("temperature")
-    entropy_coef = opts["entropy_coef"]
-    stats = ao.token_logprobs(logits, data["labels"], temperature=temperature, return_entropy=entropy_coef != 0,
-                              backend=cfg.backend)
-    logp, entropy = (stats if isinstance(stats, tuple) else (stats, None))
+    logp, entropy = ao.token_logprobs(logits, data["labels"], temperature=temperature, return_entropy=True,
+                                      backend=cfg.backend)
     out = ao.policy_loss(logp, data.get("old_logp"), data["advantages"], data["mask"], entropy=entropy, **opts)
     return logp, out
 
