@@ -4,7 +4,7 @@
 //
 // Checks, for many (V, element size, row misalignment, threads per block, logits pattern):
 //   - every element of a row is read exactly once (forward) / read then written once (backward);
-//   - the merged statistics match float64 math on the same rounded z = x * inv_temp;
+//   - the merged statistics match float64 math on z = x * inv_temp (z itself never rounded);
 //   - NaN logits poison the row, -inf logits contribute nothing;
 //   - the in-place backward (gradient buffer = logits buffer) equals the out-of-place one bit for
 //     bit, and both match float64 math.
@@ -81,18 +81,18 @@ struct Ref {
   double lse, logp, entropy;
 };
 
-// float64 math on the kernel's rounded z (z = x * inv_temp in fp32).
-static Ref reference(const std::vector<float>& z, int64_t label) {
+// float64 math on z = x * inv_temp computed in float64 (the kernel never rounds z itself).
+static Ref reference(const std::vector<double>& z, int64_t label) {
   double m = -INFINITY;
-  for (float v : z) m = std::max(m, double(v));
+  for (double v : z) m = std::max(m, v);
   double s = 0, pz = 0;
-  for (float v : z) {
+  for (double v : z) {
     if (v == -INFINITY) continue;
-    const double e = std::exp(double(v) - m);
+    const double e = std::exp(v - m);
     s += e;
-    pz += e * (double(v) - m);
+    pz += e * (v - m);
   }
-  return {m + std::log(s), (double(z[label]) - m) - std::log(s), std::log(s) - pz / s};
+  return {m + std::log(s), (z[label] - m) - std::log(s), std::log(s) - pz / s};
 }
 
 static bool close(double got, double want, double scale, double rel) {
@@ -125,19 +125,20 @@ static void check_row(const std::vector<float>& x, int64_t label, float inv_temp
   for (int tid = 0; tid < nthreads; ++tid) {
     StatsVisitor<kVec, HostLoader<kVec>> vis{{x.data(), sp.head, reads.data()}, inv_temp, stats_empty<float>()};
     visit_thread_share<kUnroll>(sp, V, tid, nthreads, vis);
-    total = stats_merge<float>(total, vis.st);
+    total = stats_merge<float>(total, vis.st, inv_temp);
   }
   for (int64_t v = 0; v < V; ++v) CHECK(reads[v] == 1, "%s: element %lld read %d times", what.c_str(), (long long)v, reads[v]);
 
-  std::vector<float> z(V);
+  std::vector<double> z(V);
   bool has_nan = false;
   for (int64_t v = 0; v < V; ++v) {
-    z[v] = mul_rn(x[v], inv_temp);
-    has_nan |= std::isnan(z[v]);
+    z[v] = double(x[v]) * double(inv_temp);
+    has_nan |= std::isnan(x[v]);
   }
+  // As the forward kernel finishes a row (csrc/cuda/token_stats.cu).
   const float log_s = std::log(total.s);
-  const float lse = total.m + log_s;
-  const float logp = (z[label] - total.m) - log_s;
+  const float lse = mul_rn(total.m, inv_temp) + log_s;
+  const float logp = mul_rn(x[label] - total.m, inv_temp) - log_s;
   const float entropy = stats_entropy<float>(total);
   if (has_nan) {
     CHECK(std::isnan(lse) && std::isnan(logp) && std::isnan(entropy), "%s: NaN logit not propagated (lse %g)",
@@ -151,7 +152,7 @@ static void check_row(const std::vector<float>& x, int64_t label, float inv_temp
         ref.entropy);
 
   // ---- backward: out of place, then in place; each element read before it is written
-  const GradCoeffs c = make_grad_coeffs(z[label], logp, lse, entropy, float(ga), float(gb), has_b, inv_temp, label);
+  const GradCoeffs c = make_grad_coeffs(x[label], logp, lse, entropy, float(ga), float(gb), has_b, inv_temp, label);
   std::vector<float> out(V, 12345.f), inplace = x;
   std::vector<int> r1(V, 0), w1(V, 0), r2(V, 0), w2(V, 0);
   for (int tid = 0; tid < nthreads; ++tid) {
@@ -168,7 +169,7 @@ static void check_row(const std::vector<float>& x, int64_t label, float inv_temp
           (long long)v, r1[v], w1[v]);
     CHECK(std::memcmp(&out[v], &inplace[v], sizeof(float)) == 0, "%s: in-place differs at %lld (%g vs %g)",
           what.c_str(), (long long)v, inplace[v], out[v]);
-    const double lp = double(z[v]) - ref.lse;
+    const double lp = z[v] - ref.lse;
     const double p = std::exp(lp);
     double want = (v == label ? a : 0.0) - a * p;
     if (p > 0) want -= b * p * (lp + ref.entropy);

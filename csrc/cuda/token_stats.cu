@@ -12,8 +12,9 @@
 // into the MUFU approximations (__expf: 2 + 1.17|x| ulp, x = z - max <= 0; denormals flush to 0).
 // Only terms with |z - max| <~ 20 carry weight in the sums, so they stay within ~1e-6 relative,
 // inside the 1e-5 fp32 budget; `make cuda-check` compiles without fast-math, which is also correct.
-// What would break at |z| ~ 1000 is FMA contraction (nvcc's default, fast-math or not) of
-// x * inv_temp into the following subtraction: __fmul_rn (mul_rn) blocks it.
+// Differences are taken on the raw logits and scaled once, (x - m) / T, as on the CPU; what would
+// break at |x| ~ 1000 is FMA contraction (nvcc's default, fast-math or not) of that product into
+// the following subtraction: __fmul_rn (mul_rn) blocks it.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -150,14 +151,15 @@ struct ReadWriteRow {
 
 // ---- block reduction of SoftmaxStats ---------------------------------------------------------------
 
-__device__ __forceinline__ Stats warp_merge(Stats st) {
+// m is in raw-logit units: `scale` (= 1/temperature) turns differences of m into z units.
+__device__ __forceinline__ Stats warp_merge(Stats st, float scale) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
     Stats other;
     other.m = __shfl_down_sync(0xffffffffu, st.m, offset);
     other.s = __shfl_down_sync(0xffffffffu, st.s, offset);
     other.t = __shfl_down_sync(0xffffffffu, st.t, offset);
-    st = stats_merge<float>(st, other);
+    st = stats_merge<float>(st, other, scale);
   }
   return st;  // complete in lane 0
 }
@@ -165,15 +167,15 @@ __device__ __forceinline__ Stats warp_merge(Stats st) {
 // The row's statistics, valid in thread 0. The caller must __syncthreads() before the next call
 // (warp 0 reads the shared slots that the next call's lane-0 writes would overwrite).
 template <int kBlock>
-__device__ __forceinline__ Stats block_merge(Stats st, Stats* warp_slots) {
+__device__ __forceinline__ Stats block_merge(Stats st, Stats* warp_slots, float scale) {
   constexpr int kWarps = kBlock / 32;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  st = warp_merge(st);
+  st = warp_merge(st, scale);
   if (lane == 0) warp_slots[warp] = st;
   __syncthreads();
   if (warp == 0) {
     st = lane < kWarps ? warp_slots[lane] : stats_empty<float>();
-    st = warp_merge(st);
+    st = warp_merge(st, scale);
   }
   return st;
 }
@@ -206,14 +208,13 @@ token_stats_fwd_kernel(const scalar_t* __restrict__ logits, int64_t N, int64_t T
     const RowSplit sp = cuda_row::split_row(addr, addr, V, sizeof(scalar_t));
     cuda_row::StatsVisitor<kVec, ReadOnlyRow<scalar_t>> vis{{x, x + sp.head}, inv_temp, stats_empty<float>()};
     cuda_row::visit_thread_share<Unroll<scalar_t>::value>(sp, V, threadIdx.x, kBlock, vis);
-    const Stats st = block_merge<kBlock>(vis.st, warp_slots);
+    const Stats st = block_merge<kBlock>(vis.st, warp_slots, inv_temp);
     if (threadIdx.x == 0) {
       const float log_s = logf(st.s);
-      lse_out[row] = st.m + log_s;
-      // The same rounded z as in the max: z_y - m is exact, and (z_y - m) - log s keeps a small
-      // log-prob accurate where z_y - lse would carry lse's fp32 rounding (~1e-4 at |z| ~ 1000).
-      const float z_label = cuda_row::mul_rn(x_label, inv_temp);
-      logp_out[row] = label_in_row ? (z_label - st.m) - log_s : NAN;
+      lse_out[row] = cuda_row::mul_rn(st.m, inv_temp) + log_s;
+      // x_y - m is exact, and (x_y - m) / T - log s keeps a small log-prob accurate where
+      // z_y - lse would carry lse's fp32 rounding (~1e-4 at |z| ~ 1000).
+      logp_out[row] = label_in_row ? cuda_row::mul_rn(x_label - st.m, inv_temp) - log_s : NAN;
       entropy_out[row] = compute_entropy ? stats_entropy<float>(st) : 0.f;
     }
     __syncthreads();
@@ -242,12 +243,12 @@ token_stats_bwd_kernel(const scalar_t* logits, int64_t N, int64_t T, int64_t V, 
       cuda_row::visit_thread_share<kUnroll>(sp, V, threadIdx.x, kBlock, zero);
       continue;
     }
-    const float z_label = cuda_row::mul_rn(Elem<scalar_t>::to_float(x[label]), inv_temp);
+    const float x_label = Elem<scalar_t>::to_float(x[label]);
     // Every thread has read x[label] before any thread may overwrite it (in-place backward).
     __syncthreads();
     const RowSplit sp = cuda_row::split_row(reinterpret_cast<uint64_t>(x), gaddr, V, sizeof(scalar_t));
     const cuda_row::GradCoeffs coeffs = cuda_row::make_grad_coeffs(
-        z_label, logp[row], lse[row], entropy[row], grad_logp[row], has_entropy_grad ? grad_entropy[row] : 0.f,
+        x_label, logp[row], lse[row], entropy[row], grad_logp[row], has_entropy_grad ? grad_entropy[row] : 0.f,
         has_entropy_grad, inv_temp, label);
     cuda_row::GradVisitor<kVec, ReadWriteRow<scalar_t>> vis{{x, g, x + sp.head, g + sp.head}, coeffs, sp.head};
     cuda_row::visit_thread_share<kUnroll>(sp, V, threadIdx.x, kBlock, vis);

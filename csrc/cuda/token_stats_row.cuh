@@ -26,9 +26,10 @@ constexpr int kVecBytes = 16;
 #define ALIGNOPS_UNROLL
 #endif
 
-// z = x * inv_temp rounded once, never contracted into an FMA with a later subtraction: the row max
-// and every z - max must come from the same rounded z, or exp(z_max - max) != 1 at |z| ~ 1000
-// (nvcc contracts by default, and --use_fast_math keeps it on).
+// Differences are taken on the raw logits and scaled once, d = (x - m) * inv_temp, as in the CPU
+// kernels (csrc/cpu/row_ops.h): rounding z = x * inv_temp first costs ~|z| * 2^-24 in every
+// log-prob at |x| ~ 1000 with T != 1, twice eager's error. The product is rounded on its own,
+// never contracted into an FMA (nvcc contracts by default, and --use_fast_math keeps it on).
 ALIGNOPS_HD float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(a, b);
@@ -69,17 +70,18 @@ ALIGNOPS_HD void visit_thread_share(const RowSplit& sp, int64_t V, int64_t tid, 
   for (int64_t v = sp.tail + tid; v < V; v += nthreads) vis.scalar(v);
 }
 
-// Adds the chunk z[0..K) to a thread's running statistics: chunk max first, then one exp per
-// element relative to the running max (rescaling s and t only when the max grows, which after the
-// first chunks is rare), so the row costs one exp per element.
+// Adds the raw logits x[0..K) to a thread's running statistics (m in raw-logit units, s and t in
+// z units): chunk max first, then one exp per element relative to the running max (rescaling s and
+// t only when the max grows, which after the first chunks is rare), so the row costs one exp per
+// element.
 template <int K>
-ALIGNOPS_HD void absorb_chunk(SoftmaxStats<float>& st, const float (&z)[K]) {
-  float chunk_max = z[0];
+ALIGNOPS_HD void absorb_chunk(SoftmaxStats<float>& st, const float (&x)[K], float inv_temp) {
+  float chunk_max = x[0];
 ALIGNOPS_UNROLL
-  for (int k = 1; k < K; ++k) chunk_max = fmaxf(chunk_max, z[k]);
+  for (int k = 1; k < K; ++k) chunk_max = fmaxf(chunk_max, x[k]);
   if (chunk_max > st.m) {
     if (st.m != -INFINITY) {  // s = t = 0 otherwise, and (m - max) * s would be -inf * 0
-      const float d = st.m - chunk_max, e = expf(d);
+      const float d = mul_rn(st.m - chunk_max, inv_temp), e = expf(d);
       st.t = e * fmaf(d, st.s, st.t);
       st.s *= e;
     }
@@ -89,13 +91,13 @@ ALIGNOPS_UNROLL
     // the row, including m, because stats_merge treats m = -inf as "empty" and would drop it.
     bool has_nan = false;
 ALIGNOPS_UNROLL
-    for (int k = 0; k < K; ++k) has_nan |= (z[k] != z[k]);
+    for (int k = 0; k < K; ++k) has_nan |= (x[k] != x[k]);
     if (has_nan) st = {NAN, NAN, NAN};
     return;
   }
 ALIGNOPS_UNROLL
   for (int k = 0; k < K; ++k) {
-    const float d = z[k] - st.m;
+    const float d = mul_rn(x[k] - st.m, inv_temp);
     const float e = expf(d);  // d = NaN (a NaN logit) gives e = NaN: s, and the row, become NaN
     st.s += e;
     // d = -inf gives e = 0; clamping d keeps 0 * -inf from becoming NaN without a branch.
@@ -112,36 +114,34 @@ struct StatsVisitor {
   SoftmaxStats<float> st;
 
   ALIGNOPS_HD void scalar(int64_t v) {
-    const float z[1] = {mul_rn(load.scalar(v), inv_temp)};
-    absorb_chunk<1>(st, z);
+    const float x[1] = {load.scalar(v)};
+    absorb_chunk<1>(st, x, inv_temp);
   }
 
   template <int K>
   ALIGNOPS_HD void vectors(int64_t j, int64_t step) {
-    float z[K * kVec];
+    float x[K * kVec];
 ALIGNOPS_UNROLL
-    for (int k = 0; k < K; ++k) load.vector(j + k * step, z + k * kVec);
-ALIGNOPS_UNROLL
-    for (int i = 0; i < K * kVec; ++i) z[i] = mul_rn(z[i], inv_temp);
-    absorb_chunk<K * kVec>(st, z);
+    for (int k = 0; k < K; ++k) load.vector(j + k * step, x + k * kVec);
+    absorb_chunk<K * kVec>(st, x, inv_temp);
   }
 };
 
 // Coefficients of one row's backward (see logits_grad in softmax_stats.h). log p_v is rebuilt as
-// (z_v - shift) + offset: shift = z_y, offset = logp (exact at v = y), or shift = lse, offset = 0
-// when z_y or logp is not finite. a and b already carry the final 1/temperature.
+// (x_v - shift) * inv_temp + offset: shift = x_y, offset = logp (exact at v = y), or shift = 0,
+// offset = -lse when x_y or logp is not finite. a and b already carry the final 1/temperature.
 struct GradCoeffs {
   float inv_temp, shift, offset, entropy, a, b;
   int64_t label;
 };
 
-ALIGNOPS_HD GradCoeffs make_grad_coeffs(float z_label, float logp, float lse, float entropy, float grad_logp,
+ALIGNOPS_HD GradCoeffs make_grad_coeffs(float x_label, float logp, float lse, float entropy, float grad_logp,
                                         float grad_entropy, bool has_entropy_grad, float inv_temp,
                                         int64_t label) {
-  const bool via_label = isfinite(z_label) && isfinite(logp);
+  const bool via_label = isfinite(x_label) && isfinite(logp);
   return {inv_temp,
-          via_label ? z_label : lse,
-          via_label ? logp : 0.f,
+          via_label ? x_label : 0.f,
+          via_label ? logp : -lse,
           entropy,
           grad_logp * inv_temp,
           has_entropy_grad ? grad_entropy * inv_temp : 0.f,
@@ -149,7 +149,7 @@ ALIGNOPS_HD GradCoeffs make_grad_coeffs(float z_label, float logp, float lse, fl
 }
 
 ALIGNOPS_HD float grad_element(const GradCoeffs& c, float x, bool is_label) {
-  const float log_p = (mul_rn(x, c.inv_temp) - c.shift) + c.offset;
+  const float log_p = mul_rn(x - c.shift, c.inv_temp) + c.offset;
   return logits_grad<float>(log_p, is_label, 0.f, c.entropy, c.a, c.b);
 }
 
