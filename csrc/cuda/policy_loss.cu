@@ -33,17 +33,18 @@ __device__ SoftmaxStats<float> shfl_stats(SoftmaxStats<float> st, int offset) {
           __shfl_down_sync(0xffffffffu, st.t, offset)};
 }
 
-// Block-wide merge of per-thread statistics; every thread gets the row's statistics.
-__device__ SoftmaxStats<float> block_merge(SoftmaxStats<float> st) {
+// Block-wide merge of per-thread statistics (m in raw-logit units, `scale` = 1/T); every thread
+// gets the row's statistics.
+__device__ SoftmaxStats<float> block_merge(SoftmaxStats<float> st, float scale) {
   __shared__ SoftmaxStats<float> warp_stats[kThreads / 32];
   __shared__ SoftmaxStats<float> row_stats;
-  for (int offset = 16; offset > 0; offset >>= 1) st = alignops::stats_merge(st, shfl_stats(st, offset));
+  for (int offset = 16; offset > 0; offset >>= 1) st = alignops::stats_merge(st, shfl_stats(st, offset), scale);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (lane == 0) warp_stats[warp] = st;
   __syncthreads();
   if (warp == 0) {
     st = lane < kThreads / 32 ? warp_stats[lane] : alignops::stats_empty<float>();
-    for (int offset = 16; offset > 0; offset >>= 1) st = alignops::stats_merge(st, shfl_stats(st, offset));
+    for (int offset = 16; offset > 0; offset >>= 1) st = alignops::stats_merge(st, shfl_stats(st, offset), scale);
     if (lane == 0) row_stats = st;
   }
   __syncthreads();
@@ -67,17 +68,16 @@ __global__ void __launch_bounds__(kThreads) policy_loss_fused_kernel(
     scalar_t* g = grad + (row / T) * grad_stride_b + (row % T) * grad_stride_t;
     SoftmaxStats<float> st = alignops::stats_empty<float>();
     if (!ignored) {
-      // per-thread statistics over a strided slice, in raw-logit differences like the other kernels
-      for (int64_t v = threadIdx.x; v < V; v += kThreads) {
-        const float z = load_float(x + v) * inv_temp;
-        st = alignops::stats_merge(st, SoftmaxStats<float>{z, 1.f, 0.f});
-      }
+      // per-thread statistics over a strided slice: m in raw logits, differences scaled once by
+      // 1/T (stats_merge's scale) like the other kernels; __fmul_rn keeps the products unfused
+      for (int64_t v = threadIdx.x; v < V; v += kThreads)
+        st = alignops::stats_merge(st, SoftmaxStats<float>{load_float(x + v), 1.f, 0.f}, inv_temp);
     }
-    st = block_merge(st);
+    st = block_merge(st, inv_temp);
     if (threadIdx.x == 0) {
       float lp = 0.f, h = 0.f;
       if (!ignored) {
-        lp = in_range ? (load_float(x + label) * inv_temp - st.m) - logf(st.s) : __int_as_float(0x7fc00000);
+        lp = in_range ? __fmul_rn(load_float(x + label) - st.m, inv_temp) - logf(st.s) : __int_as_float(0x7fc00000);
         h = need_entropy ? alignops::stats_entropy(st) : 0.f;
       }
       const alignops::TokenEpilogue<float> e = alignops::policy_epilogue<float>(
@@ -97,15 +97,15 @@ __global__ void __launch_bounds__(kThreads) policy_loss_fused_kernel(
     if (ignored || !in_range) {
       for (int64_t v = threadIdx.x; v < V; v += kThreads) store_float(g + v, 0.f);
     } else {
-      // log p_v = (z_v - z_y) + logp: exact at v = y (see token_stats.py's contract); read the
+      // log p_v = (x_v - x_y)/T + logp: exact at v = y (see token_stats.py's contract); read the
       // label's logit before any thread overwrites it (grad may alias logits).
-      const float zy = load_float(x + label) * inv_temp;
-      const bool via_label = isfinite(zy) && isfinite(lp);
-      const float lse = alignops::stats_lse(st);
+      const float xy = load_float(x + label);
+      const bool via_label = isfinite(xy) && isfinite(lp);
+      const float lse = __fmul_rn(st.m, inv_temp) + logf(st.s);
       __syncthreads();
       for (int64_t v = threadIdx.x; v < V; v += kThreads) {
-        const float zv = load_float(x + v) * inv_temp;
-        const float zc = via_label ? (zv - zy) + lp : zv - lse;
+        const float xv = load_float(x + v);
+        const float zc = via_label ? __fmul_rn(xv - xy, inv_temp) + lp : __fmul_rn(xv, inv_temp) - lse;
         store_float(g + v, alignops::logits_grad<float>(zc, v == label, 0.f, h, a, b));
       }
     }
