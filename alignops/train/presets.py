@@ -14,7 +14,7 @@ import torch
 
 import alignops as ao
 from alignops.train.rollout import concat_batches
-from alignops.train.trainer import Prepared, normalizer_for
+from alignops.train.trainer import Prepared, normalizer_for, score_completions
 
 # --------------------------------------------------------------------------------------------
 # advantage estimators: (cfg, rollout, scorer, ctx) -> Prepared
@@ -47,10 +47,12 @@ def _kl_in_reward(cfg, scorer, batch, ctx) -> dict:
     return {"old_logp": scorer.old_logp(batch), "ref_logp": scorer.ref_logp(batch), "kl_coef": ctx.kl_coef}
 
 
-def _kl_metric(kw: dict, mask) -> dict:
+def _kl_metric(kw: dict, mask, kl=None) -> dict:
+    """The in-reward k1's batch mean (the adaptive controller's input); `kl` when already computed."""
     if not kw:
         return {}
-    return {"kl": ao.masked_mean(ao.k1_penalty(kw["old_logp"], kw["ref_logp"], mask), mask)}
+    kl = ao.k1_penalty(kw["old_logp"], kw["ref_logp"], mask) if kl is None else kl
+    return {"kl": ao.masked_mean(kl, mask)}
 
 
 def _reinforce_pp_advantages(cfg, rollout, scorer, ctx):
@@ -84,7 +86,7 @@ def _gae_advantages(cfg, rollout, scorer, ctx):
     out = ao.gae_advantages(token_rewards, scorer.values(b), mask, gamma=cfg.gamma, lam=lam,
                             critic_lam=cfg.critic_lam, whiten=cfg.whiten_advantages)
     prep = _prepared(rollout, out.advantages, returns=out.returns)
-    prep.metrics.update(_kl_metric(kw, mask))
+    prep.metrics.update(_kl_metric(kw, mask, kl))
     if cfg.lam_alpha:
         prep.metrics["lam/mean"] = lam.mean()
     return prep
@@ -121,7 +123,8 @@ def _remax_advantages(cfg, rollout, scorer, ctx):
     greedy = generate(ctx.policy, [ctx.tok.encode(p.prompt, bos=True) for p in prompts],
                       max_new_tokens=cfg.max_completion_length, eos_id=ctx.tok.eos_token_id,
                       pad_id=ctx.tok.pad_token_id, temperature=0.0)
-    greedy_r = torch.tensor([ctx.task.reward(p, ctx.tok.decode(ids)) for p, ids in zip(prompts, greedy.completion_ids)])
+    texts = [ctx.tok.decode(ids) for ids in greedy.completion_ids]
+    greedy_r, _, _ = score_completions(cfg, ctx.task, ctx.reward_model, prompts, texts, greedy.truncated)
     return _prepared(rollout, ao.remax_advantages(rollout.scores, greedy_r.repeat_interleave(G).to(rollout.scores.device)))
 
 
@@ -190,8 +193,8 @@ def _cppo_hit_advantages(cfg, rollout, scorer, ctx):
     k, lb, ub = float(kw.get("k", 0.5)), float(kw.get("lb", 0.5)), float(kw.get("ub", 1.5))
     b = rollout.batch
     R = rollout.scores.double()
-    old = scorer.old_logp(b).double()
-    P = ((old * b.completion_mask).sum(-1) / b.lengths.clamp_min(1)).exp()
+    # the sampler's recorded log-probs: the rollout policy's, without another forward pass
+    P = ((b.behaviour_logp.double() * b.completion_mask).sum(-1) / b.lengths.clamp_min(1)).exp()
 
     def side(x):
         mu, sd = x.mean(), x.std() if x.numel() > 1 else x.new_zeros(())

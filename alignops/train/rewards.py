@@ -85,12 +85,20 @@ class RewardModel:
             if len(self.weights) != len(self.fns):
                 raise ValueError(f"reward_weights has {len(self.weights)} entries for {len(self.fns)} reward_funcs")
 
-    def __call__(self, task, problems, completions) -> tuple[list[float], dict[str, float]]:
-        totals = [0.0] * len(problems)
+    def score(self, task, problems, completions) -> dict[str, list[float]]:
+        """Each function's scores, by name."""
+        return {name: [float(fn(task, p, c)) for p, c in zip(problems, completions)]
+                for name, fn in zip(self.names, self.fns)}
+
+    def combine(self, scores: dict[str, list[float]]) -> tuple[list[float], dict[str, float]]:
+        """The weighted total per completion, and each function's mean when there are several."""
+        totals = [0.0] * len(next(iter(scores.values())))
         metrics = {}
-        for name, fn, w in zip(self.names, self.fns, self.weights):
-            scores = [float(fn(task, p, c)) for p, c in zip(problems, completions)]
-            totals = [t + w * s for t, s in zip(totals, scores)]
+        for (name, values), w in zip(scores.items(), self.weights):
+            totals = [t + w * s for t, s in zip(totals, values)]
             if len(self.fns) > 1:
-                metrics[f"rewards/{name.rsplit(':', 1)[-1]}"] = sum(scores) / max(1, len(scores))
+                metrics[f"rewards/{name.rsplit(':', 1)[-1]}"] = sum(values) / max(1, len(values))
         return totals, metrics
+
+    def __call__(self, task, problems, completions) -> tuple[list[float], dict[str, float]]:
+        return self.combine(self.score(task, problems, completions))

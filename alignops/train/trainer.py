@@ -16,6 +16,7 @@ import alignops as ao
 from alignops.train import checkpoint as ckpt
 from alignops.train.config import TrainConfig
 from alignops.train.model import build_policy, frozen_copy
+from alignops.train.rewards import RewardModel
 from alignops.train.rollout import Batch, concat_batches, generate
 from alignops.train.tasks import make_task
 from alignops.train.tokenizer import CharTokenizer
@@ -220,6 +221,19 @@ class Rollout:
                        None if self.scores is None else self.scores[rows])
 
 
+def score_completions(cfg, task, reward_model, problems, texts, truncated: torch.Tensor):
+    """(rewards [B], correct [B] bool, metrics): the reward functions' weighted total, with the
+    truncation reward where set; `correct` is the task verifier's verdict (reused from the
+    `accuracy` reward function when it is one of them, so the verifier runs once)."""
+    per_function = reward_model.score(task, problems, texts)
+    totals, metrics = reward_model.combine(per_function)
+    verdicts = per_function.get("accuracy") or [task.reward(p, t) for p, t in zip(problems, texts)]
+    rewards = torch.tensor(totals, dtype=torch.float32, device=truncated.device)
+    if cfg.truncation_reward is not None:
+        rewards = torch.where(truncated, torch.full_like(rewards, cfg.truncation_reward), rewards)
+    return rewards, torch.tensor([v > 0 for v in verdicts], device=truncated.device), metrics
+
+
 def sample_groups(cfg, task, tok, policy, reward_model, rng, generator) -> Rollout:
     problems = task.sample(rng, cfg.num_prompts)
     group = [p for p in problems for _ in range(cfg.num_generations)]
@@ -228,12 +242,7 @@ def sample_groups(cfg, task, tok, policy, reward_model, rng, generator) -> Rollo
                      pad_id=tok.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p,
                      generator=generator)
     texts = [tok.decode(ids) for ids in batch.completion_ids]
-    totals, metrics = reward_model(task, group, texts)
-    device = batch.input_ids.device
-    rewards = torch.tensor(totals, dtype=torch.float32, device=device)
-    if cfg.truncation_reward is not None:
-        rewards = torch.where(batch.truncated, torch.full_like(rewards, cfg.truncation_reward), rewards)
-    correct = torch.tensor([task.reward(p, t) > 0 for p, t in zip(group, texts)], device=device)
+    rewards, correct, metrics = score_completions(cfg, task, reward_model, group, texts, batch.truncated)
     return Rollout(group, batch, texts, rewards, correct, metrics)
 
 
@@ -337,13 +346,14 @@ class Prepared:
 @dataclasses.dataclass
 class Context:
     """What a preset may use besides the rollout: the models, the task, the current in-reward KL
-    coefficient, and more rollouts (CPPO's refill)."""
+    coefficient, more rollouts (CPPO's refill), and the run's reward functions (ReMax's baseline)."""
 
     policy: torch.nn.Module
     tok: CharTokenizer
     task: object
     kl_coef: float
     sample_more: object
+    reward_model: object = dataclasses.field(default_factory=lambda: RewardModel("accuracy"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,16 +473,15 @@ def reference_model(cfg, policy, preset):
                          f"(beta={cfg.beta}, kl_in_reward={cfg.kl_in_reward}); --ref_model is none")
     if cfg.ref_model == "init":
         return frozen_copy(policy)
-    ref = frozen_copy(policy)
-    if ckpt.is_checkpoint(cfg.ref_model):
+    if ckpt.is_checkpoint(cfg.ref_model):  # an alignops checkpoint of the policy's architecture
+        ref = frozen_copy(policy)
         ckpt.load_model_weights(cfg.ref_model, ref)
         return ref
-    return frozen_copy(build_policy(0, cfg.ref_model).to(cfg.device))
+    return frozen_copy(build_policy(0, cfg.ref_model).to(cfg.device))  # a Hugging Face checkpoint
 
 
 def train(cfg: TrainConfig) -> dict:
     from alignops.train.presets import get_preset  # noqa: PLC0415
-    from alignops.train.rewards import RewardModel  # noqa: PLC0415
 
     preset = get_preset(cfg.method)
     preset.validate(cfg)
@@ -541,7 +550,7 @@ def train(cfg: TrainConfig) -> dict:
             g["lr"] = cfg.learning_rate * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         rollout = collect()
         scorer = Scorer(cfg, policy, ref, critic)
-        prep = preset.prepare(cfg, rollout, scorer, Context(policy, tok, task, kl_ctl.value, collect))
+        prep = preset.prepare(cfg, rollout, scorer, Context(policy, tok, task, kl_ctl.value, collect, reward_model))
         metrics = policy_update(cfg, preset, policy, opt, prep, scorer, critic, critic_opt)
         if cfg.kl_in_reward:
             metrics["kl_coef"] = kl_ctl.value
