@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before triton is imported, so it is set here, first
 is present: the triton backend then runs on CPU tensors (keep those shapes small).
 """
 
+import math
 import os
 
 if os.environ.get("ALIGNOPS_TEST_GPU") != "1":
@@ -29,6 +30,26 @@ settings.register_profile("thorough", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+def make_logits(n: int, v: int, dtype: torch.dtype, pattern: str, gen: torch.Generator, device="cpu", *,
+                neginf_frac: float = 0.3, first_tile: int | None = None) -> torch.Tensor:
+    """[n, v] test logits drawn in float64, then cast: "normal"; "peaked" (one logit +50 per row:
+    p ~ 1 at one column, ~e^-50 elsewhere); "shifted_up"/"shifted_down" (+-1000); "neginf"
+    (a `neginf_frac` share of -inf); "neginf_first_tile" (the first `first_tile` + 3 columns -inf,
+    so a tiled kernel's running max stays -inf through whole tiles)."""
+    x = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
+    if pattern == "peaked":
+        x[torch.arange(n), torch.randint(0, v, (n,), generator=gen)] += 50
+    elif pattern == "shifted_up":
+        x += 1000
+    elif pattern == "shifted_down":
+        x -= 1000
+    elif pattern == "neginf" and v > 1:
+        x[torch.rand(n, v, generator=gen) < neginf_frac] = -math.inf
+    elif pattern == "neginf_first_tile" and v > 1:
+        x[:, : max(1, min(v - 1, first_tile + 3))] = -math.inf
+    return x.to(dtype=dtype, device=device)
 
 
 def backends_for(device: str) -> list[str]:

@@ -5,7 +5,6 @@ float64 math may not exceed twice the error of eager torch computing in that dty
 the output's scale (the fp32 bound).
 """
 
-import math
 import os
 import subprocess
 import sys
@@ -19,28 +18,12 @@ import alignops as ao
 from alignops import _backend
 from alignops.reference.token_stats import token_stats as ref_token_stats
 from alignops.token_stats import token_stats_op
-from tests.conftest import HAS_CUDA, device_backend_pairs
+from tests.conftest import HAS_CUDA, device_backend_pairs, make_logits
 
 PAIRS = device_backend_pairs()
 PAIR_IDS = [f"{d}-{b}" for d, b in PAIRS]
 SMALL_V = [1, 2, 3, 5, 7, 31, 97, 255, 256, 257, 1031, 4099]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def make_logits(n, v, dtype, pattern, gen, device="cpu"):
-    x = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
-    if pattern == "peaked":
-        x[torch.arange(n), torch.randint(0, v, (n,), generator=gen)] += 50
-    elif pattern == "shifted_up":
-        x += 1000
-    elif pattern == "shifted_down":
-        x -= 1000
-    elif pattern == "neginf" and v > 1:
-        x[torch.rand(n, v, generator=gen) < 0.3] = -math.inf
-    if dtype == torch.float16:
-        x = x.clamp(-60000, 60000)  # keep fp16 finite; -inf survives the clamp
-        x[x <= -60000] = -math.inf if pattern == "neginf" else -60000
-    return x.to(dtype=dtype, device=device)
 
 
 def make_labels(x, gen, ignore_frac=0.2, ignore_index=-100):

@@ -22,6 +22,7 @@ import alignops as ao
 from alignops import _backend
 from alignops.reference.token_stats import token_stats as oracle_token_stats
 from tests.conftest import HAS_CUDA
+from tests.conftest import make_logits as shared_make_logits
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 pytestmark = pytest.mark.skipif(
@@ -42,20 +43,7 @@ def triton_kernels():
 
 
 def make_logits(n: int, v: int, dtype: torch.dtype, pattern: str, gen: torch.Generator) -> torch.Tensor:
-    x = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
-    if pattern == "peaked":
-        # One logit far above the rest: p ~ 1 at one column, ~e^-50 elsewhere.
-        x[torch.arange(n), torch.randint(0, v, (n,), generator=gen)] += 50
-    elif pattern == "shifted_up":
-        x += 1000
-    elif pattern == "shifted_down":
-        x -= 1000
-    elif pattern == "neginf" and v > 1:
-        x[torch.rand(n, v, generator=gen) < 0.4] = -math.inf
-    elif pattern == "neginf_first_tile" and v > 1:
-        # The running max stays -inf through whole tiles before the first finite logit.
-        x[:, : max(1, min(v - 1, TILE + 3))] = -math.inf
-    return x.to(dtype)
+    return shared_make_logits(n, v, dtype, pattern, gen, neginf_frac=0.4, first_tile=TILE)
 
 
 def make_labels(x: torch.Tensor, gen: torch.Generator, ignore_frac: float, ignore_index: int = -100):
