@@ -339,3 +339,84 @@ def test_awpo_rule_judge_and_reward_functions():
 def test_incompatible_knobs_fail_before_training(method, overrides, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         train(micro(method, tmp_path, **overrides))
+
+
+# --------------------------------------------------------------------------------------------
+# normalisers: the trainer divides by exactly what the library would (METHODS.md §00.2)
+
+
+_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+_NORM_MASK = torch.tensor([[1., 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])  # row 1 all-masked
+
+
+def _library_normalizer(agg, mask, max_len):
+    from alignops.reference.policy_loss import Rows, default_normalizer
+    valid = mask != 0
+    return default_normalizer(agg, valid, Rows(valid.shape, valid.device), max_len, torch.float32)
+
+
+@pytest.mark.parametrize("agg,want", list(zip(_AGG_MODES, (7.0, 3.0, 3.0, 12.0))))
+def test_trainer_normalizers_are_the_librarys(agg, want, tmp_path):
+    """Actor and critic normalisers against the library's default on a mask with an empty row
+    (never counted), and a micro-batched loss that divides by them equals one library call."""
+    import alignops as ao
+    from alignops.train.trainer import critic_agg, critic_normalizer, normalizer_for
+    from alignops.reference.policy_loss import AGG_MODES
+    assert set(_AGG_MODES) == set(AGG_MODES)
+    lib = _library_normalizer(agg, _NORM_MASK, 4)
+    assert float(lib) == want
+    assert float(normalizer_for(agg, _NORM_MASK, 4)) == want
+    cfg = micro("ppo", tmp_path, loss_type=agg, max_completion_length=4)
+    assert float(critic_normalizer(cfg, _NORM_MASK)) == want
+    assert critic_agg(cfg) == agg and critic_agg(micro("orz", tmp_path)) == "seq-mean-token-mean"
+    g = torch.Generator().manual_seed(0)
+    logp, adv = -torch.rand(4, 4, generator=g), torch.randn(4, generator=g)
+    full = ao.policy_loss(logp, None, adv, _NORM_MASK, method="reinforce", agg=agg, max_len=4).loss
+    norm = normalizer_for(agg, _NORM_MASK, 4)
+    parts = sum(ao.policy_loss(logp[r], None, adv[r], _NORM_MASK[r], method="reinforce", agg=agg,
+                               normalizer=norm).loss for r in (slice(0, 2), slice(2, 4)))
+    torch.testing.assert_close(parts, full)
+    v, ret = torch.randn(4, 4, generator=g), torch.randn(4, 4, generator=g)
+    full = ao.value_loss(v, v, ret, _NORM_MASK, agg=agg, max_len=4).loss
+    norm = critic_normalizer(cfg, _NORM_MASK)
+    parts = sum(ao.value_loss(v[r], v[r], ret[r], _NORM_MASK[r], agg=agg, normalizer=norm).loss
+                for r in (slice(0, 2), slice(2, 4)))
+    torch.testing.assert_close(parts, full)
+
+
+def test_orz_critic_uses_its_own_aggregation_and_normaliser(tmp_path, parity_reward):
+    """orz's critic step (micro-batched, through policy_update) has the gradient and vf_loss of one
+    library value_loss call with orz's aggregation (seq-mean-token-mean, METHODS.md §2.3, §3.1) and
+    the library's default normaliser from the critic's mask: rows of different lengths and an
+    all-masked (truncated, masked out) row."""
+    import alignops as ao
+    from alignops.train.presets import get_preset
+    from alignops.train.trainer import build_critic, completion_values
+    cfg = micro("orz", tmp_path, num_prompts=2, max_grad_norm=1e9, gradient_accumulation_steps=2,
+                mask_truncated_completions=True)
+    assert cfg.loss_type == "seq-mean-token-mean"
+    r = _rollout(cfg)
+    r.batch.completion_mask[0, 1:] = 0  # length 1
+    r.batch.completion_mask[5, 2:] = 0  # length <= 2
+    r.batch.truncated = torch.zeros_like(r.batch.truncated)
+    r.batch.truncated[2] = True  # all-masked in the loss
+    task, tok, policy = setup(cfg)
+    critic = build_critic(policy)
+    torch.nn.init.normal_(critic.head.weight, std=0.5)
+    scorer = Scorer(cfg, policy, None, critic)
+    preset = get_preset("orz")
+    prep = preset.prepare(cfg, r, scorer, Context(policy, tok, task, 0.0, None))
+    critic_opt = torch.optim.SGD(critic.parameters(), lr=0.0)  # the gradient stays, the weights too
+    metrics = policy_update(cfg, preset, policy, torch.optim.SGD(policy.parameters(), lr=0.0), prep, scorer,
+                            critic, critic_opt)
+    got = {n: p.grad.clone() for n, p in critic.named_parameters()}
+    critic.zero_grad(set_to_none=True)
+    mask = r.batch.completion_mask * (~r.batch.truncated)[:, None]
+    lengths = mask.sum(-1)
+    assert bool((lengths == 0).any()) and len(set(lengths[lengths > 0].tolist())) > 1
+    want = ao.value_loss(completion_values(critic, r.batch), scorer.values(r.batch), prep.data["returns"], mask,
+                         clip_range=cfg.cliprange_value, agg="seq-mean-token-mean")
+    want.loss.backward()
+    assert metrics["critic/vf_loss"] == pytest.approx(float(want.loss.detach()), rel=1e-5)
+    for n, p in critic.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)

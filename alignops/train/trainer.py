@@ -13,6 +13,7 @@ import time
 import torch
 
 import alignops as ao
+from alignops.reference import policy_loss as _ref
 from alignops.train import checkpoint as ckpt
 from alignops.train.config import TrainConfig
 from alignops.train.model import build_policy, frozen_copy
@@ -77,12 +78,25 @@ def evaluation(cfg, model, task, tok) -> dict:
 
 
 def normalizer_for(agg: str, mask: torch.Tensor, max_len: int) -> torch.Tensor:
-    """The aggregation's denominator over one optimiser step (METHODS.md §00.2)."""
-    if agg == "token-mean":
-        return mask.sum()
-    if agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
-        return (mask.sum(-1) > 0).sum()
-    return torch.tensor(float(mask.shape[0] * max_len))
+    """The aggregation's denominator over one optimiser step (METHODS.md §00.2): the library's own
+    default normaliser (alignops.reference.policy_loss.default_normalizer) applied to the whole
+    step's mask, so a micro-batched step divides by exactly what one big call would: the token
+    count for token-mean, the count of non-empty rows for the seq-mean modes, non-empty rows x
+    max_len for seq-mean-token-sum-norm (empty rows are never counted)."""
+    valid = mask != 0
+    return _ref.default_normalizer(agg, valid, _ref.Rows(valid.shape, valid.device), max_len, torch.float32)
+
+
+def critic_agg(cfg) -> str:
+    """The value loss's aggregation: the actor's mode (verl aggregates the critic with the actor's
+    loss_agg_mode; ORZ averages per sequence, METHODS.md §2.3), so orz's critic is
+    seq-mean-token-mean like its actor, the token-mean presets' critics token-mean."""
+    return cfg.loss_type
+
+
+def critic_normalizer(cfg, mask: torch.Tensor) -> torch.Tensor:
+    """The critic's own denominator over its optimiser step: critic_agg's, from the critic's mask."""
+    return normalizer_for(critic_agg(cfg), mask, cfg.max_completion_length)
 
 
 class MetricLog:
@@ -414,22 +428,28 @@ def policy_update(cfg, preset, policy, opt, prep: Prepared, scorer: Scorer, crit
             add({"grad_norm": torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)})
             opt.step()
             if critic is not None:
-                add(critic_step(cfg, critic, critic_opt, batch, data, mb, norms["pg"]))
+                add(critic_step(cfg, critic, critic_opt, batch, data, mb))
             n_updates += 1
     return {k: v / n_updates for k, v in sums.items()}
 
 
-def critic_step(cfg, critic, critic_opt, batch: Batch, data: dict, mb: torch.Tensor, normalizer) -> dict:
-    """One optimiser step of the clipped value loss on a mini-batch (micro-batched like the actor)."""
+def critic_step(cfg, critic, critic_opt, batch: Batch, data: dict, mb: torch.Tensor) -> dict:
+    """One optimiser step of the clipped value loss on a mini-batch (micro-batched like the actor),
+    aggregated with critic_agg and divided by the critic's own normaliser over the mini-batch."""
     critic_opt.zero_grad(set_to_none=True)
     metrics: dict[str, float] = {}
+    agg, normalizer = critic_agg(cfg), critic_normalizer(cfg, data["mask"][mb])
     for micro in mb.chunk(cfg.gradient_accumulation_steps):
         values = completion_values(critic, batch.select(micro))
         out = ao.value_loss(values, data["old_values"][micro], data["returns"][micro], data["mask"][micro],
-                            clip_range=cfg.cliprange_value, agg="token-mean", normalizer=normalizer)
+                            clip_range=cfg.cliprange_value, agg=agg, normalizer=normalizer,
+                            max_len=cfg.max_completion_length)
         out.loss.backward()
         for k, v in out.metrics.items():
-            metrics[f"critic/{k}"] = metrics.get(f"critic/{k}", 0.0) + float(v) * len(micro) / len(mb)
+            # vf_loss is this micro-batch's share of the step's loss (global normaliser): summed;
+            # the other metrics are per-micro-batch means: weighted by rows
+            w = 1.0 if k == "vf_loss" else len(micro) / len(mb)
+            metrics[f"critic/{k}"] = metrics.get(f"critic/{k}", 0.0) + float(v) * w
     metrics["critic/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm))
     critic_opt.step()
     return metrics
@@ -447,7 +467,7 @@ def pretrain_critic(cfg, critic, critic_opt, collect) -> dict:
         rewards = ao.token_level_rewards(rollout.scores, mask)
         returns = ao.gae_advantages(rewards, old_values, mask, gamma=cfg.gamma, lam=1.0).returns
         data = {"old_values": old_values, "returns": returns, "mask": mask}
-        metrics = critic_step(cfg, critic, critic_opt, batch, data, torch.arange(mask.shape[0]), mask.sum())
+        metrics = critic_step(cfg, critic, critic_opt, batch, data, torch.arange(mask.shape[0], device=mask.device))
     return {k.replace("critic/", "value_pretrain/"): v for k, v in metrics.items()}
 
 
