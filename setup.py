@@ -8,6 +8,7 @@ import datetime
 import glob
 import json
 import os
+import platform
 import shutil
 
 import torch
@@ -16,30 +17,27 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Bumped whenever the C++ op signatures change, so a stale _C is detected at import.
-C_ABI_VERSION = 2
+C_ABI_VERSION = 3
 
 
-def cpu_isa_flags():
-    """at::vec picks its Vectorized<float> specialisation from CPU_CAPABILITY_* macros, not from
-    -m flags, so both must be set together. ALIGNOPS_CPU_ISA=avx512|avx2|default overrides."""
-    isa = os.environ.get("ALIGNOPS_CPU_ISA")
-    if isa is None:
-        try:
-            flags = open("/proc/cpuinfo").read()
-        except OSError:
-            flags = ""
-        if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq")):
-            isa = "avx512"
-        elif "avx2" in flags and "fma" in flags:
-            isa = "avx2"
-        else:
-            isa = "default"
-    if isa == "avx512":
-        return isa, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-                     "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-    if isa == "avx2":
-        return isa, ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return "default", []
+# The CPU kernels (csrc/cpu/) are compiled once per level into alignops/_cpu_<isa>*.so, and
+# alignops._C opens the one the CPU supports at load (csrc/cpu_isa.cpp). at::vec picks its
+# Vectorized specialisation from the CPU_CAPABILITY_* macros, not from -m flags, so both are set.
+# F16C: torch's AVX2/AVX-512 vector headers convert halves with _cvtss_sh.
+ISA_FLAGS = {
+    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+}
+
+
+def cpu_isas():
+    """Every level this architecture has (never only the build machine's): x86-64 builds all three,
+    anything else the default level."""
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return ["default", "avx2", "avx512"]
+    return ["default"]
 
 
 def cuda_archs():
@@ -58,27 +56,48 @@ def want_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None and shutil.which("nvcc") is not None
 
 
-isa, isa_flags = cpu_isa_flags()
+isas = cpu_isas()
 with_cuda = want_cuda()
 # -ffp-contract=off: with FMA available GCC would fuse `x * inv_temp - max` into one fma, so z_y - max
 # is no longer computed from the same rounded z as max itself (a 1e-4 error at |z| ~ 1000).
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off",
-             f"-DALIGNOPS_C_ABI={C_ABI_VERSION}"] + isa_flags
-sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+base_flags = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
 archs = cuda_archs() if with_cuda else []
 
+# alignops._C: the torch.library bindings, the ISA loader and the CUDA kernels; no ISA flags.
+c_flags = base_flags + [f"-DALIGNOPS_C_ABI={C_ABI_VERSION}", f"-DALIGNOPS_CPU_ISAS={','.join(isas)}"]
+c_sources = ["csrc/bindings.cpp", "csrc/cpu_isa.cpp"]
 if with_cuda:
-    sources += sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DALIGNOPS_WITH_CUDA"]
     nvcc_flags += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    ext = CUDAExtension(
-        "alignops._C", sources,
-        extra_compile_args={"cxx": cxx_flags + ["-DALIGNOPS_WITH_CUDA"], "nvcc": nvcc_flags},
-        extra_link_args=["-fopenmp"],
-    )
+    nvcc_flags += ["-gencode=arch=compute_90,code=compute_90"]  # PTX, so newer GPUs JIT it
+    extensions = [CUDAExtension(
+        "alignops._C", c_sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        extra_compile_args={"cxx": c_flags + ["-DALIGNOPS_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp", "-ldl"])]
 else:
-    ext = CppExtension("alignops._C", sources, extra_compile_args={"cxx": cxx_flags},
-                       extra_link_args=["-fopenmp"])
+    extensions = [CppExtension("alignops._C", c_sources, extra_compile_args={"cxx": c_flags},
+                               extra_link_args=["-fopenmp", "-ldl"])]
+# One kernel library per level. Hidden visibility: each exports only alignops_cpu_kernel_table.
+for isa in isas:
+    extensions.append(CppExtension(
+        f"alignops._cpu_{isa}", sorted(glob.glob("csrc/cpu/*.cpp")),
+        extra_compile_args={"cxx": base_flags + ISA_FLAGS[isa] + [
+            "-fvisibility=hidden", "-fvisibility-inlines-hidden", f"-DALIGNOPS_CPU_ISA_NAME={isa}"]},
+        extra_link_args=["-fopenmp"]))
+
+
+class BuildExtensions(BuildExtension):
+    """Each extension compiles into its own temp folder: the ISA libraries share source files, and
+    one folder would make their objects overwrite each other."""
+
+    def build_extension(self, ext):
+        temp = self.build_temp
+        self.build_temp = os.path.join(temp, ext.name.rsplit(".", 1)[-1])
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = temp
+
 
 build_info = {
     "c_abi": C_ABI_VERSION,
@@ -86,7 +105,7 @@ build_info = {
     "cuda": with_cuda,
     "cuda_version": torch.version.cuda if with_cuda else None,
     "cuda_archs": archs,
-    "cpu_isa": isa,
+    "cpu_isas": isas,
     "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
 }
 with open(os.path.join(HERE, "alignops", "_build_info.json"), "w") as f:
@@ -98,6 +117,6 @@ setup(
     # top-level module named `kernels` is ever installed.
     package_dir={"alignops": "alignops", "alignops.kernels": "kernels"},
     package_data={"alignops": ["_build_info.json"]},
-    ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    ext_modules=extensions,
+    cmdclass={"build_ext": BuildExtensions.with_options(use_ninja=True)},
 )

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
-C_ABI_VERSION = 2  # must equal C_ABI_VERSION in setup.py
+C_ABI_VERSION = 3  # must equal C_ABI_VERSION in setup.py
 
 
 class BackendUnavailableError(RuntimeError):
@@ -38,12 +38,15 @@ class BackendUnavailableError(RuntimeError):
 
 _c_module = None
 _c_error: str | None = None
+_cpu_error: str | None = None
 _c_tried = False
+
+ISA_LEVELS = ("default", "avx2", "avx512")
 
 
 def load_c():
     """Import alignops._C once. Returns the module or None; never raises."""
-    global _c_module, _c_error, _c_tried
+    global _c_module, _c_error, _cpu_error, _c_tried
     if _c_tried:
         return _c_module
     _c_tried = True
@@ -61,7 +64,29 @@ def load_c():
                     f"{C_ABI_VERSION}); {rebuild}")
         return None
     _c_module, _c_error = _C, None
+    # Importing _C chose the CPU kernels' ISA level and opened its library (csrc/cpu_isa.cpp).
+    _cpu_error = f"the CPU kernels could not be loaded: {_C.CPU_ISA_ERROR}" if _C.CPU_ISA_ERROR else None
+    requested = _C.CPU_ISA_REQUESTED
+    if _C.CPU_ISA and requested in ISA_LEVELS and ISA_LEVELS.index(requested) > ISA_LEVELS.index(_C.CPU_ISA):
+        warnings.warn(f"alignops: ALIGNOPS_CPU_ISA={requested} can only lower the level; this CPU runs "
+                      f"{_C.CPU_ISA} (torch reports {_C.TORCH_CPU_CAPABILITY})", RuntimeWarning, stacklevel=2)
     return _C
+
+
+def cpu_isa() -> dict:
+    """The CPU kernels' ISA levels: compiled into this install, chosen at load, and why."""
+    c = load_c()
+    if c is None:
+        return {"compiled": build_info().get("cpu_isas"), "chosen": None, "error": _c_error}
+    return {"compiled": list(c.CPU_ISA_COMPILED), "chosen": c.CPU_ISA or None,
+            "torch_cpu_capability": c.TORCH_CPU_CAPABILITY, "ALIGNOPS_CPU_ISA": c.CPU_ISA_REQUESTED or None,
+            "error": _cpu_error}
+
+
+def cpu_error() -> str | None:
+    """Why the cpu backend's kernels cannot run (alignops._C missing or stale, or no ISA library)."""
+    load_c()
+    return _c_error or _cpu_error
 
 
 def c_error() -> str | None:
@@ -106,7 +131,7 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
     if backend == "cpu":
         if device.type != "cpu":
             return f"the cpu backend runs on CPU tensors, got a {device.type} tensor"
-        return c_error()
+        return cpu_error()
     if backend == "triton":
         if device.type == "cpu" and not triton_interpreted():
             return "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
@@ -151,7 +176,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
             return b
     if device.type == "cpu" and not _warned_fallback:
         _warned_fallback = True
-        warnings.warn(f"alignops: using the slow torch backend: {c_error()}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"alignops: using the slow torch backend: {cpu_error()}", RuntimeWarning, stacklevel=3)
     return "torch"
 
 

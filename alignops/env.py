@@ -1,4 +1,4 @@
-"""`python -m alignops.env`: what was built, and which backends run here."""
+"""`python -m alignops.env`: what was built, which CPU kernel level runs, and which backends run here."""
 
 import json
 import os
@@ -19,6 +19,8 @@ def report() -> dict:
         "build": _backend.build_info() or "no _build_info.json (alignops._C was never built)",
         "_C": "loaded" if c is not None else _backend.c_error(),
         "_C_with_cuda": _backend.c_has_cuda(),
+        # the CPU kernels' ISA level: compiled (every level of the architecture) and chosen at load
+        "cpu_isa": _backend.cpu_isa(),
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
         "backends_cpu_tensors": _backend.available_backends("cpu"),
     }

@@ -661,7 +661,8 @@ def fused_policy_loss(logits: Tensor, labels: Tensor, old_logp: Tensor | None, a
     """policy_loss computed straight from the logits, in the logits pass of token_logprobs.
 
     `logits` are `[B, T, V]` with `labels [B, T]`, or packed `[N, V]` with `labels [N]` and
-    `cu_seqlens`. Labels equal to `ignore_index` are masked out. Every other keyword is
+    `cu_seqlens`. Labels equal to `ignore_index` are masked out (whatever `mask` says; mask=None
+    means `labels != ignore_index`). Every other keyword is
     policy_loss's. The entropy (and its gradient) is computed in the same pass when
     `entropy_coef != 0` or `compute_entropy=True` (which also reports the `entropy` metric).
 
@@ -685,9 +686,13 @@ def fused_policy_loss(logits: Tensor, labels: Tensor, old_logp: Tensor | None, a
     entropy_coef = kwargs.get("entropy_coef", 0.0)
     if compute_entropy is None:
         compute_entropy = _is_number(entropy_coef) and entropy_coef != 0
+    # A position counts iff mask != 0 and label != ignore_index, so mask=None means
+    # labels != ignore_index (an ignored position's logp is 0, and against an off-policy old_logp
+    # it would otherwise enter the loss with a bogus ratio). A mask of the wrong shape or type is
+    # left to policy_loss, which names it.
     if mask is None:
-        mask = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
-    elif isinstance(mask, Tensor) and tuple(mask.shape) == tuple(labels.shape):
+        mask = labels != ignore_index
+    elif isinstance(mask, Tensor) and tuple(mask.shape) == tuple(labels.shape) and mask.device == labels.device:
         mask = (mask if mask.dtype == torch.bool else mask != 0) & (labels != ignore_index)
 
     if not (inplace_grad or grad_in_forward):

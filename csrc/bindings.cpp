@@ -1,10 +1,15 @@
 // Registers the C++ and CUDA kernels as torch ops (torch.ops.alignops_C.*). The autograd,
 // fake kernels and backend choice live in Python (alignops/); these ops only run kernels into
-// outputs the caller allocated.
+// outputs the caller allocated. The CPU kernels are called through the table of the ISA level
+// chosen at load (csrc/cpu_isa.cpp); this file is compiled without ISA flags.
 #include <torch/extension.h>
 
-#include "cpu/ops.h"
+#include "cpu_isa.h"
 #include "cuda/launchers.h"
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace {
 
@@ -14,6 +19,21 @@ void check_rows(const at::Tensor& logits, const at::Tensor& labels) {
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() &&
                   labels.numel() == logits.size(0) * logits.size(1),
               "alignops_C: labels must be contiguous int64 [B*T]");
+}
+
+// A fresh gradient buffer's first touch costs one page fault per 4 KiB, which on a virtual machine
+// took as long as the backward kernel itself (250 MB: ~55 ms of faults). Where transparent huge
+// pages are enabled on request ("madvise" mode, a common default) this asks for 2 MiB pages before
+// the kernel writes. A hint: the result does not depend on it, and a refusal changes only speed.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const size_t bytes = t.numel() * t.element_size();
+  if (!t.is_contiguous() || bytes < 4 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
 }
 
 void check_stat(const at::Tensor& t, const at::Tensor& labels, const char* name) {
@@ -26,7 +46,7 @@ void token_stats_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels, dou
                          const at::Tensor& lse, const at::Tensor& entropy) {
   check_rows(logits, labels);
   for (auto* t : {&logp, &lse, &entropy}) check_stat(*t, labels, "outputs");
-  alignops::cpu::token_stats_fwd(logits, labels, inv_temperature, ignore_index, compute_entropy,
+  alignops::cpu_kernels().token_stats_fwd(logits, labels, inv_temperature, ignore_index, compute_entropy,
                                  logp, lse, entropy);
 }
 
@@ -39,7 +59,8 @@ void token_stats_bwd_cpu(const at::Tensor& logits, const at::Tensor& labels, con
   check_rows(logits, labels);
   check_rows(grad_logits, labels);
   for (auto* t : {&logp, &lse, &entropy, &grad_logp, &grad_entropy}) check_stat(*t, labels, "row stats");
-  alignops::cpu::token_stats_bwd(logits, labels, logp, lse, entropy, grad_logp, grad_entropy,
+  if (!grad_logits.is_same(logits)) advise_huge_pages(grad_logits);
+  alignops::cpu_kernels().token_stats_bwd(logits, labels, logp, lse, entropy, grad_logp, grad_entropy,
                                  inv_temperature, ignore_index, has_entropy_grad, grad_logits);
 }
 
@@ -55,7 +76,8 @@ void policy_loss_fused_cpu(const at::Tensor& logits, const at::Tensor& labels, c
   for (auto* t : {&old_logp, &adv, &ref_logp, &is_weight, &agg_norm, &row_len, &mask, &logp, &entropy, &loss_terms, &pg_terms})
     check_stat(*t, labels, "per-token tensors");
   TORCH_CHECK(mask.scalar_type() == at::kBool, "alignops_C: mask must be bool");
-  alignops::cpu::policy_loss_fused(logits, labels, old_logp, adv, ref_logp, is_weight, agg_norm, row_len, mask, method,
+  if (!grad_logits.is_same(logits)) advise_huge_pages(grad_logits);
+  alignops::cpu_kernels().policy_loss_fused(logits, labels, old_logp, adv, ref_logp, is_weight, agg_norm, row_len, mask, method,
                                    kl_estimator, knobs, flags, inv_temperature, ignore_index, compute_entropy,
                                    logp, entropy, loss_terms, pg_terms, grad_logits);
 }
@@ -125,7 +147,7 @@ void group_advantages_cpu(const at::Tensor& rewards, const at::Tensor& order, co
   TORCH_CHECK(offsets.numel() >= 1, "alignops_C: offsets must hold num_groups + 1 entries");
   check_vec(adv, dt, rewards.numel(), "adv");
   for (auto* t : {&count, &mean, &std_out}) check_vec(*t, dt, offsets.numel() - 1, "group stats");
-  alignops::cpu::group_advantages(rewards, order, offsets, mode, std_eps, singleton_raw, adv, count, mean,
+  alignops::cpu_kernels().group_advantages(rewards, order, offsets, mode, std_eps, singleton_raw, adv, count, mean,
                                   std_out);
 }
 
@@ -135,7 +157,7 @@ void masked_moments_cpu(const at::Tensor& x, const at::Tensor& mask, const at::T
   check_vec(x, dt, -1, "x");
   check_vec(mask, at::kBool, x.numel(), "mask");
   check_vec(out, at::kDouble, 3, "out");
-  alignops::cpu::masked_moments(x, mask, out);
+  alignops::cpu_kernels().masked_moments(x, mask, out);
 }
 
 void whiten_apply_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& stats, bool shift_back,
@@ -146,7 +168,7 @@ void whiten_apply_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Ten
   check_vec(mask, at::kBool, x.numel(), "mask");
   check_vec(stats, at::kDouble, 2, "stats");
   check_vec(out, dt, x.numel(), "out");
-  alignops::cpu::whiten_apply(x, mask, stats, shift_back, out);
+  alignops::cpu_kernels().whiten_apply(x, mask, stats, shift_back, out);
 }
 
 void gae_scan_cpu(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask,
@@ -165,7 +187,7 @@ void gae_scan_cpu(const at::Tensor& rewards, const at::Tensor& values, const at:
   check_vec(lam_critic, dt, rows, "lam_critic");
   check_vec(adv, dt, n, "adv");
   check_vec(ret, dt, n, "ret");
-  alignops::cpu::gae_scan(rewards, values, mask, cu_seqlens, gamma, lam_actor, lam_critic, adv, ret);
+  alignops::cpu_kernels().gae_scan(rewards, values, mask, cu_seqlens, gamma, lam_actor, lam_critic, adv, ret);
 }
 
 }  // namespace
@@ -205,6 +227,13 @@ TORCH_LIBRARY(alignops_C, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("ABI_VERSION") = ALIGNOPS_C_ABI;
+  // Attributes, not functions: alignops/_backend.py reads them inside torch.compile tracing.
+  const alignops::CpuIsa& isa = alignops::cpu_isa();
+  m.attr("CPU_ISA") = isa.chosen;
+  m.attr("CPU_ISA_COMPILED") = isa.compiled;
+  m.attr("CPU_ISA_REQUESTED") = isa.requested;
+  m.attr("CPU_ISA_ERROR") = isa.error;
+  m.attr("TORCH_CPU_CAPABILITY") = isa.torch_capability;
 #ifdef ALIGNOPS_WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

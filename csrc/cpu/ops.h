@@ -1,7 +1,17 @@
-// Declarations of the CPU kernels (one .cpp per op in this folder), registered in bindings.cpp.
+// Declarations of the CPU kernels (one .cpp per op in this folder).
+//
+// This folder is compiled once per ISA level (default, avx2, avx512), each into its own shared
+// library alignops/_cpu_<isa>*.so with that level's -m flags and CPU_CAPABILITY macros (at::vec picks
+// its Vectorized specialisation from the macros). Each library exports nothing but
+// alignops_cpu_kernel_table(); alignops._C (compiled without ISA flags) opens the one library the
+// CPU supports and calls the kernels through that table (csrc/cpu_isa.cpp). Separate libraries, not
+// separate objects in one: inline functions of the torch headers would otherwise be merged across
+// levels by the linker, and an AVX-512 copy could run on an AVX2 machine.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+
+#include <vector>
 
 namespace alignops::cpu {
 
@@ -35,4 +45,22 @@ void policy_loss_fused(const at::Tensor& logits, const at::Tensor& labels, const
                        const at::Tensor& entropy, const at::Tensor& loss_terms, const at::Tensor& pg_terms,
                        const at::Tensor& grad_logits);
 
+// Bumped whenever a signature above or the table below changes; _C refuses a library whose
+// table version differs (a stale build).
+constexpr int kKernelTableVersion = 1;
+
+struct KernelTable {
+  int version;
+  const char* isa;  // the level the library was compiled for: "default", "avx2", "avx512"
+  decltype(&::alignops::cpu::token_stats_fwd) token_stats_fwd;
+  decltype(&::alignops::cpu::token_stats_bwd) token_stats_bwd;
+  decltype(&::alignops::cpu::group_advantages) group_advantages;
+  decltype(&::alignops::cpu::masked_moments) masked_moments;
+  decltype(&::alignops::cpu::whiten_apply) whiten_apply;
+  decltype(&::alignops::cpu::gae_scan) gae_scan;
+  decltype(&::alignops::cpu::policy_loss_fused) policy_loss_fused;
+};
+
 }  // namespace alignops::cpu
+
+extern "C" const alignops::cpu::KernelTable* alignops_cpu_kernel_table();

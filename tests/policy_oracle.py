@@ -1,0 +1,245 @@
+"""float64 oracles written for the tests: plain torch math from the formulas of METHODS.md, on the
+same (already rounded) inputs the code under test gets, with the gradient w.r.t. the logits taken by
+autograd. Nothing here imports alignops: an oracle that shares code with the kernels would share
+their bugs.
+
+Layouts: `[B, T, V]` logits with `[B, T]` labels, or packed `[N, V]` with `[N]` labels and
+`cu_seqlens` (`[B + 1]` row offsets). A position counts iff mask != 0 and label != ignore_index.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def _rows(labels, cu_seqlens):
+    """[num_rows, n_tokens] float64 one-hot row membership of the flat tokens."""
+    n = labels.numel()
+    if cu_seqlens is None:
+        b, t = labels.shape
+        rows = torch.arange(b).repeat_interleave(t)
+        num = b
+    else:
+        cu = [int(c) for c in cu_seqlens]
+        num = len(cu) - 1
+        rows = torch.cat([torch.full((cu[i + 1] - cu[i],), i) for i in range(num)]) if n else \
+            torch.zeros(0, dtype=torch.int64)
+    member = torch.zeros(num, n, dtype=torch.float64)
+    member[rows, torch.arange(n)] = 1.0
+    return member
+
+
+def token_stats(x64, labels, temperature, valid):
+    """(logp, entropy) of every position, float64, 0 where not valid. x64: [..., V] float64 leaf."""
+    z = x64 / temperature
+    lsm = torch.log_softmax(z, dim=-1)
+    lp = lsm.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    p = lsm.exp()
+    ent = -(torch.where(p > 0, p * lsm, torch.zeros_like(p))).sum(-1)
+    zero = torch.zeros((), dtype=torch.float64)
+    return torch.where(valid, lp, zero), torch.where(valid, ent, zero)
+
+
+def valid_positions(labels, mask, ignore_index=IGNORE):
+    valid = labels != ignore_index
+    if mask is not None:
+        valid = valid & (mask != 0)
+    return valid
+
+
+def aggregate(x, valid, member, agg, max_len=None, normalizer=None):
+    """Agg(x) over the valid positions (flat float64 tensors); empty rows never count. An explicit
+    `normalizer` (a float) replaces the mode's denominator; a zero denominator gives 0."""
+    x = torch.where(valid, x, torch.zeros((), dtype=torch.float64)).reshape(-1)
+    v = valid.reshape(-1).to(torch.float64)
+    lengths = member @ v
+    nonempty = (lengths > 0).sum().to(torch.float64)
+    if agg == "token-mean":
+        num, den = x.sum(), v.sum()
+    elif agg == "seq-mean-token-sum":
+        num, den = x.sum(), nonempty
+    elif agg == "seq-mean-token-mean":
+        num, den = ((member @ x) / lengths.clamp(min=1)).sum(), nonempty
+    elif agg == "seq-mean-token-sum-norm":
+        num, den = x.sum(), nonempty * float(max_len)
+    else:
+        raise ValueError(agg)
+    if normalizer is not None:
+        den = torch.as_tensor(float(normalizer), dtype=torch.float64)
+    return num / den if den > 0 else num * 0.0
+
+
+def kl_value(lp, ref, estimator):
+    u = ref - lp
+    if estimator == "k1":
+        return lp - ref
+    if estimator == "k2":
+        return 0.5 * u ** 2
+    if estimator == "k3":
+        return torch.expm1(u) - u
+    if estimator == "low_var_kl":
+        uc = u.clamp(-20.0, 20.0)
+        return (torch.expm1(uc) - uc).clamp(-10.0, 10.0)
+    raise ValueError(estimator)
+
+
+# method -> (family, its shared-knob defaults); the families' per-token losses are in `_phi`
+METHOD_FAMILY = {
+    "ppo": ("clip", 0.2, None, None, "token-mean"),
+    "grpo": ("clip", 0.2, None, None, "token-mean"),
+    "dapo": ("clip", 0.2, 0.28, None, "token-mean"),
+    "dr_grpo": ("clip", 0.2, None, None, "seq-mean-token-sum-norm"),
+    "ecpo": ("ecpo", 0.2, None, None, "token-mean"),
+    "gppo": ("gppo", 0.2, 0.28, None, "token-mean"),
+    "gppo_klear": ("gppo", 0.2, 0.28, 10.0, "token-mean"),
+    "cispo": ("cispo", 1.0, 0.2, None, "token-mean"),
+    "cispo_scalerl": ("cispo", 1.0, 4.0, None, "token-mean"),
+    "reinforce": ("reinforce", 0.2, None, None, "seq-mean-token-sum"),
+    "gpg": ("reinforce", 0.2, None, None, "token-mean"),
+}
+_OWN_DEFAULTS = {"gppo": {"gppo_beta1": 1.0, "gppo_beta2": 1.0}, "gppo_klear": {"gppo_beta1": 0.25, "gppo_beta2": 1.0},
+                 "ecpo": {"ecpo_delta": 0.1}}
+
+
+class PolicyOracle(NamedTuple):
+    loss: torch.Tensor
+    pg_loss: torch.Tensor
+    grad: torch.Tensor
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    scale: torch.Tensor
+    coef: torch.Tensor    # max over tokens of |dL/dlogp| + |dL/dH|
+
+
+def _phi(family, lp, old, adv, low, high, dual, ratio_log_clamp, opts):
+    d = lp - old
+    if ratio_log_clamp is not None:
+        d = d.clamp(-ratio_log_clamp, ratio_log_clamp)
+
+    def dual_clip(phi):
+        if dual is None:
+            return phi
+        return torch.where(adv < 0, torch.minimum(phi, -dual * adv), phi)
+
+    if family in ("clip", "ecpo"):
+        if family == "ecpo":
+            shift = math.log1p((high - 1.0) + opts["ecpo_delta"])
+            d = d - (d.detach() - shift).clamp(min=0.0)
+        r = torch.exp(d)
+        return dual_clip(torch.maximum(-adv * r, -adv * r.clamp(low, high)))
+    if family == "gppo":
+        r = torch.exp(d)
+        rd = r.detach()
+        one = torch.exp(d - d.detach())
+        lo_c = (adv < 0) & (rd < low)
+        hi_c = (adv > 0) & (rd > high)
+        phi = torch.where(lo_c, -opts["gppo_beta1"] * low * one * adv,
+                          torch.where(hi_c, -opts["gppo_beta2"] * high * one * adv, -r * adv))
+        return dual_clip(phi)
+    if family == "cispo":
+        w = torch.exp(d).detach().clamp(low, high)
+        return -w * adv * lp
+    if family == "reinforce":
+        return -opts.get("gpg_alpha", 1.0) * adv * lp
+    raise ValueError(family)
+
+
+def policy_loss(logits, labels, old_logp, advantages, mask=None, *, method="grpo", temperature=1.0,
+                clip_low=None, clip_high=None, clip_ratio_c=None, ref_logp=None, kl_coef=0.0,
+                kl_estimator="k3", entropy_coef=0.0, agg=None, max_len=None, normalizer=None,
+                rollout_is_weights=None, ratio_log_clamp=20.0, cu_seqlens=None, ignore_index=IGNORE,
+                **opts):
+    """PolicyOracle(loss, pg_loss, dloss/dlogits, logp, entropy, scale, coef) in float64 for
+    fused_policy_loss's arguments; `scale` is the aggregate of the terms' absolute values, `coef`
+    the largest per-token |dL/dlogp| + |dL/dH|.
+    `advantages` per sequence [B] or per token; `old_logp=None` is on-policy."""
+    family, d_low, d_high, d_dual, d_agg = METHOD_FAMILY[method]
+    opts = {**_OWN_DEFAULTS.get(method, {}), **opts}
+    clip_low = d_low if clip_low is None else clip_low
+    clip_high = (d_high if d_high is not None else clip_low) if clip_high is None else clip_high
+    dual = d_dual if clip_ratio_c is None else clip_ratio_c
+    agg = d_agg if agg is None else agg
+    low, high = 1.0 - clip_low, 1.0 + clip_high
+
+    x = logits.detach().to(torch.float64).requires_grad_()
+    valid = valid_positions(labels, mask, ignore_index)
+    lp, ent = token_stats(x, labels, temperature, valid)
+    member = _rows(labels, cu_seqlens)
+    zero = torch.zeros((), dtype=torch.float64)
+
+    def tok(t):
+        return torch.where(valid, t.detach().to(torch.float64), zero)
+
+    adv = advantages.detach().to(torch.float64)
+    if adv.shape != labels.shape:
+        adv = (member.T @ adv).reshape(labels.shape)  # per sequence, broadcast over the row
+    adv = torch.where(valid, adv, zero)
+    old = lp.detach() if old_logp is None else tok(old_logp)
+    phi = _phi(family, lp, old, adv, low, high, dual, ratio_log_clamp, opts)
+    if rollout_is_weights is not None:
+        phi = phi * tok(rollout_is_weights)
+
+    def agg_(t):
+        return aggregate(t, valid, member, agg, max_len, normalizer)
+
+    pg = agg_(phi)
+    loss = pg
+    # the size of the terms that cancel in the sum: float32 rounding is relative to it
+    scale = agg_(phi.detach().abs())
+    if kl_coef:
+        kl = kl_value(lp, tok(ref_logp), kl_estimator)
+        loss = loss + kl_coef * agg_(kl)
+        scale = scale + kl_coef * agg_(kl.detach().abs())
+    if entropy_coef:
+        loss = loss - entropy_coef * agg_(ent)
+        scale = scale + abs(entropy_coef) * agg_(ent.detach())
+    grad, a, b = torch.autograd.grad(loss, (x, lp, ent), allow_unused=True, materialize_grads=True)
+    # the largest per-token coefficient: the scale of a gradient entry's rounding noise
+    coef = (a.abs() + b.abs()).max() if a.numel() else torch.zeros((), dtype=torch.float64)
+    return PolicyOracle(loss.detach(), pg.detach(), grad, lp.detach(), ent.detach(), scale.detach(), coef)
+
+
+def sequence_logprobs(logits, labels, mask=None, *, temperature=1.0, cu_seqlens=None, ignore_index=IGNORE):
+    """(x64 leaf, sums [B], means [B], lengths [B]) in float64; an empty row's mean is 0."""
+    x = logits.detach().to(torch.float64).requires_grad_()
+    valid = valid_positions(labels, mask, ignore_index)
+    lp, _ = token_stats(x, labels, temperature, valid)
+    member = _rows(labels, cu_seqlens)
+    sums = member @ lp.reshape(-1)
+    lengths = member @ valid.reshape(-1).to(torch.float64)
+    return x, sums, sums / lengths.clamp(min=1), lengths
+
+
+def sft_loss(logits, labels, mask=None, *, weighting="none", temperature=1.0, cu_seqlens=None,
+             ignore_index=IGNORE):
+    """(loss, grad) of the token-mean (weighted) NLL, float64."""
+    x = logits.detach().to(torch.float64).requires_grad_()
+    valid = valid_positions(labels, mask, ignore_index)
+    lp, _ = token_stats(x, labels, temperature, valid)
+    w = torch.ones_like(lp) if weighting == "none" else lp.detach().exp()
+    count = valid.sum().to(torch.float64)
+    total = -(torch.where(valid, w * lp, torch.zeros((), dtype=torch.float64))).sum()
+    loss = total / count if count > 0 else total * 0.0
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss.detach(), grad
+
+
+def dpo_sigmoid(chosen, rejected, ref_chosen, ref_rejected, beta):
+    h = (chosen - ref_chosen) - (rejected - ref_rejected)
+    return (-F.logsigmoid(beta * h)).mean()
+
+
+def orpo(sum_w, sum_l, len_w, len_l, beta, logp_clamp=-1e-6):
+    """ORPO with the response-only token-mean NLL; mean log-probs clamped to <= -1e-6."""
+    mw = (sum_w / len_w.clamp(min=1)).clamp(max=logp_clamp)
+    ml = (sum_l / len_l.clamp(min=1)).clamp(max=logp_clamp)
+    log_odds = (mw - ml) - (torch.log(-torch.expm1(mw)) - torch.log(-torch.expm1(ml)))
+    odds = (-beta * F.logsigmoid(log_odds)).mean()
+    tokens = len_w.sum()
+    nll = -sum_w.sum() / tokens if tokens > 0 else sum_w.sum() * 0.0
+    return nll + odds
