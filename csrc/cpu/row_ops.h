@@ -42,18 +42,30 @@ inline float hsum(const Vec& v) {
   return s;
 }
 
+// The fp32 view of one block: the logits themselves when they are fp32, else converted once into
+// the L1-resident buffer.
+template <typename scalar_t>
+inline const float* block_as_float(const scalar_t* x, int64_t len, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return x;
+  } else {
+    for (int64_t i = 0; i < len; ++i) buf[i] = to_float(x[i]);
+    return buf;
+  }
+}
+
 // Statistics of z = x * inv_temp over a row; m is the raw max (see above).
 template <typename scalar_t>
 SoftmaxStats<float> row_stats(const scalar_t* x, int64_t V, float inv_temp, float* buf) {
   SoftmaxStats<float> st = stats_empty<float>();
   for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
     const int64_t len = std::min(kBlock, V - v0);
-    for (int64_t i = 0; i < len; ++i) buf[i] = to_float(x[v0 + i]);
+    const float* xb = block_as_float(x + v0, len, buf);
     const int64_t vlen = len - len % Vec::size();
     Vec vmax(-std::numeric_limits<float>::infinity());
-    for (int64_t i = 0; i < vlen; i += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(buf + i));
+    for (int64_t i = 0; i < vlen; i += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(xb + i));
     float m = hmax(vmax);
-    for (int64_t i = vlen; i < len; ++i) m = (buf[i] > m || std::isnan(buf[i])) ? buf[i] : m;
+    for (int64_t i = vlen; i < len; ++i) m = (xb[i] > m || std::isnan(xb[i])) ? xb[i] : m;
     if (m == -std::numeric_limits<float>::infinity()) continue;  // block of -inf logits: p = 0
     // A NaN logit makes the row NaN. exp_u20 is a bit-trick polynomial that does not propagate
     // NaN, so this cannot be left to the arithmetic.
@@ -61,17 +73,19 @@ SoftmaxStats<float> row_stats(const scalar_t* x, int64_t V, float inv_temp, floa
       const float nan = std::numeric_limits<float>::quiet_NaN();
       return {nan, nan, nan};
     }
-    const Vec vm(m), vinv(inv_temp), zero(0.f);
+    // max(d, -200): exp_u20 is exactly 0 below ln(FLT_MIN) ~ -87.3, so e is unchanged, and a -inf
+    // logit adds e * d = 0 * -200 = 0 to t, not 0 * -inf = NaN.
+    const Vec vm(m), vinv(inv_temp), vfloor(-200.f);
     Vec vs(0.f), vt(0.f);
     for (int64_t i = 0; i < vlen; i += Vec::size()) {
-      const Vec d = (Vec::loadu(buf + i) - vm) * vinv;
+      const Vec d = at::vec::maximum((Vec::loadu(xb + i) - vm) * vinv, vfloor);
       const Vec e = d.exp_u20();
       vs = vs + e;
-      vt = vt + Vec::blendv(e * d, zero, e == zero);  // e = 0 where d = -inf: no 0 * -inf = NaN
+      vt = vt + e * d;
     }
     float s = hsum(vs), t = hsum(vt);
     for (int64_t i = vlen; i < len; ++i) {
-      const float d = (buf[i] - m) * inv_temp, e = std::exp(d);
+      const float d = (xb[i] - m) * inv_temp, e = std::exp(d);
       s += e;
       if (e > 0.f) t += e * d;
     }
@@ -124,25 +138,39 @@ void grad_row(const scalar_t* x, scalar_t* g, int64_t V, int64_t label, acc_t in
     }
   } else {
     // zc = (x - ref) * scale + off: via the label (ref = x_y, off = logp) or via lse (ref = 0).
+    // fp32 gradients are computed straight into g (one read, one store per element; elementwise,
+    // so g may alias x); other dtypes through the fp32 buffer, converted once each way.
     const float ref = via_label ? xy : 0.f, off = via_label ? logp : -lse;
-    const Vec vref(ref), voff(off), vh(h), va(a), vb(b), zero(0.f), vinv(inv_temp);
+    const Vec vref(ref), voff(off), vh(h), va(a), vb(b), vinv(inv_temp);
+    // max(zc, -200): exp_u20 returns exactly 0 below ln(FLT_MIN) ~ -87.3, so p is unchanged, and a
+    // -inf logit gets a finite zc + h: b p (zc + h) is 0, not 0 * -inf = NaN.
+    const Vec vfloor(-200.f);
     for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
       const int64_t len = std::min(kBlock, V - v0);
-      for (int64_t i = 0; i < len; ++i) buf[i] = to_float(x[v0 + i]);
+      const float* xb = block_as_float(x + v0, len, buf);
+      float* out;
+      if constexpr (std::is_same_v<scalar_t, float>) out = g + v0; else out = buf;
       const int64_t vlen = len - len % Vec::size();
-      for (int64_t i = 0; i < vlen; i += Vec::size()) {
-        const Vec zc = (Vec::loadu(buf + i) - vref) * vinv + voff;
-        const Vec p = zc.exp_u20();
-        Vec gv = Vec(0.f) - va * p;
-        if (b != 0.f) gv = gv - Vec::blendv(vb * p * (zc + vh), zero, p == zero);
-        gv.store(buf + i);
+      if (b != 0.f) {
+        for (int64_t i = 0; i < vlen; i += Vec::size()) {
+          const Vec zc = at::vec::maximum((Vec::loadu(xb + i) - vref) * vinv + voff, vfloor);
+          const Vec p = zc.exp_u20();
+          (Vec(0.f) - p * (va + vb * (zc + vh))).store(out + i);
+        }
+      } else {
+        for (int64_t i = 0; i < vlen; i += Vec::size()) {
+          const Vec zc = (Vec::loadu(xb + i) - vref) * vinv + voff;
+          (Vec(0.f) - va * zc.exp_u20()).store(out + i);
+        }
       }
       for (int64_t i = vlen; i < len; ++i) {
-        const float zc = (buf[i] - ref) * inv_temp + off;
-        buf[i] = logits_grad<float>(zc, false, 0.f, h, a, b);
+        const float zc = (xb[i] - ref) * inv_temp + off;
+        out[i] = logits_grad<float>(zc, false, 0.f, h, a, b);
       }
-      if (label >= v0 && label < v0 + len) buf[label - v0] += a;
-      for (int64_t i = 0; i < len; ++i) g[v0 + i] = static_cast<scalar_t>(buf[i]);
+      if (label >= v0 && label < v0 + len) out[label - v0] += a;
+      if constexpr (!std::is_same_v<scalar_t, float>) {
+        for (int64_t i = 0; i < len; ++i) g[v0 + i] = static_cast<scalar_t>(buf[i]);
+      }
     }
   }
 }
