@@ -3,7 +3,9 @@
 import copy
 import dataclasses
 import json
+import os
 import random
+import signal
 
 import pytest
 import torch
@@ -420,3 +422,148 @@ def test_orz_critic_uses_its_own_aggregation_and_normaliser(tmp_path, parity_rew
     assert metrics["critic/vf_loss"] == pytest.approx(float(want.loss.detach()), rel=1e-5)
     for n, p in critic.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints survive a crash at any point of a save
+
+
+_CRASH_RUN = dict(max_steps=3, save_every=1, value_pretrain_steps=0)
+
+
+def _loss_key(rows):
+    return [(r["step"], r.get("loss"), r.get("reward"), r.get("critic/vf_loss"), r.get("kl_coef"))
+            for r in rows if "loss" in r]
+
+
+def _checkpoint_tensors(run_dir):
+    from safetensors.torch import load_file
+    where = ckpt.locate(str(run_dir))
+    names = ckpt.load_json(f"{where}/state.json")["checkpoint_files"]
+    return {n: load_file(f"{where}/{n}") for n in names if n.endswith(".safetensors")}
+
+
+def test_checkpoint_survives_sigkill_at_every_save_step(tmp_path, varied_rewards):
+    """A PPO micro run (policy, optimizer, critic and its optimizer, tokenizer, state: six files)
+    saving after every step is SIGKILLed right after each step of its first save (no checkpoint
+    before it) and of its second (one to replace), in forked children of one driver process
+    (tests/checkpoint_crash_driver.py; imports paid once). After each kill the last committed
+    checkpoint loads (step 1 before the commit of save 2, step 2 from it on; none before the commit
+    of save 1), the leftovers are cleaned, and resuming gives the uninterrupted run's losses and
+    final tensors exactly."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    overrides = {**MICRO, **_CRASH_RUN}
+    spec = {"method": "ppo", "overrides": overrides, "root": str(tmp_path), "saves": [1, 2]}
+    import alignops
+    driver = Path(__file__).with_name("checkpoint_crash_driver.py")
+    root = str(Path(alignops.__file__).resolve().parent.parent)  # the driver imports this alignops
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    env.pop(ckpt.KILL_ENV, None)
+    proc = subprocess.run([sys.executable, str(driver), json.dumps(spec)], capture_output=True, text=True,
+                          timeout=600, cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cases = json.loads(proc.stdout.strip().splitlines()[-1])
+    finished = [c for c in cases if c["signal"] is None]
+    assert [c["save"] for c in finished] == [1, 2] and all(c["exit"] == 0 for c in finished), finished
+    straight_dir = finished[-1]["dir"]  # ran to the end: the uninterrupted run
+    straight = _loss_key(json.loads(line) for line in open(f"{straight_dir}/metrics.jsonl"))
+    assert [s for s, *_ in straight] == [1, 2, 3]
+    straight_tensors = _checkpoint_tensors(straight_dir)
+    for save in (1, 2):
+        killed = [c for c in cases if c["save"] == save and c["signal"] is not None]
+        # save 1: six files, directory fsync, commit, parent fsync; save 2 also renames the old
+        # checkpoint away and removes it
+        assert len(killed) == (9 if save == 1 else 11), [c["stderr"] for c in killed]
+        commit = next(c["step"] for c in killed if "(commit)" in c["stderr"])
+        for c in killed:
+            assert c["signal"] == signal.SIGKILL
+            assert f"SIGKILL after save {save} step {c['step']}:" in c["stderr"], c["stderr"][-2000:]
+            where = ckpt.locate(c["dir"])
+            if save == 1 and c["step"] < commit:
+                assert where is None, c
+            else:
+                want = 1 if save == 1 or c["step"] < commit else 2
+                assert ckpt.load_json(f"{where}/state.json")["step"] == want, c
+                _, _, model = setup(micro("ppo", tmp_path, **_CRASH_RUN))
+                ckpt.load_model_weights(c["dir"], model)  # the last good checkpoint loads
+            leftovers = [p.name for p in Path(c["dir"]).iterdir() if ".ckpt-" in p.name]
+            assert not leftovers, (c["step"], leftovers)
+            resumed = train(micro("ppo", tmp_path, **_CRASH_RUN, output_dir=c["dir"], resume=True))
+            assert _loss_key(resumed["log"]) == straight, (save, c["step"])
+            got = _checkpoint_tensors(c["dir"])
+            assert got.keys() == straight_tensors.keys()
+            for name, tensors in straight_tensors.items():
+                assert got[name].keys() == tensors.keys()
+                for k, v in tensors.items():
+                    assert torch.equal(got[name][k], v), (save, c["step"], name, k)
+
+
+def test_rng_state_round_trip_cpu_and_cuda_paths(monkeypatch):
+    """Without CUDA no CUDA state is saved and restoring needs none; with CUDA (faked here, so the
+    path runs on CPU) every device's state is saved and restored, through JSON."""
+    g, rng = torch.Generator().manual_seed(3), random.Random(3)
+    state = json.loads(json.dumps(ckpt.rng_state(g, rng)))
+    if not torch.cuda.is_available():
+        assert "cuda" not in state
+    a = (torch.rand(3), torch.rand(3, generator=g), rng.random())
+    ckpt.set_rng_state(state, g, rng)
+    assert torch.equal(torch.rand(3), a[0]) and torch.equal(torch.rand(3, generator=g), a[1]) and rng.random() == a[2]
+
+    devices = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [d.clone() for d in devices])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
+    state = json.loads(json.dumps(ckpt.rng_state(g, rng)))
+    assert state["cuda"] == [d.tolist() for d in devices]
+    ckpt.set_rng_state(state, g, rng)
+    assert len(restored) == 2 and all(torch.equal(r, d) for r, d in zip(restored, devices))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CUDA checkpoint on a CPU machine
+    with pytest.warns(UserWarning, match="CUDA"):
+        ckpt.set_rng_state(state, g, rng)
+    assert len(restored) == 2
+
+
+def test_checkpoint_recovery_and_refusals(tmp_path):
+    """The states a crash can leave, built by hand: <path> missing with a whole .ckpt-old (renamed
+    back), a stale .ckpt-old and a dead process's .ckpt-tmp-<pid> (deleted), and a save refuses to
+    replace a directory holding anything but checkpoint files."""
+    cfg = apply_overrides(TrainConfig(), dict(MICRO))
+    _, tok, model = setup(cfg)
+    path = tmp_path / "ck"
+    ckpt.save_checkpoint(str(path), model, state={"step": 1}, tokenizer=tok)
+    assert ckpt.is_complete(str(path)) and sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    path.rename(tmp_path / "ck.ckpt-old")  # killed between the two renames
+    dead = tmp_path / "ck.ckpt-tmp-999999999"  # no such process
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"partial")
+    assert ckpt.load_state(str(path))["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    import shutil
+    shutil.copytree(path, tmp_path / "ck.ckpt-old")  # killed before the old one was removed
+    ckpt.save_checkpoint(str(path), model, state={"step": 2}, tokenizer=tok)
+    assert ckpt.load_state(str(path))["step"] == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    (path / "state.json").write_text("{\"step\": 3, \"checkpoint_files\": {\"model.safetensors\": 1}}")
+    assert not ckpt.is_complete(str(path)) and not ckpt.is_checkpoint(str(path))  # a size that does not match
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        ckpt.save_checkpoint(str(run), model)
+    assert (run / "metrics.jsonl").exists()
+
+
+def test_metric_log_drops_a_torn_last_row(tmp_path):
+    from alignops.train.trainer import MetricLog
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "lo')  # killed mid-append
+    log = MetricLog(str(path), resume=True)
+    assert log.rows == [{"step": 0}, {"step": 1}]
+    log.truncate(1)
+    assert path.read_text() == '{"step": 0}\n{"step": 1}\n'
+    path.write_text('{"step": 0}\n{"st\n{"step": 2}\n')  # damage before the end is an error
+    with pytest.raises(json.JSONDecodeError):
+        MetricLog(str(path), resume=True)

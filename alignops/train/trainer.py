@@ -104,7 +104,14 @@ class MetricLog:
         self.path, self.rows = path, []
         if path and resume and os.path.exists(path):
             with open(path) as f:
-                self.rows = [json.loads(line) for line in f if line.strip()]
+                lines = [line for line in f if line.strip()]
+            for i, line in enumerate(lines):
+                try:
+                    self.rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if i < len(lines) - 1:
+                        raise
+                    # the last row, torn by a crash mid-append: dropped (truncate rewrites the file)
         elif path:
             open(path, "w").close()
 
@@ -529,14 +536,17 @@ def train(cfg: TrainConfig) -> dict:
     def collect():
         return collect_rollouts(cfg, task, tok, policy, reward_model, rng, generator)
 
-    if cfg.resume and ckpt.is_checkpoint(out_dir):
+    # the run's checkpoint (<out_dir>/checkpoint; a run from before the subdirectory: out_dir), an
+    # interrupted save repaired: every file below comes from that one committed checkpoint
+    where = ckpt.locate(out_dir) if cfg.resume else None
+    if where is not None:
         from safetensors.torch import load_file  # noqa: PLC0415
-        state = ckpt.load_json(os.path.join(out_dir, "state.json"))
-        ckpt.load_model_weights(out_dir, policy)
-        ckpt.load_optimizer(opt, load_file(os.path.join(out_dir, "optim.safetensors")), state["optimizer"])
+        state = ckpt.load_json(os.path.join(where, "state.json"))
+        ckpt.load_model_weights(where, policy)
+        ckpt.load_optimizer(opt, load_file(os.path.join(where, "optim.safetensors")), state["optimizer"])
         if critic is not None:
-            critic.load_state_dict(load_file(os.path.join(out_dir, "critic.safetensors")))
-            ckpt.load_optimizer(critic_opt, load_file(os.path.join(out_dir, "critic_optim.safetensors")),
+            critic.load_state_dict(load_file(os.path.join(where, "critic.safetensors")))
+            ckpt.load_optimizer(critic_opt, load_file(os.path.join(where, "critic_optim.safetensors")),
                                 state["critic_optimizer"])
         ckpt.set_rng_state(state["rng"], generator, rng)
         preset.load_state(state.get("preset", {}))
@@ -544,6 +554,7 @@ def train(cfg: TrainConfig) -> dict:
         start, elapsed = state["step"], state["elapsed_s"]
         log.truncate(start)
     else:
+        log.truncate(-1)  # resume without a checkpoint (killed before its first save): a fresh run
         row = {"step": 0, **evaluation(cfg, policy, task, tok)}
         if critic is not None and cfg.value_pretrain_steps:
             t0 = time.time()
@@ -555,11 +566,13 @@ def train(cfg: TrainConfig) -> dict:
     def save(step):
         state = {"step": step, "elapsed_s": elapsed, "rng": ckpt.rng_state(generator, rng),
                  "preset": preset.state(), "kl_coef": kl_ctl.value, "config": dict(vars(cfg))}
+        extra = {}
         if critic is not None:
-            ckpt.save_tensors(os.path.join(out_dir, "critic.safetensors"), critic.state_dict())
             tensors, state["critic_optimizer"] = ckpt.optimizer_tensors(critic_opt)
-            ckpt.save_tensors(os.path.join(out_dir, "critic_optim.safetensors"), tensors)
-        ckpt.save_checkpoint(out_dir, policy, opt, tokenizer=tok, state=state)
+            extra = {"critic.safetensors": critic.state_dict(), "critic_optim.safetensors": tensors}
+        # one save, all files: a crash leaves the previous checkpoint or this one (checkpoint.py)
+        ckpt.save_checkpoint(os.path.join(out_dir, ckpt.CHECKPOINT_SUBDIR), policy, opt, tokenizer=tok, state=state,
+                             extra_tensors=extra)
 
     bar = progress(range(start, cfg.max_steps), cfg.progress, desc=cfg.method, initial=start,
                    total=None if cfg.time_budget_s else cfg.max_steps)
