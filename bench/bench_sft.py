@@ -65,7 +65,7 @@ def cases_for(device: str, quick: bool = False, backend=None):
     if device == "cuda":
         shapes = [(8, 1024, 128256), (8, 1024, 151936)] if not quick else [(1, 1024, 151936)]
         return [c for b, t, v in shapes for c in make_cases(b, t, v, torch.bfloat16, device, backend)]
-    shapes = [(4, 512, 32000)] if not quick else [(1, 256, 32000)]
+    shapes = [(4, 512, 32000)] if not quick else [(1, 512, 32000)]  # 256 rows: see bench_token_logprobs
     return [c for b, t, v in shapes for c in make_cases(b, t, v, torch.float32, device, backend)]
 
 

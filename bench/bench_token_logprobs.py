@@ -61,7 +61,9 @@ def cases_for(device: str, quick: bool = False):
     if device == "cuda":
         shapes = [(8192, 128256), (8192, 151936)] if not quick else [(1024, 151936)]
         return [make_case(n, v, torch.bfloat16, device) for n, v in shapes]
-    shapes = [(2048, 32000), (512, 151936)] if not quick else [(256, 32000)]
+    # quick: 256 rows of 32000 or 32003 make torch 2.13's AVX-512 inductor code (the compile row)
+    # corrupt the heap and abort; 512 rows do not
+    shapes = [(2048, 32000), (512, 151936)] if not quick else [(512, 32000)]
     return [make_case(n, v, torch.float32, device) for n, v in shapes]
 
 

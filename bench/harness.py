@@ -19,9 +19,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gc
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -78,7 +82,23 @@ def machine_description() -> str:
     except OSError:
         pass
     return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}, ISA {torch.backends.cpu.get_cpu_capability()}")
+            f"torch {torch.__version__}, CPU capability {_machine_isa()}")
+
+
+ISA_LEVELS = ("default", "avx2", "avx512")
+
+
+def _machine_isa() -> str:
+    """torch's capability of this CPU, unlowered (a child run sets ATEN_CPU_CAPABILITY)."""
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    return out.lower() if out.lower() in ISA_LEVELS else "default"
+
+
+def supported_isas() -> list[str]:
+    top = _machine_isa()
+    return [lv for lv in ISA_LEVELS if ISA_LEVELS.index(lv) <= ISA_LEVELS.index(top)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,7 +208,8 @@ def time_impl(case: Case, fn, mode: str, warmup: int, reps: int) -> tuple[float,
 
 
 def run_cases(op: str, cases: list[Case], *, warmup: int = 2, reps: int = 5, baseline: str = "eager",
-              out_dir: str = RESULTS, machine: str | None = None, quiet: bool = False) -> list[dict]:
+              out_dir: str = RESULTS, machine: str | None = None, quiet: bool = False,
+              write: bool = True) -> list[dict]:
     """Times every implementation of every case and writes the CSV and Markdown tables."""
     _fix_mmap_threshold()
     machine = machine or machine_name()
@@ -217,7 +238,8 @@ def run_cases(op: str, cases: list[Case], *, warmup: int = 2, reps: int = 5, bas
                 if not quiet:
                     print(f"  {case.name:>28} {mode:>8} {impl:>12}: {ms:9.3f} ms  "
                           f"peak +{peak / 2**20:8.1f} MiB  x{row[f'speedup_vs_{baseline}'] or 0:.2f}")
-    write_tables(op, rows, out_dir, machine)
+    if write:
+        write_tables(op, rows, out_dir, machine)
     return rows
 
 
@@ -256,8 +278,12 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30, reps: int = 
 
 
 def bench_main(op: str, doc: str | None, cases_for, argv=None, reps: int = 5) -> list[dict]:
-    """The command line every bench_<op>.py shares: --device, --backend, --quick, --reps.
-    `cases_for(device=, quick=, backend=)` returns the cases (backend only if it takes one)."""
+    """The command line every bench_<op>.py shares: --device, --backend, --quick, --reps, --isa.
+    `cases_for(device=, quick=, backend=)` returns the cases (backend only if it takes one).
+
+    On CPU every ISA level runs in its own process with ATEN_CPU_CAPABILITY set, so torch's eager
+    kernels, torch.compile's code and alignops's kernels all run at that level, as on a CPU whose
+    best level it is; the rows of every level go into one table (column `isa`)."""
     import argparse  # noqa: PLC0415
     import inspect  # noqa: PLC0415
 
@@ -266,10 +292,44 @@ def bench_main(op: str, doc: str | None, cases_for, argv=None, reps: int = 5) ->
     p.add_argument("--backend", default=None, help="alignops backend (default: automatic)")
     p.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
     p.add_argument("--reps", type=int, default=reps)
+    p.add_argument("--isa", default=None,
+                   help="CPU: comma-separated ISA levels, or 'all' (default: every level above 'default' "
+                        "this CPU supports, or 'default' alone on a CPU without AVX2)")
+    p.add_argument("--rows-to", default=None, help=argparse.SUPPRESS)  # child run: rows as JSON here
     args = p.parse_args(argv)
     if args.device == "cuda":
         print(f"measured copy bandwidth: {copy_bandwidth_gbs(torch.device('cuda')):.0f} GB/s")
     kwargs = {"device": args.device, "quick": args.quick}
     if "backend" in inspect.signature(cases_for).parameters:
         kwargs["backend"] = args.backend
-    return run_cases(op, cases_for(**kwargs), reps=args.reps)
+    if args.device != "cpu" or args.rows_to:
+        rows = run_cases(op, cases_for(**kwargs), reps=args.reps, write=not args.rows_to)
+        if args.rows_to:
+            with open(args.rows_to, "w") as f:
+                json.dump(rows, f)
+        return rows
+    supported = supported_isas()
+    if args.isa in (None, ""):
+        levels = [lv for lv in supported if lv != "default"] or ["default"]
+    elif args.isa == "all":
+        levels = supported
+    else:
+        levels = [lv.strip().lower() for lv in args.isa.split(",") if lv.strip()]
+        bad = [lv for lv in levels if lv not in supported]
+        if bad:
+            raise SystemExit(f"--isa {bad}: this CPU supports {supported}")
+    module = sys.modules["__main__"].__spec__.name if getattr(sys.modules["__main__"], "__spec__", None) else None
+    if module is None:
+        raise SystemExit("run benchmarks as modules: python -m bench.bench_<op>")
+    rows = []
+    passthrough = ["--device", "cpu", "--reps", str(args.reps)] + (["--quick"] if args.quick else []) + \
+        (["--backend", args.backend] if args.backend else [])
+    for level in levels:
+        print(f"--- ISA level {level} (ATEN_CPU_CAPABILITY={level}, ALIGNOPS_CPU_ISA={level})", flush=True)
+        with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+            env = dict(os.environ, ATEN_CPU_CAPABILITY=level, ALIGNOPS_CPU_ISA=level)
+            subprocess.run([sys.executable, "-m", module, *passthrough, "--rows-to", tmp.name], env=env, check=True)
+            with open(tmp.name) as f:
+                rows += [{"isa": level, **r} for r in json.load(f)]
+    write_tables(op, rows, RESULTS, machine_name())
+    return rows
