@@ -10,7 +10,7 @@ NVCC   ?= $(shell command -v nvcc)
 CUDA_ARCHS ?= 80 90
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: all demo test test-fast cuda-check bench learning build env clean
+.PHONY: all demo test test-fast cuda-check gpu-compile-check bench learning build env clean
 
 all: test
 
@@ -37,10 +37,17 @@ cuda-check:
 	else for f in csrc/cuda/*.cu; do \
 	  echo "nvcc $$f ($(CUDA_ARCHS))"; \
 	  $(NVCC) -std=c++17 -O3 -Icsrc $(foreach a,$(CUDA_ARCHS),-gencode=arch=compute_$(a),code=sm_$(a)) \
+	    -gencode=arch=compute_90,code=compute_90 \
 	    -c $$f -o /tmp/alignops-$$(basename $$f).o || exit 1; \
 	done; fi
 
-test: build cuda-check
+# Compile every Triton kernel variant the launchers produce for sm_80 and sm_90 ahead of time
+# (no GPU needed; the interpreter does not catch what the GPU compiler rejects) and check
+# registers, spills and shared memory -> bench/results/gpu-compile-check.{md,csv}
+gpu-compile-check: build
+	$(PY) -m bench.gpu_compile_check
+
+test: build cuda-check gpu-compile-check
 	$(PY) -m alignops.env
 	$(PY) -m pytest tests
 
