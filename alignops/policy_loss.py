@@ -525,7 +525,8 @@ class _PrecomputedGrad(torch.autograd.Function):
 #   per-token inputs [B*T] contiguous in the stats dtype, zeroed where mask is False; mask bool;
 #   agg_norm = the normaliser per token, row_len = the row's length (seq-mean-token-mean) or 1: a
 #   term's weight is (coef / agg_norm) / row_len; knobs/flags: policy_math.h.
-#   loss_terms.sum() is the loss, pg_terms.sum() the pg_loss; grad_logits may alias logits.
+#   loss_terms.sum() is the loss and pg_terms.sum() the pg_loss that fused_policy_loss returns
+#   (summed in float64); grad_logits may alias logits.
 
 _EPILOGUE_CODES = {"ppo": 0, "grpo": 0, "dapo": 0, "dr_grpo": 0, "ecpo": 0, "gppo": 1, "gppo_klear": 1,
                    "cispo": 2, "cispo_scalerl": 2, "reinforce": 3, "gpg": 3}
@@ -643,14 +644,19 @@ def _epilogue_policy_loss(logits, logits3, labels, flat_labels, old_logp, advant
                 agg_norm, row_len, mask.reshape(-1).contiguous(), _EPILOGUE_CODES[method],
                 _EPILOGUE_KL_CODES[kl_estimator] if kl_on else 0, knobs, flags, 1.0 / temperature, ignore_index,
                 compute_entropy, logp, entropy, loss_terms, pg_terms, target)
-        # metrics (and every remaining argument check) in torch from the kernel's logp: O(N) work
+        # The loss and pg_loss are the kernel's: each token's share of them (its weight
+        # (coef / normaliser) / row length included) summed in float64, so the order of the sum
+        # costs no digits. The other metrics (and every remaining argument check) come from torch
+        # on the kernel's logp and entropy: O(N) work.
+        loss_value = loss_terms.sum(dtype=torch.float64).to(dtype)
+        pg_value = pg_terms.sum(dtype=torch.float64).to(dtype)
         out = policy_loss(logp.view(labels.shape), old_logp, advantages, mask, method=method,
                           entropy=entropy.view(labels.shape) if compute_entropy else None, **kwargs)
+    metrics = dict(out.metrics)
+    metrics["pg_loss"] = pg_value.detach().to(torch.float32)
     grad = target.view(logits.shape) if inplace_grad else target.reshape(logits.shape)
-    # The loss value is torch's reduction over the kernel's logp (bit-identical to the two-pass
-    # path; loss_terms.sum() equals it up to summation order).
-    loss = _PrecomputedGrad.apply(out.loss.detach(), logits, grad)
-    return PolicyLossOutput(loss, out.metrics)
+    loss = _PrecomputedGrad.apply(loss_value, logits, grad)
+    return PolicyLossOutput(loss, metrics)
 
 
 def fused_policy_loss(logits: Tensor, labels: Tensor, old_logp: Tensor | None, advantages: Tensor,

@@ -1,25 +1,32 @@
 """The one-launch policy loss (fused_policy_loss(grad_in_forward=True) on the cpu and triton
-backends): the per-token epilogue of csrc/common/policy_math.h / kernels/policy_loss.py against
+backends): the kernel's own loss (its loss_terms, summed), pg_loss (its pg_terms) and logits
+gradient against a float64 oracle written in tests/policy_oracle.py (torch float64 math from the
+formulas, on the same rounded inputs; it shares no code with alignops), for every method code of
+the epilogue (clip: ppo/grpo/dapo/dr_grpo and token-level ecpo, gppo, cispo, reinforce/gpg), every
+KL estimator, the entropy bonus, IS weights, dual clip, every aggregation and temperature 0.7.
 
-  - the two-pass path (token_logprobs + policy_loss through autograd, grad_in_forward=False) on the
-    same backend: loss and logits gradient, fp32 and bf16;
-  - float64: the one-launch cpu kernel on float64 logits against autograd through the eager torch
-    reference, which shares no per-token code with the kernels.
+float32 tolerance: 1e-5 of the aggregate of the terms' absolute values (the terms cancel, and fp32
+rounding is relative to their size, not to the sum's), and 1e-5 of the largest gradient entry or
+per-token coefficient |dL/dlogp| + |dL/dH|.
+float64 logits (cpu): 1e-12.
 
 Inputs put ratios in every clip branch (below 1 - eps, inside, between the upper bounds, above the
 dual clip), with equal-reward rows (A = 0), IS weights, masked tokens, ignored labels, an empty row,
-temperature 0.7, prime and real vocabularies and logits peaked at +50 or shifted by +-1000.
+prime and real vocabularies and logits peaked at +50 or shifted by +-1000. The remaining metrics
+(clip ratios, approx_kl, ...) come from torch on the kernel's logp and are compared with the
+two-pass path; `kl` and `entropy` also with the oracle.
 """
 from __future__ import annotations
 
 import importlib
 import math
-import zlib
 
 import pytest
 import torch
 
 import alignops as ao
+from alignops import _backend
+from tests import policy_oracle as oracle
 from tests.conftest import backends_for
 
 # the module, not the function of the same name that alignops re-exports
@@ -41,7 +48,7 @@ METHOD_KW = {
     "cispo_scalerl": {},
     "reinforce": {},
     "gpg": {"gpg_alpha": 1.5},
-    "ecpo": {"ecpo_delta": 0.1},
+    "ecpo": {"ecpo_delta": 0.1, "clip_ratio_c": 3.0},
 }
 # Target ratios across the branches of bounds 0.8 / 1.2 / 1.28 / dual 3 / CISPO's 5, jittered off
 # the bounds (ties are measure-zero; the A = 0 rows cover the maximum's tie rule).
@@ -66,10 +73,12 @@ def make_case(B, T, V, seed, dtype=torch.float32, pattern="normal"):
     r = targets[torch.randint(len(RATIO_TARGETS), (B, T), generator=gen)]
     r = r * torch.exp(0.01 * torch.randn(B, T, generator=gen, dtype=torch.float64))
     old = (lp - torch.log(r)).float()
+    old[0, -1] = -3.0  # an ignored label with an off-policy old log-prob: must not count
     ref = (lp + 0.7 * torch.randn(B, T, generator=gen, dtype=torch.float64)).float()
     adv = torch.randn(B, T, generator=gen).float()
     adv[min(1, B - 1)] = 0.0  # an equal-reward group: A = 0 on the whole row
     mask = torch.rand(B, T, generator=gen) > 0.2
+    mask[0, -1] = True  # the ignored label is masked in: ignore_index alone must drop it
     if B > 2:
         mask[2] = False  # an empty row
     isw = (0.25 + 1.5 * torch.rand(B, T, generator=gen)).float()
@@ -95,20 +104,45 @@ def run(logits, labels, old, adv, mask, *, backend, one_launch, monkeypatch=None
     return out.loss.detach(), x.grad, out.metrics, bool(calls)
 
 
-def assert_same(one, two, dtype):
-    (loss1, g1, m1, _), (loss2, g2, m2, _) = one, two
-    torch.testing.assert_close(loss1, loss2, rtol=1e-6, atol=1e-7)
-    scale = g2.abs().max().item()
+def oracle_for(logits, labels, old, adv, mask, **kw):
+    return oracle.policy_loss(logits, labels, old, adv, mask, temperature=TEMPERATURE, **kw)
+
+
+def assert_matches_oracle(one, o, dtype, *, entropy=False, kl=None, ref=None, mask=None, labels=None, what=""):
+    """The one-launch result `one` = (loss, grad, metrics, ran) against the oracle `o`."""
+    loss, grad, metrics, _ = one
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    scale = o.scale.item()
+    for name, got, want in (("loss", loss, o.loss), ("pg_loss", metrics["pg_loss"], o.pg_loss)):
+        err = abs(got.double().item() - want.item())
+        assert err <= tol * scale + tol * 1e-2, (what, name, got.item(), want.item(), err, scale)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    # a gradient entry's rounding noise is relative to the token's coefficients a and b, which
+    # can be far larger than the entry (peaked rows: a * (1 - p_y) ~ a * e^-71)
+    gmax = max(o.grad.abs().max().item(), o.coef.item())
     if dtype == torch.bfloat16:
-        # both paths round (near-)equal fp32 gradients to bf16: at most one bf16 ulp apart
-        torch.testing.assert_close(g1.float(), g2.float(), rtol=2 ** -8, atol=2 ** -8 * scale)
+        # the fp32 gradient rounded once to bf16
+        torch.testing.assert_close(grad.double(), o.grad, rtol=2 ** -8, atol=2 ** -8 * gmax, msg=what)
     else:
-        # a and b agree to a few fp32 ulp (the kernel's exp/expm1 vs torch's)
-        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6 * scale)
+        torch.testing.assert_close(grad.double(), o.grad, rtol=tol, atol=tol * gmax, msg=what)
+    assert torch.isfinite(grad).all()
+    if mask is not None:
+        valid = mask & (labels != -100)
+        n = max(int(valid.sum()), 1)
+        if entropy:
+            want = o.entropy.sum() / n
+            assert abs(metrics["entropy"].item() - want.item()) <= 1e-5 * max(1.0, abs(want.item())), what
+        if kl is not None:
+            want = torch.where(valid, oracle.kl_value(o.logp, ref.double(), kl), 0.0).sum() / n
+            assert abs(metrics["kl"].item() - want.item()) <= 1e-5 * max(1.0, abs(want.item())), (what, kl)
+
+
+def assert_metrics_like_two_pass(one, two):
+    """Metrics other than pg_loss are torch's on the kernel's logp: as the two-pass path's."""
+    m1, m2 = one[2], two[2]
     assert set(m1) == set(m2)
     for k in m2:
         torch.testing.assert_close(m1[k], m2[k], rtol=1e-5, atol=1e-6, msg=k)
-    assert torch.isfinite(g1).all()
 
 
 def kwargs_for(method, kl, entropy_coef, agg, ref, isw, T, use_is):
@@ -120,90 +154,100 @@ def kwargs_for(method, kl, entropy_coef, agg, ref, isw, T, use_is):
     return kw
 
 
+def check_case(logits, labels, old, ref, adv, mask, isw, *, backend, method, kl, entropy_coef, agg, use_is,
+               monkeypatch, two_pass=False, dtype=torch.float32):
+    T = labels.shape[-1]
+    kw = kwargs_for(method, kl, entropy_coef, agg, ref, isw, T, use_is)
+    one = run(logits, labels, old, adv, mask, backend=backend, one_launch=True, monkeypatch=monkeypatch, **kw)
+    what = (backend, method, kl, entropy_coef, agg, use_is)
+    assert one[3], what
+    o = oracle_for(logits, labels, old, adv, mask, **kw)
+    assert_matches_oracle(one, o, dtype, entropy=entropy_coef != 0, kl=kl, ref=ref, mask=mask, labels=labels,
+                          what=what)
+    if two_pass:
+        assert_metrics_like_two_pass(one, run(logits, labels, old, adv, mask, backend=backend, one_launch=False,
+                                              **kw))
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="alignops._C not built")
 @pytest.mark.parametrize("method", sorted(METHOD_KW))
-def test_cpu_one_launch_equals_two_pass_every_combination(method, monkeypatch):
+def test_cpu_one_launch_against_oracle_every_combination(method, monkeypatch):
+    """Every KL estimator x entropy bonus on/off x every aggregation x IS weights on/off."""
     B, T, V = 4, 6, 37
-    logits, labels, old, ref, adv, mask, isw = make_case(B, T, V, seed=hash(method) % 997)
-    i = 0
+    case = make_case(B, T, V, seed=sum(map(ord, method)))
     for kl in KLS:
         for entropy_coef in (0.0, 0.01):
             for agg in AGGS:
-                i += 1
-                kw = kwargs_for(method, kl, entropy_coef, agg, ref, isw, T, use_is=i % 2 == 0)
-                one = run(logits, labels, old, adv, mask, backend="cpu", one_launch=True,
-                          monkeypatch=monkeypatch, **kw)
-                two = run(logits, labels, old, adv, mask, backend="cpu", one_launch=False, **kw)
-                assert one[3], (method, kl, entropy_coef, agg)
-                assert_same(one, two, torch.float32)
-
-
-TRITON_CASES = [
-    ("grpo", "k3", 0.01, "token-mean", "peaked"),
-    ("dapo", "low_var_kl", 0.0, "seq-mean-token-mean", "shifted"),
-    ("gppo", "k2", 0.01, "seq-mean-token-mean", "normal"),
-    ("cispo", "low_var_kl", 0.01, "seq-mean-token-sum", "normal"),
-    ("reinforce", "k1", 0.0, "seq-mean-token-sum", "peaked"),
-    ("gpg", None, 0.01, "token-mean", "normal"),
-    ("ecpo", "k3", 0.0, "seq-mean-token-sum-norm", "shifted"),
-]
+                for use_is in (False, True):
+                    check_case(*case, backend="cpu", method=method, kl=kl, entropy_coef=entropy_coef, agg=agg,
+                               use_is=use_is, monkeypatch=monkeypatch, two_pass=agg == "token-mean" and use_is)
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend unavailable")
-@pytest.mark.parametrize("method,kl,entropy_coef,agg,pattern", TRITON_CASES)
-def test_triton_one_launch_equals_two_pass(method, kl, entropy_coef, agg, pattern, monkeypatch):
+@pytest.mark.parametrize("method", sorted(METHOD_KW))
+@pytest.mark.parametrize("pattern", ["normal", "peaked", "shifted"])
+def test_triton_one_launch_against_oracle(method, pattern, monkeypatch):
+    """Every KL estimator per method; the aggregation, entropy bonus and IS weights cycle with it
+    (every aggregation, with and without each, across the methods and patterns)."""
     B, T, V = 3, 3, 127
-    logits, labels, old, ref, adv, mask, isw = make_case(B, T, V, seed=len(method) * 31 + len(agg), pattern=pattern)
-    kw = kwargs_for(method, kl, entropy_coef, agg, ref, isw, T, use_is=entropy_coef == 0)
-    one = run(logits, labels, old, adv, mask, backend="triton", one_launch=True, monkeypatch=monkeypatch, **kw)
-    two = run(logits, labels, old, adv, mask, backend="triton", one_launch=False, **kw)
-    assert one[3]
-    assert_same(one, two, torch.float32)
+    offset = sum(map(ord, method + pattern))
+    case = make_case(B, T, V, seed=offset, pattern=pattern)
+    for i, kl in enumerate(KLS):
+        j = i + offset
+        check_case(*case, backend="triton", method=method, kl=kl, entropy_coef=0.01 if j % 2 else 0.0,
+                   agg=AGGS[j % 4], use_is=(j // 2) % 2 == 0, monkeypatch=monkeypatch, two_pass=i == 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("method", ["grpo", "gppo", "cispo"])
-def test_bf16_one_launch_equals_two_pass(backend, method, monkeypatch):
+@pytest.mark.parametrize("method", ["grpo", "gppo", "cispo", "ecpo"])
+def test_bf16_one_launch_against_oracle(backend, method, monkeypatch):
     logits, labels, old, ref, adv, mask, isw = make_case(3, 3, 67, seed=5, dtype=torch.bfloat16)
     kw = kwargs_for(method, "k3", 0.01, "token-mean", ref, isw, 3, use_is=True)
     one = run(logits, labels, old, adv, mask, backend=backend, one_launch=True, monkeypatch=monkeypatch, **kw)
-    two = run(logits, labels, old, adv, mask, backend=backend, one_launch=False, **kw)
     assert one[3]
     assert one[1].dtype == torch.bfloat16
-    assert_same(one, two, torch.bfloat16)
+    assert_matches_oracle(one, oracle_for(logits, labels, old, adv, mask, **kw), torch.bfloat16)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="alignops._C not built")
 @pytest.mark.parametrize("method", sorted(METHOD_KW))
 @pytest.mark.parametrize("pattern", ["normal", "peaked", "shifted"])
-def test_cpu_float64_against_autograd_reference(method, pattern, monkeypatch):
-    """float64 logits: the kernel's closed-form a, b vs autograd through the eager torch path."""
+def test_cpu_float64_against_oracle(method, pattern, monkeypatch):
+    """float64 logits: the kernel's loss terms and closed-form a, b to 1e-12 of the oracle."""
     B, T, V = 3, 5, 31
     logits, labels, old, ref, adv, mask, isw = make_case(B, T, V, seed=11, dtype=torch.float64, pattern=pattern)
-    for kl, agg in (("k3", "token-mean"), ("low_var_kl", "seq-mean-token-mean"), ("k2", "seq-mean-token-sum")):
-        kw = kwargs_for(method, kl, 0.02, agg, ref.double(), isw.double(), T, use_is=True)
-        one = run(logits, labels, old.double(), adv.double(), mask, backend="cpu", one_launch=True,
-                  monkeypatch=monkeypatch, **kw)
-        two = run(logits, labels, old.double(), adv.double(), mask, backend="torch", one_launch=False, **kw)
+    old, ref, adv, isw = old.double(), ref.double(), adv.double(), isw.double()
+    for i, kl in enumerate(KLS):
+        kw = kwargs_for(method, kl, 0.02, AGGS[i % 4], ref, isw, T, use_is=True)
+        one = run(logits, labels, old, adv, mask, backend="cpu", one_launch=True, monkeypatch=monkeypatch, **kw)
         assert one[3]
-        torch.testing.assert_close(one[0], two[0], rtol=1e-12, atol=1e-12)
+        o = oracle_for(logits, labels, old, adv, mask, **kw)
+        loss, grad, metrics, _ = one
+        assert loss.dtype == torch.float64
+        assert abs(loss.item() - o.loss.item()) <= 1e-12 * o.scale.item() + 1e-14, (kl, loss.item(), o.loss.item())
+        # metrics are fp32 scalars (the API contract): pg_loss is the float64 sum, rounded once
+        assert metrics["pg_loss"].dtype == torch.float32
+        assert abs(metrics["pg_loss"].item() - o.pg_loss.item()) <= 2 ** -24 * abs(o.pg_loss.item()) + 1e-14
         # absolute: peaked rows' gradients are a * (1 - p_y) ~ a * e^-71, pure cancellation noise
-        # of size eps64 * |a| in both paths, while a and b themselves are O(1)
-        torch.testing.assert_close(one[1], two[1], rtol=1e-10, atol=1e-13)
+        # of size eps64 * |a|, while a and b themselves are O(1)
+        torch.testing.assert_close(grad, o.grad, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.skipif("cpu" not in BACKENDS, reason="alignops._C not built")
-def test_log_ratio_clamp_and_normalizer(monkeypatch):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_ratio_clamp_and_normalizer(backend, monkeypatch):
     """Clamped log-ratios (zero gradient outside the clamp), an explicit and a zero normaliser."""
     logits, labels, old, ref, adv, mask, isw = make_case(3, 6, 41, seed=3)
+    methods = ("grpo", "gppo", "cispo", "ecpo") if backend == "cpu" else ("gppo", "ecpo")
     for extra in ({"ratio_log_clamp": 0.3}, {"ratio_log_clamp": None}, {"normalizer": 7.0},
                   {"normalizer": torch.tensor(11.0)}, {"normalizer": 0.0}):
-        for method in ("grpo", "gppo", "cispo", "ecpo"):
+        for method in methods:
             kw = {**kwargs_for(method, "k3", 0.01, "seq-mean-token-mean", ref, isw, 6, use_is=True), **extra}
-            one = run(logits, labels, old, adv, mask, backend="cpu", one_launch=True, monkeypatch=monkeypatch, **kw)
-            two = run(logits, labels, old, adv, mask, backend="cpu", one_launch=False, **kw)
+            one = run(logits, labels, old, adv, mask, backend=backend, one_launch=True, monkeypatch=monkeypatch,
+                      **kw)
             assert one[3]
-            assert_same(one, two, torch.float32)
+            okw = {**kw, "normalizer": float(kw["normalizer"])} if "normalizer" in kw else kw
+            assert_matches_oracle(one, oracle_for(logits, labels, old, adv, mask, **okw), torch.float32,
+                                  what=(method, extra))
             if extra.get("normalizer") == 0.0:
                 assert one[0].item() == 0.0 and not one[1].any()
 
@@ -214,16 +258,18 @@ def test_on_policy_packed_and_inplace(backend, monkeypatch):
     written into the logits buffer itself)."""
     logits, labels, old, ref, adv, mask, isw = make_case(2, 10, 53, seed=9)
     logits, labels, old, ref, mask = logits[0], labels[0], old[0], ref[0], mask[0]
+    labels[9] = -100
     cu = torch.tensor([0, 3, 3, 7, 10])
     adv_rows = torch.tensor([0.5, -1.0, 0.0, 2.0])
+    kw = dict(method="grpo", cu_seqlens=cu, ref_logp=ref, kl_coef=0.1, kl_estimator="k3",
+              entropy_coef=0.01, agg="seq-mean-token-mean")
     for old_logp in (None, old):
-        kw = dict(method="grpo", cu_seqlens=cu, ref_logp=ref, kl_coef=0.1, kl_estimator="k3",
-                  entropy_coef=0.01, agg="seq-mean-token-mean")
         one = run(logits, labels, old_logp, adv_rows, mask, backend=backend, one_launch=True,
                   monkeypatch=monkeypatch, **kw)
-        two = run(logits, labels, old_logp, adv_rows, mask, backend=backend, one_launch=False, **kw)
         assert one[3]
-        assert_same(one, two, torch.float32)
+        assert_matches_oracle(one, oracle_for(logits, labels, old_logp, adv_rows, mask, **kw), torch.float32,
+                              entropy=True, kl="k3", ref=ref, mask=mask, labels=labels)
+    o = oracle_for(logits, labels, old, adv_rows, mask, **kw)
     leaf = logits.detach().clone().requires_grad_()
     buf = leaf * 1
     upstream = []
@@ -232,7 +278,7 @@ def test_on_policy_packed_and_inplace(backend, monkeypatch):
                                grad_in_forward=True, inplace_grad=True, **kw)
     out.loss.backward()
     assert upstream[0].data_ptr() == buf.data_ptr()
-    torch.testing.assert_close(leaf.grad, two[1], rtol=1e-5, atol=1e-6 * two[1].abs().max().item())
+    assert_matches_oracle((out.loss.detach(), leaf.grad, out.metrics, True), o, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -240,13 +286,33 @@ def test_large_vocab(backend, monkeypatch):
     """Real vocabularies (not multiples of any tile), peaked rows, one ignored row."""
     vocabs = (151936, 129920) if backend == "cpu" else (129920,)
     for V in vocabs:
-        logits, labels, old, ref, adv, mask, isw = make_case(1, 3 if backend == "cpu" else 2, V, seed=V % 101,
-                                                             pattern="peaked")
-        kw = kwargs_for("dapo", "k3", 0.01, "token-mean", ref, isw, 3, use_is=True)
+        T = 3 if backend == "cpu" else 2
+        logits, labels, old, ref, adv, mask, isw = make_case(1, T, V, seed=V % 101, pattern="peaked")
+        kw = kwargs_for("dapo", "k3", 0.01, "token-mean", ref, isw, T, use_is=True)
         one = run(logits, labels, old, adv, mask, backend=backend, one_launch=True, monkeypatch=monkeypatch, **kw)
-        two = run(logits, labels, old, adv, mask, backend=backend, one_launch=False, **kw)
         assert one[3]
-        assert_same(one, two, torch.float32)
+        assert_matches_oracle(one, oracle_for(logits, labels, old, adv, mask, **kw), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_is_the_kernels(backend, monkeypatch):
+    """The returned loss and pg_loss are the kernel's loss_terms and pg_terms, summed: a change
+    to them shows up in the result (they were once filled and never read)."""
+    logits, labels, old, ref, adv, mask, isw = make_case(2, 3, 17, seed=6)
+    kw = dict(method="grpo", ref_logp=ref, kl_coef=0.1, entropy_coef=0.01)
+    base = run(logits, labels, old, adv, mask, backend=backend, one_launch=True, **kw)
+    real = _backend.kernel("policy_loss_fused", backend)
+
+    def shifted(*args):
+        real(*args)
+        loss_terms, pg_terms = args[-3], args[-2]
+        loss_terms[0] += 0.5
+        pg_terms[0] += 0.25
+    monkeypatch.setitem(_backend._KERNEL_CACHE, ("policy_loss_fused", backend), shifted)
+    moved = run(logits, labels, old, adv, mask, backend=backend, one_launch=True, **kw)
+    assert abs((moved[0] - base[0]).item() - 0.5) < 1e-6
+    assert abs((moved[2]["pg_loss"] - base[2]["pg_loss"]).item() - 0.25) < 1e-6
+    assert torch.equal(moved[1], base[1])
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="alignops._C not built")
@@ -259,7 +325,9 @@ def test_sequence_level_methods_keep_the_two_pass_path(method, extra, monkeypatc
               method=method, **extra)
     two = run(logits, labels, old, adv, mask, backend="cpu", one_launch=False, method=method, **extra)
     assert not one[3]
-    assert_same(one, two, torch.float32)
+    torch.testing.assert_close(one[0], two[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(one[1], two[1], rtol=1e-5, atol=1e-6 * two[1].abs().max().item())
+    assert_metrics_like_two_pass(one, two)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="alignops._C not built")

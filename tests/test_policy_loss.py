@@ -955,7 +955,15 @@ def test_fused_equals_policy_loss_of_token_logprobs(device, backend, dtype, opti
     out = ao.fused_policy_loss(buf, labels, old, adv, mask, method="grpo", ref_logp=ref, backend=backend,
                                **FUSED_KW, **kw)
     out.loss.backward()
-    assert out.loss.item() == e.loss.item()
+    # the one-launch kernel returns its own per-token loss terms summed in float64: a few fp32 ulp
+    # from torch's fp32 reduction (tests/test_policy_epilogue.py checks both against float64)
+    one_launch = backend in ("cpu", "triton") and kw["grad_in_forward"]
+    own_sum = ("pg_loss",) if one_launch else ()
+    if one_launch:
+        torch.testing.assert_close(out.loss.detach(), e.loss.detach(), rtol=4e-7, atol=1e-7)
+        torch.testing.assert_close(out.metrics["pg_loss"], e.metrics["pg_loss"], rtol=4e-7, atol=1e-7)
+    else:
+        assert out.loss.item() == e.loss.item()
     if backend == "torch" and option != "default":
         # the torch backend's explicit backward formula vs autograd through the eager reference
         torch.testing.assert_close(leaf.grad, e_g, rtol=1e-5, atol=1e-6 * e_g.abs().max().item())
@@ -975,7 +983,7 @@ def test_fused_equals_policy_loss_of_token_logprobs(device, backend, dtype, opti
         # the gradient handed upstream is the logits buffer itself: no [N, V] allocation
         assert upstream[0].data_ptr() == buf.data_ptr()
     for k in e.metrics:
-        assert torch.equal(out.metrics[k], e.metrics[k]), k
+        assert k in own_sum or torch.equal(out.metrics[k], e.metrics[k]), k
     assert "entropy" in out.metrics
 
 
