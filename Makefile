@@ -65,4 +65,4 @@ learning: build
 	$(PY) -m bench.learning
 
 clean:
-	rm -rf build *.egg-info alignops/_C*.so alignops/_build_info.json $(VENV)
+	rm -rf build *.egg-info alignops/_C*.so alignops/_cpu_*.so alignops/_build_info.json $(VENV)

@@ -76,7 +76,15 @@ REGISTER_FILE = 65536  # 32-bit registers per SM and per block, sm_80 and sm_90
 REG_UNIT = 8           # registers are allocated per thread in multiples of 8 (256 per warp)
 
 # (kernel name, substring of the variant text, reason): spills accepted for these variants only.
-ALLOWED_SPILLS: list[tuple[str, str, str]] = []
+# (kernel, arch, num_warps, variant substring, reason). Each entry is one 4-8 byte stack slot
+# that ptxas uses at a register count far below the limit; the check still fails on any other or
+# larger spill. Their cost on a GPU is still to be measured (no GPU has run these kernels yet).
+ALLOWED_SPILLS: list[tuple[str, int, int, str, str]] = [
+    ("_token_stats_bwd_kernel", 90, 16, "HAS_ENTROPY_GRAD; BLOCK_V=8192",
+     "fp16/bf16 logits, V not a multiple of 16: 8 B at 64 registers"),
+    ("_gae_scan_kernel", 80, 4, "F64; BLOCK=256", "fp64 scan: 4 B"),
+    ("_masked_moments_kernel", 90, 4, "ptr fp32/fp64/u8; BLOCK=4096", "fp32 input: 4 B at 128 registers"),
+]
 
 INV_TEMPS = (1.0, 1.0 / 0.7)
 DTYPES = ("float32", "float16", "bfloat16")
@@ -444,7 +452,9 @@ def judge(res: dict) -> list[str]:
                    f"> {SHARED_LIMIT[res['arch']]} (sm_{res['arch']} per-block maximum)")
     spills = (res["spill_stores"] or 0) + (res["spill_loads"] or 0)
     if spills or res["stack"] or res["local"]:
-        allowed = [r for k, v, r in ALLOWED_SPILLS if k == res["kernel"] and v in res["variant"]]
+        allowed = [r for k, arch, warps, v, r in ALLOWED_SPILLS
+                   if k == res["kernel"] and res["arch"] == arch and res["num_warps"] == warps
+                   and v in res["variant"]]
         if not allowed:
             why.append(f"spills: {res['spill_stores']} bytes stores, {res['spill_loads']} bytes loads, "
                        f"stack frame {res['stack']} bytes, local {res['local']} bytes (none expected)")
@@ -500,7 +510,8 @@ def write_report(results, errors, elapsed, jobs, out_dir: Path):
              f"x {len(ARCHS)} archs) in {elapsed:.0f} s on {jobs} processes. "
              f"Limits: regs (rounded up to {REG_UNIT}) x threads <= {REGISTER_FILE}; dynamic + static shared <= "
              + ", ".join(f"{SHARED_LIMIT[a]} B (sm_{a})" for a in ARCHS) + "; no spill or stack frame"
-             + (" except " + "; ".join(f"{k} [{v}]: {r}" for k, v, r in ALLOWED_SPILLS) if ALLOWED_SPILLS else "")
+             + (" except " + "; ".join(f"{k} sm_{a} {w} warps [{v}]: {r}" for k, a, w, v, r in ALLOWED_SPILLS)
+                if ALLOWED_SPILLS else "")
              + ".", "",
              f"**{'PASS' if not fails and not errors else 'FAIL'}**: {len(fails)} failing variants, "
              f"{len(errors)} coverage errors.", ""]
