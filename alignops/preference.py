@@ -2,14 +2,14 @@
 
 These are `[B]`-sized math on sequence log-probs (or, for RAHF, on hidden states): the expensive
 pass over the logits is `alignops.sequence_logprobs`, fused on every backend. Everything is
-computed in fp32 (fp64 for fp64 inputs) whatever the input dtype (METHODS.md R3), with
+computed in fp32 (fp64 for fp64 inputs) whatever the input dtype (docs/methods.md R3), with
 `logsigmoid`, never `log(sigmoid)` (3.3).
 
 Metric names follow TRL: `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`,
 `rewards/margins`, `logps/chosen`, `logps/rejected` (+ ORPO's `nll_loss`, `log_odds_ratio`,
 `log_odds_chosen`).
 
-METHODS.md 2.14 (GVPO), 2.22 (DPO family), 2.23 (ORPO), 2.26 (RAHF), 3.3.
+docs/methods.md 2.14 (GVPO), 2.22 (DPO family), 2.23 (ORPO), 2.26 (RAHF), 3.3.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from alignops.sft import _inverse_normalizer, check_mask, check_option
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
 GVPO_REDUCTIONS = ("mean", "sum")
-# METHODS.md 2.23: P = exp(mean logp) -> 1 sends log(1 - P) to -inf; the odds use mean logp <= this.
+# docs/methods.md 2.23: P = exp(mean logp) -> 1 sends log(1 - P) to -inf; the odds use mean logp <= this.
 ORPO_LOGP_CLAMP = -1e-6
 _LN2 = math.log(2.0)
 
@@ -113,7 +113,7 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
              beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0, *,
              chosen_lengths: Optional[Tensor] = None, rejected_lengths: Optional[Tensor] = None,
              ipo_length_norm: bool = True, normalizer=None) -> PreferenceOutput:
-    """DPO and its cheap variants on summed sequence log-probs (METHODS.md 2.22).
+    """DPO and its cheap variants on summed sequence log-probs (docs/methods.md 2.22).
 
     With `h = (S_w - S_w^ref) - (S_l - S_l^ref)` (summed log-probs, `sequence_logprobs`):
 
@@ -198,7 +198,7 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
 def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor,
               rejected_lengths: Tensor, beta: float = 0.1, *, nll_loss: Optional[Tensor] = None,
               nll_normalizer=None, normalizer=None) -> PreferenceOutput:
-    """ORPO (METHODS.md 2.23): `L = L_NLL(chosen) - beta * mean logsig(z)`, no reference model.
+    """ORPO (docs/methods.md 2.23): `L = L_NLL(chosen) - beta * mean logsig(z)`, no reference model.
 
     Inputs are **summed** response log-probs and response lengths per pair (e.g.
     `sequence_logprobs(..., return_lengths=True)`); the odds use the means `S / L`, clamped to
@@ -286,7 +286,7 @@ def _group_index(rows: int, group_size, group_ids, device):
 def gvpo_loss(logp: Tensor, anchor_logp: Tensor, rewards: Tensor, *, mask: Optional[Tensor] = None,
               group_size: Optional[int] = None, group_ids: Optional[Tensor] = None,
               beta: float = 0.1, reduction: str = "mean", normalizer=None) -> PreferenceOutput:
-    """GVPO (METHODS.md 2.14): per group g of k rows,
+    """GVPO (docs/methods.md 2.14): per group g of k rows,
 
         L_g = 1/(k-1) * 1/2 * sum_i [ (R~_i - mean_g R~) - (R_i - mean_g R) ]^2,   R~ = beta (S - S_anc)
 
@@ -381,7 +381,7 @@ def _stack_layers(x: HiddenStates, name: str) -> Tensor:
 def rahf_loss(lora_hidden: HiddenStates, base_hidden: HiddenStates, direction: HiddenStates,
               mask: Optional[Tensor] = None, alpha: float = 5.0, *,
               count_padding: bool = False) -> PreferenceOutput:
-    """RAHF's representation loss (METHODS.md 2.26): per layer l and response position (b, t),
+    """RAHF's representation loss (docs/methods.md 2.26): per layer l and response position (b, t),
 
         d = || h^LoRA_lbt - (h^base_lbt + alpha v_lbt) ||_2          (unsquared L2 over H)
 

@@ -11,7 +11,7 @@ labels and mask and `cu_seqlens=[B+1]` row boundaries. Labels are used as given 
 before the call, as for token_logprobs). A position counts iff mask != 0 and label != ignore_index;
 the other positions are not read by the kernels at all.
 
-Methods: METHODS.md 1.13 (sequence sums), 2.25 (RAFT = plain SFT), 2.27 (DFT), 2.28 and 00.15
+Methods: docs/methods.md 1.13 (sequence sums), 2.25 (RAFT = plain SFT), 2.27 (DFT), 2.28 and 00.15
 (iw-SFT), 2.29 (CHORD-mu, CHORD-phi and the mu schedule).
 """
 
@@ -28,7 +28,7 @@ from alignops.token_stats import check_logits_labels, token_logprobs
 
 SFT_WEIGHTINGS = ("none", "dft", "chord_phi", "iw")
 SEQUENCE_REDUCTIONS = ("sum", "mean")
-# METHODS.md 00.3 / 00.15: sequence-level log-ratios are clamped before exp.
+# docs/methods.md 00.3 / 00.15: sequence-level log-ratios are clamped before exp.
 IW_LOG_CLAMP = 20.0
 
 
@@ -129,7 +129,7 @@ def _broadcast_rows(row_values: Tensor, like: Tensor, cu_seqlens: Optional[Tenso
 
 
 def _inverse_normalizer(normalizer, default: Tensor, name: str = "normalizer") -> Tensor:
-    """1/normalizer as a tensor, with 0 for a zero normaliser (METHODS.md 00.2: zero normaliser ->
+    """1/normalizer as a tensor, with 0 for a zero normaliser (docs/methods.md 00.2: zero normaliser ->
     loss exactly 0 and gradient exactly 0)."""
     if normalizer is None:
         denom = default
@@ -167,7 +167,7 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = N
                       temperature: float = 1.0, ignore_index: int = -100,
                       return_lengths: bool = False, backend: Optional[str] = None):
     """Per-sequence log-probability of the labels: `S_i = sum_t m_it logp_it` ("sum", DPO, GVPO)
-    or `S_i / L_i` ("mean", IPO and ORPO; an empty row gives 0), METHODS.md 1.13.
+    or `S_i / L_i` ("mean", IPO and ORPO; an empty row gives 0), docs/methods.md 1.13.
 
     Args:
         logits: `[B, T, V]`, or packed `[N, V]` with `cu_seqlens`.
@@ -203,7 +203,7 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = N
 def iw_sft_weights(seq_logp_q: Tensor, seq_logp_ref: Tensor, clip=(0.0, 10.0),
                    self_normalize: bool = False, valid_rows: Optional[Tensor] = None) -> Tensor:
     """Per-sequence iw-SFT weights `exp(clamp(S_q - S_ref, -20, 20))`, clipped to `clip`, and
-    optionally divided by their mean over the batch (METHODS.md 2.28, 00.15). Detached.
+    optionally divided by their mean over the batch (docs/methods.md 2.28, 00.15). Detached.
 
     `seq_logp_q` are sequence log-probs under q (a lagged copy of the policy), `seq_logp_ref` under
     the policy that generated the data (both summed, e.g. from `sequence_logprobs`). With q = pi_ref
@@ -241,7 +241,7 @@ def iw_sft_weights(seq_logp_q: Tensor, seq_logp_ref: Tensor, clip=(0.0, 10.0),
 
 def token_weights(logp: Tensor, weighting: str) -> Tensor:
     """The detached per-token weight of each weighting, from the token's own log-prob:
-    1 (SFT), p (DFT, METHODS.md 2.27), p(1-p) (CHORD-phi, 2.29; 0.25 at p = 0.5)."""
+    1 (SFT), p (DFT, docs/methods.md 2.27), p(1-p) (CHORD-phi, 2.29; 0.25 at p = 0.5)."""
     p = torch.exp(logp.detach())
     if weighting == "dft":
         return p
@@ -298,13 +298,13 @@ def sft_loss(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = None, weig
         loss = -(1/N) sum_{i,t} m_it * w_it * logp_it
 
     weighting:
-        "none"       w = 1: plain SFT (also RAFT's SFT step, METHODS.md 2.25).
+        "none"       w = 1: plain SFT (also RAFT's SFT step, docs/methods.md 2.25).
         "dft"        w = sg(p): Dynamic Fine-Tuning (2.27); gradient = p x the SFT gradient.
         "chord_phi"  w = sg(p (1 - p)): CHORD-phi's expert loss (2.29).
         "iw"         w = seq_weights[i] (detached): iw-SFT (2.28); build them with `iw_sft_weights`.
     `seq_weights` ([B]) multiplies any weighting (required for "iw").
     `cutoff_prob`: clamp logp <= log(cutoff_prob) (CHORD); tokens above the cutoff get no gradient.
-    `normalizer`: N, the token count of the whole optimiser step (METHODS.md 00.2); default: this
+    `normalizer`: N, the token count of the whole optimiser step (docs/methods.md 00.2); default: this
     call's valid-token count. A zero normaliser gives loss 0 and gradient 0.
 
     Layouts and the remaining arguments are those of `sequence_logprobs`. p = exp(logp) is the
@@ -345,7 +345,7 @@ def _check_seq_weights(seq_weights, labels, cu):
 
 def chord_mu_schedule(step: int, *, mu_peak: float = 0.9, mu_valley: float = 0.05,
                       warmup_steps: int = 0, decay_steps: int = 200) -> float:
-    """CHORD's global SFT weight mu at optimiser step `step` (METHODS.md 2.29): linear warm-up from 0
+    """CHORD's global SFT weight mu at optimiser step `step` (docs/methods.md 2.29): linear warm-up from 0
     to mu_peak over warmup_steps, cosine decay to mu_valley over decay_steps, then mu_valley.
     Defaults: the CHORD-mu preset. CHORD-phi's constant mu = 0.1 is mu_peak = mu_valley = 0.1,
     decay_steps = 0 (which returns mu_valley: no division by zero)."""
@@ -370,7 +370,7 @@ def chord_loss(logp: Tensor, old_logp: Optional[Tensor], advantages: Tensor, mas
                cutoff_prob: Optional[float] = None, rl_normalizer=None, sft_normalizer=None,
                cu_seqlens: Optional[Tensor] = None, clip_low: float = 0.2,
                clip_high: Optional[float] = None, agg: str = "token-mean", **policy_kwargs) -> SFTOutput:
-    """CHORD (METHODS.md 2.29): `(1 - mu) * L_GRPO(rollout rows) + mu * L_SFT(expert rows)`.
+    """CHORD (docs/methods.md 2.29): `(1 - mu) * L_GRPO(rollout rows) + mu * L_SFT(expert rows)`.
 
     One batch holds both kinds of rows, flagged per row by `expert_mask` ([B] bool). `logp` are
     the current token log-probs ([B, T], or packed [N] with cu_seqlens), typically from

@@ -11,7 +11,7 @@ alignops/advantages.py exactly (same arguments, caller-allocated outputs).
   backward recurrences are linear, y_t = a_t * y_next + b_t, so they are associative scans;
   a masked position is the identity element (a = 1, b = 0), which is exactly "transparent".
 
-Float hyper-parameters reach the kernels as tl.constexpr (DESIGN.md kernel rules).
+Float hyper-parameters reach the kernels as tl.constexpr (docs/design.md kernel rules).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Advantage estimators and normalisation on every backend that runs here (torch, cpu, triton under
-the interpreter), against plain-Python float64 oracles written from METHODS.md, never from the code
+the interpreter), against plain-Python float64 oracles written from docs/methods.md, never from the code
 under test.
 
 Tolerances: float64 inputs must match the oracle to 1e-10 of the output scale; float32 inputs to
-1e-5 of the output scale (DESIGN.md's fp32 bound).
+1e-5 of the output scale (docs/design.md's fp32 bound).
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def test_fp16_bf16_int_bool_rewards_computed_in_fp32(backend):
 
 
 # --------------------------------------------------------------------------------------------
-# worked vectors of METHODS.md
+# worked vectors of docs/methods.md
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -260,7 +260,7 @@ def test_dler_batch_normalisation(backend, weighting):
     mean = (w * a).sum() / w.sum()
     var = (w * (a - mean) ** 2).sum() / (w.sum() - 1)
     torch.testing.assert_close(A, (a - mean) / (var.sqrt() + 1e-6))
-    # the oracle of METHODS.md: weighted mean 0, weighted std 1 (up to eps)
+    # the oracle of docs/methods.md: weighted mean 0, weighted std 1 (up to eps)
     assert abs((w * A).sum().item() / w.sum().item()) < 1e-12
     assert abs(((w * A ** 2).sum() / (w.sum() - 1)).sqrt().item() - 1) < 1e-5
 
@@ -308,7 +308,7 @@ def test_awpo(backend):
 
 
 # --------------------------------------------------------------------------------------------
-# group oracles (METHODS.md 3.2.6) and dynamic sampling
+# group oracles (docs/methods.md 3.2.6) and dynamic sampling
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -523,7 +523,7 @@ def test_reinforce_pp(backend):
     torch.testing.assert_close(out.returns, want_ret)
     flat = oracle_whiten(want_ret.flatten().tolist(), m.flatten().tolist())
     torch.testing.assert_close(out.advantages.flatten(), torch.tensor(flat, dtype=torch.float64))
-    # the oracle of METHODS.md 2.5: token-weighted mean 0, std 1
+    # the oracle of docs/methods.md 2.5: token-weighted mean 0, std 1
     a = out.advantages[m]
     assert abs(a.mean().item()) < 1e-12 and abs(a.std().item() - 1) < 1e-6
     # OpenRLHF semantics: biased variance, floor

@@ -125,7 +125,7 @@ def _run(env_extra: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# fp32 within 1e-5 relative (DESIGN.md); a gradient stored in bf16/fp16 within twice its dtype's
+# fp32 within 1e-5 relative (docs/design.md); a gradient stored in bf16/fp16 within twice its dtype's
 # epsilon of the row's largest entry (the storage rounding alone is half an epsilon)
 TOLERANCE = {"logp": 2e-5, "entropy": 2e-5, "grad/float32": 1e-5,
              "grad/bfloat16": 2 * torch.finfo(torch.bfloat16).eps, "grad/float16": 2 * torch.finfo(torch.float16).eps, "policy/loss": 1e-5, "policy/grad": 1e-5,

@@ -5,7 +5,7 @@ per-thread row split, visiting order and math the kernels use) with the host com
 simulates every thread of a block (tests/cuda_row_selfcheck.cpp). Everything else is marked `gpu`
 and runs wherever a CUDA device and an alignops._C built with nvcc exist.
 
-Error rule as in tests/test_token_logprobs.py (DESIGN.md "Tests"): on the same dtype-rounded
+Error rule as in tests/test_token_logprobs.py (docs/design.md "Tests"): on the same dtype-rounded
 inputs, the kernel's error against float64 math may not exceed twice eager torch's error in that
 dtype, plus 1e-5 of the output's scale.
 """

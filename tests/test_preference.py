@@ -1,5 +1,5 @@
 """dpo_loss (sigmoid / cDPO / robust / IPO / hinge), orpo_loss, gvpo_loss and rahf_loss against
-float64 eager math (alignops/reference/preference.py), METHODS.md's oracles and 3.3's edge cases;
+float64 eager math (alignops/reference/preference.py), docs/methods.md's oracles and 3.3's edge cases;
 the fused path (sequence_logprobs -> pairwise loss) on every backend that runs here."""
 
 import importlib
@@ -83,7 +83,7 @@ def test_dpo_metrics_follow_trl():
 @pytest.mark.parametrize("beta", [0.01, 0.1, 1.0, 3.0])
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.25, 0.4])
 def test_dpo_at_h_zero(beta, eps):
-    """METHODS.md 2.22: policy = reference gives log 2 for sigmoid/cDPO/robust at any beta and
+    """docs/methods.md 2.22: policy = reference gives log 2 for sigmoid/cDPO/robust at any beta and
     smoothing. dL/dS_w is -beta/2 for plain DPO; with smoothing eps it is -beta/2 + eps*beta (cDPO)
     and -beta / (2 (1 - 2 eps)) (robust): the -beta/2 oracle holds for eps = 0 only."""
     s = torch.tensor([-7.0, -30.0])
@@ -253,7 +253,7 @@ def test_orpo_matches_oracle(seed, b, beta):
 
 
 def test_orpo_z_zero_and_gradient_ratio():
-    """METHODS.md 2.23: equal mean log-probs give z = 0 and an odds term of lambda log 2; the odds
+    """docs/methods.md 2.23: equal mean log-probs give z = 0 and an odds term of lambda log 2; the odds
     term's gradients w.r.t. the two means have opposite signs and ratio -(1 - P_l) / (1 - P_w)."""
     beta = 0.25
     lw, ll = torch.tensor([4.0]), torch.tensor([10.0])
@@ -335,7 +335,7 @@ def test_gvpo_matches_oracle(seed, groups, k, beta, use_ids):
 
 
 def test_gvpo_at_anchor():
-    """METHODS.md 2.14: theta = anchor gives 1/(2(k-1)) sum (R - mean R)^2 (0.25 for R = [1, 0]) and
+    """docs/methods.md 2.14: theta = anchor gives 1/(2(k-1)) sum (R - mean R)^2 (0.25 for R = [1, 0]) and
     gradient -beta/(k-1) (R_i - mean R) w.r.t. S_i."""
     s = torch.tensor([-3.0, -8.0], dtype=torch.float64, requires_grad=True)
     out = ao.gvpo_loss(s, s.detach().clone(), torch.tensor([1.0, 0.0]), group_size=2, beta=0.1)
@@ -411,7 +411,7 @@ def test_rahf_matches_oracle(count_padding, stacked):
 
 
 def test_rahf_zero_with_alpha_zero_and_fresh_lora():
-    """METHODS.md 2.26: alpha = 0 and a fresh LoRA (B = 0) give loss exactly 0 and a finite, zero
+    """docs/methods.md 2.26: alpha = 0 and a fresh LoRA (B = 0) give loss exactly 0 and a finite, zero
     gradient (the L2 norm is not differentiable at 0; vector_norm's subgradient is 0)."""
     gen = torch.Generator().manual_seed(5)
     hid, rank = 16, 4

@@ -64,7 +64,7 @@ def close(got, want, name, rtol=1e-5):
 
 
 def within_eager(got, want, eager, name, scale=None):
-    """DESIGN.md's bound: error against float64 math <= 2 x the error of eager torch computing in
+    """docs/design.md's bound: error against float64 math <= 2 x the error of eager torch computing in
     the input's dtype + 1e-5 of the output's scale (default: its largest value, at least 1). fp32
     cannot do better on logits shifted by 1000 and divided by a temperature: z = x / T is rounded
     by ~3e-5 before any kernel runs, and x * (1/T) rounds differently from x / T."""
@@ -245,7 +245,7 @@ def test_sft_gradcheck_float64(backend, weighting):
 
 @pytest.mark.parametrize("device,backend", PAIRS, ids=PAIR_IDS)
 def test_dft_gradient_is_p_times_sft_gradient(device, backend):
-    """METHODS.md 2.27: per token, the DFT gradient row equals p_t times the SFT gradient row."""
+    """docs/methods.md 2.27: per token, the DFT gradient row equals p_t times the SFT gradient row."""
     need(device, backend)
     gen = torch.Generator().manual_seed(10)
     x, labels, mask = make_batch(2, 4, 37, gen, device=device, mask_frac=0.0)
@@ -274,7 +274,7 @@ def test_dft_limits():
 
 
 def test_chord_phi_weight_quarter_at_half():
-    """METHODS.md 2.29: phi(p) = p(1-p) is 0.25 at p = 0.5 (two equal logits)."""
+    """docs/methods.md 2.29: phi(p) = p(1-p) is 0.25 at p = 0.5 (two equal logits)."""
     x = torch.zeros(1, 3, 2, requires_grad=True)
     labels = torch.tensor([[0, 1, 0]])
     out = ao.sft_loss(x, labels, weighting="chord_phi")
@@ -295,7 +295,7 @@ def test_cutoff_prob_stops_gradient_above_cutoff():
 
 
 def test_iw_with_q_equal_ref_is_sft():
-    """METHODS.md 2.28: q = pi_ref gives weights 1 and exactly the SFT loss and gradient."""
+    """docs/methods.md 2.28: q = pi_ref gives weights 1 and exactly the SFT loss and gradient."""
     gen = torch.Generator().manual_seed(11)
     x, labels, mask = make_batch(3, 4, 19, gen)
     s_ref = torch.randn(3, generator=gen) * 30

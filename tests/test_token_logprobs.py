@@ -1,6 +1,6 @@
 """token_logprobs on every backend that runs here, against the float64 torch reference.
 
-Error rule (DESIGN.md "Tests"): on the same dtype-rounded inputs, a backend's error against
+Error rule (docs/design.md "Tests"): on the same dtype-rounded inputs, a backend's error against
 float64 math may not exceed twice the error of eager torch computing in that dtype, plus 1e-5 of
 the output's scale (the fp32 bound).
 """

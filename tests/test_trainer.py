@@ -236,12 +236,12 @@ def test_cppo_pruning_keeps_the_largest_advantages(tmp_path, parity_reward):
     assert prep.batch.input_ids.shape[0] == 2
     torch.testing.assert_close(prep.data["advantages"], full[[0, 8]])  # R=[1,0,0,0] keeps row 0; a tie keeps the earlier row
     cfg = micro("cppo_xmu", tmp_path, num_prompts=3, max_num_gen_batches=1, advantage_kwargs={"pruning_rate": 0.0})
-    prep = _prepare(cfg, r)  # P = 0 (METHODS.md 2.12b): GRPO, minus the zero-variance group
+    prep = _prepare(cfg, r)  # P = 0 (docs/methods.md 2.12b): GRPO, minus the zero-variance group
     torch.testing.assert_close(prep.data["advantages"], torch.cat([full[:4], full[8:]]))
 
 
 def test_ppo_advantages_are_returns_minus_values_with_lambda_one(tmp_path, parity_reward):
-    """GAE(1, 1) without whitening: A_t = R - V_t on every valid token (METHODS.md 2.3 oracle)."""
+    """GAE(1, 1) without whitening: A_t = R - V_t on every valid token (docs/methods.md 2.3 oracle)."""
     cfg = micro("orz", tmp_path, num_prompts=2, whiten_advantages=False)
     r = _rollout(cfg)
     from alignops.train.trainer import build_critic, completion_values
@@ -344,7 +344,7 @@ def test_incompatible_knobs_fail_before_training(method, overrides, match, tmp_p
 
 
 # --------------------------------------------------------------------------------------------
-# normalisers: the trainer divides by exactly what the library would (METHODS.md §00.2)
+# normalisers: the trainer divides by exactly what the library would (docs/methods.md §00.2)
 
 
 _AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -388,7 +388,7 @@ def test_trainer_normalizers_are_the_librarys(agg, want, tmp_path):
 
 def test_orz_critic_uses_its_own_aggregation_and_normaliser(tmp_path, parity_reward):
     """orz's critic step (micro-batched, through policy_update) has the gradient and vf_loss of one
-    library value_loss call with orz's aggregation (seq-mean-token-mean, METHODS.md §2.3, §3.1) and
+    library value_loss call with orz's aggregation (seq-mean-token-mean, docs/methods.md §2.3, §3.1) and
     the library's default normaliser from the critic's mask: rows of different lengths and an
     all-masked (truncated, masked out) row."""
     import alignops as ao

@@ -4,7 +4,7 @@ Runs on CUDA tensors where a GPU exists, else on CPU tensors under TRITON_INTERP
 conftest), where the launcher uses 256-wide vocabulary tiles so small V crosses many tiles.
 The generic cross-backend suite is tests/test_token_logprobs.py.
 
-Error rule (DESIGN.md "Tests"): against float64 math on the *same* dtype-rounded inputs, the
+Error rule (docs/design.md "Tests"): against float64 math on the *same* dtype-rounded inputs, the
 kernel's error may not exceed twice the error of eager torch computing in that dtype, plus 1e-5
 of the output's natural scale (which is also the fp32 bound).
 """

@@ -53,7 +53,7 @@ def test_value_loss_matches_oracle_and_gradient(agg, clip, seed):
 
 def test_clip_inactive_equals_plain_mse_and_clipped_tokens_get_no_gradient():
     v, _, ret, mask = inputs(0)
-    v_old = v + 0.05 * torch.randn_like(v)  # |V - V_old| <= c everywhere: METHODS.md 2.1 oracle (d)
+    v_old = v + 0.05 * torch.randn_like(v)  # |V - V_old| <= c everywhere: docs/methods.md 2.1 oracle (d)
     a = ao.value_loss(v, v_old, ret, mask, clip_range=0.2).loss
     b = ao.value_loss(v, v_old, ret, mask, clip_range=None).loss
     torch.testing.assert_close(a, b)

@@ -2,13 +2,13 @@
 
 Everything here is plain torch on `[tokens]`-shaped tensors (the `[B, T]` layout or the packed
 `[N]` layout), float64-capable, differentiable through autograd. alignops.policy_loss wires it to
-the method registry and the public API; the formulas are METHODS.md §1.4-1.12 and §2.
+the method registry and the public API; the formulas are docs/methods.md §1.4-1.12 and §2.
 
 Conventions:
     - `mask` is a bool tensor shaped like the tokens. Every input has already been zeroed at
       masked-out positions (see `sanitize`), so padding can never reach `exp` and produce an
       inf whose zero gradient turns into NaN (0 * inf) in backward.
-    - Per-token functions return phi, the loss to minimise per token (METHODS.md R1), before
+    - Per-token functions return phi, the loss to minimise per token (docs/methods.md R1), before
       aggregation.
     - Bounds are absolute ratio bounds (c_low < 1 < c_high); PPO's relative knobs become
       (1 - clip_low, 1 + clip_high) in the caller.
@@ -26,7 +26,7 @@ from torch import Tensor
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 
-# GSPO's combined sequence log-ratio is clamped above only, at 10, as verl does (METHODS.md §00.3).
+# GSPO's combined sequence log-ratio is clamped above only, at 10, as verl does (docs/methods.md §00.3).
 GSPO_LOG_RATIO_MAX = 10.0
 
 
@@ -67,7 +67,7 @@ class Rows:
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 math for every input dtype (METHODS.md R3), fp64 for fp64 inputs (the oracle)."""
+    """fp32 math for every input dtype (docs/methods.md R3), fp64 for fp64 inputs (the oracle)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -84,7 +84,7 @@ def sanitize(x: Tensor | None, mask: Tensor, dtype: torch.dtype) -> Tensor | Non
 
 
 def log_ratio(logp: Tensor, old_logp: Tensor, clamp: float | None) -> Tensor:
-    """logp - old_logp, clamped to +-clamp before any exp (METHODS.md §1.4): the gradient is zero
+    """logp - old_logp, clamped to +-clamp before any exp (docs/methods.md §1.4): the gradient is zero
     outside the clamp, which is intended."""
     d = logp - old_logp
     return d if clamp is None else d.clamp(-clamp, clamp)
@@ -137,7 +137,7 @@ class TokenLoss:
 
 
 def ppo_token_loss(t: TokenInputs) -> TokenLoss:
-    """PPO / GRPO / DAPO clipped surrogate, clip-higher and optional dual clip (METHODS.md §2.1)."""
+    """PPO / GRPO / DAPO clipped surrogate, clip-higher and optional dual clip (docs/methods.md §2.1)."""
     ratio = torch.exp(log_ratio(t.logp, t.old_logp, t.ratio_log_clamp))
     low, high = 1.0 - t.clip_low, 1.0 + t.clip_high
     phi = clipped_surrogate(ratio, t.adv, low, high, t.clip_ratio_c)
@@ -145,7 +145,7 @@ def ppo_token_loss(t: TokenInputs) -> TokenLoss:
 
 
 def gppo_token_loss(t: TokenInputs, beta1: float, beta2: float) -> TokenLoss:
-    """GPPO (METHODS.md §2.18): clip-higher PPO in value; clipped tokens keep the bounded gradient
+    """GPPO (docs/methods.md §2.18): clip-higher PPO in value; clipped tokens keep the bounded gradient
     -beta * bound * A through r / sg(r)."""
     d = log_ratio(t.logp, t.old_logp, t.ratio_log_clamp)
     ratio = torch.exp(d)
@@ -162,7 +162,7 @@ def gppo_token_loss(t: TokenInputs, beta1: float, beta2: float) -> TokenLoss:
 
 
 def cispo_token_loss(t: TokenInputs) -> TokenLoss:
-    """CISPO (METHODS.md §2.17, §00.7): -sg(clip(r, 1 - clip_low, 1 + clip_high)) * A * logp."""
+    """CISPO (docs/methods.md §2.17, §00.7): -sg(clip(r, 1 - clip_low, 1 + clip_high)) * A * logp."""
     ratio = torch.exp(log_ratio(t.logp, t.old_logp, t.ratio_log_clamp)).detach()
     low, high = 1.0 - t.clip_low, 1.0 + t.clip_high
     weight = ratio.clamp(low, high)
@@ -170,7 +170,7 @@ def cispo_token_loss(t: TokenInputs) -> TokenLoss:
 
 
 def ecpo_token_loss(t: TokenInputs, delta: float, ratio_level: str) -> TokenLoss:
-    """ECPO (METHODS.md §2.16, §00.8): pi'_old = max(sg(pi) / (1 + eps + delta), pi_old), i.e. the
+    """ECPO (docs/methods.md §2.16, §00.8): pi'_old = max(sg(pi) / (1 + eps + delta), pi_old), i.e. the
     log-ratio loses a detached shift max(sg(d) - log(1 + eps + delta), 0), then PPO. eps is the
     upper clip. At sequence level the log-ratio is the row's mean (GSPO's geometric mean)."""
     d = log_ratio(t.logp, t.old_logp, t.ratio_log_clamp)
@@ -185,7 +185,7 @@ def ecpo_token_loss(t: TokenInputs, delta: float, ratio_level: str) -> TokenLoss
 
 
 def gspo_token_loss(t: TokenInputs, token_form: bool) -> TokenLoss:
-    """GSPO (METHODS.md §2.11): s_i = exp(mean_t (logp - old_logp)), clamped above at 10 (not the
+    """GSPO (docs/methods.md §2.11): s_i = exp(mean_t (logp - old_logp)), clamped above at 10 (not the
     +-20 token clamp). The token form s_it = sg(s_i) * exp(logp - sg(logp)) lets token-level
     advantages through and equals GSPO when advantages are constant per row."""
     seq = t.rows.row_mean(t.logp - t.old_logp, t.mask)
@@ -208,7 +208,7 @@ def reinforce_token_loss(t: TokenInputs, scale: Tensor | float = 1.0) -> TokenLo
 
 
 def bapo_token_loss(t: TokenInputs, c_low: Tensor, c_high: Tensor) -> TokenLoss:
-    """BAPO's loss (METHODS.md §2.19): PPO with absolute bounds chosen by `bapo_search`."""
+    """BAPO's loss (docs/methods.md §2.19): PPO with absolute bounds chosen by `bapo_search`."""
     ratio = torch.exp(log_ratio(t.logp, t.old_logp, t.ratio_log_clamp))
     phi = clipped_surrogate(ratio, t.adv, c_low.to(ratio.dtype), c_high.to(ratio.dtype), t.clip_ratio_c)
     return TokenLoss(phi, ratio.detach(), c_low, c_high)
@@ -278,7 +278,7 @@ def bapo_candidate_sums(ratio: Tensor, adv: Tensor, mask: Tensor, lows: list[flo
 def bapo_search(ratio: Tensor, adv: Tensor, mask: Tensor, *, mode: str, target: float,
                 low_range: tuple[float, float], high_range: tuple[float, float], low_step: float,
                 high_step: float, eps: float = 1e-8, process_group=None) -> tuple[Tensor, Tensor, Tensor]:
-    """BAPO's bound search (METHODS.md §2.19) on detached ratios. Returns 0-dim tensors
+    """BAPO's bound search (docs/methods.md §2.19) on detached ratios. Returns 0-dim tensors
     (c_low, c_high, rho) without a host sync; rho is the positive share (paper) or the
     positive/negative ratio (official_code) at the chosen bounds.
 
@@ -332,7 +332,7 @@ def bapo_search(ratio: Tensor, adv: Tensor, mask: Tensor, *, mode: str, target: 
 
 
 # --------------------------------------------------------------------------------------------
-# GPG's alpha (METHODS.md §2.15)
+# GPG's alpha (docs/methods.md §2.15)
 
 
 def group_matrix(num_rows: int, group_size: int | None, group_ids: Tensor | None, device) -> Tensor:
@@ -386,7 +386,7 @@ def gpg_alpha(rows: Rows, adv: Tensor, mask: Tensor, *, group_size=None, group_i
 
 
 # --------------------------------------------------------------------------------------------
-# KL estimators (METHODS.md §1.10, §00.6): u = ref_logp - logp
+# KL estimators (docs/methods.md §1.10, §00.6): u = ref_logp - logp
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
@@ -405,7 +405,7 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# aggregation (METHODS.md §1.6, §00.2)
+# aggregation (docs/methods.md §1.6, §00.2)
 
 
 def default_normalizer(agg: str, mask: Tensor, rows: Rows, max_len: float | None, dtype) -> Tensor:
@@ -434,7 +434,7 @@ def aggregate(x: Tensor, mask: Tensor, rows: Rows, agg: str, normalizer) -> Tens
 
 
 # --------------------------------------------------------------------------------------------
-# metrics (DESIGN.md names; token-weighted over masked-in tokens; detached fp32 scalars)
+# metrics (docs/design.md names; token-weighted over masked-in tokens; detached fp32 scalars)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Float64 eager oracles for alignops.preference, written from the formulas of METHODS.md 2.14,
+"""Float64 eager oracles for alignops.preference, written from the formulas of docs/methods.md 2.14,
 2.22, 2.23 and 2.26 in their plainest form (log of sigmoid, log(1 - P), loops over groups and
 positions): accurate in float64 for the moderate inputs the tests feed them."""
 

@@ -1,5 +1,5 @@
 """Float64 eager oracles for alignops.sft: the full softmax is materialised and rows are walked one
-by one, so that nothing is shared with the fused path but the formulas of METHODS.md."""
+by one, so that nothing is shared with the fused path but the formulas of docs/methods.md."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from torch import Tensor
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 math for every input dtype (METHODS.md R3), fp64 for fp64 inputs (the oracle)."""
+    """fp32 math for every input dtype (docs/methods.md R3), fp64 for fp64 inputs (the oracle)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -1,5 +1,5 @@
 """Method presets: each method of the survey is (advantage estimator, per-token loss, aggregation)
-plus a trainer data policy (METHODS.md R5, §3.1). A preset sets TrainConfig fields; the command
+plus a trainer data policy (docs/methods.md R5, §3.1). A preset sets TrainConfig fields; the command
 line can still override any of them. Add a method by adding one entry to PRESETS (and, when its
 advantage is new, one function to ADVANTAGES; when its loss is not a policy_loss method, one
 Preset subclass overriding `loss`)."""
@@ -184,7 +184,7 @@ def _cppo_hit_advantages(cfg, rollout, scorer, ctx):
     """CPPO (continual PPO): GAE advantages as PPO, then per-sample weights from sample typing:
     each rollout is typed by its reward R and generation probability P (mean token prob under the
     rollout policy) against batch mean +- k std. The (alpha, beta) table is ours (the paper's is
-    unverified, METHODS.md 2.12): high-performance (R+, P+) -> (1, ub): retain; overfitting
+    unverified, docs/methods.md 2.12): high-performance (R+, P+) -> (1, ub): retain; overfitting
     (R-, P+) and high-variance (R+, P-) -> (ub, lb): learn; noisy (R-, P-) -> (lb, lb); normal (1, 1).
     alpha scales the advantage (the clipped surrogate is linear in A for alpha >= 0); beta weighs
     the knowledge-retention term (logp - logp_prev)^2 against the previous policy (the reference)."""

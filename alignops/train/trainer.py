@@ -78,7 +78,7 @@ def evaluation(cfg, model, task, tok) -> dict:
 
 
 def normalizer_for(agg: str, mask: torch.Tensor, max_len: int) -> torch.Tensor:
-    """The aggregation's denominator over one optimiser step (METHODS.md §00.2): the library's own
+    """The aggregation's denominator over one optimiser step (docs/methods.md §00.2): the library's own
     default normaliser (alignops.reference.policy_loss.default_normalizer) applied to the whole
     step's mask, so a micro-batched step divides by exactly what one big call would: the token
     count for token-mean, the count of non-empty rows for the seq-mean modes, non-empty rows x
@@ -89,7 +89,7 @@ def normalizer_for(agg: str, mask: torch.Tensor, max_len: int) -> torch.Tensor:
 
 def critic_agg(cfg) -> str:
     """The value loss's aggregation: the actor's mode (verl aggregates the critic with the actor's
-    loss_agg_mode; ORZ averages per sequence, METHODS.md §2.3), so orz's critic is
+    loss_agg_mode; ORZ averages per sequence, docs/methods.md §2.3), so orz's critic is
     seq-mean-token-mean like its actor, the token-mean presets' critics token-mean."""
     return cfg.loss_type
 

@@ -1,5 +1,5 @@
 // Per-token policy-loss math for the in-kernel epilogue, shared by the CPU and CUDA kernels.
-// Plain C++ (no torch headers), host + device. The formulas are METHODS.md §1.10 and §2; the
+// Plain C++ (no torch headers), host + device. The formulas are docs/methods.md §1.10 and §2; the
 // eager definitions are alignops/reference/policy_loss.py, and every derivative below is the one
 // torch's autograd takes through those definitions, tie rules included:
 //   - torch.clamp passes the gradient where lo <= x <= hi (both ends inclusive);
@@ -92,7 +92,7 @@ ALIGNOPS_HD void max_backward(acc_t x, acc_t y, acc_t g, acc_t* gx, acc_t* gy) {
   *gy = y > x ? g : (x == y ? half : acc_t(0));
 }
 
-// The log-ratio logp - old_logp clamped to +-log_clamp (METHODS.md §1.4); gate = its derivative.
+// The log-ratio logp - old_logp clamped to +-log_clamp (docs/methods.md §1.4); gate = its derivative.
 template <typename acc_t>
 ALIGNOPS_HD acc_t clamped_log_ratio(acc_t logp, acc_t old_logp, const PolicyParams& p, bool* gate) {
   const acc_t d = logp - old_logp;
@@ -163,7 +163,7 @@ ALIGNOPS_HD ValueGrad<acc_t> policy_token(acc_t logp, acc_t old_logp, acc_t adv,
   return {phi, gate ? g_ratio * r : acc_t(0)};
 }
 
-// KL estimators of u = ref_logp - logp (METHODS.md §1.10, §00.6): value and dL/dlogp given g = dL/dKL.
+// KL estimators of u = ref_logp - logp (docs/methods.md §1.10, §00.6): value and dL/dlogp given g = dL/dKL.
 template <typename acc_t>
 ALIGNOPS_HD ValueGrad<acc_t> kl_token(acc_t logp, acc_t ref_logp, acc_t g, int estimator) {
   const acc_t u = ref_logp - logp;
@@ -193,7 +193,7 @@ ALIGNOPS_HD ValueGrad<acc_t> kl_token(acc_t logp, acc_t ref_logp, acc_t g, int e
   }
 }
 
-// The whole epilogue of one token. Aggregation (METHODS.md §1.6): a term's weight is
+// The whole epilogue of one token. Aggregation (docs/methods.md §1.6): a term's weight is
 // (coef / agg_norm) / row_len, with agg_norm the normaliser (<= 0: the loss is 0, weight 0) and
 // row_len the token's row length for seq-mean-token-mean, else 1.
 //   loss_term = the token's share of the loss,   pg_term = its share of pg_loss,
