@@ -9,7 +9,8 @@ Every logits-pass op has four implementations (DESIGN.md "Backends"):
 
 `backend=None` picks: CUDA tensor -> triton, else cuda, else torch; CPU tensor -> cpu, else torch.
 `ALIGNOPS_BACKEND` overrides. A backend that was named but cannot run raises; it never silently
-falls back.
+falls back. The automatic choice falls back to torch only with a one-time warning naming the cause
+(`resolve_backend`), and so does a kernel that fails to load (`kernel_or_reason`).
 
 Kernels are looked up by (op, backend) in one registry. Each kernel writes into output tensors
 that the caller allocated, so the same Python autograd code drives every backend.
@@ -155,28 +156,75 @@ def available_backends(device: torch.device | str) -> list[str]:
     return [b for b in BACKENDS if why_unavailable(b, device) is None]
 
 
-_warned_fallback = False
-
-
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The backend an op runs with: the named one (or ALIGNOPS_BACKEND), else the automatic choice."""
-    global _warned_fallback
+def requested_backend(backend: str | None) -> str | None:
+    """The backend the caller named: `backend`, else ALIGNOPS_BACKEND, else None (automatic)."""
     if backend is None:
         backend = os.environ.get("ALIGNOPS_BACKEND") or None
+    return backend
+
+
+# One warning per distinct message (device and cause) per process. Under torch.compile tracing a
+# warning cannot be raised (dynamo rejects warnings.warn in a full graph): the message is kept, as
+# a traced side effect, and raised by the next eager call that resolves a backend.
+_warned: set[str] = set()
+_pending: set[str] = set()
+
+
+def _flush_pending(stacklevel: int) -> None:
+    if _pending and not torch.compiler.is_compiling():
+        for m in sorted(_pending - _warned):
+            _warned.add(m)
+            warnings.warn(m, RuntimeWarning, stacklevel=stacklevel + 1)
+        _pending.clear()
+
+
+def warn_once(message: str, stacklevel: int = 3) -> None:
+    """A RuntimeWarning with `message`, once per process (kept for the next eager call while
+    torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        _pending.add(message)
+        return
+    _flush_pending(stacklevel + 1)
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+def resolve_backend(backend: str | None, device: torch.device, *, supported: tuple[str, ...] = BACKENDS,
+                    what: str = "this op") -> str:
+    """The backend an op runs with: the named one (or ALIGNOPS_BACKEND), else the automatic choice.
+
+    `supported`: the backends that have kernels for the op (`what` names it in messages). A named
+    backend that cannot run, or has no kernel for the op, raises BackendUnavailableError with the
+    reason. The automatic choice (CUDA tensor: triton, then cuda; CPU tensor: cpu) falls back to
+    the torch backend only with a one-time RuntimeWarning naming why each fast backend cannot run.
+    """
+    _flush_pending(3)
+    backend = requested_backend(backend)
     if backend is not None:
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        if backend not in supported:
+            raise BackendUnavailableError(f"backend={backend!r} cannot run {what}: it has no {backend!r} kernel "
+                                          f"(kernels: {', '.join(supported)})")
         reason = why_unavailable(backend, device)
         if reason is not None:
             raise BackendUnavailableError(f"backend={backend!r} cannot run: {reason}")
         return backend
-    order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+    order = ("triton", "cuda") if device.type == "cuda" else ("cpu",) if device.type == "cpu" else ()
+    causes = []
     for b in order:
-        if why_unavailable(b, device) is None:
+        if b not in supported:
+            causes.append(f"{what} has no {b} kernel")
+            continue
+        reason = why_unavailable(b, device)
+        if reason is None:
             return b
-    if device.type == "cpu" and not _warned_fallback:
-        _warned_fallback = True
-        warnings.warn(f"alignops: using the slow torch backend: {cpu_error()}", RuntimeWarning, stacklevel=3)
+        causes.append(f"{b}: {reason}")
+    if not order:
+        causes.append(f"no fast backend runs on {device.type} tensors")
+    warn_once(f"alignops: {what} on {device.type} tensors falls back to the slow torch backend ("
+              + "; ".join(causes) + ")", stacklevel=4)
     return "torch"
 
 
@@ -199,6 +247,17 @@ def kernel(op: str, backend: str) -> Callable:
             raise BackendUnavailableError(f"op {op!r} has no {backend!r} kernel")
         fn = _KERNEL_CACHE[key] = _KERNEL_LOADERS[key]()
     return fn
+
+
+def kernel_or_reason(op: str, backend: str) -> tuple[Callable | None, str | None]:
+    """(kernel, None), or (None, why it cannot be loaded): no kernel registered, alignops._C missing
+    or stale or without the op, or its Triton module failing to import. For optional fast paths
+    whose caller reports the reason (an error when the backend was named, else warn_once); other
+    errors propagate."""
+    try:
+        return kernel(op, backend), None
+    except (BackendUnavailableError, ImportError, AttributeError) as e:
+        return None, f"{type(e).__name__}: {e}"
 
 
 def _c_op(name: str) -> Callable[[], Callable]:

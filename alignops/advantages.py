@@ -48,7 +48,6 @@ Kernel contract (torch, cpu and triton backends implement it; alignops._backend'
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -142,16 +141,14 @@ def _choice(value, name: str, options) -> str:
     return value
 
 
+# The advantage ops have torch, cpu and triton kernels (no cuda kernel): on CUDA tensors without
+# triton the automatic choice is the torch backend, still on the GPU, with a one-time warning
+# naming why triton cannot run; a named "cuda" is an error.
+_ADVANTAGE_BACKENDS = ("torch", "cpu", "triton")
+
+
 def _resolve(backend: str | None, device: torch.device) -> str:
-    chosen = _backend.resolve_backend(backend, device)
-    if chosen == "cuda":
-        # The advantage ops have triton and torch implementations only; automatic choice on a
-        # CUDA machine without triton falls back to torch, a named "cuda" is an error.
-        if backend is None and not os.environ.get("ALIGNOPS_BACKEND"):
-            return "torch"
-        raise _backend.BackendUnavailableError(
-            "backend='cuda' cannot run the advantage ops (they have triton and torch kernels only)")
-    return chosen
+    return _backend.resolve_backend(backend, device, supported=_ADVANTAGE_BACKENDS, what="the advantage ops")
 
 
 def _check_finite(x: Tensor, name: str, allow_nan: bool) -> None:

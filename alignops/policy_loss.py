@@ -38,7 +38,7 @@ from alignops import _backend
 from alignops.reference import policy_loss as ref
 from alignops.reference.policy_loss import AGG_MODES, KL_ESTIMATORS, bapo_search
 from alignops.token_stats import (
-    as_rows, check_label_range, check_logits_labels, check_temperature, token_logprobs)
+    LOGITS_OPS, as_rows, check_label_range, check_logits_labels, check_temperature, token_logprobs)
 
 __all__ = ["policy_loss", "fused_policy_loss", "value_loss", "PolicyLossOutput", "register_method", "METHODS",
            "method_names", "bapo_search", "AGG_MODES", "KL_ESTIMATORS"]
@@ -538,7 +538,10 @@ _POLICY_SHARED_KEYS = ("clip_low", "clip_high", "clip_ratio_c", "ref_logp", "kl_
                        "cu_seqlens")
 
 
-def _epilogue_eligible(method, kwargs, backend, compute_entropy, labels) -> bool:
+def _epilogue_eligible(method, kwargs, backend, compute_entropy, labels, named) -> bool:
+    """Whether the one-launch kernel runs. A token-local method on the cpu or triton backend runs it
+    unless its kernel fails to load: then a named backend raises, and the automatic one warns once
+    (naming the cause) and runs the two-pass kernels."""
     if backend not in ("cpu", "triton") or not isinstance(method, str):
         return False
     if _EPILOGUE_METHODS.get(method) is None or METHODS.get(method) is not _EPILOGUE_METHODS[method]:
@@ -552,9 +555,15 @@ def _epilogue_eligible(method, kwargs, backend, compute_entropy, labels) -> bool
         return False  # the two-pass path raises the right error
     if labels.dim() != (1 if kwargs.get("cu_seqlens") is not None else 2):
         return False  # likewise
-    try:
-        _backend.kernel("policy_loss_fused", backend)
-    except Exception:  # noqa: BLE001 - a stale alignops._C without the op: the two-pass path still works
+    _, reason = _backend.kernel_or_reason("policy_loss_fused", backend)
+    if reason is not None:
+        msg = f"the one-launch policy kernel (policy_loss_fused, backend {backend!r}) cannot be loaded: {reason}"
+        if named:
+            raise _backend.BackendUnavailableError(
+                f"backend={backend!r}: {msg}; pass grad_in_forward=False, or name no backend to fall back to "
+                "the two-pass kernels")
+        _backend.warn_once(f"alignops: {msg}; fused_policy_loss(grad_in_forward=True) runs the two-pass kernels "
+                           "instead", stacklevel=4)
         return False
     return True
 
@@ -714,7 +723,8 @@ def fused_policy_loss(logits: Tensor, labels: Tensor, old_logp: Tensor | None, a
         validate_labels = labels.device.type == "cpu"
     if validate_labels:
         check_label_range(labels, logits.shape[-1], ignore_index)
-    backend = _backend.resolve_backend(backend, logits.device)
+    named = _backend.requested_backend(backend) is not None
+    backend = _backend.resolve_backend(backend, logits.device, what=LOGITS_OPS)
     if logits.dtype == torch.float64 and backend in ("triton", "cuda"):
         raise TypeError(f"logits of dtype float64 are supported by the torch and cpu backends, not {backend!r}")
     logits3 = as_rows(logits)
@@ -722,7 +732,7 @@ def fused_policy_loss(logits: Tensor, labels: Tensor, old_logp: Tensor | None, a
         raise ValueError("inplace_grad=True needs logits with unit stride over the vocabulary")
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    if grad_in_forward and needs_grad and _epilogue_eligible(method, kwargs, backend, compute_entropy, labels):
+    if grad_in_forward and needs_grad and _epilogue_eligible(method, kwargs, backend, compute_entropy, labels, named):
         return _epilogue_policy_loss(logits, logits3, labels, flat_labels, old_logp, advantages, mask, method,
                                      temperature, ignore_index, compute_entropy, backend, inplace_grad, kwargs)
 

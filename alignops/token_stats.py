@@ -38,6 +38,8 @@ from alignops import _backend
 from alignops.reference import token_stats as reference
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# how backend fallback warnings name the ops of the logits pass (one warning for all of them)
+LOGITS_OPS = "the logits-pass ops"
 
 
 def _stats_dtype(logits_dtype: torch.dtype) -> torch.dtype:
@@ -200,7 +202,7 @@ def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0, ign
         elif not bool(torch.isfinite(logits).all()):
             raise ValueError("logits contain NaN or inf (check_finite=True)")
 
-    backend = _backend.resolve_backend(backend, logits.device)
+    backend = _backend.resolve_backend(backend, logits.device, what=LOGITS_OPS)
     if backend == "torch":
         logp, entropy = reference.token_logprobs(logits, labels, temperature, ignore_index, return_entropy)
         return (logp, entropy) if return_entropy else logp
