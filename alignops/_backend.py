@@ -1,6 +1,6 @@
 """Backend selection and the kernel registry.
 
-Every logits-pass op has four implementations (DESIGN.md "Backends"):
+Every logits-pass op has four implementations (docs/design.md "Backends"):
 
     torch   eager reference, float64-capable, the oracle (alignops/reference/)
     cpu     C++ kernels in alignops._C (csrc/cpu/)

@@ -1,6 +1,6 @@
 """Advantage estimators and normalisation: rewards in, detached advantages out.
 
-Every estimator follows METHODS.md (section 00 wins): group std unbiased with eps outside the root
+Every estimator follows docs/methods.md (section 00 wins): group std unbiased with eps outside the root
 (default 1e-6); a group whose scorable rewards are all equal gets advantage exactly 0; singleton
 groups raise unless `singleton="zero"|"raw"`; NaN rewards are left out of every statistic and get
 advantage 0; whitening is token-weighted with verl semantics by default (unbiased variance,
@@ -779,7 +779,7 @@ def dler_advantages(rewards: Tensor, group_size: int | None = None, *, group_ids
                     truncated: Tensor | None = None, batch_std_of: str = "centered",
                     stat_weighting: str = "token", std_eps: float = 1e-6, singleton: str = "error",
                     process_group=None, backend: str | None = None) -> Tensor:
-    """DLER batch-wise normalisation (METHODS.md 00.13): a = R - mean_g (R = 0 where `truncated`),
+    """DLER batch-wise normalisation (docs/methods.md §00.13): a = R - mean_g (R = 0 where `truncated`),
     A = (a - mean_batch(a)) / (std_batch(X) + std_eps), X = a ("centered", default) or R ("raw",
     TRL's scale_rewards="batch" when rows are weighted equally). stat_weighting="token" counts each
     row once per valid token (needs `mask` [B, T] or `lengths` [B]); "row" counts rows. std
@@ -826,7 +826,7 @@ def awpo_advantages(outcome_rewards: Tensor, reasoning_rewards: Tensor, group_si
                     tau_low: float = 0.2, tau_high: float = 0.8, clip_eps_min: float = 0.1,
                     clip_eps_max: float = 0.2, std_eps: float = 1e-6, eps_std: float = 1e-6,
                     singleton: str = "error", process_group=None, backend: str | None = None) -> AWPOAdvantages:
-    """AWPO (METHODS.md 00.12, the survey's equations): R_mix = R_out + R_rsn; A_out, A_mix are
+    """AWPO (docs/methods.md §00.12, the survey's equations): R_mix = R_out + R_rsn; A_out, A_mix are
     GRPO-normalised per group; r_g = std_mix / (std_out + std_mix + eps_std); gate
     w_g = 1[mean_out < r_out_max] 1[r_g < eps_mix] r_g; difficulty d_g = alpha_base +
     (alpha_prio - alpha_base) 1[tau_low < mean_out < tau_high]; A = d_g ((1 - w_g) A_out + w_g A_mix);
@@ -898,7 +898,7 @@ class FixedKLController:
 
 
 class AdaptiveKLController:
-    """Ziegler et al.'s adaptive KL coefficient (verl `kl_ctrl.type=adaptive`, METHODS.md 1.10):
+    """Ziegler et al.'s adaptive KL coefficient (verl `kl_ctrl.type=adaptive`, docs/methods.md §1.10):
     value *= 1 + clip(KL / target_kl - 1, -0.2, 0.2) * n_steps / horizon.
 
     `current_kl` is the batch KL (a float or a 0-dim tensor; a tensor is read once, which

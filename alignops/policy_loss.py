@@ -4,12 +4,12 @@
     out = ao.fused_policy_loss(logits, labels, old_logp, advantages, mask, method="grpo", ...)
     out.loss, out.metrics
 
-The total loss (METHODS.md §00.18) is
+The total loss (docs/methods.md §00.18) is
 
     L = Agg(rollout_is_weights * phi) + kl_coef * Agg(KL(logp, ref_logp)) - entropy_coef * Agg(H)
 
 with phi the method's per-token loss (alignops/reference/policy_loss.py) and Agg one of the four
-aggregation modes, divided by `normalizer` (the whole optimiser step's count, METHODS.md §00.2).
+aggregation modes, divided by `normalizer` (the whole optimiser step's count, docs/methods.md §00.2).
 
 Methods live in one registry: `register_method(name, token_loss, defaults=..., options=...)`.
 A method is a per-token loss plus its defaults for the shared knobs (clip_low, clip_high, agg, ...)
@@ -773,7 +773,7 @@ def fused_policy_loss(logits: Tensor, labels: Tensor, old_logp: Tensor | None, a
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor | None = None, *,
                clip_range: float | None = 0.5, agg: str = "token-mean", normalizer=None,
                max_len: int | None = None, cu_seqlens: Tensor | None = None) -> PolicyLossOutput:
-    """PPO's clipped value loss (METHODS.md 2.1):
+    """PPO's clipped value loss (docs/methods.md §2.1):
 
         L_V = 1/2 Agg( max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) )
 

@@ -1,4 +1,4 @@
-"""float64 oracles written for the tests: plain torch math from the formulas of METHODS.md, on the
+"""float64 oracles written for the tests: plain torch math from the formulas of docs/methods.md, on the
 same (already rounded) inputs the code under test gets, with the gradient w.r.t. the logits taken by
 autograd. Nothing here imports alignops: an oracle that shares code with the kernels would share
 their bugs.

@@ -1,9 +1,9 @@
-"""policy_loss and fused_policy_loss against an independent float64 oracle (METHODS.md §1-§3).
+"""policy_loss and fused_policy_loss against an independent float64 oracle (docs/methods.md §1-§3).
 
-The oracle below is written from METHODS.md's analytic per-token values and weights
+The oracle below is written from docs/methods.md's analytic per-token values and weights
 (w = dphi/dlogp), the aggregation weights of §1.6 and the KL derivatives of §1.10, in numpy with
 explicit branches; it shares no code with alignops.reference.policy_loss (whose gradients come
-from autograd). Ratios are kept away from clip bounds (ties are measure-zero, METHODS.md §2.1).
+from autograd). Ratios are kept away from clip bounds (ties are measure-zero, docs/methods.md §2.1).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 
 
 def ppo_value_weight(r, A, lo, hi, dual=None):
-    """-min(rA, clip(r)A) and its d/dlogp given dr/dlogp = r, per METHODS.md §2.1."""
+    """-min(rA, clip(r)A) and its d/dlogp given dr/dlogp = r, per docs/methods.md §2.1."""
     value = -np.minimum(r * A, np.clip(r, lo, hi) * A)
     w = np.where(A >= 0, np.where(r <= hi, -r * A, 0.0), np.where(r < lo, 0.0, -r * A))
     if dual is not None:
@@ -138,10 +138,10 @@ def oracle(method, logp, old, adv_tok, mask, *, agg="token-mean", clip_low=0.2, 
     else:
         raise AssertionError(method)
 
-    # aggregation weights a_t (METHODS.md §1.6); empty rows never counted
+    # aggregation weights a_t (docs/methods.md §1.6); empty rows never counted
     nonempty = int((L > 0).sum())
     if normalizer == 0 or (normalizer is None and not m.any()):
-        normalizer = math.inf   # METHODS.md §00.2: a zero normaliser gives loss 0, gradient 0
+        normalizer = math.inf   # docs/methods.md §00.2: a zero normaliser gives loss 0, gradient 0
     if agg == "token-mean":
         a = m / (normalizer if normalizer is not None else m.sum())
     elif agg == "seq-mean-token-mean":
@@ -385,7 +385,7 @@ def test_gradcheck_float64(method):
 
 
 # --------------------------------------------------------------------------------------------
-# layouts and METHODS.md §3.2 oracles
+# layouts and docs/methods.md §3.2 oracles
 
 
 def to_packed(x, mask):
@@ -552,7 +552,7 @@ def test_clip_mask_oracle(dtype):
 
 
 # --------------------------------------------------------------------------------------------
-# worked vectors of METHODS.md §2.8, §2.11, §2.15-2.19
+# worked vectors of docs/methods.md §2.8, §2.11, §2.15-2.19
 
 
 def one_token(method, r, A, **kw):
@@ -632,7 +632,7 @@ def test_grpo_kl_and_agg_oracles():
                              kl_coef=1.0, kl_estimator=est)
         (g,) = torch.autograd.grad(out.loss, lp)
         assert out.loss.item() == 0.0 and out.metrics["kl"].item() == 0.0
-        # k1's gradient is 1 everywhere (METHODS.md §1.10); the others vanish at logp = ref_logp
+        # k1's gradient is 1 everywhere (docs/methods.md §1.10); the others vanish at logp = ref_logp
         assert torch.all(g == (0.05 if est == "k1" else 0.0))
     vals = [ao.policy_loss(torch.tensor(data["logp"]), torch.tensor(data["old"]), torch.tensor(data["adv"]), None,
                            agg=agg).loss for agg in ("token-mean", "seq-mean-token-mean")]
@@ -917,7 +917,7 @@ def test_fused_matches_float64(device, backend, method, pattern):
 
 
 def assert_within_eager_error(out, g, e_out, e_g, logits, labels, old, ref, adv, mask, method, **extra):
-    """DESIGN.md's rule: error vs float64 math on the same rounded inputs at most twice the error of
+    """docs/design.md's rule: error vs float64 math on the same rounded inputs at most twice the error of
     eager torch computing in the logits' dtype, plus 2e-5 of the scale (the fp32 bound). Logits
     shifted by 1000 and divided by T = 0.7 lose ~6e-5 relative in fp32 before any kernel runs."""
     x = logits.detach().clone().requires_grad_()

@@ -1,5 +1,5 @@
-// Per-token policy-loss math for the in-kernel epilogue, shared by the CPU and CUDA kernels.
-// Plain C++ (no torch headers), host + device. The formulas are docs/methods.md §1.10 and §2; the
+// Per-token policy-loss math of the one-launch CPU kernel (csrc/cpu/policy_loss.cpp), kept free of
+// torch headers and marked host + device (ALIGNOPS_HD) so a CUDA kernel can share it. The formulas are docs/methods.md §1.10 and §2; the
 // eager definitions are alignops/reference/policy_loss.py, and every derivative below is the one
 // torch's autograd takes through those definitions, tie rules included:
 //   - torch.clamp passes the gradient where lo <= x <= hi (both ends inclusive);
