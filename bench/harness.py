@@ -277,6 +277,16 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30, reps: int = 
     return 2 * src.numel() / statistics.median(times) / 1e9
 
 
+def _pin_inductor_vector_width(level: str) -> None:
+    """torch.compile's C++ code at the level being measured. Left to pick its vector ISA itself on
+    an AVX-512 Xeon, torch 2.13's inductor produced a backward that corrupts the heap (glibc aborts
+    with "unaligned tcache chunk"); with the width pinned to 512 or 256 bits it runs."""
+    width = {"avx512": 512, "avx2": 256}.get(level.lower())
+    if width:
+        import torch._inductor.config as inductor_config  # noqa: PLC0415
+        inductor_config.cpp.simdlen = width
+
+
 def bench_main(op: str, doc: str | None, cases_for, argv=None, reps: int = 5) -> list[dict]:
     """The command line every bench_<op>.py shares: --device, --backend, --quick, --reps, --isa.
     `cases_for(device=, quick=, backend=)` returns the cases (backend only if it takes one).
@@ -302,6 +312,8 @@ def bench_main(op: str, doc: str | None, cases_for, argv=None, reps: int = 5) ->
     kwargs = {"device": args.device, "quick": args.quick}
     if "backend" in inspect.signature(cases_for).parameters:
         kwargs["backend"] = args.backend
+    if args.device == "cpu" and args.rows_to:
+        _pin_inductor_vector_width(os.environ.get("ATEN_CPU_CAPABILITY", ""))
     if args.device != "cpu" or args.rows_to:
         rows = run_cases(op, cases_for(**kwargs), reps=args.reps, write=not args.rows_to)
         if args.rows_to:
