@@ -114,6 +114,10 @@ class PolicyOracle(NamedTuple):
     entropy: torch.Tensor
     scale: torch.Tensor
     coef: torch.Tensor    # max over tokens of |dL/dlogp| + |dL/dH|
+    # max over tokens of |d(dL/dlogp)/dlogp| (|logp| + 1): how far one float32 rounding of logp
+    # moves the gradient. The KL terms make it absolute, not relative to dL/dlogp: k2's
+    # dL/dlogp = kl_coef w (logp - ref) vanishes as logp -> ref while its rounding does not.
+    logp_sensitivity: torch.Tensor = torch.zeros((), dtype=torch.float64)
 
 
 def _phi(family, lp, old, adv, low, high, dual, ratio_log_clamp, opts):
@@ -191,17 +195,28 @@ def policy_loss(logits, labels, old_logp, advantages, mask=None, *, method="grpo
     loss = pg
     # the size of the terms that cancel in the sum: float32 rounding is relative to it
     scale = agg_(phi.detach().abs())
+    sensitivity = torch.zeros((), dtype=torch.float64)
     if kl_coef:
         kl = kl_value(lp, tok(ref_logp), kl_estimator)
         loss = loss + kl_coef * agg_(kl)
         scale = scale + kl_coef * agg_(kl.detach().abs())
+        if valid.any():
+            # the KL part's curvature: aggregation weight (agg is linear) x d2KL/dlogp2, per token
+            lp_ = lp.detach().requires_grad_()
+            slope, = torch.autograd.grad(kl_value(lp_, tok(ref_logp), kl_estimator).sum(), lp_, create_graph=True)
+            curv = (torch.autograd.grad(slope.sum(), lp_, allow_unused=True, materialize_grads=True)[0]
+                    if slope.requires_grad else torch.zeros_like(lp_))  # k1: a constant slope
+            t = torch.zeros_like(lp_, requires_grad=True)
+            weight, = torch.autograd.grad(agg_(t), t, allow_unused=True, materialize_grads=True)
+            sensitivity = (kl_coef * weight.abs() * curv.abs() * (lp.detach().abs() + 1))[valid].max()
     if entropy_coef:
         loss = loss - entropy_coef * agg_(ent)
         scale = scale + abs(entropy_coef) * agg_(ent.detach())
     grad, a, b = torch.autograd.grad(loss, (x, lp, ent), allow_unused=True, materialize_grads=True)
     # the largest per-token coefficient: the scale of a gradient entry's rounding noise
     coef = (a.abs() + b.abs()).max() if a.numel() else torch.zeros((), dtype=torch.float64)
-    return PolicyOracle(loss.detach(), pg.detach(), grad, lp.detach(), ent.detach(), scale.detach(), coef)
+    return PolicyOracle(loss.detach(), pg.detach(), grad, lp.detach(), ent.detach(), scale.detach(), coef,
+                        sensitivity.detach())
 
 
 def sequence_logprobs(logits, labels, mask=None, *, temperature=1.0, cu_seqlens=None, ignore_index=IGNORE):
