@@ -43,7 +43,7 @@ import sys
 import warnings
 
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load_file, save
 
 CHECKPOINT_SUBDIR = "checkpoint"  # where a training run (trainer.train) keeps its checkpoint
 TMP_SUFFIX = ".ckpt-tmp-"  # + pid: a save being written
@@ -53,25 +53,7 @@ _saves = 0  # save_checkpoint calls in this process (the crash hook counts them)
 
 
 # --------------------------------------------------------------------------------------------
-# single files (atomic on their own; a checkpoint is made of several, see save_checkpoint)
-
-
-def _atomic(path: str, write) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(path, lambda p: save_file(tensors, p))
-
-
-def save_json(path: str, data) -> None:
-    def write(p):
-        with open(p, "w") as f:
-            json.dump(data, f, indent=1)
-    _atomic(path, write)
+# single files (a checkpoint is several, written by save_checkpoint)
 
 
 def load_json(path: str):
