@@ -1,0 +1,219 @@
+"""Token layouts shared by every op and by the trainer: rows, cu_seqlens, masks and normalisers.
+
+Two layouts carry the same tokens (docs/design.md §4):
+    padded  `[B, T]` token tensors (and `[B, T, V]` logits), row i = batch row i;
+    packed  `[N]` token tensors (and `[N, V]` logits) with `cu_seqlens = [B + 1]` row offsets,
+            row i = tokens cu_seqlens[i] : cu_seqlens[i + 1].
+A token counts iff its mask is set; masks are bool (or 0/1) tensors shaped like the tokens.
+
+The aggregation modes and their default normalisers are docs/methods.md §1.6 and §00.2: the
+normaliser is the whole optimiser step's count, so a micro-batched step passes the value of
+`step_normalizer` on the whole step's mask and divides by exactly what one big call would.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 math for every input dtype (docs/methods.md R3), fp64 for fp64 inputs (the oracle)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# checks
+
+
+def check_cu_seqlens(cu_seqlens, n_tokens: int, device, name: str = "cu_seqlens") -> Tensor:
+    """Validated int64 row offsets `[B + 1]`. Values are checked only for CPU tensors (a check of
+    device values would synchronise the host) and not under torch.compile."""
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"{name} must be a 1-D [B + 1] tensor, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != torch.device(device):
+        raise ValueError(f"{name} is on {cu_seqlens.device} but the tokens are on {device}")
+    cu = cu_seqlens.to(torch.int64).contiguous()
+    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
+        values = cu.tolist()
+        if values[0] != 0 or values[-1] != n_tokens or any(b < a for a, b in zip(values, values[1:])):
+            raise ValueError(f"{name} must start at 0, never decrease and end at N={n_tokens}; "
+                             f"got {values[:8]}{'...' if len(values) > 8 else ''}")
+    return cu
+
+
+def check_mask(mask, shape, device, name: str = "mask", *, zero_one: bool = False) -> Tensor | None:
+    """None, or `mask` as a bool tensor of the token shape (values: bool, or 0/1 of any dtype).
+    With zero_one, a CPU floating-point mask holding anything but 0 and 1 is an error."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"{name} must be bool or 0/1, got {mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} shape {tuple(mask.shape)} does not match the token shape {tuple(shape)}")
+    if mask.device != torch.device(device):
+        raise ValueError(f"{name} is on {mask.device} but the tokens are on {device}")
+    if (zero_one and mask.dtype.is_floating_point and mask.device.type == "cpu"
+            and not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any())):
+        raise ValueError(f"{name} must hold only 0 and 1")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def token_mask(mask, shape, device, name: str = "mask", *, zero_one: bool = False) -> Tensor:
+    """check_mask, with None meaning every token."""
+    checked = check_mask(mask, shape, device, name, zero_one=zero_one)
+    return torch.ones(tuple(shape), dtype=torch.bool, device=device) if checked is None else checked
+
+
+# --------------------------------------------------------------------------------------------
+# rows
+
+
+class Rows:
+    """The row structure of token tensors: per-row sums and row-to-token broadcasts.
+
+    `cu_seqlens` None: the padded layout, rows along the last dim of `token_shape` [B, T].
+    Otherwise the packed layout of `token_shape` [N] (pass validated offsets, see check_cu_seqlens).
+    """
+
+    def __init__(self, token_shape, device, cu_seqlens: Tensor | None = None):
+        self.token_shape = torch.Size(token_shape)
+        self.device = torch.device(device)
+        self.packed = cu_seqlens is not None
+        if self.packed:
+            self._offsets = cu_seqlens.to(device=self.device, dtype=torch.int64)
+            self.num_rows = self._offsets.numel() - 1
+        else:
+            self._offsets = None
+            self.num_rows = self.token_shape[0]
+        self._row_ids = None
+
+    @property
+    def offsets(self) -> Tensor:
+        """int64 [B + 1] row offsets into the flattened tokens (cu_seqlens for both layouts)."""
+        if self._offsets is None:
+            b, t = self.token_shape
+            self._offsets = torch.arange(b + 1, device=self.device, dtype=torch.int64) * t
+        return self._offsets
+
+    @property
+    def row_ids(self) -> Tensor:
+        """int64 [number of tokens]: the row of each token of the flattened layout."""
+        if self._row_ids is None:
+            n = math.prod(self.token_shape)
+            # token n lies in row i iff offsets[i] <= n < offsets[i+1]: count the row ends <= n.
+            self._row_ids = torch.searchsorted(self.offsets[1:], torch.arange(n, device=self.device), right=True)
+        return self._row_ids
+
+    def row_sum(self, x: Tensor) -> Tensor:
+        if not self.packed:
+            return x.sum(-1)
+        # segment_reduce, not index_add: index_add uses float atomics on CUDA (non-deterministic).
+        return torch.segment_reduce(x, "sum", offsets=self._offsets, axis=0, unsafe=True)
+
+    def to_tokens(self, per_row: Tensor) -> Tensor:
+        if not self.packed:
+            return per_row.unsqueeze(-1).expand(self.token_shape)
+        return per_row.index_select(0, self.row_ids)
+
+    def lengths(self, mask: Tensor, dtype=torch.int64) -> Tensor:
+        """Masked-in tokens per row."""
+        return self.row_sum(mask.to(dtype))
+
+    def row_mean(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Per-row mean over masked-in tokens; an empty row's mean is 0 (its length is clamped to 1)."""
+        return self.row_sum(x) / self.lengths(mask, x.dtype).clamp(min=1)
+
+
+def sanitize(x: Tensor | None, mask: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """x in the compute dtype with masked-out positions replaced by 0 (gradient 0 there too), so
+    padding never reaches an exp whose inf would turn into a NaN gradient (0 * inf)."""
+    if x is None:
+        return None
+    x = x.to(dtype)
+    return torch.where(mask, x, torch.zeros((), dtype=dtype, device=x.device))
+
+
+# --------------------------------------------------------------------------------------------
+# aggregation and normalisers (docs/methods.md §1.6, §00.2)
+
+
+def check_agg(agg) -> str:
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    return agg
+
+
+def default_normalizer(agg: str, mask: Tensor, rows: Rows, max_len: float | None, dtype) -> Tensor:
+    """The aggregation's denominator from `mask`; empty rows are never counted."""
+    if agg == "token-mean":
+        return mask.sum().to(dtype)
+    nonempty_rows = (rows.lengths(mask, dtype) > 0).sum().to(dtype)
+    if agg == "seq-mean-token-sum-norm":
+        return nonempty_rows * max_len
+    return nonempty_rows
+
+
+def step_normalizer(agg: str, mask: Tensor, max_len: float | None = None, cu_seqlens: Tensor | None = None,
+                    dtype=torch.float32) -> Tensor:
+    """The denominator of one optimiser step: default_normalizer on the whole step's mask. Pass it
+    as `normalizer=` to every micro-batch's loss so their sum is the whole step's loss."""
+    check_agg(agg)
+    if agg == "seq-mean-token-sum-norm" and max_len is None:
+        raise ValueError("agg='seq-mean-token-sum-norm' needs max_len (the constant C)")
+    valid = mask != 0
+    return default_normalizer(agg, valid, Rows(valid.shape, valid.device, cu_seqlens), max_len, dtype)
+
+
+def check_normalizer(normalizer, device, name: str = "normalizer"):
+    """None, a float >= 0, or a scalar tensor reshaped to 0-dim on `device`."""
+    if normalizer is None:
+        return None
+    if isinstance(normalizer, Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(normalizer.shape)}")
+        return normalizer.reshape(()).to(device)
+    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
+        raise TypeError(f"{name} must be a number, a scalar tensor or None, got {type(normalizer).__name__}")
+    if not (math.isfinite(normalizer) and normalizer >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {normalizer}")
+    return float(normalizer)
+
+
+def inverse_normalizer(normalizer, default: Tensor, name: str = "normalizer") -> Tensor:
+    """1 / normalizer (`default` when None) as a tensor like `default`, exactly 0 for a zero
+    normaliser (the loss is then 0 with a zero gradient)."""
+    normalizer = check_normalizer(normalizer, default.device, name)
+    denom = default if normalizer is None else torch.as_tensor(normalizer, dtype=default.dtype, device=default.device)
+    positive = denom > 0
+    return torch.where(positive, 1.0 / torch.where(positive, denom, torch.ones_like(denom)), torch.zeros_like(denom))
+
+
+def aggregate(x: Tensor, mask: Tensor, rows: Rows, agg: str, normalizer) -> Tensor:
+    """Agg(x) = numerator / normalizer; a zero normaliser gives exactly 0 with a zero gradient."""
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    x = torch.where(mask, x, zero)
+    if agg == "seq-mean-token-mean":
+        numerator = (rows.row_sum(x) / rows.lengths(mask, x.dtype).clamp(min=1)).sum()
+    else:
+        numerator = x.sum()
+    norm = torch.as_tensor(normalizer, dtype=x.dtype, device=x.device)
+    positive = norm > 0
+    # divide by a safe denominator first: where() alone would route 0 * (1/0) = NaN into backward
+    return torch.where(positive, numerator / torch.where(positive, norm, torch.ones_like(norm)), zero)
+
+
+def token_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean over masked-in tokens, 0 when there are none (the metrics' reduction)."""
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    return torch.where(mask, x, zero).sum() / mask.sum().clamp(min=1).to(x.dtype)
