@@ -299,8 +299,8 @@ def _torch_ref(module: str, name: str) -> Callable[[], Callable]:
     return load
 
 
-# Advantage kernels (contract: alignops/advantages.py). No cuda kernel: on CUDA tensors they run
-# with triton, or torch when triton is missing.
+# Advantage kernels (contract: alignops/advantages/__init__.py). No cuda kernel: on CUDA tensors
+# they run with triton, or torch when triton is missing.
 for _op in ("group_advantages", "masked_moments", "whiten_apply", "gae_scan"):
     register_kernel(_op, "torch", _torch_ref("advantages", _op))
     register_kernel(_op, "cpu", _c_op(f"{_op}_cpu"))

@@ -48,7 +48,16 @@ def merge_moments(stats: Tensor, process_group=None) -> Tensor:
     stats = stats.contiguous()
     gathered = [torch.empty_like(stats) for _ in range(dist.get_world_size(process_group))]
     dist.all_gather(gathered, stats, group=process_group)
-    parts = torch.stack(gathered)
+    return merge_moment_rows(torch.stack(gathered))
+
+
+def merge_moment_rows(parts: Tensor) -> Tensor:
+    """Merges a stack `[R, ..., 3]` of (count or total weight, mean, M2) rows over its first dim
+    into `[..., 3]`, in row order: the ranks' rows after merge_moments' all_gather, or the
+    per-block partial moments of a kernel (kernels/advantages.py).
+
+    Means and M2 go through the deviations of the row means (Chan et al.), never a sum of squares.
+    """
     n = parts[..., 0].sum(0)
     mean = (parts[..., 0] * parts[..., 1]).sum(0) / n.clamp_min(1)
     dev = parts[..., 1] - mean

@@ -1,11 +1,11 @@
 """Triton kernels of the advantage estimators. The launchers follow the kernel contract in
-alignops/advantages.py exactly (same arguments, caller-allocated outputs).
+alignops/advantages/__init__.py exactly (same arguments, caller-allocated outputs).
 
 - group_advantages: one program per group. The group's rows are found through `order`/`offsets`
   (a segmented layout built with torch ops, so ragged group ids need no Python loop); the program
   reads its segment for the statistics (float64) and again, from cache, to write the advantages.
 - masked_moments: per-program float64 (count, mean, M2), merged in a fixed order with torch
-  (no atomics, so the result is bitwise reproducible).
+  (alignops.distributed.merge_moment_rows; no atomics, so the result is bitwise reproducible).
 - whiten_apply: elementwise, float64 arithmetic (x - mean must not lose the digits of a mean ~1e3).
 - gae_scan: one program per row, walking the row from its end in tiles. Inside a tile the
   backward recurrences are linear, y_t = a_t * y_next + b_t, so they are associative scans;
@@ -21,6 +21,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from alignops.distributed import merge_moment_rows
 
 
 def _interpreted() -> bool:
@@ -132,16 +134,7 @@ def masked_moments(x, mask, out):
     programs = triton.cdiv(n, block)
     part = torch.empty(programs * 3, dtype=torch.float64, device=x.device)
     _masked_moments_kernel[(programs,)](x, mask.view(torch.uint8), part, n, BLOCK=block)
-    out.copy_(merge_moments(part.view(programs, 3)))
-
-
-def merge_moments(parts):
-    """(count, mean, M2) rows -> one row; deviations of the partial means, never sum of squares."""
-    k = parts[:, 0].sum()
-    mu = (parts[:, 0] * parts[:, 1]).sum() / k.clamp_min(1)
-    d = parts[:, 1] - mu
-    m2 = parts[:, 2].sum() + (parts[:, 0] * d * d).sum()
-    return torch.stack([k, mu, m2])
+    out.copy_(merge_moment_rows(part.view(programs, 3)))
 
 
 @triton.jit

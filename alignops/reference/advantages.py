@@ -1,8 +1,8 @@
 """Eager torch implementations of the advantage kernels (the `torch` backend).
 
-Each function implements the kernel contract written in alignops/advantages.py, with the same
-arguments and caller-allocated outputs as the C++ and Triton kernels, using vectorised torch ops
-only (scatter/index ops, no Python loop over groups or rows). Statistics are accumulated in
+Each function implements the kernel contract written in alignops/advantages/__init__.py, with the
+same arguments and caller-allocated outputs as the C++ and Triton kernels, using vectorised torch
+ops only (scatter/index ops, no Python loop over groups or rows). Statistics are accumulated in
 float64 whatever the input dtype, as the fused kernels do.
 """
 

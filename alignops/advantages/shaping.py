@@ -1,0 +1,156 @@
+"""Reward shaping and sampling: DLER's batch-wise normalisation, AWPO's gated mix of outcome and
+reasoning rewards, DAPO's overlong penalty and dynamic sampling.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from alignops._validate import check_choice, check_float
+from alignops.advantages._common import _float_tensor, _local_moments, _rewards, _tensor, _var
+from alignops.advantages.group import _groups, _run_groups, group_stats
+from alignops.distributed import all_reduce_sum, merge_moments
+
+class AWPOAdvantages(NamedTuple):
+    advantages: Tensor     # [B]
+    gate: Tensor           # [P] w_g in [0, 1)
+    difficulty: Tensor     # [P] d_g
+    std_ratio: Tensor      # [P] r_g
+    clip_eps: Tensor       # 0-dim: the PPO clip radius for this batch
+
+
+class DynamicSampling(NamedTuple):
+    group_keep: Tensor     # [P] bool: the group carries signal
+    row_keep: Tensor       # [B] bool: the row's group carries signal
+    num_kept: Tensor       # 0-dim int64
+    kept_fraction: Tensor  # 0-dim float32 (0 for an empty batch); log it as a metric
+
+
+# --------------------------------------------------------------------------------------------
+# DLER, AWPO, DAPO (overlong penalty, dynamic sampling)
+
+
+def dler_advantages(rewards: Tensor, group_size: int | None = None, *, group_ids: Tensor | None = None,
+                    num_groups: int | None = None, mask: Tensor | None = None, lengths: Tensor | None = None,
+                    truncated: Tensor | None = None, batch_std_of: str = "centered",
+                    stat_weighting: str = "token", std_eps: float = 1e-6, singleton: str = "error",
+                    process_group=None, backend: str | None = None) -> Tensor:
+    """DLER batch-wise normalisation (docs/methods.md §00.13): a = R - mean_g (R = 0 where `truncated`),
+    A = (a - mean_batch(a)) / (std_batch(X) + std_eps), X = a ("centered", default) or R ("raw",
+    TRL's scale_rewards="batch" when rows are weighted equally). stat_weighting="token" counts each
+    row once per valid token (needs `mask` [B, T] or `lengths` [B]); "row" counts rows. std
+    unbiased; statistics global over `process_group` (one all-reduce). Returns `[B]`."""
+    check_choice("batch_std_of", batch_std_of, ("centered", "raw"))
+    check_choice("stat_weighting", stat_weighting, ("token", "row"))
+    std_eps = check_float("std_eps", std_eps, lo=0.0, lo_open=False)
+    r = _rewards(rewards)
+    if truncated is not None:
+        t = _tensor(truncated, "truncated")
+        if t.shape != r.shape:
+            raise ValueError(f"truncated must be [B]={r.numel()}, got shape {tuple(t.shape)}")
+        r = torch.where(t.to(r.device) != 0, torch.where(torch.isnan(r), r, 0.0), r)
+    groups = _groups(r.numel(), r.device, group_size, group_ids, num_groups)
+    a, _ = _run_groups(r, groups, "center", 0.0, singleton, backend)
+    if stat_weighting == "token":
+        if (mask is None) == (lengths is None):
+            raise ValueError("stat_weighting='token' needs exactly one of mask [B, T] or lengths [B]")
+        if mask is not None:
+            m = _tensor(mask, "mask")
+            if m.dim() != 2 or m.shape[0] != r.numel():
+                raise ValueError(f"mask must be [B, T] with B={r.numel()}, got shape {tuple(m.shape)}")
+            w = (m != 0).sum(-1).double()
+        else:
+            w = _float_tensor(lengths, "lengths").double()
+            if w.shape != r.shape:
+                raise ValueError(f"lengths must be [B]={r.numel()}, got shape {tuple(w.shape)}")
+    else:
+        w = torch.ones(r.numel(), dtype=torch.float64, device=r.device)
+    valid = ~torch.isnan(r)
+    w = torch.where(valid, w, 0.0)
+    ad = a.double()
+    x = ad if batch_std_of == "centered" else r.double()
+    moments = merge_moments(torch.stack([_local_moments(ad, w), _local_moments(x, w)]), process_group)
+    mean_a = moments[0, 1]
+    std = _var(moments[1, 0], moments[1, 2], True).sqrt()
+    out = (ad - mean_a) / (std + std_eps)
+    return torch.where(valid, out, 0.0).to(r.dtype)
+
+
+def awpo_advantages(outcome_rewards: Tensor, reasoning_rewards: Tensor, group_size: int | None = None, *,
+                    group_ids: Tensor | None = None, num_groups: int | None = None, r_out_max: float = 1.0,
+                    eps_mix: float = 0.6, alpha_base: float = 1.0, alpha_prio: float = 1.5,
+                    tau_low: float = 0.2, tau_high: float = 0.8, clip_eps_min: float = 0.1,
+                    clip_eps_max: float = 0.2, std_eps: float = 1e-6, eps_std: float = 1e-6,
+                    singleton: str = "error", process_group=None, backend: str | None = None) -> AWPOAdvantages:
+    """AWPO (docs/methods.md §00.12, the survey's equations): R_mix = R_out + R_rsn; A_out, A_mix are
+    GRPO-normalised per group; r_g = std_mix / (std_out + std_mix + eps_std); gate
+    w_g = 1[mean_out < r_out_max] 1[r_g < eps_mix] r_g; difficulty d_g = alpha_base +
+    (alpha_prio - alpha_base) 1[tau_low < mean_out < tau_high]; A = d_g ((1 - w_g) A_out + w_g A_mix);
+    clip radius eps = clip_eps_min + (1 - mean over groups of w) (clip_eps_max - clip_eps_min), the
+    mean global over `process_group`. The default constants are ours (the paper's are unverified);
+    set them explicitly for a paper reproduction. A row is unscorable if either reward is NaN."""
+    for name, val in (("r_out_max", r_out_max), ("alpha_base", alpha_base), ("alpha_prio", alpha_prio),
+                      ("tau_low", tau_low), ("tau_high", tau_high)):
+        check_float(name, val)
+    eps_mix = check_float("eps_mix", eps_mix, lo=0.0, lo_open=False)
+    clip_eps_min = check_float("clip_eps_min", clip_eps_min, lo=0.0, lo_open=False)
+    clip_eps_max = check_float("clip_eps_max", clip_eps_max, lo=clip_eps_min, lo_open=False)
+    std_eps = check_float("std_eps", std_eps, lo=0.0, lo_open=False)
+    eps_std = check_float("eps_std", eps_std, lo=0.0, lo_open=False)
+    r_out = _rewards(outcome_rewards, "outcome_rewards")
+    r_rsn = _rewards(reasoning_rewards, "reasoning_rewards").to(r_out.dtype)
+    if r_rsn.shape != r_out.shape:
+        raise ValueError(f"reasoning_rewards shape {tuple(r_rsn.shape)} does not match outcome_rewards "
+                         f"{tuple(r_out.shape)}")
+    unscorable = torch.isnan(r_out) | torch.isnan(r_rsn)
+    r_out = torch.where(unscorable, float("nan"), r_out).contiguous()
+    r_mix = (r_out + r_rsn).contiguous()
+    groups = _groups(r_out.numel(), r_out.device, group_size, group_ids, num_groups)
+    a_out, s_out = _run_groups(r_out, groups, "scale", std_eps, singleton, backend)
+    a_mix, s_mix = _run_groups(r_mix, groups, "scale", std_eps, singleton, backend)
+    ratio = s_mix.std / (s_out.std + s_mix.std + eps_std)
+    gate = torch.where((s_out.mean < r_out_max) & (ratio < eps_mix), ratio, 0.0)
+    mid = (s_out.mean > tau_low) & (s_out.mean < tau_high)
+    difficulty = torch.where(mid, alpha_prio, alpha_base).to(r_out.dtype)
+    gi = groups.index
+    adv = difficulty[gi] * ((1 - gate[gi]) * a_out + gate[gi] * a_mix)
+    present = s_out.count > 0
+    sums = torch.stack([torch.where(present, gate, 0.0).sum(dtype=torch.float64),
+                        present.sum(dtype=torch.float64)])
+    gate_sum, n_groups = all_reduce_sum(sums, process_group)
+    mean_gate = gate_sum / n_groups.clamp_min(1)
+    clip_eps = (clip_eps_min + (1 - mean_gate) * (clip_eps_max - clip_eps_min)).to(r_out.dtype)
+    return AWPOAdvantages(adv, gate, difficulty, ratio, clip_eps)
+
+
+def dapo_overlong_penalty(lengths: Tensor, max_length: int, cache_length: int,
+                          penalty_factor: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment, added to the task reward: 0 up to max_length -
+    cache_length, then falling linearly to -penalty_factor at max_length, capped there (replayed
+    data can exceed max_length; verl leaves it uncapped, OpenRLHF caps). float32 [B]."""
+    for name, val in (("max_length", max_length), ("cache_length", cache_length)):
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise TypeError(f"{name} must be an int, got {type(val).__name__}")
+    if not 0 < cache_length <= max_length:
+        raise ValueError(f"cache_length must lie in (0, max_length={max_length}], got {cache_length}")
+    penalty_factor = check_float("penalty_factor", penalty_factor, lo=0.0, lo_open=False)
+    L = _float_tensor(lengths, "lengths").double()
+    excess = (L - (max_length - cache_length)) / cache_length
+    return (-penalty_factor * excess.clamp(0, 1)).float()
+
+
+def dynamic_sampling_mask(rewards: Tensor, group_size: int | None = None, *, group_ids: Tensor | None = None,
+                          num_groups: int | None = None, std_eps: float = 1e-6,
+                          backend: str | None = None) -> DynamicSampling:
+    """Which groups carry learning signal (DAPO / DLER / SRL dynamic sampling): at least two
+    scorable rewards with std > std_eps. Groups of equal rewards (all correct, all wrong, all
+    truncated) are dropped. Sync-free; the trainer decides how to refill."""
+    std_eps = check_float("std_eps", std_eps, lo=0.0, lo_open=False)
+    stats = group_stats(rewards, group_size, group_ids=group_ids, num_groups=num_groups, backend=backend)
+    keep = (stats.count >= 2) & (stats.std > std_eps)
+    num = keep.sum()
+    frac = num.float() / max(keep.numel(), 1)
+    return DynamicSampling(keep, keep[stats.group_index], num, frac)
