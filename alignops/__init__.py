@@ -8,7 +8,7 @@ from alignops._backend import BACKENDS, BackendUnavailableError, available_backe
 from alignops.token_stats import token_logprobs
 from alignops import advantages
 from alignops.advantages import *  # noqa: F403 - the estimators listed in advantages.__all__
-from alignops.policy_loss import PolicyLossOutput, fused_policy_loss, policy_loss, value_loss
+from alignops.policy import PolicyLossOutput, fused_policy_loss, policy_loss, value_loss
 from alignops.preference import dpo_loss, gvpo_loss, log1mexp, orpo_loss, rahf_loss
 from alignops.sft import (chord_loss, chord_mu_schedule, iw_sft_weights, sequence_logprobs,
                           sft_loss)

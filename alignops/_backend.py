@@ -306,6 +306,6 @@ for _op in ("group_advantages", "masked_moments", "whiten_apply", "gae_scan"):
     register_kernel(_op, "cpu", _c_op(f"{_op}_cpu"))
     register_kernel(_op, "triton", _triton_fn("advantages", _op))
 
-# One-launch policy loss (contract: alignops/policy_loss.py, _epilogue_policy_loss).
+# One-launch policy loss (contract: alignops/policy/one_launch.py).
 register_kernel("policy_loss_fused", "cpu", _c_op("policy_loss_fused_cpu"))
 register_kernel("policy_loss_fused", "triton", _triton_fn("policy_loss", "policy_loss_fused"))

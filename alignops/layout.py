@@ -217,3 +217,49 @@ def token_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean over masked-in tokens, 0 when there are none (the metrics' reduction)."""
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     return torch.where(mask, x, zero).sum() / mask.sum().clamp(min=1).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# token tensors
+
+
+def check_like(name: str, x, like: Tensor, *, floating: bool = True) -> Tensor | None:
+    """None, or `x` checked to have the token shape and device of `like`."""
+    if x is None:
+        return None
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if tuple(x.shape) != tuple(like.shape):
+        raise ValueError(f"{name} must have the token shape {tuple(like.shape)}, got {tuple(x.shape)}")
+    if x.device != like.device:
+        raise ValueError(f"{name} is on {x.device} but the tokens are on {like.device}")
+    if floating and not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    return x
+
+
+def per_token(name: str, x, like: Tensor, rows: Rows) -> Tensor:
+    """`x` per sequence `[B]` (broadcast over its row) or per token like `like`, as a token tensor."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.device != like.device:
+        raise ValueError(f"{name} is on {x.device} but the tokens are on {like.device}")
+    if tuple(x.shape) == tuple(like.shape):
+        return x
+    if tuple(x.shape) == (rows.num_rows,):
+        return rows.to_tokens(x)
+    raise ValueError(f"{name} must be per sequence [{rows.num_rows}] or per token {tuple(like.shape)}, "
+                     f"got {tuple(x.shape)}")
+
+
+def token_layout(name: str, x: Tensor, cu_seqlens) -> Rows:
+    """The Rows of token tensor `x`: `[B, T]`, or packed `[N]` with cu_seqlens (checked)."""
+    if cu_seqlens is None:
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be [B, T] (or packed [N] with cu_seqlens), got shape {tuple(x.shape)}")
+        return Rows(x.shape, x.device)
+    if x.dim() != 1:
+        raise ValueError(f"with cu_seqlens, {name} must be packed [N], got shape {tuple(x.shape)}")
+    return Rows(x.shape, x.device, check_cu_seqlens(cu_seqlens, x.shape[0], x.device))

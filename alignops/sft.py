@@ -429,7 +429,7 @@ def chord_loss(logp: Tensor, old_logp: Optional[Tensor], advantages: Tensor, mas
 
 def _grpo_part(logp, old_logp, advantages, rl_valid, cu, normalizer, clip_low, clip_high, agg,
                policy_kwargs):
-    from alignops.policy_loss import policy_loss  # noqa: PLC0415 - the policy-loss module is heavier
+    from alignops.policy.loss import policy_loss  # noqa: PLC0415 - the policy-loss package is heavier
 
     kwargs = dict(method="grpo", clip_low=clip_low, clip_high=clip_high, agg=agg,
                   normalizer=normalizer, **policy_kwargs)

@@ -180,41 +180,47 @@ def _drive_token_stats(mod, quick: bool):
         yield f"bwd {label} entropy_grad={flag}", bwd
 
 
-_POLICY_FLAG_BITS = {"old": 1, "kl": 2, "is": 4, "dual": 8, "clamp": 16, "shift": 32}
-
-
 def _drive_policy_loss(mod, quick: bool):
     import torch  # noqa: PLC0415
+    from alignops.policy.kernel_abi import KL_CODES, METHOD_CODES, OPTIONAL_KNOBS, pack  # noqa: PLC0415
     sweep, vocab = _logits_shapes(mod, quick)
     prod = (2, 16384, 151936)
-    all_on = ("old", "is", "dual", "clamp", "shift")
+    clip, gppo = METHOD_CODES["clip"], METHOD_CODES["gppo"]
+    low_var = KL_CODES["low_var_kl"]
+    # every optional input and knob on; early_shift exists for the clip code only (token-level ECPO)
+    all_on = ("has_old", "has_is_weight") + OPTIONAL_KNOBS
+    not_clip = tuple(f for f in all_on if f != "early_shift")
     # (method, kl, flags, entropy: "off" | "metric" | "coef")
     combos = []
     if quick:
-        combos.append((prod, "bfloat16", 0, 4, all_on, "coef", 1.0))
+        combos.append((prod, "bfloat16", clip, KL_CODES["k3"], all_on, "coef", 1.0))
     else:
-        for method in (0, 1, 2, 3):
-            for kl in (0, 1, 2, 3, 4):  # every method x KL code, every flag on
-                flags = all_on if method == 0 else all_on[:-1]  # shift: ecpo only (method 0)
+        for method in METHOD_CODES.values():
+            for kl in KL_CODES.values():  # every method x KL code, every flag on
+                flags = all_on if method == clip else not_clip
                 combos.append((prod, "bfloat16", method, kl, flags, "coef", 1.0))
-            combos.append((prod, "bfloat16", method, 0, (), "off", 1.0))  # plainest
+            combos.append((prod, "bfloat16", method, KL_CODES["none"], (), "off", 1.0))  # plainest
         for drop in all_on:  # each flag off on its own
-            combos.append((prod, "bfloat16", 0, 3, tuple(f for f in all_on if f != drop), "coef", 1.0))
-        combos.append((prod, "bfloat16", 0, 3, all_on, "metric", 1.0))
-        combos.append((prod, "bfloat16", 0, 3, all_on, "off", 1.0))
+            combos.append((prod, "bfloat16", clip, KL_CODES["k3"], tuple(f for f in all_on if f != drop), "coef", 1.0))
+        combos.append((prod, "bfloat16", clip, KL_CODES["k3"], all_on, "metric", 1.0))
+        combos.append((prod, "bfloat16", clip, KL_CODES["k3"], all_on, "off", 1.0))
         for shape in sweep + vocab:  # tile x dtype sweep, heaviest epilogue
             for dt in DTYPES:
-                combos.append((shape, dt, 0, 4, all_on, "coef", INV_TEMPS[1]))
+                combos.append((shape, dt, clip, low_var, all_on, "coef", INV_TEMPS[1]))
         for shape in vocab:
-            combos.append((shape, "float32", 1, 3, all_on[:-1], "metric", 1.0))
+            combos.append((shape, "float32", gppo, KL_CODES["k3"], not_clip, "metric", 1.0))
+    values = {"clip_lo": 0.8, "clip_hi": 1.28, "dual_clip": 3.0, "log_clamp": 20.0, "early_shift": 0.3,
+              "gppo_k_low": -0.8, "gppo_k_high": -1.28, "scale": 1.0}
     for (B, T, V), dt, method, kl, flags, ent, inv_t in combos:
         def launch(B=B, T=T, V=V, dt=dt, method=method, kl=kl, flags=flags, ent=ent, inv_t=inv_t):
             n = B * T
             f32 = [_meta(n, torch.float32) for _ in range(10)]
-            bits = sum(_POLICY_FLAG_BITS[f] for f in flags) | (2 if kl else 0)
-            knobs = [0.8, 1.28, 3.0, 20.0, 0.3, 1.0, 1.0, 1.0, 0.05 if kl else 0.0, 0.01 if ent == "coef" else 0.0]
+            knobs = {k: v for k, v in values.items() if k not in OPTIONAL_KNOBS or k in flags}
+            knobs.update(kl_coef=0.05 if kl else 0.0, entropy_coef=0.01 if ent == "coef" else 0.0)
+            knob_list, bits = pack(knobs, has_old="has_old" in flags, has_ref=kl != KL_CODES["none"],
+                                   has_is_weight="has_is_weight" in flags)
             mod.policy_loss_fused(_meta((B, T, V), dt), _meta(n, torch.int64), f32[0], f32[1], f32[2], f32[3],
-                                  f32[4], f32[5], _meta(n, torch.bool), method, kl, knobs, bits, inv_t, -100,
+                                  f32[4], f32[5], _meta(n, torch.bool), method, kl, knob_list, bits, inv_t, -100,
                                   ent != "off", f32[6], f32[7], f32[8], f32[9], _meta((B, T, V), dt))
         yield (f"[{B},{T},{V}] {dt} method={method} kl={kl} flags={'+'.join(flags) or '-'} entropy={ent} "
                f"T={1 / inv_t:.3g}"), launch

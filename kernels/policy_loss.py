@@ -1,7 +1,7 @@
 """Triton kernel of the one-launch policy loss: per row of logits, the softmax statistics, logp and
 entropy, the per-token policy epilogue and then at once the gradient row (contract:
-alignops/policy_loss.py, `_epilogue_policy_loss`; the per-token math mirrors
-csrc/common/policy_math.h, tie rules included).
+alignops/policy/one_launch.py; the per-token math mirrors csrc/common/policy_math.h, tie rules
+included; codes, knobs and flags are alignops/policy/kernel_abi.py's table).
 
 One program per row (rows looped when N exceeds the grid cap). The row is read twice, statistics
 then gradient, but the second read comes from L2 for one row per program, so HBM sees one read of
@@ -14,12 +14,19 @@ import torch
 import triton
 import triton.language as tl
 
+from alignops.policy.kernel_abi import KL_CODES, KNOBS, METHOD_CODES, unpack_flags
+
 from .token_stats import (row_softmax_stats, _MAX_PROGRAMS, _check_inv_temperature, _check_logits, _check_rows, _device_guard,
                           _interpreted, _launch_config, _round_to_bf16)
 
-# Method and KL codes: the enums of csrc/common/policy_math.h.
-METHOD_CODES = {"clip": 0, "gppo": 1, "cispo": 2, "reinforce": 3}
-KL_CODES = {None: 0, "k1": 1, "k2": 2, "k3": 3, "low_var_kl": 4}
+CLIP = tl.constexpr(METHOD_CODES["clip"])
+GPPO = tl.constexpr(METHOD_CODES["gppo"])
+CISPO = tl.constexpr(METHOD_CODES["cispo"])
+REINFORCE = tl.constexpr(METHOD_CODES["reinforce"])
+KL_NONE = tl.constexpr(KL_CODES["none"])
+KL_K1 = tl.constexpr(KL_CODES["k1"])
+KL_K2 = tl.constexpr(KL_CODES["k2"])
+KL_K3 = tl.constexpr(KL_CODES["k3"])
 
 
 @triton.jit
@@ -43,9 +50,9 @@ def _max_backward(x, y, g):
 
 
 @triton.jit
-def _dual_clip_backward(phi, adv, g, dual_clip, HAS_DUAL: tl.constexpr):
+def _dual_clip_backward(phi, adv, g, dual_clip, DUAL_CLIP: tl.constexpr):
     """min(phi, -c A) where A < 0: (new phi, gradient left for phi)."""
-    if HAS_DUAL:
+    if DUAL_CLIP:
         cap = -dual_clip * adv
         g_phi, g_cap = _max_backward(-phi, -cap, g)
         capped = tl.where(phi < cap, phi, tl.where(phi > cap, cap, phi + (cap - cap)))
@@ -57,37 +64,38 @@ def _dual_clip_backward(phi, adv, g, dual_clip, HAS_DUAL: tl.constexpr):
 @triton.jit
 def _policy_token(logp, old_logp, adv, g, clip_lo, clip_hi, dual_clip, log_clamp, early_shift, gppo_k_low,
                   gppo_k_high, scale,
-                  METHOD: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_CLAMP: tl.constexpr,
-                  HAS_SHIFT: tl.constexpr):
+                  METHOD: tl.constexpr, DUAL_CLIP: tl.constexpr, LOG_CLAMP: tl.constexpr,
+                  EARLY_SHIFT: tl.constexpr):
     """(phi, dL/dlogp) of one token given g = dL/dphi, in autograd's order through
-    alignops/reference/policy_loss.py (see csrc/common/policy_math.h)."""
+    alignops/policy/methods.py (see csrc/common/policy_math.h)."""
     d = logp - old_logp
     gate = d == d
-    if HAS_CLAMP:
+    if LOG_CLAMP:
         gate = (d >= -log_clamp) & (d <= log_clamp)
         d = tl.where(d < -log_clamp, -log_clamp, tl.where(d > log_clamp, log_clamp, d))
-    if METHOD == 3:
+    if METHOD == REINFORCE:
         s = -scale * adv
         value = s * logp
         grad = g * s
-    elif METHOD == 2:
+    elif METHOD == CISPO:
         r = tl.exp(d)
         s = -tl.where(r < clip_lo, clip_lo, tl.where(r > clip_hi, clip_hi, r)) * adv
         value = s * logp
         grad = g * s
-    elif METHOD == 1:
+    elif METHOD == GPPO:
         r = tl.exp(d)
         low_clipped = (adv < 0.0) & (r < clip_lo)
         high_clipped = (adv > 0.0) & (r > clip_hi)
         clipped = low_clipped | high_clipped
         k = tl.where(low_clipped, gppo_k_low, gppo_k_high)
         phi = tl.where(clipped, k * adv, -r * adv)
-        phi, g_phi = _dual_clip_backward(phi, adv, g, dual_clip, HAS_DUAL)
+        phi, g_phi = _dual_clip_backward(phi, adv, g, dual_clip, DUAL_CLIP)
         value = phi
         grad = tl.where(clipped, (g_phi * adv) * k, (-(g_phi * adv)) * r)
         grad = tl.where(gate, grad, 0.0)
     else:
-        if HAS_SHIFT:
+        tl.static_assert(METHOD == CLIP)
+        if EARLY_SHIFT:
             excess = d - early_shift
             d = d - tl.where(excess > 0.0, excess, 0.0)
         r = tl.exp(d)
@@ -96,7 +104,7 @@ def _policy_token(logp, old_logp, adv, g, clip_lo, clip_hi, dual_clip, log_clamp
         clipped = neg_adv * tl.where(r < clip_lo, clip_lo, tl.where(r > clip_hi, clip_hi, r))
         phi = tl.where(unclipped > clipped, unclipped,
                        tl.where(unclipped < clipped, clipped, unclipped + (clipped - clipped)))
-        phi, g_phi = _dual_clip_backward(phi, adv, g, dual_clip, HAS_DUAL)
+        phi, g_phi = _dual_clip_backward(phi, adv, g, dual_clip, DUAL_CLIP)
         g_u, g_c = _max_backward(unclipped, clipped, g_phi)
         inside = (r >= clip_lo) & (r <= clip_hi)
         g_ratio = g_u * neg_adv + tl.where(inside, g_c * neg_adv, 0.0)
@@ -109,13 +117,13 @@ def _policy_token(logp, old_logp, adv, g, clip_lo, clip_hi, dual_clip, log_clamp
 def _kl_token(logp, ref_logp, g, KL: tl.constexpr):
     """(KL, dL/dlogp) given g = dL/dKL, u = ref_logp - logp."""
     u = ref_logp - logp
-    if KL == 1:
+    if KL == KL_K1:
         value = -u
         grad = -(-g)
-    elif KL == 2:
+    elif KL == KL_K2:
         value = (0.5 * u) * u
         grad = -((g * u) * 0.5 + g * (0.5 * u))
-    elif KL == 3:
+    elif KL == KL_K3:
         em1 = _expm1(u)
         value = em1 - u
         grad = -(g * (em1 + 1.0) + (-g))
@@ -137,8 +145,8 @@ def _policy_loss_fused_kernel(
     logp_ptr, entropy_ptr, loss_ptr, pg_ptr, grad_ptr,
     N, T, V, stride_b, stride_t, grad_stride_b, grad_stride_t, ignore_index,
     clip_lo, clip_hi, dual_clip, log_clamp, early_shift, gppo_k_low, gppo_k_high, scale, kl_coef, entropy_coef,
-    INV_TEMP: tl.constexpr, METHOD: tl.constexpr, KL: tl.constexpr, HAS_OLD: tl.constexpr,
-    HAS_IS: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    INV_TEMP: tl.constexpr, METHOD: tl.constexpr, KL: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
+    HAS_IS_WEIGHT: tl.constexpr, DUAL_CLIP: tl.constexpr, LOG_CLAMP: tl.constexpr, EARLY_SHIFT: tl.constexpr,
     HAS_ENTROPY_COEF: tl.constexpr, NEED_ENTROPY: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr, SOFTWARE_BF16_ROUNDING: tl.constexpr,
 ):
@@ -183,15 +191,16 @@ def _policy_loss_fused_kernel(
         active = (tl.load(mask_ptr + row) != 0) & (agg_norm > 0.0)
         safe_norm = tl.where(active, agg_norm, 1.0)
         w = (1.0 / safe_norm) / row_len
-        if HAS_IS:
+        if HAS_IS_WEIGHT:
             g_phi = w * tl.load(isw_ptr + row)
         else:
             g_phi = w
         phi, a = _policy_token(logp, old, adv, g_phi, clip_lo, clip_hi, dual_clip, log_clamp, early_shift,
-                               gppo_k_low, gppo_k_high, scale, METHOD, HAS_DUAL, HAS_CLAMP, HAS_SHIFT)
+                               gppo_k_low, gppo_k_high, scale, METHOD, DUAL_CLIP, LOG_CLAMP, EARLY_SHIFT)
         pg = g_phi * phi
         loss = pg
-        if KL != 0:
+        if KL != KL_NONE:
+            tl.static_assert(HAS_REF)
             w_kl = (kl_coef / safe_norm) / row_len
             kl, dkl = _kl_token(logp, tl.load(ref_ptr + row), w_kl, KL)
             loss += w_kl * kl
@@ -240,7 +249,7 @@ def policy_loss_fused(logits, labels, old_logp, adv, ref_logp, is_weight, agg_no
                       knobs, flags, inv_temperature, ignore_index, compute_entropy, logp, entropy, loss_terms,
                       pg_terms, grad_logits) -> None:
     """Same signature and meaning as torch.ops.alignops_C.policy_loss_fused_cpu (knob order and flag
-    bits: csrc/common/policy_math.h)."""
+    bits: alignops/policy/kernel_abi.py)."""
     _check_logits(logits)
     _check_logits(grad_logits, "grad_logits")
     B, T, V = logits.shape
@@ -258,26 +267,23 @@ def policy_loss_fused(logits, labels, old_logp, adv, ref_logp, is_weight, agg_no
         raise ValueError(f"method code must be one of {sorted(METHOD_CODES.values())}, got {method!r}")
     if kl_estimator not in KL_CODES.values():
         raise ValueError(f"kl_estimator code must be one of {sorted(KL_CODES.values())}, got {kl_estimator!r}")
-    if len(knobs) != 10:
-        raise ValueError(f"knobs must hold 10 values, got {len(knobs)}")
+    if len(knobs) != len(KNOBS):
+        raise ValueError(f"knobs must hold {len(KNOBS)} values, got {len(knobs)}")
     inv_temperature = _check_inv_temperature(inv_temperature)
     if N == 0:
         return
-    (clip_lo, clip_hi, dual_clip, log_clamp, early_shift, beta1, beta2, scale, kl_coef, entropy_coef) = (
-        float(k) for k in knobs)
+    knob = dict(zip(KNOBS, (float(k) for k in knobs)))
+    flag = {f.upper(): on for f, on in unpack_flags(int(flags)).items()}
     block_v, num_warps = _launch_config(V)
     with _device_guard(device):
         _policy_loss_fused_kernel[(min(N, _MAX_PROGRAMS),)](
             logits, labels, old_logp, adv, ref_logp, is_weight, agg_norm, row_len, mask.view(torch.uint8),
             logp, entropy, loss_terms, pg_terms, grad_logits,
             N, T, V, logits.stride(0), logits.stride(1), grad_logits.stride(0), grad_logits.stride(1),
-            int(ignore_index),
-            clip_lo, clip_hi, dual_clip, log_clamp, early_shift, -beta1 * clip_lo, -beta2 * clip_hi, scale,
-            kl_coef, entropy_coef,
-            INV_TEMP=inv_temperature, METHOD=int(method), KL=int(kl_estimator), HAS_OLD=bool(flags & 1),
-            HAS_IS=bool(flags & 4), HAS_DUAL=bool(flags & 8), HAS_CLAMP=bool(flags & 16),
-            HAS_SHIFT=bool(flags & 32), HAS_ENTROPY_COEF=entropy_coef != 0.0,
-            NEED_ENTROPY=bool(compute_entropy) or entropy_coef != 0.0, COMPUTE_ENTROPY=bool(compute_entropy),
+            int(ignore_index), **knob, **flag,
+            INV_TEMP=inv_temperature, METHOD=int(method), KL=int(kl_estimator),
+            HAS_ENTROPY_COEF=knob["entropy_coef"] != 0.0,
+            NEED_ENTROPY=bool(compute_entropy) or knob["entropy_coef"] != 0.0, COMPUTE_ENTROPY=bool(compute_entropy),
             BLOCK_V=block_v, SOFTWARE_BF16_ROUNDING=_interpreted() and grad_logits.dtype == torch.bfloat16,
             num_warps=num_warps,
         )

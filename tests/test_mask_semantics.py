@@ -25,7 +25,7 @@ import alignops as ao
 from tests import policy_oracle as oracle
 from tests.conftest import backends_for
 
-pl = importlib.import_module("alignops.policy_loss")
+pl = importlib.import_module("alignops.policy.one_launch")
 BACKENDS = ["torch"] + backends_for("cpu")
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 METHODS = ["grpo", "dapo", "gppo", "cispo", "reinforce", "ecpo"]
@@ -168,12 +168,12 @@ def test_fused_policy_loss_packed(backend, option):
 def test_one_launch_kernel_runs_with_mask_none(backend, monkeypatch):
     """mask=None reaches the one-launch kernel (not a fallback) and counts only the valid labels."""
     calls = []
-    real = pl._epilogue_policy_loss
+    real = pl.policy_loss_one_launch
 
     def spy(*args, **kwargs):
         calls.append(args[6])  # the mask the kernel gets
         return real(*args, **kwargs)
-    monkeypatch.setattr(pl, "_epilogue_policy_loss", spy)
+    monkeypatch.setattr(pl, "policy_loss_one_launch", spy)
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 11, generator=gen).requires_grad_()
     labels = torch.randint(0, 11, (2, 6), generator=gen)

@@ -23,7 +23,7 @@ from alignops import advantages as adv_mod
 from tests import policy_oracle as oracle
 from tests.conftest import HAS_CUDA, backends_for
 
-pl = importlib.import_module("alignops.policy_loss")
+pl = importlib.import_module("alignops.policy.one_launch")
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
 NO_TRITON = "triton is not installed (hidden by the test)"
@@ -185,12 +185,12 @@ def break_one_launch(monkeypatch, backend, exc):
 
 def spy_one_launch(monkeypatch):
     calls = []
-    real = pl._epilogue_policy_loss
+    real = pl.policy_loss_one_launch
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
-    monkeypatch.setattr(pl, "_epilogue_policy_loss", spy)
+    monkeypatch.setattr(pl, "policy_loss_one_launch", spy)
     return calls
 
 

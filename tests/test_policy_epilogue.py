@@ -26,30 +26,21 @@ import torch
 
 import alignops as ao
 from alignops import _backend
+from alignops.policy import METHODS
 from tests import policy_oracle as oracle
 from tests.conftest import backends_for
 
 # the module, not the function of the same name that alignops re-exports
-pl = importlib.import_module("alignops.policy_loss")
+pl = importlib.import_module("alignops.policy.one_launch")
 BACKENDS = [b for b in backends_for("cpu") if b in ("cpu", "triton")]
 KLS = [None, "k1", "k2", "k3", "low_var_kl"]
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 TEMPERATURE = 0.7
 
-# method -> its own options (and shared knobs) exercised here; dual clip where the method has it
-METHOD_KW = {
-    "ppo": {},
-    "grpo": {"clip_ratio_c": 3.0},
-    "dapo": {"clip_ratio_c": 3.0},
-    "dr_grpo": {},
-    "gppo": {"gppo_beta1": 0.5, "gppo_beta2": 0.75, "clip_ratio_c": 3.0},
-    "gppo_klear": {},
-    "cispo": {},
-    "cispo_scalerl": {},
-    "reinforce": {},
-    "gpg": {"gpg_alpha": 1.5},
-    "ecpo": {"ecpo_delta": 0.1, "clip_ratio_c": 3.0},
-}
+# method -> the options it runs with here: every registry entry with a one-launch form, with the
+# first of its examples under which it is token-local (dual clip where the entry's examples have it)
+METHOD_KW = {name: next(kw for kw in m.examples if m.one_launch.applies({**m.options, **kw}))
+             for name, m in METHODS.items() if m.one_launch is not None}
 # Target ratios across the branches of bounds 0.8 / 1.2 / 1.28 / dual 3 / CISPO's 5, jittered off
 # the bounds (ties are measure-zero; the A = 0 rows cover the maximum's tie rule).
 RATIO_TARGETS = (0.5, 0.75, 0.9, 1.1, 1.24, 1.5, 2.5, 4.0, 7.0)
@@ -89,18 +80,18 @@ def run(logits, labels, old, adv, mask, *, backend, one_launch, monkeypatch=None
     """(loss, grad, metrics, whether the one-launch kernel ran)."""
     calls = []
     if monkeypatch is not None:
-        real = pl._epilogue_policy_loss
+        real = pl.policy_loss_one_launch
 
         def spy(*args, **kwargs):
             calls.append(1)
             return real(*args, **kwargs)
-        monkeypatch.setattr(pl, "_epilogue_policy_loss", spy)
+        monkeypatch.setattr(pl, "policy_loss_one_launch", spy)
     x = logits.detach().clone().requires_grad_()
     out = ao.fused_policy_loss(x, labels, old, adv, mask, backend=backend, temperature=TEMPERATURE,
                                grad_in_forward=one_launch, **kw)
     out.loss.backward()
     if monkeypatch is not None:
-        monkeypatch.setattr(pl, "_epilogue_policy_loss", real)
+        monkeypatch.setattr(pl, "policy_loss_one_launch", real)
     return out.loss.detach(), x.grad, out.metrics, bool(calls)
 
 

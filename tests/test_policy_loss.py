@@ -2,7 +2,7 @@
 
 The oracle below is written from docs/methods.md's analytic per-token values and weights
 (w = dphi/dlogp), the aggregation weights of §1.6 and the KL derivatives of §1.10, in numpy with
-explicit branches; it shares no code with alignops.reference.policy_loss (whose gradients come
+explicit branches; it shares no code with alignops.policy (whose gradients come
 from autograd). Ratios are kept away from clip bounds (ties are measure-zero, docs/methods.md §2.1).
 """
 from __future__ import annotations
@@ -197,8 +197,9 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import alignops as ao  # noqa: E402
-from alignops.policy_loss import METHODS, bapo_search, method_names  # noqa: E402
-from alignops.reference.policy_loss import AGG_MODES, KL_ESTIMATORS, step_candidates  # noqa: E402
+from alignops.policy import METHODS, bapo_search, method_names  # noqa: E402
+from alignops.policy import AGG_MODES, KL_ESTIMATORS  # noqa: E402
+from alignops.policy.bapo import step_candidates  # noqa: E402
 from tests.conftest import device_backend_pairs  # noqa: E402
 
 PAIRS = device_backend_pairs()
@@ -834,8 +835,8 @@ def test_method_defaults_and_registry():
     # dapo = ppo with clip_high 0.28
     assert one_token("dapo", 1.25, 1.0) == one_token("ppo", 1.25, 1.0, clip_high=0.28)
     ao.policy_loss  # noqa: B018
-    from alignops.policy_loss import register_method  # noqa: PLC0415
-    from alignops.reference.policy_loss import TokenLoss  # noqa: PLC0415
+    from alignops.policy import register_method  # noqa: PLC0415
+    from alignops.policy.math import TokenLoss  # noqa: PLC0415
     register_method("_test_nll", lambda t, scale: TokenLoss(-scale * t.logp, None, None, None),
                     options={"scale": 1.0})
     try:

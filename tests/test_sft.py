@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import alignops as ao
-from alignops.policy_loss import policy_loss
+from alignops.policy import policy_loss
 from alignops.reference import sft as ref
 from tests.conftest import device_backend_pairs
 

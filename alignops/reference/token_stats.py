@@ -1,14 +1,11 @@
-"""Eager reference for the logits pass (token log-probs, log-sum-exp, entropy)."""
+"""The torch backend of the logits pass (token log-probs, log-sum-exp, entropy)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 math for every input dtype (docs/methods.md R3), fp64 for fp64 inputs (the oracle)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from alignops.layout import compute_dtype
 
 
 def token_stats(logits: Tensor, labels: Tensor, temperature: float = 1.0, ignore_index: int = -100):
@@ -36,3 +33,20 @@ def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0, ign
                    return_entropy: bool = False):
     logp, _, entropy = token_stats(logits, labels, temperature, ignore_index)
     return logp, (entropy if return_entropy else None)
+
+
+def token_stats_grad(logits3, labels, logp, lse, entropy, a, b, temperature, ignore_index, out):
+    """The backward of token_stats given a = dL/dlogp and b = dL/dH, written into `out` (the kernel
+    contract of token_stats_bwd, with the temperature itself):
+    dL/dz_v = a (1[v=y] - p_v) - b p_v (log p_v + H), divided by T."""
+    dtype = compute_dtype(logits3.dtype)
+    z = logits3.reshape(-1, logits3.shape[-1]).to(dtype) / temperature
+    valid = labels != ignore_index
+    z = torch.where(valid.unsqueeze(-1), z, torch.zeros((), dtype=dtype))
+    log_p = torch.log_softmax(z, dim=-1)
+    p = log_p.exp()
+    g = -a.unsqueeze(-1) * p - b.unsqueeze(-1) * torch.where(p > 0, p * (log_p + entropy.unsqueeze(-1)), 0.0)
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    g.scatter_add_(1, safe.unsqueeze(-1), a.unsqueeze(-1))
+    g = torch.where(valid.unsqueeze(-1), g / temperature, 0.0)
+    out.copy_(g.reshape(out.shape))

@@ -1,6 +1,6 @@
 // Per-token policy-loss math of the one-launch CPU kernel (csrc/cpu/policy_loss.cpp), kept free of
 // torch headers and marked host + device (ALIGNOPS_HD) so a CUDA kernel can share it. The formulas are docs/methods.md §1.10 and §2; the
-// eager definitions are alignops/reference/policy_loss.py, and every derivative below is the one
+// eager definitions are alignops/policy/methods.py, and every derivative below is the one
 // torch's autograd takes through those definitions, tie rules included:
 //   - torch.clamp passes the gradient where lo <= x <= hi (both ends inclusive);
 //   - torch.maximum / torch.minimum split the gradient in halves when both sides are equal.
@@ -9,20 +9,10 @@
 
 #include <cmath>
 
+#include "policy_abi.h"
 #include "softmax_stats.h"
 
 namespace alignops {
-
-// Method codes: the token-local policy losses. Sequence-level methods (GSPO, sequence-level ECPO)
-// and methods whose bounds depend on the whole batch (BAPO) are not expressible per token.
-enum PolicyMethodCode : int {
-  kPolicyClip = 0,       // PPO / GRPO / DAPO / Dr.GRPO clipped surrogate (+ dual clip), token ECPO
-  kPolicyGppo = 1,       // GPPO(beta1, beta2): clipped tokens keep -beta * bound * A
-  kPolicyCispo = 2,      // -sg(clip(r, lo, hi)) * A * logp
-  kPolicyReinforce = 3,  // REINFORCE / GPG: -scale * A * logp
-};
-
-enum KlEstimatorCode : int { kKlNone = 0, kKlK1 = 1, kKlK2 = 2, kKlK3 = 3, kKlLowVar = 4 };
 
 // Host-resolved knobs of one call. Bounds are absolute (1 - clip_low, 1 + clip_high).
 struct PolicyParams {
@@ -35,22 +25,13 @@ struct PolicyParams {
   double log_clamp;
   bool has_early_shift;   // ECPO: log-ratio loses max(sg(d) - shift, 0)
   double early_shift;
-  double beta1, beta2;    // GPPO
+  double gppo_k_low, gppo_k_high;  // GPPO: -beta1 * clip_lo, -beta2 * clip_hi
   double scale;           // REINFORCE / GPG alpha
   double kl_coef, entropy_coef;
   bool has_old, has_ref, has_is_weight;
 };
 
-// The knobs travel from Python as one list of doubles plus a bit set, in this order.
-enum PolicyKnob : int {
-  kKnobClipLo = 0, kKnobClipHi, kKnobDualClip, kKnobLogClamp, kKnobEarlyShift, kKnobBeta1, kKnobBeta2,
-  kKnobScale, kKnobKlCoef, kKnobEntropyCoef, kPolicyKnobCount
-};
-enum PolicyFlag : long long {
-  kFlagHasOld = 1, kFlagHasRef = 2, kFlagHasIsWeight = 4, kFlagDualClip = 8, kFlagLogClamp = 16,
-  kFlagEarlyShift = 32
-};
-
+// The knobs and flags arrive as laid out in policy_abi.h (generated from alignops/policy/kernel_abi.py).
 inline PolicyParams make_policy_params(int method, int kl_estimator, const double* k, long long flags) {
   PolicyParams p;
   p.method = method;
@@ -63,8 +44,8 @@ inline PolicyParams make_policy_params(int method, int kl_estimator, const doubl
   p.log_clamp = k[kKnobLogClamp];
   p.has_early_shift = (flags & kFlagEarlyShift) != 0;
   p.early_shift = k[kKnobEarlyShift];
-  p.beta1 = k[kKnobBeta1];
-  p.beta2 = k[kKnobBeta2];
+  p.gppo_k_low = k[kKnobGppoKLow];
+  p.gppo_k_high = k[kKnobGppoKHigh];
   p.scale = k[kKnobScale];
   p.kl_coef = k[kKnobKlCoef];
   p.entropy_coef = k[kKnobEntropyCoef];
@@ -136,7 +117,7 @@ ALIGNOPS_HD ValueGrad<acc_t> policy_token(acc_t logp, acc_t old_logp, acc_t adv,
     acc_t phi;
     if (low_clipped || high_clipped) {
       // -beta * bound * exp(d - sg(d)) * A: value -beta * bound * A, gradient through exp(0) = 1.
-      const acc_t k = static_cast<acc_t>(low_clipped ? -p.beta1 * p.clip_lo : -p.beta2 * p.clip_hi);
+      const acc_t k = static_cast<acc_t>(low_clipped ? p.gppo_k_low : p.gppo_k_high);
       phi = k * adv;
       const acc_t g_phi = dual_clip_backward(&phi, adv, g, p);
       return {phi, gate ? (g_phi * adv) * k : acc_t(0)};
@@ -177,7 +158,7 @@ ALIGNOPS_HD ValueGrad<acc_t> kl_token(acc_t logp, acc_t ref_logp, acc_t g, int e
       const acc_t em1 = expm1(u);
       return {em1 - u, -(g * (em1 + acc_t(1)) + (-g))};
     }
-    case kKlLowVar: {
+    case kKlLowVarKl: {
       const bool u_inside = u >= acc_t(-20) && u <= acc_t(20);
       const acc_t uc = u < acc_t(-20) ? acc_t(-20) : (u > acc_t(20) ? acc_t(20) : u);
       const acc_t em1 = expm1(uc);

@@ -1,6 +1,6 @@
 // CPU kernel of the one-launch policy loss: per row of logits, the softmax statistics, logp and
 // entropy, the per-token policy epilogue (csrc/common/policy_math.h) and then at once the gradient
-// row dL/dz. Contract: alignops/policy_loss.py (_epilogue_policy_loss).
+// row dL/dz. Contract: alignops/policy/one_launch.py.
 //
 // The row is read twice (statistics, then gradient) but the second read hits cache for any
 // vocabulary that fits in L2 per thread (151936 fp32 = 600 KB), so memory sees one read of the
@@ -90,9 +90,9 @@ void policy_loss_fused(const at::Tensor& logits, const at::Tensor& labels, const
                        const at::Tensor& entropy, const at::Tensor& loss_terms, const at::Tensor& pg_terms,
                        const at::Tensor& grad_logits) {
   TORCH_CHECK(knobs.size() == kPolicyKnobCount, "policy_loss_fused: expected ", kPolicyKnobCount, " knobs");
-  TORCH_CHECK(method >= kPolicyClip && method <= kPolicyReinforce, "policy_loss_fused: unknown method code ",
+  TORCH_CHECK(method >= 0 && method < kPolicyMethodCount, "policy_loss_fused: unknown method code ",
               method);
-  TORCH_CHECK(kl_estimator >= kKlNone && kl_estimator <= kKlLowVar, "policy_loss_fused: unknown KL code ",
+  TORCH_CHECK(kl_estimator >= 0 && kl_estimator < kKlCount, "policy_loss_fused: unknown KL code ",
               kl_estimator);
   const PolicyParams params = make_policy_params(static_cast<int>(method), static_cast<int>(kl_estimator),
                                                  knobs.data(), flags);

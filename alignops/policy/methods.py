@@ -1,0 +1,334 @@
+"""The policy-loss methods: each one's torch math next to its registry entry (alignops/policy/registry.py).
+
+Formulas: docs/methods.md §1.4-1.12 and §2; §00 settles where sources disagree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from alignops._validate import check_choice, check_float, is_number
+from alignops.layout import Rows
+from alignops.policy import bapo
+from alignops.policy.math import TokenInputs, TokenLoss, clipped_surrogate, log_ratio, straight_through_one
+from alignops.policy.registry import OneLaunch, register_method
+
+# GSPO's combined sequence log-ratio is clamped above only, at 10, as verl does (docs/methods.md §00.3).
+GSPO_LOG_RATIO_MAX = 10.0
+
+
+# --------------------------------------------------------------------------------------------
+# PPO's clipped surrogate and its presets
+
+def ppo_token_loss(t: TokenInputs) -> TokenLoss:
+    """PPO / GRPO / DAPO clipped surrogate, clip-higher and optional dual clip (docs/methods.md §2.1)."""
+    ratio = torch.exp(log_ratio(t.logp, t.old_logp, t.ratio_log_clamp))
+    low, high = 1.0 - t.clip_low, 1.0 + t.clip_high
+    phi = clipped_surrogate(ratio, t.adv, low, high, t.clip_ratio_c)
+    return TokenLoss(phi, ratio.detach(), low, high)
+
+
+register_method("ppo", ppo_token_loss, one_launch=OneLaunch("clip"),
+                doc="clipped surrogate; clip_low/clip_high (clip-higher), dual clip clip_ratio_c")
+register_method("grpo", ppo_token_loss, one_launch=OneLaunch("clip"), examples=({"clip_ratio_c": 3.0},),
+                doc="PPO surrogate on group-normalised advantages; the DeepSeekMath form is "
+                    "agg='seq-mean-token-mean' with kl_coef=0.04, kl_estimator='k3'")
+register_method("dapo", ppo_token_loss, defaults={"clip_low": 0.2, "clip_high": 0.28}, one_launch=OneLaunch("clip"),
+                examples=({"clip_ratio_c": 3.0},), doc="clip-higher 0.2/0.28, token-mean over the global batch")
+register_method("dr_grpo", ppo_token_loss, defaults={"agg": "seq-mean-token-sum-norm"}, one_launch=OneLaunch("clip"),
+                doc="PPO surrogate, constant normaliser B * max_len (pass max_len)")
+
+
+# --------------------------------------------------------------------------------------------
+# GPPO
+
+def gppo_token_loss(t: TokenInputs, beta1: float, beta2: float) -> TokenLoss:
+    """GPPO (docs/methods.md §2.18): clip-higher PPO in value; clipped tokens keep the bounded gradient
+    -beta * bound * A through r / sg(r)."""
+    d = log_ratio(t.logp, t.old_logp, t.ratio_log_clamp)
+    ratio = torch.exp(d)
+    one = straight_through_one(d)
+    low, high = 1.0 - t.clip_low, 1.0 + t.clip_high
+    r = ratio.detach()
+    low_clipped = (t.adv < 0) & (r < low)
+    high_clipped = (t.adv > 0) & (r > high)
+    phi = torch.where(low_clipped, -beta1 * low * one * t.adv,
+                      torch.where(high_clipped, -beta2 * high * one * t.adv, -ratio * t.adv))
+    if t.clip_ratio_c is not None:
+        phi = torch.where(t.adv < 0, torch.minimum(phi, -t.clip_ratio_c * t.adv), phi)
+    return TokenLoss(phi, r, low, high)
+
+
+def _check_gppo(opts):
+    return {**opts, **{k: check_float(k, opts[k], lo=0.0, lo_open=False) for k in ("gppo_beta1", "gppo_beta2")}}
+
+
+def _gppo_knobs(opts, shared):
+    # -beta * bound in float64 here, so both kernels get the value the C++ reference rounds once
+    return {"gppo_k_low": -opts["gppo_beta1"] * (1.0 - shared.clip_low),
+            "gppo_k_high": -opts["gppo_beta2"] * (1.0 + shared.clip_high)}
+
+
+def _gppo_loss(t, *, gppo_beta1, gppo_beta2):
+    return gppo_token_loss(t, gppo_beta1, gppo_beta2)
+
+
+register_method("gppo", _gppo_loss, defaults={"clip_low": 0.2, "clip_high": 0.28},
+                options={"gppo_beta1": 1.0, "gppo_beta2": 1.0}, validate=_check_gppo,
+                one_launch=OneLaunch("gppo", _gppo_knobs),
+                examples=({"gppo_beta1": 0.5, "gppo_beta2": 0.75, "clip_ratio_c": 3.0},),
+                doc="clip-higher value, clipped tokens keep gradient -beta*bound*A")
+register_method("gppo_klear", _gppo_loss, defaults={"clip_low": 0.2, "clip_high": 0.28, "clip_ratio_c": 10.0},
+                options={"gppo_beta1": 0.25, "gppo_beta2": 1.0}, validate=_check_gppo,
+                one_launch=OneLaunch("gppo", _gppo_knobs),
+                doc="Klear-Reasoner script values (beta1=0.25, beta2=1, dual clip 10)")
+
+
+# --------------------------------------------------------------------------------------------
+# CISPO
+
+def cispo_token_loss(t: TokenInputs) -> TokenLoss:
+    """CISPO (docs/methods.md §2.17, §00.7): -sg(clip(r, 1 - clip_low, 1 + clip_high)) * A * logp."""
+    ratio = torch.exp(log_ratio(t.logp, t.old_logp, t.ratio_log_clamp)).detach()
+    low, high = 1.0 - t.clip_low, 1.0 + t.clip_high
+    weight = ratio.clamp(low, high)
+    return TokenLoss(-weight * t.adv * t.logp, ratio, low, high)
+
+
+register_method("cispo", cispo_token_loss, defaults={"clip_low": 1.0, "clip_high": 0.2}, one_launch=OneLaunch("cispo"),
+                doc="-sg(clip(r, 1-clip_low, 1+clip_high)) A logp; default: no lower bound, upper 1.2 (verl)")
+register_method("cispo_scalerl", cispo_token_loss, defaults={"clip_low": 1.0, "clip_high": 4.0},
+                one_launch=OneLaunch("cispo"), doc="TRL/ScaleRL: absolute upper bound 5.0 (epsilon_high=5.0)")
+
+
+# --------------------------------------------------------------------------------------------
+# ECPO
+
+def ecpo_token_loss(t: TokenInputs, delta: float, ratio_level: str) -> TokenLoss:
+    """ECPO (docs/methods.md §2.16, §00.8): pi'_old = max(sg(pi) / (1 + eps + delta), pi_old), i.e. the
+    log-ratio loses a detached shift max(sg(d) - log(1 + eps + delta), 0), then PPO. eps is the
+    upper clip. At sequence level the log-ratio is the row's mean (GSPO's geometric mean)."""
+    d = log_ratio(t.logp, t.old_logp, t.ratio_log_clamp)
+    if ratio_level == "sequence":
+        d = t.rows.to_tokens(t.rows.row_mean(d, t.mask))
+    shift = math.log1p(t.clip_high + delta)
+    d_early = d - (d.detach() - shift).clamp(min=0)
+    ratio = torch.exp(d_early)
+    low, high = 1.0 - t.clip_low, 1.0 + t.clip_high
+    phi = clipped_surrogate(ratio, t.adv, low, high, t.clip_ratio_c)
+    return TokenLoss(phi, ratio.detach(), low, high)
+
+
+def _check_ecpo(opts):
+    check_choice("ratio_level", opts["ratio_level"], ("token", "sequence"))
+    return {**opts, "ecpo_delta": check_float("ecpo_delta", opts["ecpo_delta"], lo=0.0, lo_open=False)}
+
+
+register_method("ecpo", lambda t, ecpo_delta, ratio_level: ecpo_token_loss(t, ecpo_delta, ratio_level),
+                options={"ecpo_delta": 0.1, "ratio_level": "token"}, validate=_check_ecpo,
+                one_launch=OneLaunch("clip", lambda o, s: {"early_shift": math.log1p(s.clip_high + o["ecpo_delta"])},
+                                     when=lambda o: o["ratio_level"] == "token"),
+                examples=({"ecpo_delta": 0.1, "clip_ratio_c": 3.0}, {"ratio_level": "sequence"}),
+                doc="early-clipped pi_old for large ratios: bounded, non-zero gradient")
+
+
+# --------------------------------------------------------------------------------------------
+# GSPO (sequence ratios: no one-launch form)
+
+def gspo_token_loss(t: TokenInputs, token_form: bool) -> TokenLoss:
+    """GSPO (docs/methods.md §2.11): s_i = exp(mean_t (logp - old_logp)), clamped above at 10 (not the
+    +-20 token clamp). The token form s_it = sg(s_i) * exp(logp - sg(logp)) lets token-level
+    advantages through and equals GSPO when advantages are constant per row."""
+    seq = t.rows.row_mean(t.logp - t.old_logp, t.mask)
+    if token_form:
+        log_s = t.rows.to_tokens(seq.detach()) + (t.logp - t.logp.detach())
+    else:
+        log_s = t.rows.to_tokens(seq)
+    if t.ratio_log_clamp is not None:
+        log_s = log_s.clamp(max=GSPO_LOG_RATIO_MAX)
+    ratio = torch.exp(log_s)
+    low, high = 1.0 - t.clip_low, 1.0 + t.clip_high
+    phi = clipped_surrogate(ratio, t.adv, low, high, t.clip_ratio_c)
+    return TokenLoss(phi, ratio.detach(), low, high)
+
+
+register_method("gspo", lambda t: gspo_token_loss(t, token_form=False),
+                defaults={"clip_low": 3e-4, "clip_high": 4e-4, "agg": "seq-mean-token-mean"},
+                doc="sequence ratio exp(mean log-ratio), clipped per sequence")
+register_method("gspo-token", lambda t: gspo_token_loss(t, token_form=True),
+                defaults={"clip_low": 3e-4, "clip_high": 4e-4, "agg": "seq-mean-token-mean"},
+                doc="GSPO with token-level advantages: sg(s_i) * exp(logp - sg(logp))")
+
+
+# --------------------------------------------------------------------------------------------
+# REINFORCE and GPG
+
+def reinforce_token_loss(t: TokenInputs, scale: Tensor | float = 1.0) -> TokenLoss:
+    """REINFORCE / GPG: phi = -scale * A * logp (no ratio, no clip)."""
+    ratio = torch.exp(log_ratio(t.logp, t.old_logp, t.ratio_log_clamp)).detach()
+    return TokenLoss(-scale * t.adv * t.logp, ratio, None, None)
+
+
+register_method("reinforce", lambda t: reinforce_token_loss(t), defaults={"agg": "seq-mean-token-sum"},
+                one_launch=OneLaunch("reinforce", lambda o, s: {"scale": 1.0}), doc="-A logp")
+
+
+def group_matrix(num_rows: int, group_size: int | None, group_ids: Tensor | None, device) -> Tensor:
+    """[B, B] bool: same_group[i, j]."""
+    if group_ids is None:
+        g = torch.arange(num_rows, device=device) // group_size
+    else:
+        g = group_ids.to(device)
+    return g.unsqueeze(0) == g.unsqueeze(1)
+
+
+def gpg_group_alpha(rows: Rows, adv: Tensor, mask: Tensor, *, group_size=None, group_ids=None, rewards=None,
+              mode: str = "zero_variance", process_group=None) -> Tensor:
+    """alpha = B_g / (B_g - M): groups over groups with a learning signal. A group is invalid
+    (zero variance) when its rewards are all equal, or, without rewards, when every advantage of
+    its rows is exactly 0 (what group-normalised advantages give a constant-reward group).
+    Groups whose rows are all fully masked are not counted at all.
+    All groups invalid -> alpha = 0 (the loss is 0 then anyway; the official code divides 0/0).
+    mode="verl_nonzero": alpha = B / count_nonzero(rewards), verl's definition."""
+    dtype = torch.float64
+    device = adv.device
+    if mode == "verl_nonzero":
+        stats = torch.stack([torch.tensor(float(rewards.numel()), dtype=dtype, device=device),
+                             (rewards != 0).sum().to(dtype)])
+        if process_group is not None:
+            import torch.distributed as dist  # noqa: PLC0415
+            dist.all_reduce(stats, group=process_group)
+        return stats[0] / stats[1].clamp(min=1)
+    same = group_matrix(rows.num_rows, group_size, group_ids, device)
+    if rewards is not None:
+        r = rewards.to(device=device, dtype=dtype)
+        # a group has signal iff some member's reward differs from another member's
+        differs = (r.unsqueeze(0) != r.unsqueeze(1)) & same
+        row_signal = differs.any(1)
+    else:
+        nonzero = rows.row_sum(((adv != 0) & mask).to(dtype)) > 0
+        row_signal = (same & nonzero.unsqueeze(0)).any(1)
+    # Groups made only of fully-masked rows are padding, not groups: counting them would make
+    # alpha (and the loss) change when empty rows are appended.
+    nonempty = rows.row_sum(mask.to(dtype)) > 0
+    real_group = (same & nonempty.unsqueeze(0)).any(1)
+    group_size_of_row = same.sum(1).to(dtype)
+    # each group counted once: its rows add up 1/size each
+    num_groups = (real_group.to(dtype) / group_size_of_row).sum()
+    valid_groups = ((row_signal & real_group).to(dtype) / group_size_of_row).sum()
+    stats = torch.stack([num_groups, valid_groups]).round()
+    if process_group is not None:
+        import torch.distributed as dist  # noqa: PLC0415
+        dist.all_reduce(stats, group=process_group)
+    return torch.where(stats[1] > 0, stats[0] / stats[1].clamp(min=1), torch.zeros_like(stats[0]))
+
+
+def _check_gpg(opts):
+    check_choice("gpg_alpha_mode", opts["gpg_alpha_mode"], ("zero_variance", "verl_nonzero"))
+    if opts["gpg_alpha"] is not None:
+        opts = {**opts, "gpg_alpha": check_float("gpg_alpha", opts["gpg_alpha"], lo=0.0, lo_open=False)}
+    if opts["gpg_alpha_mode"] == "verl_nonzero" and opts["rewards"] is None and opts["gpg_alpha"] is None:
+        raise ValueError("gpg_alpha_mode='verl_nonzero' needs rewards=[B]")
+    gs, gid = opts["group_size"], opts["group_ids"]
+    if gs is not None and gid is not None:
+        raise ValueError("give group_size or group_ids, not both")
+    if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs < 1):
+        raise ValueError(f"group_size must be a positive int, got {gs!r}")
+    return opts
+
+
+def _check_gpg_rows(opts, rows):
+    for k in ("group_ids", "rewards"):
+        v = opts.get(k)
+        if v is not None and (not isinstance(v, torch.Tensor) or tuple(v.shape) != (rows.num_rows,)):
+            raise ValueError(f"{k} must be a [{rows.num_rows}] tensor (one entry per sequence)")
+    if opts.get("group_size") is not None and rows.num_rows % opts["group_size"]:
+        raise ValueError(f"group_size={opts['group_size']} does not divide the number of sequences {rows.num_rows}")
+
+
+def _gpg_loss(t, *, gpg_alpha, gpg_alpha_mode, group_size, group_ids, rewards, process_group):
+    if gpg_alpha is not None:
+        alpha = torch.as_tensor(float(gpg_alpha), dtype=t.logp.dtype, device=t.logp.device)
+    elif group_size is not None or group_ids is not None or gpg_alpha_mode == "verl_nonzero":
+        alpha = gpg_group_alpha(t.rows, t.adv, t.mask, group_size=group_size, group_ids=group_ids,
+                          rewards=rewards, mode=gpg_alpha_mode, process_group=process_group).to(t.logp.dtype)
+    else:
+        alpha = torch.ones((), dtype=t.logp.dtype, device=t.logp.device)
+    tl = reinforce_token_loss(t, alpha)
+    tl.metrics["gpg/alpha"] = alpha
+    return tl
+
+
+register_method("gpg", _gpg_loss,
+                options={"gpg_alpha": None, "gpg_alpha_mode": "zero_variance", "group_size": None,
+                         "group_ids": None, "rewards": None, "process_group": None},
+                validate=_check_gpg, check_rows=_check_gpg_rows,
+                # alpha computed from the batch's groups is not token-local; a given alpha is
+                one_launch=OneLaunch("reinforce", lambda o, s: {"scale": o["gpg_alpha"]},
+                                     when=lambda o: o["gpg_alpha"] is not None),
+                examples=({"gpg_alpha": 1.5}, {"group_size": 2}),
+                doc="-alpha A logp, alpha = #groups / #groups with signal (or gpg_alpha)")
+
+
+# --------------------------------------------------------------------------------------------
+# BAPO (bounds searched over the batch: no one-launch form)
+
+def bapo_token_loss(t: TokenInputs, c_low: Tensor, c_high: Tensor) -> TokenLoss:
+    """BAPO's loss (docs/methods.md §2.19): PPO with absolute bounds chosen by `bapo_search`."""
+    ratio = torch.exp(log_ratio(t.logp, t.old_logp, t.ratio_log_clamp))
+    phi = clipped_surrogate(ratio, t.adv, c_low.to(ratio.dtype), c_high.to(ratio.dtype), t.clip_ratio_c)
+    return TokenLoss(phi, ratio.detach(), c_low, c_high)
+
+
+def _check_bapo(opts):
+    check_choice("bapo_mode", opts["bapo_mode"], ("paper", "official_code"))
+    opts = dict(opts)
+    for k in ("bapo_low_step", "bapo_high_step"):
+        if opts[k] is not None:
+            opts[k] = check_float(k, opts[k], lo=0.0)
+    if opts["bapo_target"] is not None:
+        opts["bapo_target"] = check_float("bapo_target", opts["bapo_target"], lo=0.0, lo_open=False)
+    for k in ("bapo_low_range", "bapo_high_range", "bapo_bounds"):
+        v = opts[k]
+        if v is None:
+            continue
+        if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(is_number(x) for x in v)):
+            raise TypeError(f"{k} must be a pair of floats, got {v!r}")
+        if not (0 < v[0] <= v[1]):
+            raise ValueError(f"{k} must satisfy 0 < {k}[0] <= {k}[1], got {tuple(v)}")
+    return opts
+
+
+def _bapo_loss(t, *, bapo_mode, bapo_target, bapo_low_range, bapo_high_range, bapo_low_step,
+               bapo_high_step, bapo_bounds, process_group):
+    if bapo_bounds is not None:
+        c_low = torch.as_tensor(float(bapo_bounds[0]), dtype=torch.float64, device=t.logp.device)
+        c_high = torch.as_tensor(float(bapo_bounds[1]), dtype=torch.float64, device=t.logp.device)
+        metrics = {}
+    else:
+        official = bapo_mode == "official_code"
+        target = bapo_target if bapo_target is not None else (1.0 if official else 0.4)
+        low_range = bapo_low_range or ((0.6, 0.8) if official else (0.6, 0.9))
+        high_range = bapo_high_range or ((1.2, 2.0) if official else (1.2, 3.0))
+        low_step = bapo_low_step or (0.05 if official else 0.02)
+        high_step = bapo_high_step or 0.05
+        with torch.no_grad():
+            ratio = torch.exp(log_ratio(t.logp.detach(), t.old_logp, t.ratio_log_clamp))
+            c_low, c_high, rho = bapo.bapo_search(
+                ratio, t.adv, t.mask, mode=bapo_mode, target=target, low_range=low_range,
+                high_range=high_range, low_step=low_step, high_step=high_step, process_group=process_group)
+        metrics = {"bapo/rho": rho}
+    tl = bapo_token_loss(t, c_low, c_high)
+    tl.metrics.update(metrics, **{"bapo/clip_low": c_low, "bapo/clip_high": c_high})
+    return tl
+
+
+register_method("bapo", _bapo_loss,
+                options={"bapo_mode": "paper", "bapo_target": None, "bapo_low_range": None,
+                         "bapo_high_range": None, "bapo_low_step": None, "bapo_high_step": None,
+                         "bapo_bounds": None, "process_group": None},
+                validate=_check_bapo, examples=({}, {"bapo_mode": "official_code"}),
+                doc="PPO with absolute bounds searched per call (bapo_mode='paper'|'official_code')")
