@@ -20,7 +20,9 @@ def token_stats(logits: Tensor, labels: Tensor, temperature: float = 1.0, ignore
     z = torch.where(valid.unsqueeze(-1), z, torch.zeros((), dtype=z.dtype, device=z.device))
     lse = torch.logsumexp(z, dim=-1)
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    logp = z.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1) - lse
+    # log_softmax, not z_y - lse: for logp near 0 that difference of two numbers ~lse keeps only
+    # ulp(lse) of absolute precision (the kernels likewise take (x_y - max) / T - log s).
+    logp = torch.log_softmax(z, dim=-1).gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     p = torch.softmax(z, dim=-1)
     # A logit of -inf has p = 0; replacing it by 0 keeps p*z (and its gradient) finite.
     z_finite = torch.where(torch.isneginf(z), torch.zeros_like(z), z)
