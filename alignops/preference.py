@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignops.sft import _inverse_normalizer, check_mask, check_option
+from alignops._validate import check_choice
+from alignops.layout import check_mask, inverse_normalizer
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
 GVPO_REDUCTIONS = ("mean", "sum")
@@ -137,7 +138,7 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
         _check_vector(ref_chosen_logps, "ref_chosen_logps", policy_chosen_logps, "policy_chosen_logps")
         _check_vector(ref_rejected_logps, "ref_rejected_logps", policy_chosen_logps, "policy_chosen_logps")
     beta = _check_positive(beta, "beta")
-    check_option(loss_type, DPO_LOSS_TYPES, "loss_type")
+    check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
     eps = float(label_smoothing)
@@ -175,7 +176,7 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     else:
         losses = torch.relu(1.0 - beta * h)
 
-    inv_norm = _inverse_normalizer(normalizer, torch.tensor(float(losses.numel()), dtype=dtype,
+    inv_norm = inverse_normalizer(normalizer, torch.tensor(float(losses.numel()), dtype=dtype,
                                                             device=losses.device))
     loss = losses.sum() * inv_norm
     chosen_rewards = (beta * chosen_ratio).detach()
@@ -228,12 +229,12 @@ def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen
     log_odds = (mean_w - mean_l) - (log1mexp(mean_w) - log1mexp(mean_l))
     ratio = F.logsigmoid(log_odds)
     losses = -beta * ratio
-    inv_pairs = _inverse_normalizer(normalizer, torch.tensor(float(sw.numel()), dtype=dtype, device=sw.device))
+    inv_pairs = inverse_normalizer(normalizer, torch.tensor(float(sw.numel()), dtype=dtype, device=sw.device))
     odds_term = losses.sum() * inv_pairs
 
     if nll_loss is None:
         tokens = chosen_lengths.to(device=sw.device, dtype=dtype).sum()
-        nll = -sw.sum() * _inverse_normalizer(nll_normalizer, tokens, "nll_normalizer")
+        nll = -sw.sum() * inverse_normalizer(nll_normalizer, tokens, "nll_normalizer")
     else:
         if not isinstance(nll_loss, Tensor) or nll_loss.numel() != 1:
             raise ValueError("nll_loss must be a scalar tensor (or None for the response-only NLL)")
@@ -300,7 +301,7 @@ def gvpo_loss(logp: Tensor, anchor_logp: Tensor, rewards: Tensor, *, mask: Optio
     "sum": the authors' code, which sums over the groups of the micro-batch.
     Metrics: implicit_rewards/mean, implicit_rewards/centered_std, residual/mse.
     """
-    check_option(reduction, GVPO_REDUCTIONS, "reduction")
+    check_choice("reduction", reduction, GVPO_REDUCTIONS)
     if not isinstance(logp, Tensor):
         raise TypeError(f"logp must be a torch.Tensor, got {type(logp).__name__}")
     _check_vector(anchor_logp, "anchor_logp", logp, "logp")
@@ -344,7 +345,7 @@ def gvpo_loss(logp: Tensor, anchor_logp: Tensor, rewards: Tensor, *, mask: Optio
     if reduction == "sum":
         loss = losses.sum()
     else:
-        inv = _inverse_normalizer(normalizer, torch.tensor(float(n_groups), dtype=dtype, device=s.device))
+        inv = inverse_normalizer(normalizer, torch.tensor(float(n_groups), dtype=dtype, device=s.device))
         loss = losses.sum() * inv
     with torch.no_grad():
         metrics = {
@@ -417,7 +418,7 @@ def rahf_loss(lora_hidden: HiddenStates, base_hidden: HiddenStates, direction: H
         dist = torch.where(valid, dist, torch.zeros_like(dist))
         count = torch.tensor(float(batch * seq), dtype=dtype, device=h.device) if count_padding \
             else valid.sum().to(dtype)
-        per_layer = dist.sum(dim=(1, 2)) * _inverse_normalizer(None, count)
+        per_layer = dist.sum(dim=(1, 2)) * inverse_normalizer(None, count)
     loss = per_layer.mean()
     metrics = {f"layer/{i}": per_layer[i].detach().float() for i in range(n_layers)}
     return PreferenceOutput(loss, per_layer, metrics)

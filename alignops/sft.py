@@ -24,6 +24,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from alignops import layout
+from alignops._validate import check_choice
+from alignops.layout import check_cu_seqlens, check_mask
 from alignops.token_stats import check_logits_labels, token_logprobs
 
 SFT_WEIGHTINGS = ("none", "dft", "chord_phi", "iw")
@@ -41,52 +44,6 @@ class SFTOutput:
 
 # --------------------------------------------------------------------------------------------
 # argument checks shared by the functions of this module
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_cu_seqlens(cu_seqlens, n_tokens: int, device, name="cu_seqlens") -> Tensor:
-    """Validated int64 row boundaries. Values are checked only for CPU tensors (a check of CUDA
-    values would synchronise the host)."""
-    if not isinstance(cu_seqlens, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"{name} must be a 1-D tensor [B+1], got shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device != torch.device(device):
-        raise ValueError(f"{name} is on {cu_seqlens.device} but the tokens are on {device}")
-    cu = cu_seqlens.to(torch.int64)
-    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
-        if cu[0].item() != 0 or cu[-1].item() != n_tokens:
-            raise ValueError(f"{name} must start at 0 and end at the number of tokens {n_tokens}, "
-                             f"got {cu[0].item()} ... {cu[-1].item()}")
-        if bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(f"{name} must be non-decreasing")
-    return cu
-
-
-def check_mask(mask, shape, device, name="mask") -> Optional[Tensor]:
-    """None, or a bool tensor of `shape` (mask values: bool or 0/1)."""
-    if mask is None:
-        return None
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.dtype.is_complex:
-        raise TypeError(f"{name} must be bool or 0/1, got {mask.dtype}")
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{name} shape {tuple(mask.shape)} does not match the labels' shape {tuple(shape)}")
-    if mask.device != torch.device(device):
-        raise ValueError(f"{name} is on {mask.device} but the logits are on {device}")
-    return mask if mask.dtype == torch.bool else mask != 0
-
-
-def check_option(value, options, name):
-    if value not in options:
-        raise ValueError(f"{name} must be one of {options}, got {value!r}")
-    return value
 
 
 def _check_layout(logits, labels, cu_seqlens):
@@ -109,43 +66,6 @@ def _valid_and_labels(labels, mask, ignore_index):
         valid = valid & mask
         labels = torch.where(valid, labels, torch.full_like(labels, ignore_index))
     return valid, labels
-
-
-def _row_sums(x: Tensor, cu_seqlens: Optional[Tensor]) -> Tensor:
-    """Per-row sums of [B, T] or packed [N] values. segment_reduce is deterministic on every device
-    (an index_add would use float atomics on CUDA)."""
-    if cu_seqlens is None:
-        return x.sum(-1)
-    return torch.segment_reduce(x, "sum", offsets=cu_seqlens, axis=0, unsafe=True)
-
-
-def _broadcast_rows(row_values: Tensor, like: Tensor, cu_seqlens: Optional[Tensor]) -> Tensor:
-    """[B] values broadcast to the token layout of `like` ([B, T] or packed [N])."""
-    if cu_seqlens is None:
-        return row_values.unsqueeze(-1).expand_as(like)
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    # output_size keeps repeat_interleave free of a device synchronisation.
-    return torch.repeat_interleave(row_values, lengths, output_size=like.shape[0])
-
-
-def _inverse_normalizer(normalizer, default: Tensor, name: str = "normalizer") -> Tensor:
-    """1/normalizer as a tensor, with 0 for a zero normaliser (docs/methods.md 00.2: zero normaliser ->
-    loss exactly 0 and gradient exactly 0)."""
-    if normalizer is None:
-        denom = default
-    elif isinstance(normalizer, Tensor):
-        if normalizer.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got shape {tuple(normalizer.shape)}")
-        denom = normalizer.reshape(()).to(device=default.device, dtype=default.dtype)
-    elif isinstance(normalizer, (int, float)) and not isinstance(normalizer, bool):
-        if not (math.isfinite(normalizer) and normalizer >= 0):
-            raise ValueError(f"{name} must be finite and >= 0, got {normalizer}")
-        denom = torch.tensor(float(normalizer), dtype=default.dtype, device=default.device)
-    else:
-        raise TypeError(f"{name} must be a number, a scalar tensor or None, got {type(normalizer).__name__}")
-    positive = denom > 0
-    return torch.where(positive, 1.0 / torch.where(positive, denom, torch.ones_like(denom)),
-                       torch.zeros_like(denom))
 
 
 def _check_prob(value, name, *, allow_none=True):
@@ -182,15 +102,16 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = N
         `[B]` fp32 (fp64 for fp64 logits) with autograd; `(S, L)` with return_lengths. One fused
         pass over the logits each way; the row reduction is O(tokens), in fp32.
     """
-    check_option(reduction, SEQUENCE_REDUCTIONS, "reduction")
+    check_choice("reduction", reduction, SEQUENCE_REDUCTIONS)
     cu = _check_layout(logits, labels, cu_seqlens)
     mask = check_mask(mask, labels.shape, logits.device)
     valid, labels = _valid_and_labels(labels, mask, ignore_index)
     logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                           backend=backend)
-    sums = _row_sums(logp, cu)  # ignored positions hold exactly 0 and get no gradient
+    rows = layout.Rows(labels.shape, logp.device, cu)
+    sums = rows.row_sum(logp)  # ignored positions hold exactly 0 and get no gradient
     # Counts go through the float segment sum (exact below 2**24 tokens per row).
-    lengths = _row_sums(valid.to(sums.dtype), cu).to(torch.int64)
+    lengths = rows.lengths(valid, sums.dtype).to(torch.int64)
     if reduction == "mean":
         sums = sums / lengths.clamp_min(1).to(sums.dtype)
     return (sums, lengths) if return_lengths else sums
@@ -218,7 +139,7 @@ def iw_sft_weights(seq_logp_q: Tensor, seq_logp_ref: Tensor, clip=(0.0, 10.0),
     if seq_logp_q.shape != seq_logp_ref.shape or seq_logp_q.dim() != 1:
         raise ValueError(f"seq_logp_q {tuple(seq_logp_q.shape)} and seq_logp_ref "
                          f"{tuple(seq_logp_ref.shape)} must both be [B]")
-    dtype = _stats_dtype(seq_logp_q.dtype)
+    dtype = layout.compute_dtype(seq_logp_q.dtype)
     log_w = (seq_logp_q.detach().to(dtype) - seq_logp_ref.detach().to(dtype))
     w = torch.exp(log_w.clamp(-IW_LOG_CLAMP, IW_LOG_CLAMP))
     if clip is not None:
@@ -259,7 +180,7 @@ def weighted_nll(logp: Tensor, valid: Tensor, weighting: str = "none",
     cutoff_prob (CHORD): logp is clamped to <= log(cutoff_prob), so tokens the policy already
     predicts above the cutoff get zero gradient; the weight still uses the unclamped p (Trinity-RFT).
     """
-    check_option(weighting, SFT_WEIGHTINGS, "weighting")
+    check_choice("weighting", weighting, SFT_WEIGHTINGS)
     cutoff_prob = _check_prob(cutoff_prob, "cutoff_prob")
     if weighting == "iw" and seq_weights is None:
         raise ValueError("weighting='iw' needs seq_weights (per-sequence importance weights, "
@@ -267,13 +188,13 @@ def weighted_nll(logp: Tensor, valid: Tensor, weighting: str = "none",
     dtype = logp.dtype
     w = token_weights(logp, weighting)
     if seq_weights is not None:
-        w = w * _broadcast_rows(seq_weights.detach().to(dtype), logp, cu_seqlens)
+        w = w * layout.Rows(logp.shape, logp.device, cu_seqlens).to_tokens(seq_weights.detach().to(dtype))
     w = torch.where(valid, w, torch.zeros_like(w))
     nll_terms = -logp
     if cutoff_prob is not None and cutoff_prob < 1.0:
         nll_terms = -logp.clamp(max=math.log(cutoff_prob))
     count = valid.sum().to(dtype)
-    inv_norm = _inverse_normalizer(normalizer, count)
+    inv_norm = layout.inverse_normalizer(normalizer, count)
     # Masked positions hold logp = 0 from the kernel; the where() keeps a NaN of anything the
     # caller passed in at an invalid position out of the loss.
     loss = torch.where(valid, w * nll_terms, torch.zeros_like(w)).sum() * inv_norm
@@ -314,7 +235,7 @@ def sft_loss(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = None, weig
     Returns `SFTOutput(loss, metrics)`; metrics: `nll` (unweighted NLL with the same normaliser),
     `weight/mean`, `prob/mean`, `num_tokens`.
     """
-    check_option(weighting, SFT_WEIGHTINGS, "weighting")
+    check_choice("weighting", weighting, SFT_WEIGHTINGS)
     cu = _check_layout(logits, labels, cu_seqlens)
     mask = check_mask(mask, labels.shape, logits.device)
     if seq_weights is not None:
@@ -411,7 +332,8 @@ def chord_loss(logp: Tensor, old_logp: Optional[Tensor], advantages: Tensor, mas
         raise TypeError(f"expert_mask must be a torch.Tensor, got {type(expert_mask).__name__}")
     if tuple(expert_mask.shape) != (rows,):
         raise ValueError(f"expert_mask must have shape [B] = ({rows},), got {tuple(expert_mask.shape)}")
-    expert_tok = _broadcast_rows(expert_mask.to(device=logp.device, dtype=torch.bool), logp, cu)
+    expert_tok = layout.Rows(logp.shape, logp.device, cu).to_tokens(
+        expert_mask.to(device=logp.device, dtype=torch.bool))
     rl_valid = valid & ~expert_tok
     sft_valid = valid & expert_tok
 

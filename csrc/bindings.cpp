@@ -128,7 +128,7 @@ void token_stats_bwd_cuda(const at::Tensor& logits, const at::Tensor& labels, co
 }
 #endif
 
-// ---- advantage kernels (contract: alignops/advantages.py) ----
+// ---- advantage kernels (contract: alignops/advantages/__init__.py) ----
 void check_vec(const at::Tensor& t, at::ScalarType dtype, int64_t n, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == dtype && t.dim() == 1 &&
                   (n < 0 || t.numel() == n),

@@ -16,17 +16,14 @@ Float hyper-parameters reach the kernels as tl.constexpr (docs/design.md kernel 
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from alignops._backend import triton_interpreted as _interpreted
+
 from alignops.distributed import merge_moment_rows
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,20 +19,17 @@ Precision choices (all learned on logits shifted by +-1000, where fp32's ulp is 
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from alignops._backend import triton_interpreted as _interpreted
+
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 # CUDA allows 2^31 - 1 programs along grid x; staying far below keeps launches cheap to reason
 # about, and the row loop inside each program covers any N.
 _MAX_PROGRAMS = 1 << 20
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _launch_config(V: int) -> tuple[int, int]:

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import alignops as ao
-from alignops.reference import preference as ref
-from alignops.reference import sft as ref_sft
+from tests import preference_oracle as ref
+from tests import sft_oracle as ref_sft
 from tests.conftest import device_backend_pairs
 
 PAIRS = [("cpu", "torch")] + device_backend_pairs()

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import alignops as ao
 from alignops.policy import policy_loss
-from alignops.reference import sft as ref
+from tests import sft_oracle as ref
 from tests.conftest import device_backend_pairs
 
 PAIRS = [("cpu", "torch")] + device_backend_pairs()

@@ -61,7 +61,7 @@ struct ValueGrad {
 };
 
 // The backward functions below take the upstream gradient g = dL/dphi and apply the chain rule
-// in the order torch's autograd does through alignops/reference/policy_loss.py (same products,
+// in the order torch's autograd does through alignops/policy/methods.py (same products,
 // same association), so the gradient agrees with the two-pass path to the last bit wherever
 // exp/expm1 agree; the values are only used for the loss terms.
 

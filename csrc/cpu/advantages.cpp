@@ -1,5 +1,5 @@
 // CPU kernels of the advantage estimators: group statistics + advantages, masked moments and
-// whitening, and the GAE scan. Contract: alignops/advantages.py (module docstring).
+// whitening, and the GAE scan. Contract: alignops/advantages/__init__.py (module docstring).
 //
 // All statistics accumulate in double whatever the input dtype. Work is split into fixed chunks
 // whose partial results are combined in chunk order, so results do not depend on the thread count.

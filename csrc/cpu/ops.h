@@ -25,7 +25,7 @@ void token_stats_bwd(const at::Tensor& logits, const at::Tensor& labels, const a
                      const at::Tensor& grad_entropy, double inv_temperature, int64_t ignore_index,
                      bool has_entropy_grad, const at::Tensor& grad_logits);
 
-// Advantage kernels (csrc/cpu/advantages.cpp). Contract: alignops/advantages.py.
+// Advantage kernels (csrc/cpu/advantages.cpp). Contract: alignops/advantages/__init__.py.
 void group_advantages(const at::Tensor& rewards, const at::Tensor& order, const at::Tensor& offsets,
                       int64_t mode, double std_eps, bool singleton_raw, const at::Tensor& adv,
                       const at::Tensor& count, const at::Tensor& mean, const at::Tensor& std_out);
@@ -36,7 +36,7 @@ void gae_scan(const at::Tensor& rewards, const at::Tensor& values, const at::Ten
               const at::Tensor& cu_seqlens, double gamma, const at::Tensor& lam_actor,
               const at::Tensor& lam_critic, const at::Tensor& adv, const at::Tensor& ret);
 
-// One-launch policy loss (csrc/cpu/policy_loss.cpp). Contract: alignops/policy_loss.py.
+// One-launch policy loss (csrc/cpu/policy_loss.cpp). Contract: alignops/policy/one_launch.py.
 void policy_loss_fused(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp,
                        const at::Tensor& adv, const at::Tensor& ref_logp, const at::Tensor& is_weight,
                        const at::Tensor& agg_norm, const at::Tensor& row_len, const at::Tensor& mask, int64_t method, int64_t kl_estimator,
