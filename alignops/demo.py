@@ -67,7 +67,8 @@ def train_demo(method: str, seconds: float, base: str = "runs/base") -> None:
     from alignops.train import checkpoint as ckpt  # noqa: PLC0415
     from alignops.train.config import TrainConfig  # noqa: PLC0415
     from alignops.train.presets import make_config  # noqa: PLC0415
-    from alignops.train.trainer import sft_warmup, train  # noqa: PLC0415
+    from alignops.train.trainer import train  # noqa: PLC0415
+    from alignops.train.warmup import sft_warmup  # noqa: PLC0415
 
     if ckpt.is_checkpoint(base):
         info = ckpt.load_json(f"{base}/state.json")

@@ -31,7 +31,9 @@ def main(argv=None):
     from alignops.train import checkpoint as ckpt  # noqa: PLC0415
     from alignops.train.config import TrainConfig  # noqa: PLC0415
     from alignops.train.presets import PRESETS, make_config  # noqa: PLC0415
-    from alignops.train.trainer import plot_curves, sft_warmup, train  # noqa: PLC0415
+    from alignops.train.metrics import plot_curves  # noqa: PLC0415
+    from alignops.train.trainer import train  # noqa: PLC0415
+    from alignops.train.warmup import sft_warmup  # noqa: PLC0415
 
     if not ckpt.is_checkpoint(args.base):
         print(f"building the SFT base in {args.base}")
@@ -96,7 +98,7 @@ def write(out, rows, logs, base_info, args, machine):
     import matplotlib  # noqa: PLC0415
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
-    from alignops.train.trainer import moving_average  # noqa: PLC0415
+    from alignops.train.metrics import moving_average  # noqa: PLC0415
     fig, ax = plt.subplots(1, 2, figsize=(13, 5))
     for method, log in logs.items():
         steps = [r for r in log if "accuracy" in r and "loss" in r]

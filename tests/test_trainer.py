@@ -17,7 +17,9 @@ from alignops.train.rollout import generate
 from alignops.train.tasks import AdditionTask, addition_steps, make_task
 from alignops.train.tokenizer import CharTokenizer
 from alignops.train.rewards import RewardModel
-from alignops.train.trainer import Context, Scorer, collect_rollouts, policy_update, setup, train
+from alignops.train.advantages import Context, compute_advantages
+from alignops.train.rollout import Scorer, collect_rollouts
+from alignops.train.trainer import policy_update, setup, train
 
 MICRO = dict(hidden_size=32, num_layers=1, num_prompts=2, num_generations=4, max_completion_length=3,
              eval_size=8, eval_every=100, init_from="none", progress=False, max_steps=2)
@@ -60,7 +62,7 @@ def _one_update(cfg, seed=0):
     rollout = collect_rollouts(cfg, task, tok, policy, RewardModel("accuracy"), rng, gen)
     rollout.scores = torch.arange(rollout.scores.numel(), dtype=torch.float32) % 3  # signal in every group
     scorer = Scorer(cfg, policy, None, None)
-    prep = preset.prepare(cfg, rollout, scorer, Context(policy, tok, task, 0.0, None))
+    prep = compute_advantages(cfg, rollout, scorer, Context(policy, tok, task, 0.0, None))
     opt = torch.optim.SGD(policy.parameters(), lr=1.0)
     policy_update(cfg, preset, policy, opt, prep, scorer)
     return policy.state_dict()
@@ -218,12 +220,12 @@ def ao_overlong(lengths, max_len, buf):
 
 
 def _prepare(cfg, rollout, ref=False, critic=False):
-    from alignops.train.presets import get_preset
-    from alignops.train.trainer import build_critic, frozen_copy
+    from alignops.train.critic import build_critic
+    from alignops.train.model import frozen_copy
     task, tok, policy = setup(cfg)
     c = build_critic(policy) if critic else None
     scorer = Scorer(cfg, policy, frozen_copy(policy) if ref else None, c)
-    return get_preset(cfg.method).prepare(cfg, rollout, scorer, Context(policy, tok, task, cfg.beta, None))
+    return compute_advantages(cfg, rollout, scorer, Context(policy, tok, task, cfg.beta, None))
 
 
 def test_cppo_pruning_keeps_the_largest_advantages(tmp_path, parity_reward):
@@ -244,13 +246,13 @@ def test_ppo_advantages_are_returns_minus_values_with_lambda_one(tmp_path, parit
     """GAE(1, 1) without whitening: A_t = R - V_t on every valid token (docs/methods.md 2.3 oracle)."""
     cfg = micro("orz", tmp_path, num_prompts=2, whiten_advantages=False)
     r = _rollout(cfg)
-    from alignops.train.trainer import build_critic, completion_values
+    from alignops.train.critic import build_critic
+    from alignops.train.rollout import completion_values
     task, tok, policy = setup(cfg)
     critic = build_critic(policy)
     torch.nn.init.normal_(critic.head.weight, std=0.5)
     scorer = Scorer(cfg, policy, None, critic)
-    from alignops.train.presets import get_preset
-    prep = get_preset("orz").prepare(cfg, r, scorer, Context(policy, tok, task, 0.0, None))
+    prep = compute_advantages(cfg, r, scorer, Context(policy, tok, task, 0.0, None))
     m = r.batch.completion_mask > 0
     V = completion_values(critic, r.batch).detach()
     want = (r.scores[:, None] - V)
@@ -262,15 +264,14 @@ def test_kl_in_reward_lowers_ppo_token_rewards(tmp_path, parity_reward):
     cfg = micro("reinforce_pp", tmp_path, num_prompts=2, beta=0.5)
     r = _rollout(cfg)
     task, tok, policy = setup(cfg)
-    from alignops.train.trainer import frozen_copy
+    from alignops.train.model import frozen_copy
     ref = frozen_copy(policy)
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    from alignops.train.presets import get_preset
     import alignops as ao
     scorer = Scorer(cfg, policy, ref, None)
-    prep = get_preset("reinforce_pp").prepare(cfg, r, scorer, Context(policy, tok, task, 0.5, None))
+    prep = compute_advantages(cfg, r, scorer, Context(policy, tok, task, 0.5, None))
     old, rl = scorer.old_logp(r.batch), scorer.ref_logp(r.batch)
     want = ao.reinforce_pp_advantages(r.scores, r.batch.completion_mask, old_logp=old, ref_logp=rl, kl_coef=0.5)
     torch.testing.assert_close(prep.data["advantages"], want.advantages)
@@ -290,7 +291,7 @@ def test_resume_with_critic_and_adaptive_kl(tmp_path, varied_rewards):
 
 
 def test_value_pretraining_moves_only_the_critic(tmp_path, varied_rewards):
-    from alignops.train.trainer import build_critic, pretrain_critic
+    from alignops.train.critic import build_critic, pretrain_critic
     cfg = micro("vc_ppo", tmp_path, value_pretrain_steps=3)
     task, tok, policy = setup(cfg)
     critic = build_critic(policy)
@@ -352,7 +353,7 @@ _NORM_MASK = torch.tensor([[1., 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 
 
 
 def _library_normalizer(agg, mask, max_len):
-    from alignops.reference.policy_loss import Rows, default_normalizer
+    from alignops.layout import Rows, default_normalizer
     valid = mask != 0
     return default_normalizer(agg, valid, Rows(valid.shape, valid.device), max_len, torch.float32)
 
@@ -362,8 +363,9 @@ def test_trainer_normalizers_are_the_librarys(agg, want, tmp_path):
     """Actor and critic normalisers against the library's default on a mask with an empty row
     (never counted), and a micro-batched loss that divides by them equals one library call."""
     import alignops as ao
-    from alignops.train.trainer import critic_agg, critic_normalizer, normalizer_for
-    from alignops.reference.policy_loss import AGG_MODES
+    from alignops.layout import step_normalizer as normalizer_for  # what the trainer divides the policy loss by
+    from alignops.train.critic import critic_agg, critic_normalizer
+    from alignops.layout import AGG_MODES
     assert set(_AGG_MODES) == set(AGG_MODES)
     lib = _library_normalizer(agg, _NORM_MASK, 4)
     assert float(lib) == want
@@ -393,7 +395,8 @@ def test_orz_critic_uses_its_own_aggregation_and_normaliser(tmp_path, parity_rew
     all-masked (truncated, masked out) row."""
     import alignops as ao
     from alignops.train.presets import get_preset
-    from alignops.train.trainer import build_critic, completion_values
+    from alignops.train.critic import build_critic
+    from alignops.train.rollout import completion_values
     cfg = micro("orz", tmp_path, num_prompts=2, max_grad_norm=1e9, gradient_accumulation_steps=2,
                 mask_truncated_completions=True)
     assert cfg.loss_type == "seq-mean-token-mean"
@@ -407,7 +410,7 @@ def test_orz_critic_uses_its_own_aggregation_and_normaliser(tmp_path, parity_rew
     torch.nn.init.normal_(critic.head.weight, std=0.5)
     scorer = Scorer(cfg, policy, None, critic)
     preset = get_preset("orz")
-    prep = preset.prepare(cfg, r, scorer, Context(policy, tok, task, 0.0, None))
+    prep = compute_advantages(cfg, r, scorer, Context(policy, tok, task, 0.0, None))
     critic_opt = torch.optim.SGD(critic.parameters(), lr=0.0)  # the gradient stays, the weights too
     metrics = policy_update(cfg, preset, policy, torch.optim.SGD(policy.parameters(), lr=0.0), prep, scorer,
                             critic, critic_opt)
@@ -557,7 +560,7 @@ def test_checkpoint_recovery_and_refusals(tmp_path):
 
 
 def test_metric_log_drops_a_torn_last_row(tmp_path):
-    from alignops.train.trainer import MetricLog
+    from alignops.train.metrics import MetricLog
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "lo')  # killed mid-append
     log = MetricLog(str(path), resume=True)

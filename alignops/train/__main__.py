@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from alignops.train.config import TrainConfig, add_config_arguments
+from alignops.train.config import TrainConfig, add_config_arguments, apply_overrides
 
 
 def main(argv=None):
@@ -36,8 +36,7 @@ def main(argv=None):
         return 0
     method, seconds, sft_steps = args.pop("method"), args.pop("seconds"), args.pop("sft_steps")
     if sft:
-        from alignops.train.trainer import sft_warmup  # noqa: PLC0415
-        from alignops.train.config import apply_overrides  # noqa: PLC0415
+        from alignops.train.warmup import sft_warmup  # noqa: PLC0415
         cfg = apply_overrides(TrainConfig(), args)
         info = sft_warmup(cfg, **({"steps": sft_steps} if sft_steps else {}), time_budget_s=seconds,
                           out_dir=cfg.init_from if cfg.init_from not in (None, "none") else "runs/base")

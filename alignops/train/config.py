@@ -1,6 +1,6 @@
 """Trainer configuration: field names follow TRL; verl and OpenRLHF names are accepted as aliases.
 Every method is a named preset (alignops.train.presets) that sets fields, each of which can still
-be overridden on the command line."""
+be overridden on the command line; `validate` checks the result before anything is built."""
 
 from __future__ import annotations
 
@@ -87,7 +87,6 @@ class TrainConfig:
     eval_every: int = 20
     eval_size: int = 1000
     eval_samples: int = 4                  # also report mean@k: k samples per problem at `temperature` (0: off)
-    log_every: int = 1
     save_every: int = 0                    # 0: only at the end
     resume: bool = False
     progress: bool = True
@@ -121,11 +120,6 @@ ALIASES = {
 # TRL's loss_type names bundle an aggregation; map them to alignops' aggregation modes.
 TRL_LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean",
                   "dr_grpo": "seq-mean-token-sum-norm", "cispo": "token-mean"}
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-
-
-def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
 def canonical(name: str) -> str:
@@ -172,3 +166,50 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"default: {default}" + (f"; aliases: {', '.join('--' + a for a in aliases)}" if aliases else "")
         group.add_argument(f"--{f.name}", *[f"--{a}" for a in aliases], dest=f.name, default=argparse.SUPPRESS,
                            help=help_text, metavar=type(default).__name__.upper() if default is not None else "X")
+
+
+def needs_reference(cfg: TrainConfig, preset) -> bool:
+    return cfg.beta > 0 or preset.reference
+
+
+def validate(cfg: TrainConfig, preset) -> None:
+    """The options of a run are consistent with each other and with its preset."""
+    from alignops.train.advantages import ADVANTAGES, CRITIC_ADVANTAGES, TOKEN_REWARD_ADVANTAGES  # noqa: PLC0415
+
+    if cfg.advantage not in ADVANTAGES:
+        raise ValueError(f"--advantage {cfg.advantage!r} is not one of {sorted(ADVANTAGES)}")
+    if (preset.group_method or cfg.dynamic_sampling or cfg.min_valid_group_fraction > 0) and cfg.num_generations < 2:
+        raise ValueError(f"method {preset.name!r} compares samples within a group: "
+                         f"num_generations must be >= 2, got {cfg.num_generations}")
+    if cfg.beta < 0 or cfg.entropy_coeff < 0 or cfg.nll_coef < 0:
+        raise ValueError(f"beta, entropy_coeff and nll_coef must be >= 0, got {cfg.beta}, "
+                         f"{cfg.entropy_coeff}, {cfg.nll_coef}")
+    rows = cfg.num_prompts * cfg.num_generations
+    if rows % (cfg.num_mini_batches * cfg.gradient_accumulation_steps):
+        raise ValueError("num_prompts * num_generations must divide into num_mini_batches x "
+                         "gradient_accumulation_steps micro-batches")
+    if preset.whole_groups and (rows // (cfg.num_mini_batches * cfg.gradient_accumulation_steps)) % cfg.num_generations:
+        raise ValueError(f"method {preset.name!r} needs whole groups in every micro-batch: num_prompts must be a "
+                         "multiple of num_mini_batches x gradient_accumulation_steps")
+    critic = cfg.advantage in CRITIC_ADVANTAGES
+    for knob, on in (("value_pretrain_steps", cfg.value_pretrain_steps > 0), ("critic_lam", cfg.critic_lam is not None),
+                     ("lam_alpha", cfg.lam_alpha is not None)):
+        if on and not critic:
+            raise ValueError(f"--{knob} needs a critic: use it with --advantage gae (ppo, vc_ppo, vapo, orz, "
+                             f"cppo_hit), not {cfg.advantage!r}")
+    if cfg.kl_in_reward and cfg.advantage not in TOKEN_REWARD_ADVANTAGES:
+        raise ValueError(f"--kl_in_reward puts the KL in token rewards, which --advantage {cfg.advantage!r} does "
+                         f"not read; use one of {TOKEN_REWARD_ADVANTAGES} or the KL loss (--beta alone)")
+    if cfg.dynamic_sampling and cfg.min_valid_group_fraction > 0:
+        raise ValueError("dynamic_sampling and min_valid_group_fraction are two group-resampling policies; "
+                         "choose one")
+    if not 0.0 <= cfg.min_valid_group_fraction <= 1.0:
+        raise ValueError(f"min_valid_group_fraction must lie in [0, 1], got {cfg.min_valid_group_fraction}")
+    if cfg.kl_ctrl not in ("fixed", "adaptive"):
+        raise ValueError(f"kl_ctrl must be 'fixed' or 'adaptive', got {cfg.kl_ctrl!r}")
+    if cfg.overlong_buffer_len < 0 or cfg.overlong_buffer_len > cfg.max_completion_length:
+        raise ValueError(f"overlong_buffer_len must lie in [0, max_completion_length="
+                         f"{cfg.max_completion_length}], got {cfg.overlong_buffer_len}")
+    if needs_reference(cfg, preset) and cfg.ref_model in (None, "none"):
+        raise ValueError(f"method {preset.name!r} needs a reference model (beta={cfg.beta}, "
+                         f"kl_in_reward={cfg.kl_in_reward}) but --ref_model is none")

@@ -1,11 +1,16 @@
-"""Sampling with a KV cache, recording the behaviour log-probs of every sampled token."""
+"""Rollouts: sampling with a KV cache (recording the behaviour log-probs of every sampled token),
+the step's groups scored by the reward functions (with dynamic sampling and overlong shaping), and
+the per-token quantities of a rollout batch under each model (policy, reference, critic)."""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 
 import torch
+
+import alignops as ao
 
 
 def _cache_name(model) -> str:
@@ -129,3 +134,154 @@ def concat_batches(batches: list[Batch], pad_id: int) -> Batch:
     cat = lambda name: torch.cat([getattr(b, name) for b in parts])  # noqa: E731
     return Batch(cat("input_ids"), cat("attention_mask"), P, cat("completion_ids"), cat("completion_mask"),
                  cat("behaviour_logp"), cat("truncated"))
+
+
+# --------------------------------------------------------------------------------------------
+# one step's rollout: sampled groups and their rewards
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One step's sampled groups: each prompt repeated num_generations times, consecutively."""
+
+    problems: list
+    batch: Batch
+    texts: list[str]
+    rewards: torch.Tensor   # [B] the reward functions' total (metrics, group filtering)
+    correct: torch.Tensor   # [B] bool: the task's verifier accepts the completion
+    metrics: dict = dataclasses.field(default_factory=dict)
+    scores: torch.Tensor | None = None  # [B] what the advantages see: rewards + overlong shaping
+
+    def select(self, rows: torch.Tensor) -> "Rollout":
+        idx = rows.tolist()
+        return Rollout([self.problems[i] for i in idx], self.batch.select(rows), [self.texts[i] for i in idx],
+                       self.rewards[rows], self.correct[rows], dict(self.metrics),
+                       None if self.scores is None else self.scores[rows])
+
+
+def score_completions(cfg, task, reward_model, problems, texts, truncated: torch.Tensor):
+    """(rewards [B], correct [B] bool, metrics): the reward functions' weighted total, with the
+    truncation reward where set; `correct` is the task verifier's verdict (reused from the
+    `accuracy` reward function when it is one of them, so the verifier runs once)."""
+    per_function = reward_model.score(task, problems, texts)
+    totals, metrics = reward_model.combine(per_function)
+    verdicts = per_function.get("accuracy") or [task.reward(p, t) for p, t in zip(problems, texts)]
+    rewards = torch.tensor(totals, dtype=torch.float32, device=truncated.device)
+    if cfg.truncation_reward is not None:
+        rewards = torch.where(truncated, torch.full_like(rewards, cfg.truncation_reward), rewards)
+    return rewards, torch.tensor([v > 0 for v in verdicts], device=truncated.device), metrics
+
+
+def sample_groups(cfg, task, tok, policy, reward_model, rng, generator) -> Rollout:
+    problems = task.sample(rng, cfg.num_prompts)
+    group = [p for p in problems for _ in range(cfg.num_generations)]
+    batch = generate(policy, [tok.encode(p.prompt, bos=True) for p in group],
+                     max_new_tokens=cfg.max_completion_length, eos_id=tok.eos_token_id,
+                     pad_id=tok.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p,
+                     generator=generator)
+    texts = [tok.decode(ids) for ids in batch.completion_ids]
+    rewards, correct, metrics = score_completions(cfg, task, reward_model, group, texts, batch.truncated)
+    return Rollout(group, batch, texts, rewards, correct, metrics)
+
+
+def _cat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    return Rollout([p for r in parts for p in r.problems], concat_batches([r.batch for r in parts], pad_id),
+                   [t for r in parts for t in r.texts], torch.cat([r.rewards for r in parts]),
+                   torch.cat([r.correct for r in parts]), dict(parts[0].metrics))
+
+
+def collect_rollouts(cfg, task, tok, policy, reward_model, rng, generator) -> Rollout:
+    """One generation round; or, with dynamic sampling (DAPO, DLER), rounds until num_prompts groups
+    whose rewards differ are collected (exactly num_prompts kept); or, with threshold resampling
+    (GPG's beta_th), rounds until that share of the batch is such groups, the rest filled with
+    the others. Overlong shaping is added to the scores after filtering (filters judge rewards)."""
+    G = cfg.num_generations
+    filtering = cfg.dynamic_sampling or cfg.min_valid_group_fraction > 0
+    parts = [sample_groups(cfg, task, tok, policy, reward_model, rng, generator)]
+    if filtering:
+        need = cfg.num_prompts if cfg.dynamic_sampling else math.ceil(cfg.min_valid_group_fraction * cfg.num_prompts)
+        valid, invalid = [], []
+        while True:
+            r = parts[-1].rewards.view(-1, G)
+            varied = (r.max(-1).values > r.min(-1).values).tolist()
+            base = (len(parts) - 1) * cfg.num_prompts
+            for g, ok in enumerate(varied):
+                (valid if ok else invalid).append(base + g)
+            if len(valid) >= need:
+                break
+            if 0 < cfg.max_num_gen_batches <= len(parts):
+                if cfg.dynamic_sampling:
+                    raise RuntimeError(
+                        f"dynamic sampling found {len(valid)} of {cfg.num_prompts} groups with differing rewards "
+                        f"in {len(parts)} generation rounds (max_num_gen_batches): the policy solves every "
+                        "prompt or none; raise max_num_gen_batches or turn dynamic_sampling off")
+                break
+            parts.append(sample_groups(cfg, task, tok, policy, reward_model, rng, generator))
+        keep = valid[:cfg.num_prompts]
+        if not cfg.dynamic_sampling:
+            keep += invalid[:cfg.num_prompts - len(keep)]
+        rows = torch.tensor([g * G + j for g in keep for j in range(G)])
+        generated = len(parts) * cfg.num_prompts
+        rollout = _cat_rollouts(parts, tok.pad_token_id).select(rows.to(parts[0].rewards.device))
+        rollout.metrics.update({"sampling/gen_rounds": len(parts),
+                                "sampling/filtered_groups_frac": 1 - len(valid) / generated})
+    else:
+        rollout = parts[0]
+    rollout.scores = rollout.rewards
+    if cfg.overlong_buffer_len > 0:
+        rollout.scores = rollout.rewards + ao.dapo_overlong_penalty(
+            rollout.batch.lengths, cfg.max_completion_length, cfg.overlong_buffer_len,
+            cfg.overlong_penalty_factor).to(rollout.rewards.device)
+    return rollout
+
+
+# --------------------------------------------------------------------------------------------
+# per-token quantities of a rollout batch under each model
+
+
+def sequence_logits(model, batch: Batch) -> torch.Tensor:
+    """Logits that predict the completion tokens: [B, T, V], a strided view (no copy)."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids(), use_cache=False)
+    return out.logits[:, batch.prompt_len - 1:-1]
+
+
+@torch.no_grad()
+def completion_logprobs(model, batch: Batch, temperature: float, backend=None) -> torch.Tensor:
+    labels = batch.completion_ids.masked_fill(batch.completion_mask == 0, -100)
+    return ao.token_logprobs(sequence_logits(model, batch), labels, temperature=temperature, backend=backend)
+
+
+def completion_values(critic, batch: Batch) -> torch.Tensor:
+    """V of the state before each completion token: [B, T], aligned like sequence_logits."""
+    v = critic(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids())
+    return v[:, batch.prompt_len - 1:-1]
+
+
+class Scorer:
+    """Per-token quantities of a rollout batch before the update, each computed at most once:
+    the rollout policy's log-probs, the reference's, and the critic's values."""
+
+    def __init__(self, cfg, policy, ref, critic):
+        self.cfg, self.policy, self.ref, self.critic = cfg, policy, ref, critic
+        self._cache: dict = {}
+
+    def _get(self, key, batch, fn):
+        k = (key, id(batch))
+        if k not in self._cache:
+            self._cache[k] = (batch, fn())  # keeps batch alive so id() stays unique
+        return self._cache[k][1]
+
+    def old_logp(self, batch: Batch) -> torch.Tensor:
+        return self._get("old", batch, lambda: completion_logprobs(self.policy, batch, self.cfg.temperature,
+                                                                   self.cfg.backend))
+
+    def ref_logp(self, batch: Batch) -> torch.Tensor:
+        if self.ref is None:
+            raise ValueError("this method needs a reference model (--ref_model)")
+        return self._get("ref", batch, lambda: completion_logprobs(self.ref, batch, self.cfg.temperature,
+                                                                   self.cfg.backend))
+
+    def values(self, batch: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            return self._get("values", batch, lambda: completion_values(self.critic, batch))

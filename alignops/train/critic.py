@@ -1,0 +1,69 @@
+"""The PPO family's critic: a value model initialised from the policy, its clipped value-loss step
+on each mini-batch of the update, and the value pretraining of VC-PPO/VAPO."""
+
+from __future__ import annotations
+
+import torch
+
+import alignops as ao
+from alignops.layout import step_normalizer
+from alignops.train.model import ValueModel
+from alignops.train.rollout import Batch, completion_values
+
+
+def build_critic(policy) -> torch.nn.Module:
+    """A value model with the policy's architecture, its trunk initialised from the policy (the
+    SFT base), its scalar head from zero."""
+    critic = ValueModel(policy.config).to(next(policy.parameters()).device)
+    critic.trunk.load_state_dict(policy.get_decoder().state_dict())
+    return critic
+
+
+def critic_agg(cfg) -> str:
+    """The value loss's aggregation: the actor's mode (verl aggregates the critic with the actor's
+    loss_agg_mode; ORZ averages per sequence, docs/methods.md §2.3), so orz's critic is
+    seq-mean-token-mean like its actor, the token-mean presets' critics token-mean."""
+    return cfg.loss_type
+
+
+def critic_normalizer(cfg, mask: torch.Tensor) -> torch.Tensor:
+    """The critic's own denominator over its optimiser step: critic_agg's, from the critic's mask."""
+    return step_normalizer(critic_agg(cfg), mask, cfg.max_completion_length)
+
+
+def critic_step(cfg, critic, critic_opt, batch: Batch, data: dict, mb: torch.Tensor) -> dict:
+    """One optimiser step of the clipped value loss on a mini-batch (micro-batched like the actor),
+    aggregated with critic_agg and divided by the critic's own normaliser over the mini-batch."""
+    critic_opt.zero_grad(set_to_none=True)
+    metrics: dict[str, float] = {}
+    agg, normalizer = critic_agg(cfg), critic_normalizer(cfg, data["mask"][mb])
+    for micro in mb.chunk(cfg.gradient_accumulation_steps):
+        values = completion_values(critic, batch.select(micro))
+        out = ao.value_loss(values, data["old_values"][micro], data["returns"][micro], data["mask"][micro],
+                            clip_range=cfg.cliprange_value, agg=agg, normalizer=normalizer,
+                            max_len=cfg.max_completion_length)
+        out.loss.backward()
+        for k, v in out.metrics.items():
+            # vf_loss is this micro-batch's share of the step's loss (global normaliser): summed;
+            # the other metrics are per-micro-batch means: weighted by rows
+            w = 1.0 if k == "vf_loss" else len(micro) / len(mb)
+            metrics[f"critic/{k}"] = metrics.get(f"critic/{k}", 0.0) + float(v) * w
+    metrics["critic/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm))
+    critic_opt.step()
+    return metrics
+
+
+def pretrain_critic(cfg, critic, critic_opt, collect) -> dict:
+    """VC-PPO/VAPO value pretraining: the policy is frozen (rollouts only) and the critic learns
+    Monte-Carlo targets (GAE with lambda = 1: the return R at every token)."""
+    metrics: dict = {}
+    for _ in range(cfg.value_pretrain_steps):
+        rollout = collect()
+        batch, mask = rollout.batch, rollout.batch.completion_mask
+        with torch.no_grad():
+            old_values = completion_values(critic, batch)
+        rewards = ao.token_level_rewards(rollout.scores, mask)
+        returns = ao.gae_advantages(rewards, old_values, mask, gamma=cfg.gamma, lam=1.0).returns
+        data = {"old_values": old_values, "returns": returns, "mask": mask}
+        metrics = critic_step(cfg, critic, critic_opt, batch, data, torch.arange(mask.shape[0], device=mask.device))
+    return {k.replace("critic/", "value_pretrain/"): v for k, v in metrics.items()}

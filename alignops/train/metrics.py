@@ -1,0 +1,89 @@
+"""What a run records: the step's metrics (TRL's names) appended to metrics.jsonl, the curves plot,
+and the progress bar."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+
+def rollout_metrics(rollout, group_size: int) -> dict:
+    """The sampled batch's reward and completion statistics, with TRL's names."""
+    rewards = rollout.rewards
+    r = rewards.view(-1, group_size) if rewards.numel() % group_size == 0 else rewards.view(1, -1)
+    return {"reward": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else 0.0,
+            "frac_reward_zero_std": (r.std(-1) == 0).float().mean(), "accuracy": rollout.correct.float().mean(),
+            "completions/mean_length": rollout.batch.lengths.mean(),
+            "completions/clipped_ratio": rollout.batch.truncated.float().mean()}
+
+
+class MetricLog:
+    def __init__(self, path: str | None, resume: bool):
+        self.path, self.rows = path, []
+        if path and resume and os.path.exists(path):
+            with open(path) as f:
+                lines = [line for line in f if line.strip()]
+            for i, line in enumerate(lines):
+                try:
+                    self.rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if i < len(lines) - 1:
+                        raise
+                    # the last row, torn by a crash mid-append: dropped (truncate rewrites the file)
+        elif path:
+            open(path, "w").close()
+
+    def add(self, row: dict) -> None:
+        row = {k: (round(float(v), 6) if isinstance(v, (float, torch.Tensor)) else v) for k, v in row.items()}
+        self.rows.append(row)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def truncate(self, step: int) -> None:
+        """On resume: forget rows the interrupted run logged after its last checkpoint."""
+        self.rows = [r for r in self.rows if r.get("step", 0) <= step]
+        if self.path:
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.rows)
+
+
+def plot_curves(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    train_rows = [r for r in rows if "reward" in r]
+    ax[0].plot([r["step"] for r in train_rows], [r["reward"] for r in train_rows], lw=0.6, alpha=0.5, label="per step")
+    avg = moving_average([r["reward"] for r in train_rows], 25)
+    ax[0].plot([r["step"] for r in train_rows], avg, lw=1.5, label="mean of 25 steps")
+    ax[0].set(xlabel="step", ylabel="mean reward", title=f"{title}: training reward")
+    ax[0].legend(fontsize=7)
+    ev = [r for r in rows if "eval/accuracy" in r]
+    ax[1].plot([r["step"] for r in ev], [100 * r["eval/accuracy"] for r in ev], marker="o", label="greedy")
+    for key in sorted({k for r in ev for k in r if k.startswith("eval/mean@")}):
+        pts = [r for r in ev if key in r]
+        ax[1].plot([r["step"] for r in pts], [100 * r[key] for r in pts], marker="s", label=key.split("/")[1])
+    ax[1].set(xlabel="step", ylabel="held-out accuracy (%)", title="held-out accuracy")
+    ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def moving_average(xs: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, x in enumerate(xs):
+        acc += x - (xs[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def progress(iterable, enabled: bool, **kw):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm  # noqa: PLC0415
+    return tqdm(iterable, **kw)
