@@ -10,7 +10,7 @@ NVCC   ?= $(shell command -v nvcc)
 CUDA_ARCHS ?= 80 90
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: all demo test test-fast cuda-check gpu-compile-check bench learning build env clean
+.PHONY: all demo test test-fast cuda-check gpu-compile-check bench learning build env clean abi
 
 all: test
 
@@ -44,6 +44,10 @@ cuda-check:
 # Compile every Triton kernel variant the launchers produce for sm_80 and sm_90 ahead of time
 # (no GPU needed; the interpreter does not catch what the GPU compiler rejects) and check
 # registers, spills and shared memory -> bench/results/gpu-compile-check.{md,csv}
+# csrc/common/policy_abi.h from the one-launch kernel's table (alignops/policy/kernel_abi.py)
+abi: $(VENV)/.deps
+	$(PY) -c "from alignops.policy.kernel_abi import write_header; write_header()"
+
 gpu-compile-check: build
 	$(PY) -m bench.gpu_compile_check
 

@@ -23,6 +23,7 @@ CLIP = tl.constexpr(METHOD_CODES["clip"])
 GPPO = tl.constexpr(METHOD_CODES["gppo"])
 CISPO = tl.constexpr(METHOD_CODES["cispo"])
 REINFORCE = tl.constexpr(METHOD_CODES["reinforce"])
+SAPO = tl.constexpr(METHOD_CODES["sapo"])
 KL_NONE = tl.constexpr(KL_CODES["none"])
 KL_K1 = tl.constexpr(KL_CODES["k1"])
 KL_K2 = tl.constexpr(KL_CODES["k2"])
@@ -63,7 +64,7 @@ def _dual_clip_backward(phi, adv, g, dual_clip, DUAL_CLIP: tl.constexpr):
 
 @triton.jit
 def _policy_token(logp, old_logp, adv, g, clip_lo, clip_hi, dual_clip, log_clamp, early_shift, gppo_k_low,
-                  gppo_k_high, scale,
+                  gppo_k_high, scale, sapo_tau_pos, sapo_tau_neg,
                   METHOD: tl.constexpr, DUAL_CLIP: tl.constexpr, LOG_CLAMP: tl.constexpr,
                   EARLY_SHIFT: tl.constexpr):
     """(phi, dL/dlogp) of one token given g = dL/dphi, in autograd's order through
@@ -82,6 +83,14 @@ def _policy_token(logp, old_logp, adv, g, clip_lo, clip_hi, dual_clip, log_clamp
         s = -tl.where(r < clip_lo, clip_lo, tl.where(r > clip_hi, clip_hi, r)) * adv
         value = s * logp
         grad = g * s
+    elif METHOD == SAPO:
+        r = tl.exp(d)
+        tau = tl.where(adv > 0.0, sapo_tau_pos, sapo_tau_neg)
+        s = 1.0 / (1.0 + tl.exp(-(tau * (r - 1.0))))
+        k = -(4.0 / tau)
+        g_s = (g * adv) * k
+        value = (k * s) * adv
+        grad = tl.where(gate, (((g_s * (1.0 - s)) * s) * tau) * r, 0.0)
     elif METHOD == GPPO:
         r = tl.exp(d)
         low_clipped = (adv < 0.0) & (r < clip_lo)
@@ -144,7 +153,8 @@ def _policy_loss_fused_kernel(
     logits_ptr, labels_ptr, old_ptr, adv_ptr, ref_ptr, isw_ptr, norm_ptr, len_ptr, mask_ptr,
     logp_ptr, entropy_ptr, loss_ptr, pg_ptr, grad_ptr,
     N, T, V, stride_b, stride_t, grad_stride_b, grad_stride_t, ignore_index,
-    clip_lo, clip_hi, dual_clip, log_clamp, early_shift, gppo_k_low, gppo_k_high, scale, kl_coef, entropy_coef,
+    clip_lo, clip_hi, dual_clip, log_clamp, early_shift, gppo_k_low, gppo_k_high, scale, sapo_tau_pos, sapo_tau_neg,
+    kl_coef, entropy_coef,
     INV_TEMP: tl.constexpr, METHOD: tl.constexpr, KL: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
     HAS_IS_WEIGHT: tl.constexpr, DUAL_CLIP: tl.constexpr, LOG_CLAMP: tl.constexpr, EARLY_SHIFT: tl.constexpr,
     HAS_ENTROPY_COEF: tl.constexpr, NEED_ENTROPY: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
@@ -196,7 +206,8 @@ def _policy_loss_fused_kernel(
         else:
             g_phi = w
         phi, a = _policy_token(logp, old, adv, g_phi, clip_lo, clip_hi, dual_clip, log_clamp, early_shift,
-                               gppo_k_low, gppo_k_high, scale, METHOD, DUAL_CLIP, LOG_CLAMP, EARLY_SHIFT)
+                               gppo_k_low, gppo_k_high, scale, sapo_tau_pos, sapo_tau_neg, METHOD, DUAL_CLIP,
+                               LOG_CLAMP, EARLY_SHIFT)
         pg = g_phi * phi
         loss = pg
         if KL != KL_NONE:

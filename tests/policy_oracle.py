@@ -101,9 +101,10 @@ METHOD_FAMILY = {
     "cispo_scalerl": ("cispo", 1.0, 4.0, None, "token-mean"),
     "reinforce": ("reinforce", 0.2, None, None, "seq-mean-token-sum"),
     "gpg": ("reinforce", 0.2, None, None, "token-mean"),
+    "sapo": ("sapo", 0.2, None, None, "token-mean"),
 }
 _OWN_DEFAULTS = {"gppo": {"gppo_beta1": 1.0, "gppo_beta2": 1.0}, "gppo_klear": {"gppo_beta1": 0.25, "gppo_beta2": 1.0},
-                 "ecpo": {"ecpo_delta": 0.1}}
+                 "ecpo": {"ecpo_delta": 0.1}, "sapo": {"sapo_tau_pos": 1.0, "sapo_tau_neg": 1.05}}
 
 
 class PolicyOracle(NamedTuple):
@@ -150,6 +151,9 @@ def _phi(family, lp, old, adv, low, high, dual, ratio_log_clamp, opts):
         return -w * adv * lp
     if family == "reinforce":
         return -opts.get("gpg_alpha", 1.0) * adv * lp
+    if family == "sapo":
+        tau = torch.where(adv > 0, torch.full_like(adv, opts["sapo_tau_pos"]), torch.full_like(adv, opts["sapo_tau_neg"]))
+        return -(4.0 / tau) * torch.sigmoid(tau * (torch.exp(d) - 1.0)) * adv
     raise ValueError(family)
 
 

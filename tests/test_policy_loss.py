@@ -91,7 +91,7 @@ def bapo_search_loop(r, A, m, mode="paper", target=None, low_range=None, high_ra
 def oracle(method, logp, old, adv_tok, mask, *, agg="token-mean", clip_low=0.2, clip_high=None,
            clip_ratio_c=None, ref=None, kl_coef=0.0, kl_est="k3", ent=None, ent_coef=0.0,
            normalizer=None, max_len=None, is_w=None, ecpo_delta=0.1, ratio_level="token",
-           beta1=1.0, beta2=1.0, alpha=1.0, bapo_bounds=None):
+           beta1=1.0, beta2=1.0, alpha=1.0, bapo_bounds=None, tau_pos=1.0, tau_neg=1.05):
     """Returns (loss, dL/dlogp, dL/dH) for [B, T] float64 numpy inputs."""
     logp, old, A = (np.asarray(x, np.float64) for x in (logp, old, adv_tok))
     m = np.asarray(mask, bool)
@@ -133,6 +133,10 @@ def oracle(method, logp, old, adv_tok, mask, *, agg="token-mean", clip_low=0.2, 
         grad_tok = w * in_clamp
     elif method in ("reinforce", "gpg"):
         phi, grad_tok = -alpha * A * logp, -alpha * A * np.ones_like(logp)
+    elif method == "sapo":
+        tau = np.where(A > 0, tau_pos, tau_neg)
+        sig = 1.0 / (1.0 + np.exp(-tau * (r - 1.0)))
+        phi, grad_tok = -(4.0 / tau) * sig * A, -4.0 * sig * (1.0 - sig) * r * A * in_clamp
     elif method in ("gspo", "gspo-token") or method == "ecpo":
         grad_tok = None
     else:
@@ -309,6 +313,8 @@ def run_both(method, data, dtype, *, agg, kl_est, kl_coef, ent_coef, clip_low=No
         okw.update(beta1=extra["gppo_beta1"], beta2=extra["gppo_beta2"])
     if extra and "ecpo_delta" in extra:
         okw.update(ecpo_delta=extra["ecpo_delta"])
+    if extra and "sapo_tau_pos" in extra:
+        okw.update(tau_pos=extra["sapo_tau_pos"], tau_neg=extra["sapo_tau_neg"])
     if name == "bapo":
         okw["bapo_bounds"] = bapo_search_loop(np.exp(np.clip(R["logp"] - R["old"], -20, 20)), adv_tok,
                                               data["mask"])
@@ -344,6 +350,8 @@ def test_matches_float64_oracle(method, dtype, seed, B, T, agg, kl_est, kl_coef,
         extra = dict(gppo_beta1=0.5, gppo_beta2=2.0)
     if name == "ecpo" and knobs == 2:
         extra = dict(ecpo_delta=0.3)
+    if name == "sapo" and knobs == 1:
+        extra = dict(sapo_tau_pos=0.5, sapo_tau_neg=2.0)
     spread = 0.4 if name.startswith("gspo") else 1.5
     data = make_batch(seed, B, T, spread=spread, token_adv=token_adv)
     (loss, g, gh, metrics), (e_loss, e_g, e_gh) = run_both(

@@ -93,8 +93,7 @@ def test_the_import_walk_sees_a_cycle(tmp_path):
 def test_cpp_header_is_generated_from_the_table():
     header = ROOT / "csrc" / "common" / "policy_abi.h"
     assert header.read_text() == kernel_abi.header_text(), (
-        "csrc/common/policy_abi.h differs from alignops/policy/kernel_abi.py: run "
-        "`python -m alignops.policy.kernel_abi` to regenerate it")
+        "csrc/common/policy_abi.h differs from alignops/policy/kernel_abi.py: run `make abi` to regenerate it")
 
 
 def test_cpp_reads_knobs_and_flags_through_the_generated_enums():

@@ -136,6 +136,30 @@ register_method("ecpo", lambda t, ecpo_delta, ratio_level: ecpo_token_loss(t, ec
 
 
 # --------------------------------------------------------------------------------------------
+# SAPO
+
+def sapo_token_loss(t: TokenInputs, tau_pos: float, tau_neg: float) -> TokenLoss:
+    """SAPO (docs/methods.md §2.33): a soft gate instead of the clip, phi = -(4 / tau) sigmoid(tau (r - 1)) A
+    with tau = tau_pos where A > 0, else tau_neg; at r = 1 its gradient is PPO's, -A dr."""
+    ratio = torch.exp(log_ratio(t.logp, t.old_logp, t.ratio_log_clamp))
+    tau = torch.where(t.adv > 0, t.adv.new_tensor(tau_pos), t.adv.new_tensor(tau_neg))
+    gate = torch.sigmoid(tau * (ratio - 1.0))
+    return TokenLoss(-(4.0 / tau) * gate * t.adv, ratio.detach(), None, None)
+
+
+def _check_sapo(opts):
+    return {**opts, **{k: check_float(k, opts[k], lo=0.0) for k in ("sapo_tau_pos", "sapo_tau_neg")}}
+
+
+register_method("sapo", lambda t, sapo_tau_pos, sapo_tau_neg: sapo_token_loss(t, sapo_tau_pos, sapo_tau_neg),
+                options={"sapo_tau_pos": 1.0, "sapo_tau_neg": 1.05}, validate=_check_sapo,
+                one_launch=OneLaunch("sapo", lambda o, s: {"sapo_tau_pos": o["sapo_tau_pos"],
+                                                           "sapo_tau_neg": o["sapo_tau_neg"]}),
+                examples=({"sapo_tau_pos": 0.5, "sapo_tau_neg": 2.0},),
+                doc="soft sigmoid gate instead of the clip, temperatures by the sign of A (verl/SkyRL 1.0/1.05)")
+
+
+# --------------------------------------------------------------------------------------------
 # GSPO (sequence ratios: no one-launch form)
 
 def gspo_token_loss(t: TokenInputs, token_form: bool) -> TokenLoss:

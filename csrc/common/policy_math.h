@@ -27,6 +27,7 @@ struct PolicyParams {
   double early_shift;
   double gppo_k_low, gppo_k_high;  // GPPO: -beta1 * clip_lo, -beta2 * clip_hi
   double scale;           // REINFORCE / GPG alpha
+  double sapo_tau_pos, sapo_tau_neg;
   double kl_coef, entropy_coef;
   bool has_old, has_ref, has_is_weight;
 };
@@ -47,6 +48,8 @@ inline PolicyParams make_policy_params(int method, int kl_estimator, const doubl
   p.gppo_k_low = k[kKnobGppoKLow];
   p.gppo_k_high = k[kKnobGppoKHigh];
   p.scale = k[kKnobScale];
+  p.sapo_tau_pos = k[kKnobSapoTauPos];
+  p.sapo_tau_neg = k[kKnobSapoTauNeg];
   p.kl_coef = k[kKnobKlCoef];
   p.entropy_coef = k[kKnobEntropyCoef];
   p.has_old = (flags & kFlagHasOld) != 0;
@@ -109,6 +112,15 @@ ALIGNOPS_HD ValueGrad<acc_t> policy_token(acc_t logp, acc_t old_logp, acc_t adv,
     const acc_t r = exp(d);
     const acc_t s = -(r < lo ? lo : (r > hi ? hi : r)) * adv;
     return {s * logp, g * s};
+  }
+  if (p.method == kPolicySapo) {
+    // phi = (-(4 / tau) * sigmoid(tau (r - 1))) * A; sigmoid's backward is g (1 - s) s
+    const acc_t r = exp(d);
+    const acc_t tau = static_cast<acc_t>(adv > acc_t(0) ? p.sapo_tau_pos : p.sapo_tau_neg);
+    const acc_t s = acc_t(1) / (acc_t(1) + exp(-(tau * (r - acc_t(1)))));
+    const acc_t k = -(acc_t(4) / tau);
+    const acc_t g_s = (g * adv) * k;
+    return {(k * s) * adv, gate ? (((g_s * (acc_t(1) - s)) * s) * tau) * r : acc_t(0)};
   }
   if (p.method == kPolicyGppo) {
     const acc_t r = exp(d);
