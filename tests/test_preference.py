@@ -1,5 +1,5 @@
 """dpo_loss (sigmoid / cDPO / robust / IPO / hinge), orpo_loss, gvpo_loss and rahf_loss against
-float64 eager math (alignops/reference/preference.py), docs/methods.md's oracles and 3.3's edge cases;
+float64 eager math (tests/preference_oracle.py), docs/methods.md's oracles and 3.3's edge cases;
 the fused path (sequence_logprobs -> pairwise loss) on every backend that runs here."""
 
 import importlib

@@ -1,5 +1,5 @@
 """sequence_logprobs, sft_loss (SFT, DFT, CHORD-phi, iw-SFT), the CHORD mu schedule and chord_loss,
-against float64 eager math (alignops/reference/sft.py) on every backend that runs here."""
+against float64 eager math (tests/sft_oracle.py) on every backend that runs here."""
 
 import importlib
 import math
