@@ -3,7 +3,7 @@
     python -m bench.bench_advantages                 # CPU (cpu backend)
     python -m bench.bench_advantages --device cuda   # GPU (triton backend)
 
-Shapes from issue 4: group normalisation on B = 4096 rewards, G = 8; GAE and whitening on
+Shapes: group normalisation on B = 4096 rewards, G = 8; GAE and whitening on
 512 x 1024 tokens (fp32, ~20 % right padding plus holes).
 
 grpo:   alignops     ao.grpo_advantages (fused group kernel, ragged-capable layout)

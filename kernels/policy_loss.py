@@ -227,8 +227,6 @@ def _policy_loss_fused_kernel(
         tl.store(logp_ptr + row, logp)
         if COMPUTE_ENTROPY:
             tl.store(entropy_ptr + row, entropy)
-        else:
-            tl.store(entropy_ptr + row, 0.0 * logp)
         tl.store(loss_ptr + row, loss)
         tl.store(pg_ptr + row, pg)
 

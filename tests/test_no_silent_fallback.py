@@ -1,4 +1,4 @@
-"""Nothing falls back silently (issue 10): a fast backend that cannot run, or a kernel that cannot
+"""Nothing falls back silently: a fast backend that cannot run, or a kernel that cannot
 be loaded, is an error naming the cause when the caller named the backend (argument or
 ALIGNOPS_BACKEND), and otherwise exactly one RuntimeWarning naming the cause, with a correct result.
 

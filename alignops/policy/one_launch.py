@@ -11,7 +11,8 @@ Kernel contract, cpu (csrc/cpu/policy_loss.cpp) and triton (kernels/policy_loss.
     logits [B, T, V] with unit stride over V; per-token inputs [B*T] contiguous in the stats dtype,
     zeroed where mask is False; mask bool. agg_norm = the normaliser per token, row_len = the row's
     length (seq-mean-token-mean) or 1: a term's weight is (coef / agg_norm) / row_len.
-    method, kl_estimator, knobs, flags: alignops/policy/kernel_abi.py.
+    method, kl_estimator, knobs, flags: alignops/policy/kernel_abi.py. entropy is written only when
+    compute_entropy.
     loss_terms.sum() is the loss and pg_terms.sum() the pg_loss (summed in float64); grad_logits
     may alias logits.
 """

@@ -68,7 +68,7 @@ void fused_impl(const at::Tensor& logits, const at::Tensor& labels, const at::Te
       const TokenEpilogue<acc_t> e = policy_epilogue<acc_t>(lp, h, old_p[n], adv_p[n], ref_p[n], isw_p[n],
                                                             norm_p[n], len_p[n], mask_p[n], params);
       logp_o[n] = lp;
-      ent_o[n] = compute_entropy ? h : acc_t(0);
+      if (compute_entropy) ent_o[n] = h;
       loss_o[n] = e.loss_term;
       pg_o[n] = e.pg_term;
       if (ignored || !in_range) {
