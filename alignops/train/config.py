@@ -64,8 +64,8 @@ class TrainConfig:
 
     # the loss (names from TRL; alignops names in comments)
     loss_method: str = "grpo"              # alignops per-token loss: ppo, grpo, dapo, cispo, gspo, ...
-    epsilon: float = 0.2                   # clip_low
-    epsilon_high: float | None = None      # clip_high (None: same as epsilon)
+    epsilon: float | None = None           # clip_low (None: the loss method's registry default)
+    epsilon_high: float | None = None      # clip_high (None: the method's default, else = epsilon)
     delta: float | None = None             # dual-clip constant (clip_ratio_c)
     beta: float = 0.0                      # kl_coef of the KL loss against the reference model
     kl_estimator: str = "k3"
