@@ -46,16 +46,18 @@ class SFTOutput:
 # argument checks shared by the functions of this module
 
 
-def _check_layout(logits, labels, cu_seqlens):
-    check_logits_labels(logits, labels)
+def _check_layout(tokens, labels, cu_seqlens, name="logits"):
+    """`tokens` are the logits [B, T, V] / packed [N, V] (or the hidden states, [..., H])."""
+    if name == "logits":
+        check_logits_labels(tokens, labels)
     if cu_seqlens is None:
-        if logits.dim() != 3:
-            raise ValueError("logits must be [B, T, V] (or [N, V] with cu_seqlens for the packed "
-                             f"layout), got shape {tuple(logits.shape)}")
+        if tokens.dim() != 3:
+            raise ValueError(f"{name} must be [B, T, *] (or [N, *] with cu_seqlens for the packed "
+                             f"layout), got shape {tuple(tokens.shape)}")
         return None
-    if logits.dim() != 2:
-        raise ValueError(f"with cu_seqlens, logits must be packed [N, V], got shape {tuple(logits.shape)}")
-    return check_cu_seqlens(cu_seqlens, labels.shape[0], logits.device)
+    if tokens.dim() != 2:
+        raise ValueError(f"with cu_seqlens, {name} must be packed [N, *], got shape {tuple(tokens.shape)}")
+    return check_cu_seqlens(cu_seqlens, labels.shape[0], tokens.device)
 
 
 def _valid_and_labels(labels, mask, ignore_index):
@@ -102,12 +104,20 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = N
         `[B]` fp32 (fp64 for fp64 logits) with autograd; `(S, L)` with return_lengths. One fused
         pass over the logits each way; the row reduction is O(tokens), in fp32.
     """
+    return sequence_logprobs_from(
+        lambda lab: token_logprobs(logits, lab, temperature=temperature, ignore_index=ignore_index, backend=backend),
+        labels, mask, reduction, cu_seqlens, ignore_index, return_lengths, tokens=logits, name="logits")
+
+
+def sequence_logprobs_from(token_logp, labels, mask, reduction, cu_seqlens, ignore_index, return_lengths, *,
+                           tokens, name):
+    """sequence_logprobs given `token_logp(labels) -> logp`, the logits pass of the tokens (the
+    logits, or the hidden states and lm_head of alignops.fused_linear)."""
     check_choice("reduction", reduction, SEQUENCE_REDUCTIONS)
-    cu = _check_layout(logits, labels, cu_seqlens)
-    mask = check_mask(mask, labels.shape, logits.device)
+    cu = _check_layout(tokens, labels, cu_seqlens, name)
+    mask = check_mask(mask, labels.shape, tokens.device)
     valid, labels = _valid_and_labels(labels, mask, ignore_index)
-    logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
-                          backend=backend)
+    logp = token_logp(labels)
     rows = layout.Rows(labels.shape, logp.device, cu)
     sums = rows.row_sum(logp)  # ignored positions hold exactly 0 and get no gradient
     # Counts go through the float segment sum (exact below 2**24 tokens per row).
@@ -235,15 +245,22 @@ def sft_loss(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = None, weig
     Returns `SFTOutput(loss, metrics)`; metrics: `nll` (unweighted NLL with the same normaliser),
     `weight/mean`, `prob/mean`, `num_tokens`.
     """
+    return sft_loss_from(
+        lambda lab: token_logprobs(logits, lab, temperature=temperature, ignore_index=ignore_index, backend=backend),
+        labels, mask, weighting, seq_weights, cutoff_prob, normalizer, cu_seqlens, ignore_index, tokens=logits,
+        name="logits")
+
+
+def sft_loss_from(token_logp, labels, mask, weighting, seq_weights, cutoff_prob, normalizer, cu_seqlens,
+                  ignore_index, *, tokens, name) -> SFTOutput:
+    """sft_loss given `token_logp(labels) -> logp` (see sequence_logprobs_from)."""
     check_choice("weighting", weighting, SFT_WEIGHTINGS)
-    cu = _check_layout(logits, labels, cu_seqlens)
-    mask = check_mask(mask, labels.shape, logits.device)
+    cu = _check_layout(tokens, labels, cu_seqlens, name)
+    mask = check_mask(mask, labels.shape, tokens.device)
     if seq_weights is not None:
         _check_seq_weights(seq_weights, labels, cu)
     valid, labels = _valid_and_labels(labels, mask, ignore_index)
-    logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
-                          backend=backend)
-    loss, metrics = weighted_nll(logp, valid, weighting, seq_weights, cu_seqlens=cu,
+    loss, metrics = weighted_nll(token_logp(labels), valid, weighting, seq_weights, cu_seqlens=cu,
                                  cutoff_prob=cutoff_prob, normalizer=normalizer)
     return SFTOutput(loss, metrics)
 
