@@ -1,0 +1,400 @@
+"""The fused lm_head (alignops.fused_linear): every objective from hidden states and the lm_head weight.
+
+Held to two references on the same rounded inputs:
+    - float64 oracles written for the tests (tests/policy_oracle.py: plain torch math on the float64
+      logits h @ W.T + b, gradients w.r.t. hidden, weight and bias by autograd), and
+    - the logits path of alignops itself (token_logprobs / fused_policy_loss / sequence_logprobs /
+      sft_loss on the materialised logits), which the fused lm_head must equal in value and
+      gradient: the same kernels on the same tiles, so only the GEMMs' chunking differs.
+Shapes are small (the triton backend runs in the interpreter); vocabularies are primes or 129920,
+never a multiple of a tile, and chunk sizes leave a ragged last chunk.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import alignops as ao
+from alignops import fused_linear as fl
+from alignops.policy import METHODS
+from tests import policy_oracle as oracle
+from tests.conftest import backends_for
+
+BACKENDS = ["torch"] + backends_for("cpu")
+FAST = [b for b in BACKENDS if b != "triton"]  # the interpreter is slow: triton gets the small cases
+TEMPERATURE = 0.7
+
+
+def case(N=11, H=8, V=1031, dtype=torch.float32, seed=0, bias=True, peaked=False):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g, dtype=torch.float64)
+    W = torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5 * 2
+    b = torch.randn(V, generator=g, dtype=torch.float64) * 0.5 if bias else None
+    y = torch.randint(0, V, (N,), generator=g)
+    if peaked:  # the label's logit ~ +50 above the rest: logp ~ 0, p ~ 1 exactly in fp32
+        W[y[0]] = h[0] / h[0].norm() ** 2 * 50
+    y[min(3, N - 1)] = -100
+    return h.to(dtype), W.to(dtype), None if b is None else b.to(dtype), y
+
+
+def leaves(*xs):
+    return [None if x is None else x.detach().clone().requires_grad_() for x in xs]
+
+
+def grads(xs):
+    return [None if x is None else x.grad for x in xs]
+
+
+def logits_of(h, W, b):
+    z = h @ W.T
+    return z if b is None else z + b
+
+
+def assert_grads_close(got, want, rtol, what=""):
+    for name, g, w in zip(("dhidden", "dweight", "dbias"), got, want):
+        if w is None:
+            assert g is None, (what, name)
+            continue
+        scale = w.abs().max().item()
+        torch.testing.assert_close(g.double(), w.double(), rtol=rtol, atol=rtol * scale, msg=f"{what} {name}")
+
+
+# --------------------------------------------------------------------------------------------
+# token log-probs and entropy
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("peaked", [False, True], ids=["normal", "peaked"])
+def test_token_logprobs_against_float64_oracle(backend, dtype, bias, peaked):
+    if dtype == torch.float64 and backend == "triton":
+        pytest.skip("float64 runs on torch and cpu")
+    h, W, b, y = case(dtype=dtype, bias=bias, peaked=peaked)
+    ph, pW, pb = leaves(h, W, b)
+    lp, ent = ao.fused_linear_token_logprobs(ph, pW, y, pb, temperature=TEMPERATURE, return_entropy=True,
+                                             backend=backend, chunk_size=4)
+    (lp.sum() + 0.3 * ent.sum()).backward()
+
+    oh, oW, ob = leaves(*(None if x is None else x.double() for x in (h, W, b)))
+    z = logits_of(oh, oW, ob)
+    valid = oracle.valid_positions(y, None)
+    want_lp, want_ent = oracle.token_stats(z, y, TEMPERATURE, valid)
+    (want_lp.sum() + 0.3 * want_ent.sum()).backward()
+
+    assert lp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.all(lp[~valid] == 0) and torch.all(ent[~valid] == 0)
+    # fp32: the GEMM rounds each logit by ~eps * |z| sqrt(H); that is what moves logp and H
+    tol = 1e-11 if dtype == torch.float64 else 2e-5
+    zmax = z.detach().abs().max().item() / TEMPERATURE
+    torch.testing.assert_close(lp.double(), want_lp.detach(), rtol=0, atol=tol * (1 + zmax))
+    torch.testing.assert_close(ent.double(), want_ent.detach(), rtol=0, atol=tol * (1 + zmax))
+    assert_grads_close(grads((ph, pW, pb)), grads((oh, oW, ob)), tol * 10 if dtype == torch.float32 else tol,
+                       (backend, dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("transform", ["none", "softcap", "scale", "both"])
+def test_token_logprobs_equal_the_logits_path(backend, transform):
+    """Value and gradients equal token_logprobs on transform(h @ W.T + b), the transform in fp32."""
+    h, W, b, y = case(N=9, V=211 if backend == "triton" else 1031)
+    softcap = 3.0 if transform in ("softcap", "both") else None
+    scale = 0.8 if transform in ("scale", "both") else None
+    ph, pW, pb = leaves(h, W, b)
+    lp, ent = ao.fused_linear_token_logprobs(ph, pW, y, pb, temperature=TEMPERATURE, return_entropy=True,
+                                             softcap=softcap, logit_scale=scale, backend=backend, chunk_size=4)
+    (lp.sum() - 0.5 * ent.sum()).backward()
+    qh, qW, qb = leaves(h, W, b)
+    z = logits_of(qh, qW, qb)
+    if scale is not None:
+        z = z * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    lp2, ent2 = ao.token_logprobs(z, y, temperature=TEMPERATURE, return_entropy=True, backend=backend)
+    (lp2.sum() - 0.5 * ent2.sum()).backward()
+    torch.testing.assert_close(lp, lp2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ent2, rtol=1e-5, atol=1e-5)
+    assert_grads_close(grads((ph, pW, pb)), grads((qh, qW, qb)), 1e-5, (backend, transform))
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_vocabulary_129920_and_bfloat16(backend):
+    h, W, b, y = case(N=6, H=4, V=129920, bias=False)
+    for dtype, rtol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        ph, pW = leaves(h.to(dtype), W.to(dtype))
+        lp = ao.fused_linear_token_logprobs(ph, pW, y, temperature=TEMPERATURE, backend=backend, chunk_size=4)
+        lp.sum().backward()
+        qh, qW = leaves(h.to(dtype), W.to(dtype))
+        lp2 = ao.token_logprobs(qh @ qW.T, y, temperature=TEMPERATURE, backend=backend)
+        lp2.sum().backward()
+        assert lp.dtype == torch.float32 and ph.grad.dtype == dtype and pW.grad.dtype == dtype
+        torch.testing.assert_close(lp, lp2, rtol=rtol, atol=rtol)
+        assert_grads_close((ph.grad, pW.grad, None), (qh.grad, qW.grad, None), rtol, (backend, dtype))
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_gradcheck_float64(backend):
+    h, W, b, y = case(N=5, H=3, V=7, dtype=torch.float64)
+    ph, pW, pb = leaves(h, W, b)
+
+    def f(h_, W_, b_):
+        lp, ent = ao.fused_linear_token_logprobs(h_, W_, y, b_, temperature=TEMPERATURE, return_entropy=True,
+                                                 softcap=2.5, backend=backend, chunk_size=2)
+        return lp, ent
+    assert torch.autograd.gradcheck(f, (ph, pW, pb), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_frozen_weight_costs_no_dweight(backend, monkeypatch):
+    """requires_grad=False on the weight (a frozen or LoRA'd head): no dweight accumulator, no GEMM."""
+    seen = []
+    real = fl._Grads.__init__
+
+    def spy(self, h, head, want_h, want_w, want_b):
+        seen.append((want_h, want_w, want_b))
+        real(self, h, head, want_h, want_w, want_b)
+    monkeypatch.setattr(fl._Grads, "__init__", spy)
+    h, W, b, y = case()
+    ph = h.clone().requires_grad_()
+    lp = ao.fused_linear_token_logprobs(ph, W, y, b, temperature=TEMPERATURE, backend=backend, chunk_size=4)
+    lp.sum().backward()
+    assert seen == [(True, False, False)] and W.grad is None
+    qh = h.clone().requires_grad_()
+    ao.token_logprobs(logits_of(qh, W, b), y, temperature=TEMPERATURE, backend=backend).sum().backward()
+    torch.testing.assert_close(ph.grad, qh.grad, rtol=1e-5, atol=1e-5 * qh.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_tied_weight_accumulates_both_uses(backend):
+    """lm_head tied to the embedding: the gradient of both uses lands in the one parameter."""
+    torch.manual_seed(0)
+    V, H = 97, 8
+    emb = torch.nn.Embedding(V, H)
+    ids = torch.randint(0, V, (2, 6))
+    y = torch.randint(0, V, (2, 6))
+    y[1, 4:] = -100
+
+    def run(fused):
+        emb.zero_grad(set_to_none=True)
+        hidden = torch.tanh(emb(ids)) * 2
+        if fused:
+            lp = ao.fused_linear_token_logprobs(hidden, emb.weight, y, temperature=TEMPERATURE, backend=backend,
+                                                chunk_size=5)
+        else:
+            lp = ao.token_logprobs(hidden @ emb.weight.T, y, temperature=TEMPERATURE, backend=backend)
+        lp.sum().backward()
+        return lp.detach(), emb.weight.grad.clone()
+    lp1, g1 = run(True)
+    lp2, g2 = run(False)
+    torch.testing.assert_close(lp1, lp2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-5 * g2.abs().max().item())
+
+
+# --------------------------------------------------------------------------------------------
+# policy losses
+
+
+def policy_case(B=3, T=5, H=8, V=211, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, H, generator=g)
+    W = torch.randn(V, H, generator=g) / H ** 0.5 * 2
+    y = torch.randint(0, V, (B, T), generator=g)
+    y[0, -1] = -100
+    with torch.no_grad():
+        lp = ao.token_logprobs(h @ W.T, y, temperature=TEMPERATURE, backend="torch")
+    old = lp + 0.3 * torch.randn(B, T, generator=g)
+    ref = lp + 0.2 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, generator=g)
+    adv[1] = 0.0
+    mask = torch.rand(B, T, generator=g) > 0.2
+    return h, W, y, old, ref, adv, mask
+
+
+METHOD_CASES = [(name, i) for name, m in sorted(METHODS.items()) for i in range(len(m.examples))]
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("method,example", METHOD_CASES, ids=[f"{n}-{i}" for n, i in METHOD_CASES])
+def test_every_method_equals_the_logits_path(backend, method, example):
+    """Every registry entry and each of its examples: the recompute path and the terminal
+    (grad-in-forward) path against fused_policy_loss on the logits, loss, metrics and gradients."""
+    h, W, y, old, ref, adv, mask = policy_case()
+    kw = dict(method=method, temperature=TEMPERATURE, ref_logp=ref, kl_coef=0.04, entropy_coef=0.01,
+              max_len=5, **METHODS[method].examples[example])
+    if method == "gpg" and "group_size" in kw:
+        kw["group_size"] = 3
+    qh, qW = leaves(h, W)
+    want = ao.fused_policy_loss(qh @ qW.T, y, old, adv, mask, backend=backend, **kw)
+    want.loss.backward()
+    for gif in (False, True):
+        ph, pW = leaves(h, W)
+        out = ao.fused_linear_policy_loss(ph, pW, y, old, adv, mask, backend=backend, grad_in_forward=gif,
+                                          chunk_size=4, **kw)
+        out.loss.backward()
+        what = (backend, method, example, gif)
+        torch.testing.assert_close(out.loss, want.loss, rtol=2e-5, atol=2e-6, msg=str(what))
+        assert set(out.metrics) == set(want.metrics), what
+        for k in want.metrics:
+            torch.testing.assert_close(out.metrics[k], want.metrics[k], rtol=2e-5, atol=2e-6, msg=f"{what} {k}")
+        assert_grads_close((ph.grad, pW.grad, None), (qh.grad, qW.grad, None), 2e-5, str(what))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_loss_against_float64_oracle_and_one_launch_ran(backend, monkeypatch):
+    """GRPO with dual clip, k3 KL, entropy bonus, seq-mean-token-mean and mask=None (ignored labels
+    are the only padding) against the float64 oracle, and the one-launch kernel ran on the tiles."""
+    calls = []
+    real = fl._one_launch
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(fl, "_one_launch", spy)
+    h, W, y, old, ref, adv, _ = policy_case(V=97 if backend == "triton" else 211)
+    kw = dict(method="grpo", clip_ratio_c=3.0, ref_logp=ref, kl_coef=0.04, kl_estimator="k3", entropy_coef=0.01,
+              agg="seq-mean-token-mean")
+    ph, pW = leaves(h, W)
+    out = ao.fused_linear_policy_loss(ph, pW, y, old, adv, None, backend=backend, temperature=TEMPERATURE,
+                                      grad_in_forward=True, chunk_size=4, **kw)
+    out.loss.backward()
+    assert bool(calls) == (backend in ("cpu", "triton"))
+    oh, oW = leaves(h.double(), W.double())
+    z = oh @ oW.T
+    o = oracle.policy_loss(z, y, old, adv, None, temperature=TEMPERATURE, **kw)
+    dz = o.grad.reshape(-1, z.shape[-1])
+    want_dh = (dz @ oW.detach()).reshape(h.shape)
+    want_dw = dz.T @ oh.detach().reshape(-1, h.shape[-1])
+    scale = o.scale.item()
+    assert abs(out.loss.item() - o.loss.item()) <= 1e-5 * scale + 1e-7, (out.loss.item(), o.loss.item())
+    assert_grads_close((ph.grad, pW.grad, None), (want_dh, want_dw, None), 2e-5, backend)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_packed_layout_and_frozen_head_terminal(backend):
+    """Packed [N, H] hidden with cu_seqlens, a frozen weight and grad_in_forward: dhidden only."""
+    h, W, y, old, ref, adv, mask = policy_case()
+    B, T = y.shape
+    cu = torch.arange(B + 1) * T
+    kw = dict(method="dapo", ref_logp=ref.reshape(-1), kl_coef=0.04, cu_seqlens=cu, temperature=TEMPERATURE)
+    ph = h.reshape(-1, h.shape[-1]).clone().requires_grad_()
+    out = ao.fused_linear_policy_loss(ph, W, y.reshape(-1), old.reshape(-1), adv, mask.reshape(-1),
+                                      backend=backend, grad_in_forward=True, chunk_size=4, **kw)
+    out.loss.backward()
+    qh = h.reshape(-1, h.shape[-1]).clone().requires_grad_()
+    want = ao.fused_policy_loss(qh @ W.T, y.reshape(-1), old.reshape(-1), adv, mask.reshape(-1), backend=backend,
+                                **kw)
+    want.loss.backward()
+    assert W.grad is None
+    torch.testing.assert_close(out.loss, want.loss, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(ph.grad, qh.grad, rtol=2e-5, atol=2e-5 * qh.grad.abs().max().item())
+
+
+# --------------------------------------------------------------------------------------------
+# sequence log-probs and SFT
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_sequence_logprobs_and_sft_equal_the_logits_path(backend, packed):
+    h, W, y, _, _, _, mask = policy_case()
+    B, T = y.shape
+    cu = torch.arange(B + 1) * T if packed else None
+    if packed:
+        h, y, mask = h.reshape(-1, h.shape[-1]), y.reshape(-1), mask.reshape(-1)
+    for reduction in ("sum", "mean"):
+        ph, pW = leaves(h, W)
+        s = ao.fused_linear_sequence_logprobs(ph, pW, y, mask, reduction, cu_seqlens=cu, temperature=TEMPERATURE,
+                                              backend=backend, chunk_size=4)
+        (s * torch.arange(1.0, B + 1)).sum().backward()
+        qh, qW = leaves(h, W)
+        s2 = ao.sequence_logprobs(qh @ qW.T, y, mask, reduction, cu_seqlens=cu, temperature=TEMPERATURE,
+                                  backend=backend)
+        (s2 * torch.arange(1.0, B + 1)).sum().backward()
+        torch.testing.assert_close(s, s2, rtol=1e-5, atol=1e-5)
+        assert_grads_close((ph.grad, pW.grad, None), (qh.grad, qW.grad, None), 2e-5, (backend, reduction))
+    ph, pW = leaves(h, W)
+    out = ao.fused_linear_sft_loss(ph, pW, y, mask, weighting="dft", cu_seqlens=cu, temperature=TEMPERATURE,
+                                   backend=backend, chunk_size=4)
+    out.loss.backward()
+    qh, qW = leaves(h, W)
+    want = ao.sft_loss(qh @ qW.T, y, mask, weighting="dft", cu_seqlens=cu, temperature=TEMPERATURE, backend=backend)
+    want.loss.backward()
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)
+    for k in want.metrics:
+        torch.testing.assert_close(out.metrics[k], want.metrics[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert_grads_close((ph.grad, pW.grad, None), (qh.grad, qW.grad, None), 2e-5, backend)
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_input_names_the_argument():
+    h, W, b, y = case()
+    with pytest.raises(ValueError, match="weight must be"):
+        ao.fused_linear_token_logprobs(h, W.T, y)
+    with pytest.raises(TypeError, match="weight dtype"):
+        ao.fused_linear_token_logprobs(h, W.double(), y)
+    with pytest.raises(ValueError, match="labels shape"):
+        ao.fused_linear_token_logprobs(h, W, y[:-1])
+    with pytest.raises(ValueError, match="bias must be"):
+        ao.fused_linear_token_logprobs(h, W, y, b[:-1])
+    with pytest.raises(ValueError, match="chunk_size"):
+        ao.fused_linear_token_logprobs(h, W, y, chunk_size=0)
+    with pytest.raises(ValueError, match="softcap"):
+        ao.fused_linear_token_logprobs(h, W, y, softcap=0.0)
+    with pytest.raises(ValueError, match="labels must lie"):
+        ao.fused_linear_token_logprobs(h, W, torch.full_like(y, W.shape[0]))
+    with pytest.raises(TypeError, match="hidden must be"):
+        ao.fused_linear_token_logprobs(h.int(), W, y)
+    h2, W2, y2, old, ref, adv, mask = policy_case()
+    with pytest.raises(ValueError, match="unknown method"):
+        ao.fused_linear_policy_loss(h2, W2, y2, old, adv, mask, method="nope")
+
+
+def test_empty_and_all_masked_batches_are_finite():
+    h, W, b, y = case(N=4)
+    ph = h[:0].clone().requires_grad_()
+    lp = ao.fused_linear_token_logprobs(ph, W, y[:0], backend="torch")
+    lp.sum().backward()
+    assert lp.shape == (0,) and ph.grad.shape == (0, h.shape[1])
+    h2, W2, y2, old, ref, adv, mask = policy_case()
+    pW = W2.clone().requires_grad_()
+    out = ao.fused_linear_policy_loss(h2, pW, y2, old, adv, torch.zeros_like(mask), grad_in_forward=True)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and torch.all(pW.grad == 0)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_equals_the_logits_path(backend, dtype):
+    """GRPO (+ KL, entropy bonus) on CUDA tensors, V = 151936, both paths against fused_policy_loss
+    on the logits: loss, dhidden and dweight."""
+    if backend not in backends_for("cuda"):
+        pytest.skip(f"{backend} is not available on CUDA here")
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 2, 96, 256, 151936
+    h = torch.randn(B, T, H, generator=g).to("cuda", dtype)
+    W = (torch.randn(V, H, generator=g) / H ** 0.5 * 2).to("cuda", dtype)
+    y = torch.randint(0, V, (B, T), generator=g).cuda()
+    y[0, -5:] = -100
+    with torch.no_grad():
+        lp = ao.token_logprobs(h @ W.T, y, temperature=TEMPERATURE)
+    old = lp + 0.1 * torch.randn(B, T, device="cuda")
+    adv = torch.randn(B, device="cuda")
+    kw = dict(method="grpo", temperature=TEMPERATURE, ref_logp=old - 0.05, kl_coef=0.04, entropy_coef=0.01)
+    qh, qW = leaves(h, W)
+    want = ao.fused_policy_loss(qh @ qW.T, y, old, adv, None, backend=backend, **kw)
+    want.loss.backward()
+    rtol = 2e-5 if dtype == torch.float32 else 2e-2
+    for gif in (False, True):
+        ph, pW = leaves(h, W)
+        out = ao.fused_linear_policy_loss(ph, pW, y, old, adv, None, backend=backend, grad_in_forward=gif, **kw)
+        out.loss.backward()
+        torch.testing.assert_close(out.loss, want.loss, rtol=rtol, atol=rtol * 1e-1)
+        assert_grads_close((ph.grad, pW.grad, None), (qh.grad, qW.grad, None), rtol, (backend, dtype, gif))
