@@ -156,10 +156,8 @@ class _Grads:
     def add(self, s: int, e: int, g_tile: Tensor, deriv) -> None:
         """g_tile: dL/dz of rows s:e as [1, C, V]; deriv: what _tile returned."""
         g = g_tile[0]
-        if isinstance(deriv, Tensor):
-            g = g * deriv
-        elif deriv != 1.0:
-            g = g * deriv
+        if isinstance(deriv, Tensor) or deriv != 1.0:
+            g.mul_(deriv)  # the tile is ours: the chain rule through the transform in place
         # the tile's gradient in the hidden states' dtype, as autograd would hand it to the GEMMs
         g = g.to(self.h.dtype)
         if self.dh is not None:
