@@ -164,6 +164,123 @@ def test_backend_parity_torch_vs_fused_cpu(tmp_path, varied_rewards):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (k, a["step"])
 
 
+_HEAD_RUN = dict(max_steps=2, learning_rate=1e-2, warmup_steps=1, num_iterations=2, num_mini_batches=2,
+                 value_pretrain_steps=0, eval_samples=0, temperature=0.9)
+
+
+def _with_model(monkeypatch, model):
+    """'qwen2-bias': the Qwen2 arch with a random bias on its lm_head; 'llama-tied': lm_head.weight
+    is the embedding's parameter."""
+    import alignops.train.model as model_module
+    from alignops.train import trainer
+    if model == "llama-tied":
+        real_config = model_module.tiny_config
+
+        def tied(*args, **kwargs):
+            config = real_config(*args, **kwargs)
+            config.tie_word_embeddings = True
+            return config
+        monkeypatch.setattr(model_module, "tiny_config", tied)
+    elif model == "qwen2-bias":
+        real_build = trainer.build_policy
+
+        def with_bias(*args, **kwargs):
+            policy = real_build(*args, **kwargs)
+            old = policy.lm_head
+            head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+            with torch.no_grad():
+                head.weight.copy_(old.weight)
+                head.bias.copy_(torch.randn(old.out_features, generator=torch.Generator().manual_seed(1)))
+            policy.lm_head = head
+            return policy
+        monkeypatch.setattr(trainer, "build_policy", with_bias)
+
+
+@pytest.mark.parametrize("method,model", [("grpo", "qwen2-bias"), ("vapo", "llama"), ("gvpo", "llama-tied"),
+                                          ("cppo_hit", "llama")])
+def test_fused_lm_head_is_the_logits_path(method, model, tmp_path, varied_rewards, monkeypatch):
+    """fused_lm_head=True (the policy loss and the scorer's log-probs from the decoder's last hidden
+    states and the lm_head weight, ao.fused_linear_*) and False (from the logits) train the same
+    run: per-step losses, metrics and gradient norms (2 epochs x 2 mini-batches a step, so the
+    old and reference log-probs enter) and the final weights agree. The models cover every loss
+    hook, a biased head and a head tied to the embedding; the fused run never forms logits of the
+    completions (sequence_logits is not called)."""
+    from alignops.train import rollout as rollout_module
+    from alignops.train import trainer
+    _with_model(monkeypatch, model)
+    arch = "qwen2" if model.startswith("qwen2") else "llama"
+    real_update, real_logits = trainer.policy_update, rollout_module.sequence_logits
+    runs = {}
+    for fused in (True, False):
+        steps, logits_calls = [], []
+
+        def update(*args, **kwargs):
+            steps.append(real_update(*args, **kwargs))
+            return steps[-1]
+
+        def logits(*args, **kwargs):
+            logits_calls.append(1)
+            return real_logits(*args, **kwargs)
+        monkeypatch.setattr(trainer, "policy_update", update)
+        monkeypatch.setattr(rollout_module, "sequence_logits", logits)
+        cfg = micro(method, tmp_path, **_HEAD_RUN, arch=arch, fused_lm_head=fused,
+                    output_dir=str(tmp_path / f"{method}-{fused}"))
+        _, _, policy = setup(cfg)
+        head = policy.get_output_embeddings()
+        assert (head.bias is not None) == (model == "qwen2-bias")
+        assert (head.weight is policy.get_input_embeddings().weight) == (model == "llama-tied")
+        train(cfg)
+        assert bool(logits_calls) != fused
+        runs[fused] = steps, ckpt.load_tensors(cfg.resolved_output_dir(), "model.safetensors")
+    (fused_steps, fused_weights), (logit_steps, logit_weights) = runs[True], runs[False]
+    assert len(fused_steps) == len(logit_steps) == 2
+    for i, (a, b) in enumerate(zip(fused_steps, logit_steps)):
+        assert a.keys() == b.keys() and {"loss", "grad_norm"} <= a.keys()
+        assert b["grad_norm"] > 1e-3, "a step without gradient would compare nothing"
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (i + 1, k)
+    assert fused_weights.keys() == logit_weights.keys()
+    start = setup(cfg)[2].state_dict()
+    assert any(not torch.allclose(logit_weights[k], start[k]) for k in logit_weights)
+    for k in logit_weights:
+        if k.endswith("k_proj.bias"):  # gradient 0 (softmax ignores a shift): AdamW steps by rounding noise
+            continue
+        torch.testing.assert_close(fused_weights[k], logit_weights[k], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("config_name,transform", [("Gemma2Config", {"final_logit_softcapping": 0.5, "head_dim": 16}),
+                                                   ("CohereConfig", {"logit_scale": 3.0}),
+                                                   ("GraniteConfig", {"logits_scaling": 0.25})])
+def test_fused_lm_head_applies_the_models_logit_transform(config_name, transform):
+    """--model checkpoints whose forward transforms the logits (Gemma-2's soft-capping, Cohere's
+    scale, Granite's 1 / logits_scaling; Cohere's head is tied): the hidden-states path gives the
+    logits path's log-probs and parameter gradients (tiny random models of those architectures)."""
+    import transformers
+    from alignops.train.rollout import Batch, sequence_head
+    config = getattr(transformers, config_name)(
+        vocab_size=29, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, eos_token_id=2, bos_token_id=1,
+        **transform)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(3, 29, (3, 7))
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
+    batch = Batch(ids, torch.cat([torch.ones(3, 3, dtype=torch.long), mask.long()], 1), 3, ids[:, 3:], mask,
+                  torch.zeros(3, 4), torch.zeros(3, dtype=torch.bool))
+    labels = batch.completion_ids.masked_fill(mask == 0, -100)
+    got = {}
+    for fused in (True, False):
+        model.zero_grad(set_to_none=True)
+        logp, entropy = sequence_head(model, batch, fused).token_logprobs(labels, temperature=0.7, return_entropy=True)
+        (logp.sum() + 0.1 * (entropy * mask).sum()).backward()
+        got[fused] = logp.detach(), entropy.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.testing.assert_close(got[True][0], got[False][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[True][1] * mask, got[False][1] * mask, rtol=1e-5, atol=1e-6)
+    for n, g in got[False][2].items():
+        torch.testing.assert_close(got[True][2][n], g, rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
 def _rollout(cfg, seed=0, reward=None):
     torch.manual_seed(seed)
     task, tok, policy = setup(cfg)

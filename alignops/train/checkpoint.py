@@ -151,6 +151,19 @@ def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
 
 
+def _model_tensors(model) -> dict[str, torch.Tensor]:
+    """model.state_dict() with each tied tensor once, under its first name (safetensors refuses
+    tensors that share memory): a tied lm_head.weight is left out, and load_model_weights keeps
+    the freshly built model's tie."""
+    seen, tensors = set(), {}
+    for name, t in model.state_dict().items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if key not in seen or t.numel() == 0:  # empty tensors may all sit at address 0
+            seen.add(key)
+            tensors[name] = t
+    return tensors
+
+
 def is_complete(path: str) -> bool:
     """A directory holding a whole checkpoint: state.json (written last) parses and every file it
     lists has its recorded size; checkpoints from before the file list need model.safetensors."""
@@ -247,7 +260,7 @@ def save_checkpoint(path: str, model, optimizer=None, state: dict | None = None,
     if not _replaceable(path):
         raise ValueError(f"{path} exists and is not a checkpoint directory: a checkpoint save replaces its "
                          f"directory whole; choose another path")
-    files: dict[str, bytes] = {"model.safetensors": _tensor_bytes(model.state_dict())}
+    files: dict[str, bytes] = {"model.safetensors": _tensor_bytes(_model_tensors(model))}
     state = dict(state or {})
     if optimizer is not None:
         tensors, state["optimizer"] = optimizer_tensors(optimizer)

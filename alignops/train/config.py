@@ -23,6 +23,7 @@ class TrainConfig:
     output_dir: str | None = None          # default runs/<method>
     seed: int = 0
     backend: str | None = None             # alignops backend (None: automatic)
+    fused_lm_head: bool = True             # losses from hidden states + lm_head (ao.fused_linear_*); false: logits
     device: str = "cpu"
 
     # rollouts

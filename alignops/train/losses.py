@@ -2,10 +2,13 @@
 with the config's options) for most presets, and the three presets' own losses (a preset's `loss`
 hook): VAPO's positive-example NLL, CPPO-HIT's retention term and GVPO's group MSE.
 
-A loss hook is `loss(cfg, logits, data, norms, overrides) -> ao.PolicyLossOutput`: `logits` predict
-the micro-batch's completion tokens, `data` is its slice of the step's per-row data (labels, mask,
-advantages, old/ref log-probs, ...), `norms` the mini-batch's denominators (step_normalizers) and
-`overrides` the estimator's per-step loss options (AWPO's clip radius)."""
+A loss hook is `loss(cfg, head, data, norms, overrides) -> ao.PolicyLossOutput`: `head`
+(rollout.HeadOutput) predicts the micro-batch's completion tokens, as the decoder's last hidden
+states with the lm_head (cfg.fused_lm_head, the default: the logits are never formed) or as the
+logits; a hook reads it only through `head.token_logprobs` and `head.policy_loss`, so it is written
+once for both. `data` is its slice of the step's per-row data (labels, mask, advantages, old/ref
+log-probs, ...), `norms` the mini-batch's denominators (step_normalizers) and `overrides` the
+estimator's per-step loss options (AWPO's clip radius)."""
 
 from __future__ import annotations
 
@@ -34,28 +37,29 @@ def loss_options(cfg, data: dict, norms: dict, overrides: dict) -> dict:
                 max_len=cfg.max_completion_length, **cfg.loss_kwargs)
 
 
-def fused_loss(cfg, logits, data, norms, overrides) -> ao.PolicyLossOutput:
-    """cfg.loss_method through ao.fused_policy_loss, in one pass over the logits."""
+def fused_loss(cfg, head, data, norms, overrides) -> ao.PolicyLossOutput:
+    """cfg.loss_method through ao.fused_policy_loss (ao.fused_linear_policy_loss from the hidden
+    states), in one pass over the logits."""
     # compute_entropy: the entropy metric every step (TRL logs it); it comes from the same logits pass
-    return ao.fused_policy_loss(logits, data["labels"], data.get("old_logp"), data["advantages"], data["mask"],
-                                backend=cfg.backend, compute_entropy=True,
-                                **loss_options(cfg, data, norms, overrides))
+    # terminal: policy_update only backpropagates it
+    return head.policy_loss(data["labels"], data.get("old_logp"), data["advantages"], data["mask"], terminal=True,
+                            backend=cfg.backend, compute_entropy=True, **loss_options(cfg, data, norms, overrides))
 
 
-def _two_pass(cfg, logits, data, opts: dict):
+def _two_pass(cfg, head, data, opts: dict):
     """(logp, policy loss): fused token log-probs (with autograd), then ao.policy_loss, for losses
     that add a term of their own on the same log-probs."""
     temperature = opts.pop("temperature")
-    logp, entropy = ao.token_logprobs(logits, data["labels"], temperature=temperature, return_entropy=True,
-                                      backend=cfg.backend)
+    logp, entropy = head.token_logprobs(data["labels"], temperature=temperature, return_entropy=True,
+                                        backend=cfg.backend)
     out = ao.policy_loss(logp, data.get("old_logp"), data["advantages"], data["mask"], entropy=entropy, **opts)
     return logp, out
 
 
-def vapo_loss(cfg, logits, data, norms, overrides) -> ao.PolicyLossOutput:
+def vapo_loss(cfg, head, data, norms, overrides) -> ao.PolicyLossOutput:
     """PPO + nll_coef * NLL over the correct completions (VAPO's positive-example LM loss), normalised
     by their token count over the mini-batch; no correct completion -> the term is 0."""
-    logp, out = _two_pass(cfg, logits, data, loss_options(cfg, data, norms, overrides))
+    logp, out = _two_pass(cfg, head, data, loss_options(cfg, data, norms, overrides))
     if cfg.nll_coef == 0:
         return out
     pos = data["mask"] * data["correct"][:, None]
@@ -64,13 +68,13 @@ def vapo_loss(cfg, logits, data, norms, overrides) -> ao.PolicyLossOutput:
     return ao.PolicyLossOutput(out.loss + cfg.nll_coef * nll, out.metrics)
 
 
-def cppo_hit_loss(cfg, logits, data, norms, overrides) -> ao.PolicyLossOutput:
+def cppo_hit_loss(cfg, head, data, norms, overrides) -> ao.PolicyLossOutput:
     """alpha_i-weighted PPO-clip (the estimator scaled the advantages) + kr_coef * beta_i *
     (logp - logp_prev)^2 (token-mean), logp_prev from the previous task's policy: here the
     reference model (the SFT base)."""
     opts = loss_options(cfg, data, norms, overrides)
     opts.pop("kr_coef", None)
-    logp, out = _two_pass(cfg, logits, data, opts)
+    logp, out = _two_pass(cfg, head, data, opts)
     m = data["mask"] > 0
     diff = torch.where(m, logp - data["ref_logp"], 0.0)
     kr = (data["kr_weight"][:, None] * diff.square()).sum() / norms["pg"].clamp_min(1)
@@ -79,10 +83,10 @@ def cppo_hit_loss(cfg, logits, data, norms, overrides) -> ao.PolicyLossOutput:
     return ao.PolicyLossOutput(out.loss + coef * kr, out.metrics)
 
 
-def gvpo_loss(cfg, logits, data, norms, overrides) -> ao.PolicyLossOutput:
+def gvpo_loss(cfg, head, data, norms, overrides) -> ao.PolicyLossOutput:
     """GVPO: MSE between the group-centred implicit rewards beta (S - S_anchor) and the centred
     rewards; anchor = the rollout policy; mean over the mini-batch's groups."""
-    logp = ao.token_logprobs(logits, data["labels"], temperature=cfg.temperature, backend=cfg.backend)
+    logp = head.token_logprobs(data["labels"], temperature=cfg.temperature, backend=cfg.backend)
     out = ao.gvpo_loss(logp, data["old_logp"], data["scores"], mask=data["mask"] > 0,
                        group_size=cfg.num_generations, beta=float(cfg.loss_kwargs.get("gvpo_beta", 0.1)),
                        normalizer=norms["groups"])

@@ -246,10 +246,74 @@ def sequence_logits(model, batch: Batch) -> torch.Tensor:
     return out.logits[:, batch.prompt_len - 1:-1]
 
 
+@dataclasses.dataclass(frozen=True)
+class HeadOutput:
+    """What predicts a batch's completion tokens: the logits [B, T, V] (fused_lm_head=False), or
+    the decoder's last hidden states [B, T, H] with the lm_head (weight [V, H], bias, the logit
+    transform its forward applies), from which alignops.fused_linear_* compute the same log-probs
+    and losses without the [B * T, V] logits. The losses read either through the two methods."""
+
+    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    softcap: float | None = None
+    logit_scale: float | None = None
+
+    def token_logprobs(self, labels, *, temperature: float, backend=None, return_entropy: bool = False):
+        """ao.token_logprobs of the logits: logp [B, T] (and the entropy), with autograd."""
+        if self.logits is not None:
+            return ao.token_logprobs(self.logits, labels, temperature=temperature, return_entropy=return_entropy,
+                                     backend=backend)
+        return ao.fused_linear_token_logprobs(self.hidden, self.weight, labels, self.bias, temperature=temperature,
+                                              return_entropy=return_entropy, softcap=self.softcap,
+                                              logit_scale=self.logit_scale, backend=backend)
+
+    def policy_loss(self, labels, old_logp, advantages, mask, *, terminal: bool = False,
+                    **kwargs) -> ao.PolicyLossOutput:
+        """ao.fused_policy_loss of the logits (every keyword is its). terminal=True: the loss is only
+        backpropagated (its caller's loss.backward()), so the hidden-states path takes its
+        gradients during forward (grad_in_forward: one GEMM fewer for token-local methods, the
+        same values); the logits path is unchanged."""
+        if self.logits is not None:
+            return ao.fused_policy_loss(self.logits, labels, old_logp, advantages, mask, **kwargs)
+        return ao.fused_linear_policy_loss(self.hidden, self.weight, labels, old_logp, advantages, mask,
+                                           bias=self.bias, softcap=self.softcap, logit_scale=self.logit_scale,
+                                           grad_in_forward=terminal, **kwargs)
+
+
+def lm_head(model) -> dict:
+    """The output layer as HeadOutput's fields: weight and bias of the model's nn.Linear head (the
+    embedding's own parameter when tied, so its gradient accumulates there), and the logit
+    transform of the HF forward: Gemma-2/3's final soft-capping, Cohere's logit_scale, Granite's
+    1 / logits_scaling. A head of any other form needs fused_lm_head=False."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"fused_lm_head needs an nn.Linear output layer, got {type(head).__name__}; "
+                         "pass --fused_lm_head false")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scale = getattr(config, "logit_scale", None)
+    if getattr(config, "logits_scaling", None) not in (None, 1, 1.0):
+        scale = (1.0 if scale is None else scale) / config.logits_scaling
+    return {"weight": head.weight, "bias": head.bias, "softcap": getattr(config, "final_logit_softcapping", None),
+            "logit_scale": scale}
+
+
+def sequence_head(model, batch: Batch, fused_lm_head: bool) -> HeadOutput:
+    """The HeadOutput of the completion positions: sequence_logits', or the decoder's last hidden
+    states (final norm included) at the same positions, [B, T, H], with the model's lm_head."""
+    if not fused_lm_head:
+        return HeadOutput(logits=sequence_logits(model, batch))
+    out = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids(), use_cache=False)
+    return HeadOutput(hidden=out.last_hidden_state[:, batch.prompt_len - 1:-1], **lm_head(model))
+
+
 @torch.no_grad()
-def completion_logprobs(model, batch: Batch, temperature: float, backend=None) -> torch.Tensor:
+def completion_logprobs(model, batch: Batch, temperature: float, backend=None, fused_lm_head: bool = False):
+    """log-probs [B, T] of the completion tokens under `model` (0 on padding), without autograd."""
     labels = batch.completion_ids.masked_fill(batch.completion_mask == 0, -100)
-    return ao.token_logprobs(sequence_logits(model, batch), labels, temperature=temperature, backend=backend)
+    return sequence_head(model, batch, fused_lm_head).token_logprobs(labels, temperature=temperature, backend=backend)
 
 
 def completion_values(critic, batch: Batch) -> torch.Tensor:
@@ -274,13 +338,13 @@ class Scorer:
 
     def old_logp(self, batch: Batch) -> torch.Tensor:
         return self._get("old", batch, lambda: completion_logprobs(self.policy, batch, self.cfg.temperature,
-                                                                   self.cfg.backend))
+                                                                   self.cfg.backend, self.cfg.fused_lm_head))
 
     def ref_logp(self, batch: Batch) -> torch.Tensor:
         if self.ref is None:
             raise ValueError("this method needs a reference model (--ref_model)")
         return self._get("ref", batch, lambda: completion_logprobs(self.ref, batch, self.cfg.temperature,
-                                                                   self.cfg.backend))
+                                                                   self.cfg.backend, self.cfg.fused_lm_head))
 
     def values(self, batch: Batch) -> torch.Tensor:
         with torch.no_grad():

@@ -23,7 +23,7 @@ from alignops.train.metrics import MetricLog, plot_curves, progress, rollout_met
 from alignops.train.model import build_policy, frozen_copy
 from alignops.train.presets import get_preset
 from alignops.train.rewards import RewardModel
-from alignops.train.rollout import Scorer, collect_rollouts, sequence_logits
+from alignops.train.rollout import Scorer, collect_rollouts, lm_head, sequence_head
 from alignops.train.tasks import make_task
 from alignops.train.tokenizer import CharTokenizer
 
@@ -66,6 +66,8 @@ def train(cfg: TrainConfig) -> dict:
 
     # the models: the policy (from the SFT base), the frozen reference, the critic; their optimisers
     task, tok, policy = setup(cfg)
+    if cfg.fused_lm_head:
+        lm_head(policy)  # an output layer the fused path cannot read fails here, before any step
     if cfg.init_from and cfg.init_from != "none" and not cfg.model:
         if not ckpt.is_checkpoint(cfg.init_from):
             raise ValueError(f"no base checkpoint at {cfg.init_from!r}: run `python -m alignops.train sft` "
@@ -203,7 +205,8 @@ def policy_update(cfg, preset, policy, opt, prep: Prepared, scorer: Scorer, crit
             opt.zero_grad(set_to_none=True)
             for micro in mb.chunk(cfg.gradient_accumulation_steps):
                 d = {k: v[micro] for k, v in data.items()}
-                out = preset.loss(cfg, sequence_logits(policy, batch.select(micro)), d, norms, prep.loss_overrides)
+                head = sequence_head(policy, batch.select(micro), cfg.fused_lm_head)
+                out = preset.loss(cfg, head, d, norms, prep.loss_overrides)
                 out.loss.backward()
                 add(out.metrics, len(micro) / len(mb))
                 add({"loss": out.loss.detach()})
