@@ -10,7 +10,7 @@ NVCC   ?= $(shell command -v nvcc)
 CUDA_ARCHS ?= 80 90
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: all demo test test-fast cuda-check gpu-compile-check bench learning build env clean abi
+.PHONY: all demo test test-fast cuda-check gpu-compile-check bench bench-extras learning build env clean abi
 
 all: test
 
@@ -63,6 +63,11 @@ demo: build
 
 bench: build
 	$(PY) -m bench.run
+
+# The peers bench/bench_fused_linear.py measures against, pinned, without their dependencies (the
+# kernels need none of them; a peer that does not import is left out of the table, with the reason)
+bench-extras: $(VENV)/.deps
+	$(PIP) install -q --no-deps "trl==1.16.0" "liger-kernel==0.8.5"
 
 # Every method from the same SFT base, same budget and seed -> bench/results/learning.{md,png}
 learning: build

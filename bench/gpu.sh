@@ -24,5 +24,8 @@ $PY -m alignops.env | tee -a "$OUT/env.txt"
 HYPOTHESIS_PROFILE=ci $PY -m pytest tests -q -x -p no:cacheprovider -m "not distributed" 2>&1 | tee "$OUT/tests.log" | tail -40
 
 # Benchmarks on CUDA tensors: tables land in bench/results/<op>-<gpu>.{csv,md}.
-$PY -m bench.run --device cuda 2>&1 | tee "$OUT/bench.log"
+$PY -m bench.run --device cuda --skip fused_linear 2>&1 | tee "$OUT/bench.log"
+# Fused lm_head (N=8192 H=4096, V in {128256, 151936}, bf16) vs the bare GEMMs, eager, TRL's chunked
+# log-probs and Liger's fused GRPO loss (the peers where installed: make bench-extras) -> also a .png
+$PY -m bench.bench_fused_linear --device cuda 2>&1 | tee "$OUT/bench_fused_linear.log"
 cp bench/results/*-h[12]00.* "$OUT/" 2>/dev/null || true

@@ -56,6 +56,8 @@ class Case:
     grad_inputs: tuple[str, ...] = ()           # input names that get .requires_grad_() for bwd
     bytes_moved: dict[str, int] = dataclasses.field(default_factory=dict)  # mode -> ideal bytes
     modes: tuple[str, ...] = MODES
+    warmup: int | None = None                   # per-case overrides of run_cases' warmup / reps
+    reps: int | None = None                     # (a cap: the smaller of this and --reps is used)
 
 
 def machine_name() -> str:
@@ -218,9 +220,11 @@ def run_cases(op: str, cases: list[Case], *, warmup: int = 2, reps: int = 5, bas
         for mode in case.modes:
             base_ms = None
             results = {}
+            case_warmup = warmup if case.warmup is None else case.warmup
+            case_reps = reps if case.reps is None else min(reps, case.reps)
             for impl, fn in case.impls.items():
                 try:
-                    ms, peak = time_impl(case, fn, mode, warmup, reps)
+                    ms, peak = time_impl(case, fn, mode, case_warmup, case_reps)
                 except Exception as e:  # a peer that does not run here is reported, not fatal
                     if not quiet:
                         print(f"  {impl:>10} {mode:>8}: skipped ({type(e).__name__}: {str(e)[:100]})")
@@ -287,7 +291,7 @@ def _pin_inductor_vector_width(level: str) -> None:
         inductor_config.cpp.simdlen = width
 
 
-def bench_main(op: str, doc: str | None, cases_for, argv=None, reps: int = 5) -> list[dict]:
+def bench_main(op: str, doc: str | None, cases_for, argv=None, reps: int = 5, baseline: str = "eager") -> list[dict]:
     """The command line every bench_<op>.py shares: --device, --backend, --quick, --reps, --isa.
     `cases_for(device=, quick=, backend=)` returns the cases (backend only if it takes one).
 
@@ -315,7 +319,7 @@ def bench_main(op: str, doc: str | None, cases_for, argv=None, reps: int = 5) ->
     if args.device == "cpu" and args.rows_to:
         _pin_inductor_vector_width(os.environ.get("ATEN_CPU_CAPABILITY", ""))
     if args.device != "cpu" or args.rows_to:
-        rows = run_cases(op, cases_for(**kwargs), reps=args.reps, write=not args.rows_to)
+        rows = run_cases(op, cases_for(**kwargs), reps=args.reps, baseline=baseline, write=not args.rows_to)
         if args.rows_to:
             with open(args.rows_to, "w") as f:
                 json.dump(rows, f)
@@ -330,7 +334,10 @@ def bench_main(op: str, doc: str | None, cases_for, argv=None, reps: int = 5) ->
         bad = [lv for lv in levels if lv not in supported]
         if bad:
             raise SystemExit(f"--isa {bad}: this CPU supports {supported}")
-    module = sys.modules["__main__"].__spec__.name if getattr(sys.modules["__main__"], "__spec__", None) else None
+    # the module that defines cases_for (under `python -m bench.run` __main__ is bench.run, whose
+    # child would run every benchmark and hand back the last one's rows)
+    module = cases_for.__module__ if cases_for.__module__ != "__main__" else (
+        sys.modules["__main__"].__spec__.name if getattr(sys.modules["__main__"], "__spec__", None) else None)
     if module is None:
         raise SystemExit("run benchmarks as modules: python -m bench.bench_<op>")
     rows = []
