@@ -194,6 +194,9 @@ def _trl_logprobs():
         trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = vocab_chunk
         trl_utils.__doc__ = "stand-in registered by bench/bench_fused_linear.py (ZeRO-3 off)"
         sys.modules["trl.trainer.utils"] = trl_utils
+        _note("all cases", "lp/trl", "ran with a stand-in for trl.trainer.utils (it imports pandas, accelerate "
+              "and datasets, not installed): maybe_gather_lm_head_ctx = the null context TRL's returns "
+              "without DeepSpeed ZeRO-3; the kernel is TRL's")
     vocab_chunk = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
 
     def run(hidden, weight, labels):
@@ -346,13 +349,13 @@ def summary_lines(rows: list[dict]) -> list[str]:
 
 def write_extras(rows: list[dict], notes: list[dict], argv_desc: str) -> None:
     base = os.path.join(RESULTS, f"fused_linear-{machine_name()}")
-    seen, note_lines = set(), []
+    grouped = {}  # one line per (case, impl, reason); a skip repeated per mode and level counted
     for nt in notes:
-        key = (nt["case"], nt["impl"], nt["why"].split(" (")[0][:60])
-        if key in seen:
-            continue
-        seen.add(key)
-        note_lines.append(f"- {nt['case']}: `{nt['impl']}` {nt['why']}")
+        grouped.setdefault((nt["case"], nt["impl"], nt["why"].split(" > ")[0]), []).append(nt["why"])
+    note_lines = []
+    for (case, impl, _), whys in grouped.items():
+        more = f" (noted {len(whys)} times: once per mode or ISA level run)" if len(whys) > 1 else ""
+        note_lines.append(f"- {case}: `{impl}` {whys[0]}{more}")
     with open(base + ".md", "a") as f:
         f.write("\n" + "\n".join(summary_lines(rows)) + "\n")
         f.write(f"\n## Notes\n\nCommand: `{argv_desc}`. Implementations: see the docstring of "
@@ -369,22 +372,30 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    isas = [r.get("isa") for r in rows]
-    levels = [lv for lv in ("avx512", "avx2", "default") if lv in isas]
-    level = levels[0] if levels else None
-    sel = [r for r in rows if r["mode"] == "fwd+bwd" and (level is None or r.get("isa") == level)]
+    isas = {r.get("isa") for r in rows}
+    levels = [lv for lv in ("avx512", "avx2", "default") if lv in isas] or [None]
+    styles = ["-", ":", "-."]
+    sel = [r for r in rows if r["mode"] == "fwd+bwd"]
+    colors = {}
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     for row_i, fam in enumerate(("lp", "grpo")):
-        impls = ["gemms"] + sorted({r["impl"] for r in sel if _family(r["impl"]) == fam})
+        impls = ["gemms"] + sorted({r["impl"] for r in rows if _family(r["impl"]) == fam})
         for impl in impls:
-            pts = sorted((r["V"], r["ms"], r["peak_extra_MiB"]) for r in sel if r["impl"] == impl)
-            if not pts:
-                continue
-            vs = [p[0] for p in pts]
-            style = dict(color="black", linestyle="--") if impl == "gemms" else {}
             label = impl if impl == "gemms" else impl.split("/", 1)[1]
-            axes[row_i, 0].plot(vs, [p[1] / 1e3 for p in pts], marker="o", label=label, **style)
-            axes[row_i, 1].plot(vs, [p[2] / 1024 for p in pts], marker="o", label=label, **style)
+            color = "black" if impl == "gemms" else colors.setdefault(label, f"C{len(colors)}")
+            for li, level in enumerate(levels):
+                pts = sorted((r["V"], r["ms"], r["peak_extra_MiB"]) for r in sel
+                             if r["impl"] == impl and r.get("isa") == level)
+                if not pts:
+                    continue
+                kw = dict(color=color, linestyle="--" if impl == "gemms" and li == 0 else styles[li],
+                          marker="o" if li == 0 else "x", label=label if li == 0 else None)
+                axes[row_i, 0].plot([p[0] for p in pts], [p[1] / 1e3 for p in pts], **kw)
+                axes[row_i, 1].plot([p[0] for p in pts], [p[2] / 1024 for p in pts], **kw)
+            missing = sorted({r["V"] for r in rows if r["impl"] == impl} - {r["V"] for r in sel if r["impl"] == impl})
+            if missing:
+                axes[row_i, 1].annotate(f"{label}: no fwd+bwd row at V={', '.join(map(str, missing))} (notes)",
+                                        xy=(0.02, 0.02), xycoords="axes fraction", fontsize=7)
         title = "log-probs + entropy" if fam == "lp" else "GRPO loss"
         axes[row_i, 0].set_title(f"{title}: fwd+bwd time")
         axes[row_i, 0].set_ylabel("seconds")
@@ -394,10 +405,13 @@ def plot(rows: list[dict], path: str) -> None:
         for ax in axes[row_i]:
             ax.set_xlabel("V (vocabulary)")
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=8)
+            if len(levels) > 1:
+                for li, level in enumerate(levels):
+                    ax.plot([], [], color="grey", linestyle=styles[li], marker="o" if li == 0 else "x", label=level)
+            ax.legend(fontsize=7)
     shape = sel[0] if sel else {}
-    fig.suptitle(f"fused lm_head, N={shape.get('N')} H={shape.get('H')} {shape.get('dtype')}"
-                 f"{f' ({level})' if level else ''}\n{machine_description()}", fontsize=10)
+    fig.suptitle(f"fused lm_head, N={shape.get('N')} H={shape.get('H')} {shape.get('dtype')}, forward + backward"
+                 f"\n{machine_description()}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
