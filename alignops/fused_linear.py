@@ -32,14 +32,19 @@ import torch
 from torch import Tensor
 
 from alignops import _backend, layout
-from alignops._validate import check_bool, check_float, is_number
+from alignops._validate import check_bool, check_float
 from alignops.policy import one_launch
 from alignops.policy.autograd import stats_backward, stats_forward
+from alignops.policy.fused import counted_tokens
 from alignops.policy.loss import PolicyLossOutput, compute, policy_loss, prepare_call
 from alignops.token_stats import LOGITS_OPS, check_label_range, check_temperature
 
-# Bytes of one logits tile (fp32): the chunk is the number of rows that fits.
+# Bytes of one logits tile (fp32): the chunk is the number of rows that fits, but never fewer than
+# MIN_ROWS: every chunk re-reads the whole weight and rewrites the whole fp32 dweight, so at
+# V = 151936 a 96-row tile made the fused path 2x the bare GEMMs where 512 rows make it ~1.2x
+# (bench/results/fused_linear-cpu2.md, README).
 TILE_BYTES = 64 << 20
+MIN_ROWS = 512
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,7 +101,7 @@ def _check_head(hidden, weight, labels, bias, temperature, softcap, logit_scale,
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     V = weight.shape[0]
     if chunk_size is None:
-        chunk = max(16, min(4096, TILE_BYTES // (4 * V) // 16 * 16))
+        chunk = max(MIN_ROWS, min(4096, TILE_BYTES // (4 * V) // 16 * 16))
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     else:
@@ -238,7 +243,8 @@ class _PrecomputedLinearGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         dh, dw, db = ctx.saved_tensors
-        scale = [None if g is None else g * grad_output.to(g.dtype) for g in (dh, dw, db)]
+        # the stored gradients are for grad_output = 1; scaled in place (no second [V, H] buffer)
+        scale = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in (dh, dw, db)]
         return None, scale[0], scale[1], scale[2], None, None, None
 
 
@@ -261,7 +267,7 @@ def fused_linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, 
         temperature, ignore_index, return_entropy, backend: as token_logprobs.
         softcap, logit_scale: the head's own transform, z = softcap * tanh(z * logit_scale / softcap)
             (Gemma's final soft-capping, Cohere's scale), before the temperature.
-        chunk_size: rows per tile (default: a 64 MiB fp32 tile).
+        chunk_size: rows per tile (default: a 64 MiB fp32 tile, at least 512 rows).
 
     Returns:
         `logp` (and `entropy`), fp32 (fp64 for fp64 inputs), shaped like `labels`.
@@ -292,13 +298,7 @@ def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old
     check_bool("grad_in_forward", grad_in_forward)
     h2, flat, head = _check_head(hidden, weight, labels, bias, temperature, softcap, logit_scale, ignore_index,
                                  backend, chunk_size, validate_labels)
-    entropy_coef = kwargs.get("entropy_coef", 0.0)
-    if compute_entropy is None:
-        compute_entropy = is_number(entropy_coef) and entropy_coef != 0
-    if mask is None:
-        mask = labels != ignore_index
-    elif isinstance(mask, Tensor) and tuple(mask.shape) == tuple(labels.shape) and mask.device == labels.device:
-        mask = (mask if mask.dtype == torch.bool else mask != 0) & (labels != ignore_index)
+    mask, compute_entropy = counted_tokens(labels, mask, ignore_index, compute_entropy, kwargs)
 
     params = (hidden, weight) + (() if bias is None else (bias,))
     needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)

@@ -398,3 +398,18 @@ def test_gpu_equals_the_logits_path(backend, dtype):
         out.loss.backward()
         torch.testing.assert_close(out.loss, want.loss, rtol=rtol, atol=rtol * 1e-1)
         assert_grads_close((ph.grad, pW.grad, None), (qh.grad, qW.grad, None), rtol, (backend, dtype, gif))
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_terminal_gradients_scale_with_grad_output(backend):
+    """grad_in_forward stores the gradients for grad_output = 1 and scales them in backward."""
+    h, W, y, old, ref, adv, mask = policy_case()
+    got = []
+    for factor in (1.0, -2.5):
+        ph, pW = leaves(h, W)
+        out = ao.fused_linear_policy_loss(ph, pW, y, old, adv, mask, backend=backend, grad_in_forward=True,
+                                          temperature=TEMPERATURE, chunk_size=4)
+        (factor * out.loss).backward()
+        got.append((ph.grad, pW.grad))
+    torch.testing.assert_close(got[1][0], -2.5 * got[0][0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(got[1][1], -2.5 * got[0][1], rtol=1e-6, atol=0)

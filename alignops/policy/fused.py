@@ -24,6 +24,22 @@ from alignops.policy.loss import PolicyLossOutput, policy_loss
 from alignops.token_stats import LOGITS_OPS, as_rows, check_label_range, check_logits_labels, check_temperature, token_logprobs
 
 
+def counted_tokens(labels, mask, ignore_index, compute_entropy, kwargs):
+    """(mask, compute_entropy) of a policy loss from labels. A position counts iff mask != 0 and
+    label != ignore_index, so mask=None means labels != ignore_index (an ignored position's logp is
+    0, and against an off-policy old_logp it would otherwise enter the loss with a bogus ratio). A
+    mask of the wrong shape or type is left to policy_loss, which names it. The entropy is computed
+    when asked for or when the loss has an entropy bonus."""
+    if compute_entropy is None:
+        entropy_coef = kwargs.get("entropy_coef", 0.0)
+        compute_entropy = is_number(entropy_coef) and entropy_coef != 0
+    if mask is None:
+        mask = labels != ignore_index
+    elif isinstance(mask, Tensor) and tuple(mask.shape) == tuple(labels.shape) and mask.device == labels.device:
+        mask = (mask if mask.dtype == torch.bool else mask != 0) & (labels != ignore_index)
+    return mask, compute_entropy
+
+
 def fused_policy_loss(logits: Tensor, labels: Tensor, old_logp: Tensor | None, advantages: Tensor,
                       mask: Tensor | None = None, *, method: str = "grpo", temperature: float = 1.0,
                       ignore_index: int = -100, compute_entropy: bool | None = None,
@@ -53,17 +69,7 @@ def fused_policy_loss(logits: Tensor, labels: Tensor, old_logp: Tensor | None, a
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     check_bool("inplace_grad", inplace_grad)
     check_bool("grad_in_forward", grad_in_forward)
-    entropy_coef = kwargs.get("entropy_coef", 0.0)
-    if compute_entropy is None:
-        compute_entropy = is_number(entropy_coef) and entropy_coef != 0
-    # A position counts iff mask != 0 and label != ignore_index, so mask=None means
-    # labels != ignore_index (an ignored position's logp is 0, and against an off-policy old_logp
-    # it would otherwise enter the loss with a bogus ratio). A mask of the wrong shape or type is
-    # left to policy_loss, which names it.
-    if mask is None:
-        mask = labels != ignore_index
-    elif isinstance(mask, Tensor) and tuple(mask.shape) == tuple(labels.shape) and mask.device == labels.device:
-        mask = (mask if mask.dtype == torch.bool else mask != 0) & (labels != ignore_index)
+    mask, compute_entropy = counted_tokens(labels, mask, ignore_index, compute_entropy, kwargs)
 
     if not (inplace_grad or grad_in_forward):
         result = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
