@@ -10,7 +10,7 @@ NVCC   ?= $(shell command -v nvcc)
 CUDA_ARCHS ?= 80 90
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: all demo test test-fast cuda-check gpu-compile-check bench bench-extras learning build env clean abi
+.PHONY: all demo test test-fast cuda-check gpu-compile-check bench bench-extras learning build env clean abi integrations
 
 all: test
 
@@ -18,8 +18,20 @@ $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q "triton>=3.6" ninja numpy pytest hypothesis transformers safetensors matplotlib tqdm
+	$(PIP) install -q "triton>=3.6" ninja numpy pytest hypothesis "transformers==5.10.4" safetensors matplotlib tqdm
 	touch $@
+
+# The real trainers the integration tests run against, pinned (tests/test_integration_*.py);
+# torch is held at the wheel above. OpenRLHF's package import needs deepspeed and flash-attn: only
+# its files are installed, and the test loads its torch-only openrlhf/models/loss.py on its own.
+INTEGRATIONS := "trl==1.16.0" "verl==0.9.1"
+$(VENV)/.integrations: $(VENV)/.deps
+	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
+	$(PIP) install -q -c $(VENV)/torch-constraint.txt $(INTEGRATIONS)
+	$(PIP) install -q --no-deps "openrlhf==0.11.2"
+	touch $@
+
+integrations: $(VENV)/.integrations
 
 # Editable install builds alignops._C with the torch already in the venv.
 $(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
@@ -51,7 +63,7 @@ abi: $(VENV)/.deps
 gpu-compile-check: build
 	$(PY) -m bench.gpu_compile_check
 
-test: build cuda-check gpu-compile-check
+test: build integrations cuda-check gpu-compile-check
 	$(PY) -m alignops.env
 	$(PY) -m pytest tests
 
@@ -64,10 +76,11 @@ demo: build
 bench: build
 	$(PY) -m bench.run
 
-# The peers bench/bench_fused_linear.py measures against, pinned, without their dependencies (the
-# kernels need none of them; a peer that does not import is left out of the table, with the reason)
-bench-extras: $(VENV)/.deps
-	$(PIP) install -q --no-deps "trl==1.16.0" "liger-kernel==0.8.5"
+# The peers bench/bench_fused_linear.py measures against, pinned: TRL with the integrations above;
+# Liger without its dependencies (its kernels need none; a peer that does not import is left out of
+# the table, with the reason)
+bench-extras: $(VENV)/.integrations
+	$(PIP) install -q --no-deps "liger-kernel==0.8.5"
 
 # Every method from the same SFT base, same budget and seed -> bench/results/learning.{md,png}
 learning: build
