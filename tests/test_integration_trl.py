@@ -1,0 +1,147 @@
+"""alignops.integrations.trl against TRL 1.16 itself: its chunked lm_head function, and the real GRPOTrainer run
+stock and with alignops from the same seed (CPU, offline, a tiny Qwen2 built from a config)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+trl = pytest.importorskip("trl")
+
+import trl.trainer.utils as trl_utils  # noqa: E402
+from trl.kernels import ChunkedLogProbFunction as TRLChunkedLogProb  # noqa: E402
+
+from alignops.integrations import trl as ao_trl  # noqa: E402
+
+ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+# --------------------------------------------------------------------------------------------
+# the chunked lm_head function
+
+
+def _head_inputs(n, h, v, *, bias, seed, peaked=False, tie=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * 0.5
+    if tie:
+        weight[7] = weight[3]          # two vocabulary rows with equal logits: is_top1 needs the first argmax
+    if peaked:
+        weight[5] *= 12.0
+    b = torch.randn(v, generator=g) if bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    if tie:
+        targets[:4] = 7
+        targets[4:8] = 3
+    return hidden, weight, b, targets
+
+
+def _run(fn, hidden, weight, bias, targets, temperature, softcap, scale, outputs, g_logp, g_ent):
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    b = None if bias is None else bias.clone().requires_grad_()
+    res = fn.apply(h, w, b, targets, temperature, 64, softcap, scale, outputs)
+    loss = (res[0] * g_logp).sum()
+    if res[1] is not None:
+        loss = loss + (res[1] * g_ent).sum()
+    loss.backward()
+    return res, (h.grad, w.grad, None if b is None else b.grad)
+
+
+@pytest.mark.parametrize("bias,temperature,softcap,scale,outputs", [
+    (True, 0.7, 30.0, 1.0, ALL_OUTPUTS),
+    (False, 1.0, None, 0.25, ("log_probs", "entropy")),
+    (True, 1.3, 5.0, 0.5, ("log_probs",)),
+    (True, 1.0, None, 1.0, ("log_probs", "is_top1", "mean_logits")),
+])
+def test_chunked_function_matches_trl(bias, temperature, softcap, scale, outputs):
+    hidden, weight, b, targets = _head_inputs(37, 16, 203, bias=bias, seed=1)
+    g = torch.Generator().manual_seed(2)
+    g_logp, g_ent = torch.randn(37, generator=g), torch.randn(37, generator=g)
+    ours = ao_trl.AlignopsChunkedLogProb(chunk_rows=8)
+    got, got_grads = _run(ours, hidden, weight, b, targets, temperature, softcap, scale, outputs, g_logp, g_ent)
+    want, want_grads = _run(TRLChunkedLogProb, hidden, weight, b, targets, temperature, softcap, scale, outputs,
+                            g_logp, g_ent)
+    for name, x, y in zip(ALL_OUTPUTS, got, want):
+        assert (x is None) == (y is None), name
+        if y is None:
+            continue
+        assert x.shape == y.shape and x.dtype == y.dtype, name
+        if y.dtype == torch.bool:
+            assert torch.equal(x, y), name
+        else:
+            torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-5, msg=name)
+        if name not in ("log_probs", "entropy"):
+            assert not x.requires_grad, name
+    for name, x, y in zip(("hidden", "weight", "bias"), got_grads, want_grads):
+        assert (x is None) == (y is None), name
+        if y is not None:
+            assert y.abs().max() > 1e-3, name
+            torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-5, msg=name)
+
+
+def test_chunked_function_ties_and_peaked_rows():
+    hidden, weight, b, targets = _head_inputs(24, 8, 50, bias=False, seed=3, peaked=True, tie=True)
+    hidden[:8] = hidden[:8].abs() * weight[3].sign()   # rows whose argmax is the tied pair
+    got = ao_trl.AlignopsChunkedLogProb().apply(hidden, weight, None, targets, 0.9, 16, None, 1.0, ALL_OUTPUTS)
+    want = TRLChunkedLogProb.apply(hidden, weight, None, targets, 0.9, 16, None, 1.0, ALL_OUTPUTS)
+    assert torch.equal(got[4], want[4])
+    assert want[4].any() and not want[4].all()
+    for x, y in zip(got[:4], want[:4]):
+        torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-5)
+
+
+def test_only_logp_asked_gives_no_entropy_gradient_path():
+    hidden, weight, b, targets = _head_inputs(10, 8, 30, bias=True, seed=4)
+    h = hidden.clone().requires_grad_()
+    res = ao_trl.AlignopsChunkedLogProb().apply(h, weight, b, targets, 1.0, 32, None, 1.0, ("log_probs",))
+    assert res[1:] == (None, None, None, None)
+    res[0].sum().backward()
+    want = TRLChunkedLogProb.apply(hidden.clone().requires_grad_(), weight, b, targets, 1.0, 32, None, 1.0,
+                                   ("log_probs",))
+    torch.testing.assert_close(res[0], want[0], rtol=2e-5, atol=2e-5)
+    assert h.grad is not None and torch.isfinite(h.grad).all()
+
+
+def test_use_alignops_installs_and_restores():
+    own = trl_utils._ChunkedLogProbFunction
+    assert own is TRLChunkedLogProb
+    patch = ao_trl.use_alignops(chunk_size=16)
+    try:
+        assert isinstance(trl_utils._ChunkedLogProbFunction, ao_trl.AlignopsChunkedLogProb)
+        assert ao_trl.trl_chunked_function() is patch.function and patch.active
+    finally:
+        patch.restore()
+    assert trl_utils._ChunkedLogProbFunction is own and not patch.active
+    patch.restore()                      # a second restore is a no-op
+    with ao_trl.use_alignops() as outer:
+        with ao_trl.use_alignops() as inner:
+            assert trl_utils._ChunkedLogProbFunction is inner.function
+            with pytest.raises(RuntimeError, match="out of order"):
+                outer.restore()
+        assert trl_utils._ChunkedLogProbFunction is outer.function
+    assert trl_utils._ChunkedLogProbFunction is own
+
+
+def test_chunked_function_bad_arguments():
+    hidden, weight, b, targets = _head_inputs(4, 8, 30, bias=False, seed=5)
+    fn = ao_trl.AlignopsChunkedLogProb()
+    with pytest.raises(ValueError, match="outputs"):
+        fn.apply(hidden, weight, None, targets, 1.0, 32, None, 1.0, ("log_probs", "logits"))
+    with pytest.raises(TypeError, match="outputs"):
+        fn.apply(hidden, weight, None, targets, 1.0, 32, None, 1.0, "entropy")
+    with pytest.raises(ValueError, match="chunk_size"):
+        fn.apply(hidden, weight, None, targets, 1.0, 0, None, 1.0, ("log_probs",))
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        fn.apply(hidden, weight, None, targets, 1.0, 32, -1.0, 1.0, ("log_probs",))
+    with pytest.raises(ValueError, match="temperature"):
+        fn.apply(hidden, weight, None, targets, 0.0, 32, None, 1.0, ("log_probs",))
+    with pytest.raises(ValueError, match="hidden"):
+        fn.apply(hidden[None], weight, None, targets, 1.0, 32, None, 1.0, ("log_probs",))
+    with pytest.raises(ValueError, match="chunk_size"):
+        ao_trl.use_alignops(chunk_size=0)
+    with pytest.raises(ValueError, match="backend"):
+        ao_trl.use_alignops(backend="tpu")
