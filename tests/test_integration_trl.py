@@ -145,3 +145,116 @@ def test_chunked_function_bad_arguments():
         ao_trl.use_alignops(chunk_size=0)
     with pytest.raises(ValueError, match="backend"):
         ao_trl.use_alignops(backend="tpu")
+
+
+# --------------------------------------------------------------------------------------------
+# the real GRPOTrainer, stock and with alignops
+
+
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +=?"
+PROMPTS = ["ab", "1+2=", "cat ", "zz9", "hello", "7*", "q?", "xyz "]
+
+
+def _reward(completions, prompts=None, **_):
+    # "zz9" always earns the same: its group has equal rewards, so zero advantages
+    return [1.0 if p == "zz9" else float(sum(map(ord, c)) % 7) + 0.25 * len(c) for c, p in zip(completions, prompts)]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A saved 2-layer Qwen2 (hidden 32, vocab 42) and its character-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path), tok
+
+
+def _callback():
+    from transformers import TrainerCallback
+
+    class Record(TrainerCallback):
+        def __init__(self):
+            self.logs, self.params = [], []
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.logs.append(dict(logs))
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            self.params.append({k: v.detach().clone() for k, v in model.named_parameters()})
+
+    return Record()
+
+
+def _train(tiny_model, tmp_path, trainer_cls=None, config_cls=None, **overrides):
+    import datasets
+    from trl import GRPOConfig, GRPOTrainer
+
+    path, tok = tiny_model
+    trainer_cls = trainer_cls or GRPOTrainer
+    config_cls = config_cls or GRPOConfig
+    settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
+                    max_completion_length=8, max_steps=3, logging_steps=1, report_to="none", use_cpu=True, seed=0,
+                    learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", save_strategy="no",
+                    loss_type="dapo", beta=0.0, bf16=False)
+    settings.update(overrides)
+    record = _callback()
+    trainer = trainer_cls(model=path, reward_funcs=_reward, args=config_cls(**settings),
+                          train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS * 2}), processing_class=tok,
+                          callbacks=[record])
+    trainer.train()
+    assert len(record.logs) == settings["max_steps"] and len(record.params) == settings["max_steps"]
+    return record
+
+
+def _assert_same_run(got, want, initial=None, rtol=1e-5, atol=1e-6, keys=("loss", "grad_norm")):
+    for step, (g, w) in enumerate(zip(got.logs, want.logs)):
+        for key in keys:
+            assert g[key] == pytest.approx(w[key], rel=rtol, abs=atol), (step, key, g[key], w[key])
+    assert any(w["grad_norm"] > 1e-3 for w in want.logs)
+    for step, (g, w) in enumerate(zip(got.params, want.params)):
+        for name in w:
+            torch.testing.assert_close(g[name], w[name], rtol=rtol, atol=atol, msg=f"step {step} {name}")
+    moved = max((want.params[-1][n] - want.params[0][n]).abs().max().item() for n in want.params[0])
+    assert moved > 100 * atol, "the parameters barely moved: the comparison would prove nothing"
+
+
+class _CountingFunction(ao_trl.AlignopsChunkedLogProb):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def apply(self, hidden, weight, bias, targets, temperature, chunk_size, *rest):
+        self.calls.append((hidden.shape[0], rest[-1] if rest else None, temperature))
+        return super().apply(hidden, weight, bias, targets, temperature, chunk_size, *rest)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(loss_type="dapo"),
+    dict(loss_type="grpo", beta=0.04, num_iterations=2, temperature=0.8, learning_rate=2.0),
+    dict(loss_type="bnpo", gradient_accumulation_steps=2, mask_truncated_completions=True, beta=0.1),
+], ids=["dapo", "grpo-beta-2iter-T0.8", "bnpo-ga2-masked"])
+def test_use_alignops_gives_stock_trl_run(tiny_model, tmp_path, overrides):
+    want = _train(tiny_model, tmp_path / "stock", **overrides)
+    counting = _CountingFunction()
+    with ao_trl.AlignopsPatch(counting).install():
+        got = _train(tiny_model, tmp_path / "alignops", **overrides)
+    assert trl_utils._ChunkedLogProbFunction is TRLChunkedLogProb
+    _assert_same_run(got, want)
+    outputs = {c[1] for c in counting.calls}
+    assert ("log_probs", "entropy") in outputs
+    assert (("log_probs",) in outputs) == (overrides.get("beta", 0.0) != 0.0)
+    assert {c[2] for c in counting.calls} == {overrides.get("temperature", 1.0)}
+    if overrides.get("num_iterations", 1) > 1:
+        assert any(w["clip_ratio/region_mean"] > 0 for w in want.logs), "the second iteration never clipped"
