@@ -226,3 +226,123 @@ def test_bad_config_is_named():
         fn(old, logp, adv, mask, "token-mean", unknown, None)
     with pytest.raises(ValueError, match="unknown method"):
         aov.policy_loss_fn("vanilla")
+
+
+# --------------------------------------------------------------------------------------------
+# advantage estimators
+
+
+def outcome_batch(seed=0):
+    """Four prompts (uids shuffled across rows), one of them with equal rewards; scores on the
+    last valid token as verl's reward managers place them; one row with no valid token."""
+    g = torch.Generator().manual_seed(seed)
+    uid = np.array(["p3", "p1", "p0", "p3", "p1", "p2", "p0", "p2", "p1", "p3", "p0", "p2", "p1", "p0"], dtype=object)
+    n = len(uid)
+    scores = torch.randn(n, generator=g)
+    scores[uid == "p2"] = 1.0                       # an equal-reward group
+    scores[[1, 6]] = 0.0                            # zero rewards (GPG's alpha counts the non-zero ones)
+    lengths = torch.randint(1, T + 1, (n,), generator=g)
+    lengths[4] = 0
+    mask = (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).float()
+    rewards = torch.zeros(n, T)
+    rows = torch.arange(n)[lengths > 0]
+    rewards[rows, lengths[lengths > 0] - 1] = scores[lengths > 0]
+    return rewards, mask, uid
+
+
+def assert_pair(got, ref, mask=None):
+    for a, b in zip(got, ref):
+        if mask is not None:
+            a, b = a[mask.bool()], b[mask.bool()]
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_grpo_equals_verl(norm):
+    rewards, mask, uid = outcome_batch()
+    ref = core_algos.compute_grpo_outcome_advantage(rewards, mask, uid, norm_adv_by_std_in_grpo=norm)
+    # verl's own driver passes norm_adv_by_std_in_grpo; its generic path passes the AlgoConfig
+    assert_pair(aov.grpo(rewards, mask, uid, norm_adv_by_std_in_grpo=norm), ref)
+    fn = core_algos.get_adv_estimator_fn("alignops_grpo")
+    assert_pair(fn(token_level_rewards=rewards, response_mask=mask, index=uid,
+                   config=AlgoConfig(norm_adv_by_std_in_grpo=norm)), ref)
+    ref_vec = core_algos.get_adv_estimator_fn("grpo_vectorized")(rewards, mask, uid, norm_adv_by_std_in_grpo=norm)
+    assert_pair(aov.grpo(rewards, mask, uid, norm_adv_by_std_in_grpo=norm), ref_vec)
+    assert (ref[0][torch.from_numpy(uid == "p2")] == 0).all()
+
+
+@pytest.mark.parametrize("verl_name", ["rloo", "rloo_vectorized", "gpg", "reinforce_plus_plus_baseline"])
+def test_group_estimators_equal_verl(verl_name):
+    rewards, mask, uid = outcome_batch(1)
+    cfg = AlgoConfig()
+    ref = core_algos.get_adv_estimator_fn(verl_name)(token_level_rewards=rewards, response_mask=mask, index=uid,
+                                                     config=cfg)
+    name = "alignops_" + verl_name.replace("_vectorized", "")
+    got = core_algos.get_adv_estimator_fn(name)(token_level_rewards=rewards, response_mask=mask, index=uid, config=cfg)
+    assert_pair(got, ref)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_reinforce_plus_plus_equals_verl(gamma):
+    rewards, mask, _ = outcome_batch(2)
+    rewards = rewards - 0.05 * torch.rand(rewards.shape, generator=torch.Generator().manual_seed(5))  # KL-in-reward
+    mask[3, 2:4] = 0                                  # a masked span inside a row (multi-turn observations)
+    cfg = AlgoConfig(gamma=gamma)
+    ref = core_algos.compute_reinforce_plus_plus_outcome_advantage(rewards, mask, config=cfg)
+    got = core_algos.get_adv_estimator_fn("alignops_reinforce_plus_plus")(
+        token_level_rewards=rewards, response_mask=mask, config=cfg)
+    assert_pair(got, ref)
+
+
+def test_remax_equals_verl():
+    rewards, mask, _ = outcome_batch(3)
+    baselines = torch.randn(rewards.shape[0], generator=torch.Generator().manual_seed(4))
+    ref = core_algos.compute_remax_outcome_advantage(rewards, baselines, mask, config=AlgoConfig())
+    got = core_algos.get_adv_estimator_fn("alignops_remax")(token_level_rewards=rewards, reward_baselines=baselines,
+                                                            response_mask=mask, config=AlgoConfig())
+    assert_pair(got, ref)
+
+
+def test_gae_equals_verl_on_valid_tokens():
+    rewards, mask, _ = outcome_batch(4)
+    mask[3, 2:4] = 0
+    g = torch.Generator().manual_seed(6)
+    rewards = rewards + 0.1 * torch.randn(rewards.shape, generator=g) * mask
+    values = torch.randn(rewards.shape, generator=g)
+    ref = core_algos.compute_gae_advantage_return(rewards, values, mask, gamma=0.95, lam=0.9)
+    got = aov.gae(rewards, values, mask, gamma=0.95, lam=0.9)
+    # verl leaves carried values at masked positions; alignops writes 0 there
+    assert_pair(got, ref, mask)
+    assert (got[0][mask == 0] == 0).all()
+    with pytest.raises(ValueError, match="values"):
+        core_algos.get_adv_estimator_fn("alignops_gae")(token_level_rewards=rewards, response_mask=mask,
+                                                        config=AlgoConfig())
+
+
+def test_group_estimator_differences_from_verl():
+    """Where verl and alignops differ on purpose (docs/methods.md §1.7): an equal-reward group whose
+    mean is inexact in fp32 gets verl's rounding noise divided by epsilon, alignops's exact 0; a
+    prompt with one response gets R / (1 + epsilon) from verl's GRPO (mean 0, std 1), R here."""
+    rewards = torch.zeros(4, T)
+    rewards[:3, -1] = 0.11
+    rewards[3, -1] = 2.0
+    mask = torch.ones(4, T)
+    uid = np.array(["a", "a", "a", "b"], dtype=object)
+    ref, _ = core_algos.compute_grpo_outcome_advantage(rewards, mask, uid)
+    got, _ = aov.grpo(rewards, mask, uid)
+    assert (got[:3] == 0).all() and (ref[:3, -1].abs() > 1e-3).all()
+    assert got[3, -1] == 2.0 and ref[3, -1] == pytest.approx(2.0 / (1 + 1e-6), rel=1e-7)
+
+
+def test_estimator_bad_input_is_named():
+    rewards, mask, uid = outcome_batch()
+    with pytest.raises(ValueError, match="index"):
+        aov.grpo(rewards, mask, None)
+    with pytest.raises(ValueError, match="index"):
+        aov.rloo(rewards, mask, uid[:-1])
+    with pytest.raises(ValueError, match="response_mask"):
+        aov.grpo(rewards, mask[:, :-1], uid)
+    with pytest.raises(ValueError, match="reward_baselines"):
+        aov.remax(rewards, None, mask)
+    with pytest.raises(ValueError, match="config"):
+        aov.reinforce_plus_plus(rewards, mask)
