@@ -33,7 +33,7 @@ class Prepared:
 class Context:
     """What an estimator may use besides the rollout: the models, the task, the current in-reward
     KL coefficient, more rollouts (CPPO's refill), the run's reward functions (ReMax's baseline)
-    and the run's estimator state (saved with every checkpoint)."""
+    the run's estimator state (saved with every checkpoint) and the ranks' process group."""
 
     policy: torch.nn.Module
     tok: CharTokenizer
@@ -42,6 +42,7 @@ class Context:
     sample_more: object
     reward_model: object = dataclasses.field(default_factory=lambda: rw.RewardModel("accuracy"))
     state: dict = dataclasses.field(default_factory=dict)
+    process_group: object = None  # under DDP: batch statistics are the global batch's (ddp.Ranks.group)
 
 
 def compute_advantages(cfg, rollout, scorer, ctx: Context) -> Prepared:
@@ -65,7 +66,7 @@ def _prepared(rollout, advantages, **data) -> Prepared:
 def _grpo_advantages(cfg, rollout, scorer, ctx):
     kw = {k: v for k, v in cfg.advantage_kwargs.items() if k in ("std_eps", "singleton")}
     return _prepared(rollout, ao.grpo_advantages(rollout.scores, group_size=cfg.num_generations,
-                                                 scale=cfg.scale_rewards, **kw))
+                                                 scale=cfg.scale_rewards, process_group=ctx.process_group, **kw))
 
 
 def _ema_baseline_advantages(cfg, rollout, scorer, ctx):
@@ -73,7 +74,7 @@ def _ema_baseline_advantages(cfg, rollout, scorer, ctx):
     (`ema` in advantage_kwargs, default 0.9; the first step's baseline is its own mean), kept in
     the run's state; no groups needed."""
     ema = float(cfg.advantage_kwargs.get("ema", 0.9))
-    mean = float(rollout.scores.mean())
+    mean = float(ao.masked_mean(rollout.scores, process_group=ctx.process_group))
     b = ctx.state.get("baseline")
     b = mean if b is None else b
     ctx.state["baseline"] = ema * b + (1 - ema) * mean
@@ -88,7 +89,7 @@ def _rloo_advantages(cfg, rollout, scorer, ctx):
 
 def _gpg_advantages(cfg, rollout, scorer, ctx):
     return _prepared(rollout, ao.gpg_advantages(rollout.scores, group_size=cfg.num_generations,
-                                                **cfg.advantage_kwargs))
+                                                process_group=ctx.process_group, **cfg.advantage_kwargs))
 
 
 def _kl_in_reward(cfg, scorer, batch, ctx) -> dict:
@@ -98,29 +99,31 @@ def _kl_in_reward(cfg, scorer, batch, ctx) -> dict:
     return {"old_logp": scorer.old_logp(batch), "ref_logp": scorer.ref_logp(batch), "kl_coef": ctx.kl_coef}
 
 
-def _kl_metric(kw: dict, mask, kl=None) -> dict:
-    """The in-reward k1's batch mean (the adaptive controller's input); `kl` when already computed."""
+def _kl_metric(kw: dict, mask, kl=None, process_group=None) -> dict:
+    """The in-reward k1's batch mean (the adaptive controller's input, so the global batch's under
+    DDP); `kl` when already computed."""
     if not kw:
         return {}
     kl = ao.k1_penalty(kw["old_logp"], kw["ref_logp"], mask) if kl is None else kl
-    return {"kl": ao.masked_mean(kl, mask)}
+    return {"kl": ao.masked_mean(kl, mask, process_group=process_group)}
 
 
 def _reinforce_pp_advantages(cfg, rollout, scorer, ctx):
     b = rollout.batch
     kw = _kl_in_reward(cfg, scorer, b, ctx)
     prep = _prepared(rollout, ao.reinforce_pp_advantages(rollout.scores, b.completion_mask, gamma=cfg.gamma,
-                                                         **kw).advantages)
-    prep.metrics.update(_kl_metric(kw, b.completion_mask))
+                                                         process_group=ctx.process_group, **kw).advantages)
+    prep.metrics.update(_kl_metric(kw, b.completion_mask, process_group=ctx.process_group))
     return prep
 
 
 def _reinforce_pp_baseline_advantages(cfg, rollout, scorer, ctx):
     b = rollout.batch
     kw = _kl_in_reward(cfg, scorer, b, ctx)
-    out = ao.reinforce_pp_baseline_advantages(rollout.scores, b.completion_mask, group_size=cfg.num_generations, **kw)
+    out = ao.reinforce_pp_baseline_advantages(rollout.scores, b.completion_mask, group_size=cfg.num_generations,
+                                              process_group=ctx.process_group, **kw)
     prep = _prepared(rollout, out.advantages)
-    prep.metrics.update(_kl_metric(kw, b.completion_mask))
+    prep.metrics.update(_kl_metric(kw, b.completion_mask, process_group=ctx.process_group))
     return prep
 
 
@@ -135,9 +138,9 @@ def _gae_advantages(cfg, rollout, scorer, ctx):
     token_rewards = ao.token_level_rewards(rollout.scores, mask, kl=kl, kl_coef=ctx.kl_coef if kw else 0.0)
     lam = ao.vapo_lambda(b.lengths, cfg.lam_alpha) if cfg.lam_alpha else cfg.lam
     out = ao.gae_advantages(token_rewards, scorer.values(b), mask, gamma=cfg.gamma, lam=lam,
-                            critic_lam=cfg.critic_lam, whiten=cfg.whiten_advantages)
+                            critic_lam=cfg.critic_lam, whiten=cfg.whiten_advantages, process_group=ctx.process_group)
     prep = _prepared(rollout, out.advantages, returns=out.returns)
-    prep.metrics.update(_kl_metric(kw, mask, kl))
+    prep.metrics.update(_kl_metric(kw, mask, kl, ctx.process_group))
     if cfg.lam_alpha:
         prep.metrics["lam/mean"] = lam.mean()
     return prep
@@ -146,7 +149,8 @@ def _gae_advantages(cfg, rollout, scorer, ctx):
 def _dler_advantages(cfg, rollout, scorer, ctx):
     b = rollout.batch
     return _prepared(rollout, ao.dler_advantages(rollout.scores, group_size=cfg.num_generations,
-                                                 mask=b.completion_mask, truncated=b.truncated))
+                                                 mask=b.completion_mask, truncated=b.truncated,
+                                                 process_group=ctx.process_group))
 
 
 def _seed_grpo_advantages(cfg, rollout, scorer, ctx):
@@ -183,7 +187,8 @@ def _awpo_advantages(cfg, rollout, scorer, ctx):
     judge = rw.resolve(kw.pop("judge", "arithmetic_work"))
     r_rsn = torch.tensor([float(judge(ctx.task, p, t)) for p, t in zip(rollout.problems, rollout.texts)],
                          dtype=rollout.scores.dtype, device=rollout.scores.device)
-    out = ao.awpo_advantages(rollout.scores, r_rsn, group_size=cfg.num_generations, **kw)
+    out = ao.awpo_advantages(rollout.scores, r_rsn, group_size=cfg.num_generations,
+                             process_group=ctx.process_group, **kw)
     prep = _prepared(rollout, out.advantages)
     eps = float(out.clip_eps)
     prep.loss_overrides = {"epsilon": eps, "epsilon_high": eps}
@@ -241,8 +246,10 @@ def _cppo_hit_advantages(cfg, rollout, scorer, ctx):
     # the sampler's recorded log-probs: the rollout policy's, without another forward pass
     P = ((b.behaviour_logp.double() * b.completion_mask).sum(-1) / b.lengths.clamp_min(1)).exp()
 
-    def side(x):
-        mu, sd = x.mean(), x.std() if x.numel() > 1 else x.new_zeros(())
+    def side(x):  # the global batch's mean and (unbiased) std under DDP
+        mu = ao.masked_mean(x, process_group=ctx.process_group)
+        var = ao.masked_var(x, process_group=ctx.process_group)
+        sd = var.clamp_min(0).sqrt()
         return (x > mu + k * sd), (x < mu - k * sd)
 
     r_hi, r_lo = side(R)

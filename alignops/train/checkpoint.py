@@ -89,20 +89,26 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict, skeleton: dict) ->
     opt.load_state_dict({"state": state, "param_groups": skeleton["param_groups"]})
 
 
-def rng_state(generator: torch.Generator, py_rng: random.Random) -> dict:
-    """CPU, sampler and Python RNG states; the CUDA ones (one per device) when CUDA is available
-    (the trainer's mini-batch permutations on a GPU draw from the CUDA default generator)."""
-    state = {"torch": torch.get_rng_state().tolist(), "sampler": generator.get_state().tolist(),
+def rng_state(generator: torch.Generator | None, py_rng: random.Random) -> dict:
+    """CPU, sampler (when a generator is given; the trainer seeds a generator per group instead,
+    rollout.GroupSeeds) and Python RNG states; the CUDA ones (one per device) when CUDA is
+    available (the trainer's mini-batch permutations on a GPU draw from the CUDA default generator)."""
+    state = {"torch": torch.get_rng_state().tolist(),
              "python": list(py_rng.getstate()[1]), "python_version": py_rng.getstate()[0],
              "python_gauss": py_rng.getstate()[2]}
+    if generator is not None:
+        state["sampler"] = generator.get_state().tolist()
     if torch.cuda.is_available():
         state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
-def set_rng_state(state: dict, generator: torch.Generator, py_rng: random.Random) -> None:
+def set_rng_state(state: dict, generator: torch.Generator | None, py_rng: random.Random) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    generator.set_state(torch.tensor(state["sampler"], dtype=torch.uint8))
+    if generator is not None:
+        if "sampler" not in state:
+            raise ValueError("the checkpoint holds no sampler generator state (it seeds a generator per group)")
+        generator.set_state(torch.tensor(state["sampler"], dtype=torch.uint8))
     py_rng.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     cuda = state.get("cuda")
     if cuda:

@@ -214,3 +214,24 @@ def validate(cfg: TrainConfig, preset) -> None:
     if needs_reference(cfg, preset) and cfg.ref_model in (None, "none"):
         raise ValueError(f"method {preset.name!r} needs a reference model (beta={cfg.beta}, "
                          f"kl_in_reward={cfg.kl_in_reward}) but --ref_model is none")
+
+
+def validate_distributed(cfg: TrainConfig, preset, world_size: int) -> None:
+    """The options that a run split over `world_size` ranks supports: each rank holds
+    num_prompts / world_size whole groups, and nothing may need the whole batch in one process."""
+    if world_size <= 1:
+        return
+    if cfg.num_prompts % world_size:
+        raise ValueError(f"num_prompts={cfg.num_prompts} must be a multiple of the world size ({world_size}): "
+                         "each rank holds an equal share of whole groups")
+    if cfg.dynamic_sampling or cfg.min_valid_group_fraction > 0:
+        raise ValueError(f"method {preset.name!r}: dynamic_sampling / min_valid_group_fraction choose and refill "
+                         f"groups from the whole batch, which is split over {world_size} ranks; run it in one "
+                         "process or pass --dynamic_sampling false --min_valid_group_fraction 0")
+    if cfg.advantage == "cppo_xmu":
+        raise ValueError(f"--advantage cppo_xmu prunes completions and refills the batch with more prompts, so the "
+                         f"ranks' shares would differ in size; it does not run on {world_size} ranks")
+    if cfg.loss_method == "bapo" and (cfg.gradient_accumulation_steps != 1 or cfg.num_mini_batches != 1):
+        raise ValueError("loss_method 'bapo' searches its clipping bounds on each loss call's tokens; on several "
+                         "ranks that is the global batch only with gradient_accumulation_steps=1 and "
+                         "num_mini_batches=1")

@@ -8,7 +8,7 @@ states with the lm_head (cfg.fused_lm_head, the default: the logits are never fo
 logits; a hook reads it only through `head.token_logprobs` and `head.policy_loss`, so it is written
 once for both. `data` is its slice of the step's per-row data (labels, mask, advantages, old/ref
 log-probs, ...), `norms` the mini-batch's denominators (step_normalizers) and `overrides` the
-estimator's per-step loss options (AWPO's clip radius)."""
+estimator's per-step loss options (AWPO's clip radius; under DDP, BAPO's process_group)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def step_normalizers(cfg, data: dict) -> dict:
 
 def loss_options(cfg, data: dict, norms: dict, overrides: dict) -> dict:
     o = {k: overrides.get(k, getattr(cfg, k)) for k in ("epsilon", "epsilon_high")}
-    return dict(method=cfg.loss_method, temperature=cfg.temperature, clip_low=o["epsilon"],
+    group = {"process_group": overrides["process_group"]} if "process_group" in overrides else {}
+    return dict(**group, method=cfg.loss_method, temperature=cfg.temperature, clip_low=o["epsilon"],
                 clip_high=o["epsilon_high"], clip_ratio_c=cfg.delta, ref_logp=data.get("ref_logp"),
                 kl_coef=0.0 if cfg.kl_in_reward else cfg.beta, kl_estimator=cfg.kl_estimator,
                 entropy_coef=cfg.entropy_coeff, agg=cfg.loss_type, normalizer=norms["pg"],

@@ -1,5 +1,5 @@
 """What a run records: the step's metrics (TRL's names) appended to metrics.jsonl, the curves plot,
-and the progress bar."""
+and the progress bar (rank 0 alone writes them under DDP)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,28 @@ import os
 
 import torch
 
+from alignops.train import ddp
 
-def rollout_metrics(rollout, group_size: int) -> dict:
-    """The sampled batch's reward and completion statistics, with TRL's names."""
-    rewards = rollout.rewards
+
+def rollout_metrics(rollout, group_size: int, ranks: ddp.Ranks = ddp.ALONE) -> dict:
+    """The sampled batch's reward and completion statistics, with TRL's names; under DDP of the
+    global batch (the ranks' per-row values gathered)."""
+    rewards = ddp.gather_rows(rollout.rewards, ranks)
+    correct = ddp.gather_rows(rollout.correct, ranks)
+    lengths = ddp.gather_rows(rollout.batch.lengths, ranks)
+    truncated = ddp.gather_rows(rollout.batch.truncated, ranks)
     r = rewards.view(-1, group_size) if rewards.numel() % group_size == 0 else rewards.view(1, -1)
     return {"reward": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else 0.0,
-            "frac_reward_zero_std": (r.std(-1) == 0).float().mean(), "accuracy": rollout.correct.float().mean(),
-            "completions/mean_length": rollout.batch.lengths.mean(),
-            "completions/clipped_ratio": rollout.batch.truncated.float().mean()}
+            "frac_reward_zero_std": (r.std(-1) == 0).float().mean(), "accuracy": correct.float().mean(),
+            "completions/mean_length": lengths.mean(), "completions/clipped_ratio": truncated.float().mean()}
 
 
 class MetricLog:
-    def __init__(self, path: str | None, resume: bool):
-        self.path, self.rows = path, []
+    """The run's rows, appended to `path` as JSON lines; `write=False` (every rank but 0 under
+    DDP) keeps the rows, read back on resume, without touching the file."""
+
+    def __init__(self, path: str | None, resume: bool, write: bool = True):
+        self.path, self.rows, self.write = path, [], write
         if path and resume and os.path.exists(path):
             with open(path) as f:
                 lines = [line for line in f if line.strip()]
@@ -32,20 +40,20 @@ class MetricLog:
                     if i < len(lines) - 1:
                         raise
                     # the last row, torn by a crash mid-append: dropped (truncate rewrites the file)
-        elif path:
+        elif path and write:
             open(path, "w").close()
 
     def add(self, row: dict) -> None:
         row = {k: (round(float(v), 6) if isinstance(v, (float, torch.Tensor)) else v) for k, v in row.items()}
         self.rows.append(row)
-        if self.path:
+        if self.path and self.write:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
     def truncate(self, step: int) -> None:
         """On resume: forget rows the interrupted run logged after its last checkpoint."""
         self.rows = [r for r in self.rows if r.get("step", 0) <= step]
-        if self.path:
+        if self.path and self.write:
             with open(self.path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.rows)
 

@@ -5,8 +5,10 @@ the per-token quantities of a rollout batch under each model (policy, reference,
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import math
+import struct
 
 import torch
 
@@ -43,14 +45,46 @@ class Batch:
                      self.truncated[rows])
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    P = max(len(p) for p in prompts)
+def left_pad(prompts: list[list[int]], pad_id: int, device, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts left-padded to `length` (default: the longest prompt)."""
+    P = max(len(p) for p in prompts) if length is None else length
+    if any(len(p) > P for p in prompts):
+        raise ValueError(f"prompt_len={P} is shorter than the longest prompt ({max(len(p) for p in prompts)} tokens)")
     ids = torch.full((len(prompts), P), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(prompts), P), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         ids[i, P - len(p):] = torch.tensor(p, device=device)
         mask[i, P - len(p):] = 1
     return ids, mask
+
+
+class GroupSeeds:
+    """One sampling generator per group: the groups of the k-th generation round of a run draw
+    from generators seeded by (seed, k, global group index), so a group's completions depend
+    neither on the rank that samples it nor on the other groups of its batch, and one process
+    samples exactly what N ranks sample between them. `rounds` is saved in checkpoints."""
+
+    def __init__(self, seed: int, device="cpu", rounds: int = 0):
+        self.seed, self.device, self.rounds = seed, device, rounds
+
+    def next_round(self, groups: range) -> list[torch.Generator]:
+        k, self.rounds = self.rounds, self.rounds + 1
+        return [torch.Generator(device=self.device).manual_seed(self.group_seed(k, g)) for g in groups]
+
+    def group_seed(self, round_index: int, group: int) -> int:
+        digest = hashlib.blake2b(struct.pack("<3q", self.seed, round_index, group), digest_size=8).digest()
+        return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _multinomial(probs: torch.Tensor, generator) -> torch.Tensor:
+    """One draw per row; `generator` is one torch.Generator for all rows, or a list of them, one
+    per equal block of consecutive rows (a group each)."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.multinomial(probs, 1, generator=generator)
+    if probs.shape[0] % len(generator):
+        raise ValueError(f"{probs.shape[0]} rows do not split into {len(generator)} equal groups of generators")
+    blocks = probs.split(probs.shape[0] // len(generator))
+    return torch.cat([torch.multinomial(b, 1, generator=g) for b, g in zip(blocks, generator)])
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
@@ -61,21 +95,24 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
         sorted_p, order = probs.sort(dim=-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
         sorted_p = sorted_p * keep
-        choice = torch.multinomial(sorted_p, 1, generator=generator)
+        choice = _multinomial(sorted_p, generator)
         return order.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return _multinomial(probs, generator).squeeze(-1)
 
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, pad_id: int,
-             temperature: float = 1.0, top_p: float = 1.0, generator=None) -> Batch:
+             temperature: float = 1.0, top_p: float = 1.0, generator=None, prompt_len: int | None = None) -> Batch:
     """Samples one completion per prompt. temperature=0 decodes greedily. The recorded log-probs
     are those of softmax(logits / temperature) (the distribution that was sampled; log-softmax
-    of the raw logits for greedy decoding), the old policy of the first update."""
+    of the raw logits for greedy decoding), the old policy of the first update. `generator`: one
+    torch.Generator, or one per equal block of consecutive prompts (GroupSeeds.next_round);
+    `prompt_len`: pad the prompts to this length (the global batch's, so every rank's forward
+    sees the same shapes per row)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    ids, attn = left_pad(prompts, pad_id, device)
+    ids, attn = left_pad(prompts, pad_id, device, prompt_len)
     B, P = ids.shape
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     cache_kw = _cache_name(model)
@@ -106,7 +143,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: in
     cmask = (~after_eos).float()
     truncated = ~is_eos.any(-1)
     full_ids = torch.cat([ids, torch.where(after_eos, torch.full_like(completion, pad_id), completion)], 1)
-    full_attn = torch.cat([left_pad(prompts, pad_id, device)[1], cmask.long()], 1)
+    full_attn = torch.cat([left_pad(prompts, pad_id, device, P)[1], cmask.long()], 1)
     return Batch(full_ids, full_attn, P, completion.masked_fill(after_eos, pad_id), cmask,
                  torch.stack(logps, 1) * cmask, truncated)
 
@@ -172,13 +209,21 @@ def score_completions(cfg, task, reward_model, problems, texts, truncated: torch
     return rewards, torch.tensor([v > 0 for v in verdicts], device=truncated.device), metrics
 
 
-def sample_groups(cfg, task, tok, policy, reward_model, rng, generator) -> Rollout:
+def sample_groups(cfg, task, tok, policy, reward_model, rng, generator, groups: range | None = None) -> Rollout:
+    """One generation round: num_prompts problems drawn from `rng` (every rank draws the same
+    global list), of which this process samples the groups `groups` (all by default), each
+    prompt num_generations times. `generator`: a GroupSeeds (a generator per group) or one
+    torch.Generator for the whole batch."""
     problems = task.sample(rng, cfg.num_prompts)
-    group = [p for p in problems for _ in range(cfg.num_generations)]
-    batch = generate(policy, [tok.encode(p.prompt, bos=True) for p in group],
+    groups = range(cfg.num_prompts) if groups is None else groups
+    encoded = [tok.encode(p.prompt, bos=True) for p in problems]
+    if isinstance(generator, GroupSeeds):
+        generator = generator.next_round(groups)
+    group = [problems[g] for g in groups for _ in range(cfg.num_generations)]
+    batch = generate(policy, [encoded[g] for g in groups for _ in range(cfg.num_generations)],
                      max_new_tokens=cfg.max_completion_length, eos_id=tok.eos_token_id,
                      pad_id=tok.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p,
-                     generator=generator)
+                     generator=generator, prompt_len=max(len(e) for e in encoded))
     texts = [tok.decode(ids) for ids in batch.completion_ids]
     rewards, correct, metrics = score_completions(cfg, task, reward_model, group, texts, batch.truncated)
     return Rollout(group, batch, texts, rewards, correct, metrics)
@@ -190,14 +235,19 @@ def _cat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
                    torch.cat([r.correct for r in parts]), dict(parts[0].metrics))
 
 
-def collect_rollouts(cfg, task, tok, policy, reward_model, rng, generator) -> Rollout:
-    """One generation round; or, with dynamic sampling (DAPO, DLER), rounds until num_prompts groups
-    whose rewards differ are collected (exactly num_prompts kept); or, with threshold resampling
-    (GPG's beta_th), rounds until that share of the batch is such groups, the rest filled with
-    the others. Overlong shaping is added to the scores after filtering (filters judge rewards)."""
+def collect_rollouts(cfg, task, tok, policy, reward_model, rng, generator, groups: range | None = None) -> Rollout:
+    """One generation round (of the groups `groups`, all by default: sample_groups); or, with
+    dynamic sampling (DAPO, DLER), rounds until num_prompts groups whose rewards differ are
+    collected (exactly num_prompts kept); or, with threshold resampling (GPG's beta_th), rounds
+    until that share of the batch is such groups, the rest filled with the others. Overlong shaping
+    is added to the scores after filtering (filters judge rewards). The filters see the whole
+    batch, so they need all the groups in this process."""
     G = cfg.num_generations
     filtering = cfg.dynamic_sampling or cfg.min_valid_group_fraction > 0
-    parts = [sample_groups(cfg, task, tok, policy, reward_model, rng, generator)]
+    if filtering and groups is not None and len(groups) != cfg.num_prompts:
+        raise ValueError("dynamic sampling and threshold resampling choose groups from the whole batch; "
+                         "they cannot run on a share of the groups")
+    parts = [sample_groups(cfg, task, tok, policy, reward_model, rng, generator, groups)]
     if filtering:
         need = cfg.num_prompts if cfg.dynamic_sampling else math.ceil(cfg.min_valid_group_fraction * cfg.num_prompts)
         valid, invalid = [], []

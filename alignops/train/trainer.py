@@ -1,10 +1,13 @@
 """The RL loop, top to bottom: rollout -> rewards -> advantages -> epochs x mini-batches of the
 policy loss -> AdamW -> metrics. Methods differ only through their preset (presets.py): the config
 fields it sets, the advantage estimator they name (advantages.py) and, for three of them, their
-own loss (losses.py)."""
+own loss (losses.py). The same loop runs on one process or on each rank of a torchrun job (ddp.py),
+where N ranks take exactly the steps one process takes on the same global batch."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import random
 import time
@@ -14,8 +17,9 @@ from safetensors.torch import load_file
 
 import alignops as ao
 from alignops.train import checkpoint as ckpt
+from alignops.train import ddp
 from alignops.train.advantages import Context, Prepared, compute_advantages, needs_critic
-from alignops.train.config import TrainConfig, needs_reference, validate
+from alignops.train.config import TrainConfig, needs_reference, validate, validate_distributed
 from alignops.train.critic import build_critic, critic_step, pretrain_critic
 from alignops.train.evaluate import evaluation
 from alignops.train.losses import step_normalizers
@@ -23,7 +27,7 @@ from alignops.train.metrics import MetricLog, plot_curves, progress, rollout_met
 from alignops.train.model import build_policy, frozen_copy
 from alignops.train.presets import get_preset
 from alignops.train.rewards import RewardModel
-from alignops.train.rollout import Scorer, collect_rollouts, lm_head, sequence_head
+from alignops.train.rollout import GroupSeeds, Scorer, collect_rollouts, lm_head, sequence_head
 from alignops.train.tasks import make_task
 from alignops.train.tokenizer import CharTokenizer
 
@@ -55,14 +59,31 @@ def reference_model(cfg, policy, preset):
 def train(cfg: TrainConfig) -> dict:
     """Trains cfg.method for max_steps (or time_budget_s of training) and returns the before/after
     held-out accuracies with the metric log; writes <output_dir>/metrics.jsonl, curves.png and the
-    checkpoint."""
+    checkpoint. Under torchrun each rank trains its share of the groups (ddp.py): every rank
+    returns the same result, rank 0 alone writes the files."""
     preset = get_preset(cfg.method)
     validate(cfg, preset)
+    ranks, device = ddp.init(cfg.device)
+    try:
+        validate_distributed(cfg, preset, ranks.world_size)
+        if device != cfg.device:
+            cfg = dataclasses.replace(cfg, device=device)
+        result = _train(cfg, preset, ranks)
+    except BaseException:
+        ddp.shutdown(ranks, wait=False)  # the other ranks may be inside a collective this one never joins
+        raise
+    ddp.shutdown(ranks)
+    return result
+
+
+def _train(cfg: TrainConfig, preset, ranks: ddp.Ranks) -> dict:
     reward_model = RewardModel(cfg.reward_funcs, cfg.reward_weights)
     out_dir = cfg.resolved_output_dir()
-    os.makedirs(out_dir, exist_ok=True)
+    if ranks.is_main:
+        os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    rng, generator = random.Random(cfg.seed), torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    rng, seeds = random.Random(cfg.seed), GroupSeeds(cfg.seed, cfg.device)
+    groups = ddp.group_range(cfg.num_prompts, ranks)
 
     # the models: the policy (from the SFT base), the frozen reference, the critic; their optimisers
     task, tok, policy = setup(cfg)
@@ -73,6 +94,7 @@ def train(cfg: TrainConfig) -> dict:
             raise ValueError(f"no base checkpoint at {cfg.init_from!r}: run `python -m alignops.train sft` "
                              f"first, or pass --init_from none")
         ckpt.load_model_weights(cfg.init_from, policy)
+    ddp.broadcast_parameters(policy, ranks)
     ref = reference_model(cfg, policy, preset)
     critic = build_critic(policy) if needs_critic(cfg) else None
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -80,15 +102,22 @@ def train(cfg: TrainConfig) -> dict:
     kl_ctl = (ao.AdaptiveKLController(cfg.beta, cfg.kl_target, cfg.kl_horizon) if cfg.kl_ctrl == "adaptive"
               else ao.FixedKLController(cfg.beta))
     estimator_state: dict = {}  # kept across steps (REINFORCE's EMA baseline); checkpoints call it "preset"
-    log = MetricLog(os.path.join(out_dir, "metrics.jsonl"), cfg.resume)
+    log = MetricLog(os.path.join(out_dir, "metrics.jsonl"), cfg.resume, write=ranks.is_main)
+    ddp.barrier(ranks)  # every rank has read the log before rank 0 rewrites it
     start, elapsed = 0, 0.0
 
     def collect():
-        return collect_rollouts(cfg, task, tok, policy, reward_model, rng, generator)
+        return collect_rollouts(cfg, task, tok, policy, reward_model, rng, seeds, groups)
+
+    def evaluate_on_main():  # rank 0 decodes the held-out set; every rank logs the same row
+        return ddp.broadcast(evaluation(cfg, policy, task, tok) if ranks.is_main else None, ranks)
 
     def save(step):
-        state = {"step": step, "elapsed_s": elapsed, "rng": ckpt.rng_state(generator, rng),
-                 "preset": estimator_state, "kl_coef": kl_ctl.value, "config": dict(vars(cfg))}
+        if not ranks.is_main:
+            return
+        state = {"step": step, "elapsed_s": elapsed, "rng": ckpt.rng_state(None, rng),
+                 "sampling_rounds": seeds.rounds, "preset": estimator_state, "kl_coef": kl_ctl.value,
+                 "config": dict(vars(cfg))}
         extra = {}
         if critic is not None:
             tensors, state["critic_optimizer"] = ckpt.optimizer_tensors(critic_opt)
@@ -98,8 +127,9 @@ def train(cfg: TrainConfig) -> dict:
                              extra_tensors=extra)
 
     # resume from the run's checkpoint (<out_dir>/checkpoint, or out_dir itself), an interrupted save
-    # repaired: every file below comes from that one committed checkpoint
-    where = ckpt.locate(out_dir) if cfg.resume else None
+    # repaired (by rank 0 alone: the repair renames and deletes): every file below comes from that one
+    # committed checkpoint, which every rank loads
+    where = ddp.broadcast(ckpt.locate(out_dir) if cfg.resume and ranks.is_main else None, ranks)
     if where is not None:
         state = ckpt.load_json(os.path.join(where, "state.json"))
         ckpt.load_model_weights(where, policy)
@@ -108,22 +138,23 @@ def train(cfg: TrainConfig) -> dict:
             critic.load_state_dict(load_file(os.path.join(where, "critic.safetensors")))
             ckpt.load_optimizer(critic_opt, load_file(os.path.join(where, "critic_optim.safetensors")),
                                 state["critic_optimizer"])
-        ckpt.set_rng_state(state["rng"], generator, rng)
+        ckpt.set_rng_state(state["rng"], None, rng)
+        seeds.rounds = state.get("sampling_rounds", 0)
         estimator_state.update(state.get("preset", {}))
         kl_ctl.value = state.get("kl_coef", kl_ctl.value)
         start, elapsed = state["step"], state["elapsed_s"]
         log.truncate(start)
     else:  # a fresh run (or a resume killed before its first save): evaluate the start
         log.truncate(-1)
-        row = {"step": 0, **evaluation(cfg, policy, task, tok)}
+        row = {"step": 0, **evaluate_on_main()}
         if critic is not None and cfg.value_pretrain_steps:
             t0 = time.time()
-            row.update(pretrain_critic(cfg, critic, critic_opt, collect))
+            row.update(pretrain_critic(cfg, critic, critic_opt, collect, ranks))
             elapsed += time.time() - t0
             row["time_s"] = elapsed
         log.add(row)
 
-    bar = progress(range(start, cfg.max_steps), cfg.progress, desc=cfg.method, initial=start,
+    bar = progress(range(start, cfg.max_steps), cfg.progress and ranks.is_main, desc=cfg.method, initial=start,
                    total=None if cfg.time_budget_s else cfg.max_steps)
     step = start
     for step in bar:
@@ -131,41 +162,45 @@ def train(cfg: TrainConfig) -> dict:
         for g in opt.param_groups:  # from the step counter, so a resumed run gets the same rates
             g["lr"] = cfg.learning_rate * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
 
-        # rollout -> rewards: num_prompts groups of num_generations completions, scored
+        # rollout -> rewards: num_prompts groups of num_generations completions (this rank's share), scored
         rollout = collect()
 
         # -> advantages, from the rollout and the models' per-token scores of it
         scorer = Scorer(cfg, policy, ref, critic)
-        ctx = Context(policy, tok, task, kl_ctl.value, collect, reward_model, estimator_state)
+        ctx = Context(policy, tok, task, kl_ctl.value, collect, reward_model, estimator_state, ranks.group)
         prep = compute_advantages(cfg, rollout, scorer, ctx)
 
         # -> update: the policy (and the critic) on the step's batch
-        metrics = policy_update(cfg, preset, policy, opt, prep, scorer, critic, critic_opt)
+        metrics = policy_update(cfg, preset, policy, opt, prep, scorer, critic, critic_opt, ranks)
         if cfg.kl_in_reward:
             metrics["kl_coef"] = kl_ctl.value
-            kl_ctl.update(float(prep.metrics.get("kl", 0.0)), n_steps=int(prep.batch.input_ids.shape[0]))
+            # the estimators' "kl" is the global batch's mean (process_group), the same on every rank
+            kl_ctl.update(float(prep.metrics.get("kl", 0.0)),
+                          n_steps=int(prep.batch.input_ids.shape[0]) * ranks.world_size)
         elapsed += time.time() - t0
 
         # -> log, evaluate, save
-        row = {"step": step + 1, **rollout_metrics(rollout, cfg.num_generations), "time_s": elapsed,
-               **rollout.metrics, **prep.metrics, **metrics}
+        row = {"step": step + 1, **rollout_metrics(rollout, cfg.num_generations, ranks), "time_s": elapsed,
+               **ddp.mean_over_ranks(rollout.metrics, ranks), **ddp.mean_over_ranks(prep.metrics, ranks), **metrics}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
-            row.update(evaluation(cfg, policy, task, tok))
+            row.update(evaluate_on_main())
         log.add(row)
-        if cfg.progress:
+        if cfg.progress and ranks.is_main:
             bar.set_postfix(reward=f"{float(row['reward']):.2f}", acc=row.get("eval/accuracy", ""))
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             save(step + 1)
-        if cfg.time_budget_s and elapsed >= cfg.time_budget_s:
+        # rank 0's clock decides, so every rank stops after the same step
+        if cfg.time_budget_s and ddp.broadcast(elapsed >= cfg.time_budget_s, ranks):
             step += 1
             break
     else:
         step = cfg.max_steps
 
     if "eval/accuracy" not in log.rows[-1]:
-        log.add({"step": step, **evaluation(cfg, policy, task, tok)})
+        log.add({"step": step, **evaluate_on_main()})
     save(step)
-    plot_curves(log.rows, os.path.join(out_dir, "curves.png"), cfg.method)
+    if ranks.is_main:
+        plot_curves(log.rows, os.path.join(out_dir, "curves.png"), cfg.method)
     evals = [r for r in log.rows if "eval/accuracy" in r]
     sampled = f"eval/mean@{cfg.eval_samples}"
     return {"method": cfg.method, "steps": step, "seconds": round(elapsed, 1),
@@ -173,13 +208,45 @@ def train(cfg: TrainConfig) -> dict:
             "sampled_before": evals[0].get(sampled), "sampled_after": evals[-1].get(sampled), "log": log.rows}
 
 
-def policy_update(cfg, preset, policy, opt, prep: Prepared, scorer: Scorer, critic=None, critic_opt=None) -> dict:
+# metrics of a micro-batch's loss that are its share of the step's loss (divided by the step's global
+# normaliser): summed over micro-batches and ranks; the others are token means, weighted by tokens
+SUMMED_METRICS = frozenset({"loss", "pg_loss", "nll_loss", "kr_loss", "vf_loss"})
+
+
+def accumulate(metrics: dict, token_weight, sums: dict, maxima: dict) -> None:
+    """Adds one micro-batch's metrics: shares of the step's loss summed, maxima (`.../max`) kept
+    as maxima, token means weighted by the micro-batch's share of the step's tokens."""
+    for k, v in metrics.items():
+        v = float(v)
+        if k.rsplit("/", 1)[-1] == "max":
+            maxima[k] = max(maxima.get(k, -math.inf), v)
+        else:
+            sums[k] = sums.get(k, 0.0) + v * (1.0 if k in SUMMED_METRICS else float(token_weight))
+
+
+def global_normalizers(cfg, data: dict, rows: torch.Tensor, ranks: ddp.Ranks) -> tuple[dict, torch.Tensor]:
+    """(step_normalizers of the mini-batch, its masked-in token count), both summed over the ranks'
+    shares `rows` in one all-reduce: the denominators of the whole global mini-batch."""
+    local = step_normalizers(cfg, {k: v[rows] for k, v in data.items()})
+    names = sorted(local)
+    packed = torch.stack([local[k].reshape(()).to(torch.float64) for k in names]
+                         + [data["mask"][rows].sum().to(torch.float64)])
+    total = ddp.all_sum(packed, ranks)
+    dtype = local["pg"].dtype
+    return {k: total[i].to(dtype) for i, k in enumerate(names)}, total[-1]
+
+
+def policy_update(cfg, preset, policy, opt, prep: Prepared, scorer: Scorer, critic=None, critic_opt=None,
+                  ranks: ddp.Ranks = ddp.ALONE) -> dict:
     """num_iterations epochs x num_mini_batches optimiser steps, each accumulated over
     gradient_accumulation_steps micro-batches with the mini-batch's global normaliser, so
     micro-batching gives the same update as one big batch. The critic (PPO family) takes its
-    step on the same mini-batch, with its own optimiser."""
+    step on the same mini-batch, with its own optimiser. Under DDP the mini-batches are drawn
+    from the global batch; each rank backpropagates the rows it holds, the gradients are summed
+    over the ranks and every rank takes the same step."""
     batch = prep.batch
-    B = batch.input_ids.shape[0]
+    B = batch.input_ids.shape[0]  # this rank's rows: global rows [rank * B, (rank + 1) * B)
+    first = ranks.rank * B
     on_policy = cfg.num_iterations == 1 and cfg.num_mini_batches == 1
     data = dict(prep.data)
     data["labels"] = batch.completion_ids.masked_fill(batch.completion_mask == 0, -100)
@@ -192,28 +259,39 @@ def policy_update(cfg, preset, policy, opt, prep: Prepared, scorer: Scorer, crit
         data["ref_logp"] = scorer.ref_logp(batch)
     if critic is not None:
         data["old_values"] = scorer.values(batch)
+    overrides = dict(prep.loss_overrides)
+    if ranks.distributed and cfg.loss_method == "bapo":
+        overrides["process_group"] = ranks.group  # the bounds searched on the global mini-batch's tokens
     sums: dict[str, float] = {}
     n_updates = 0
 
-    def add(metrics, weight=1.0):
+    def add(metrics):
         for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * weight
+            sums[k] = sums.get(k, 0.0) + float(v)
 
     for _ in range(cfg.num_iterations):
-        for mb in minibatches(cfg, preset, B, batch.input_ids.device):
-            norms = step_normalizers(cfg, {k: v[mb] for k, v in data.items()})
+        for mb in minibatches(cfg, preset, B * ranks.world_size, batch.input_ids.device):
+            mine = mb[(mb >= first) & (mb < first + B)] - first
+            norms, tokens = global_normalizers(cfg, data, mine, ranks)
             opt.zero_grad(set_to_none=True)
-            for micro in mb.chunk(cfg.gradient_accumulation_steps):
+            step_sums, step_max = {}, {}
+            for micro in mine.chunk(cfg.gradient_accumulation_steps):
+                if len(micro) == 0:  # this rank holds none of the mini-batch: it only joins the sums
+                    continue
                 d = {k: v[micro] for k, v in data.items()}
                 head = sequence_head(policy, batch.select(micro), cfg.fused_lm_head)
-                out = preset.loss(cfg, head, d, norms, prep.loss_overrides)
+                out = preset.loss(cfg, head, d, norms, overrides)
                 out.loss.backward()
-                add(out.metrics, len(micro) / len(mb))
-                add({"loss": out.loss.detach()})
+                accumulate({**out.metrics, "loss": out.loss.detach()}, d["mask"].sum() / tokens.clamp_min(1),
+                           step_sums, step_max)
+            step_sums, step_max = ddp.reduce_metrics(step_sums, step_max, ranks)
+            add(step_sums)
+            add(step_max)
+            ddp.sum_gradients(policy.parameters(), ranks)
             add({"grad_norm": torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)})
             opt.step()
             if critic is not None:
-                add(critic_step(cfg, critic, critic_opt, batch, data, mb))
+                add(critic_step(cfg, critic, critic_opt, batch, data, mine, ranks))
             n_updates += 1
     return {k: v / n_updates for k, v in sums.items()}
 
