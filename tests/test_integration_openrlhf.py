@@ -62,6 +62,8 @@ def policy_inputs(dtype, seed, b=6, t=7):
     rollout = old + 0.8 * torch.randn(b, t, generator=g, dtype=torch.float64)
     adv = torch.randn(b, t, generator=g, dtype=torch.float64)
     adv[3, :2] = 0.0
+    adv[1, 2] = adv[2, 0] = 1.0               # the +-20 clamp binds on the unclipped branch at [2, 0]
+    logp[4, 3] = old[4, 3] + 12.0             # a one-token row whose GSPO log-ratio passes alignops's own cap of 10
     mask = torch.rand(b, t, generator=g) > 0.25
     mask[0] = False
     mask[4] = False
@@ -99,13 +101,13 @@ CORRECTIONS = [
     dict(is_correction_level="seq", is_correction_mode="mask", is_correction_gating="ratio",
          is_correction_threshold=(0.8, 1.5)),
     dict(is_correction_level="token", is_correction_mode="mask", is_correction_gating="binary_kl",
-         is_correction_threshold=(0.0, 0.05)),
+         is_correction_threshold=(0.0, 0.1)),
     dict(is_correction_level="seq", is_correction_mode="mask", is_correction_gating="binary_kl",
-         is_correction_threshold=(0.0, 0.05)),
+         is_correction_threshold=(0.0, 0.2)),
     dict(is_correction_level="token", is_correction_mode="mask", is_correction_gating="tv",
-         is_correction_threshold=(0.0, 0.1)),
+         is_correction_threshold=(0.0, 0.2)),
     dict(is_correction_level="seq", is_correction_mode="mask", is_correction_gating="tv",
-         is_correction_threshold=(0.0, 0.1)),
+         is_correction_threshold=(0.0, 0.2)),
 ]
 STEP_COUNTS = [{}, dict(dp_size=4, batch_num_tokens=torch.tensor(37.0), global_batch_size=torch.tensor(9.0)),
                dict(dp_size=2, batch_num_tokens=23, global_batch_size=3.0)]
@@ -132,11 +134,13 @@ def test_policy_loss_equals_openrlhf(theirs, policy_loss_type, token_level_loss,
             assert_same(o, e, dtype, f"{name}: {case}")
         assert_same(grad, expected_grad, dtype, f"grad: {case}")
         assert grad.abs().sum() > 0, case
+        if expected[4] is not None:
+            assert 0 < expected[4] < 1, f"the gate keeps or drops everything: {case}"
 
 
 def test_policy_inputs_reach_every_branch():
-    """The inputs above are only a test if they clip on both sides, pass OpenRLHF's +-20 clamp and straddle
-    the gates; checked here on the inputs themselves."""
+    """The inputs above are only a test if they clip on both sides and pass OpenRLHF's +-20 clamp (that they
+    straddle the gates is checked on OpenRLHF's is_filter_ratio above)."""
     x = policy_inputs(torch.float64, 0)
     m = x["action_mask"]
     d = (x["log_probs"] - x["old_log_probs"]).detach()[m]
