@@ -8,6 +8,7 @@ and through verl's patched HF forwards. Registration through the `verl.plugins` 
 fresh interpreter.
 """
 
+import copy
 import json
 import os
 import subprocess
@@ -346,3 +347,161 @@ def test_estimator_bad_input_is_named():
         aov.remax(rewards, None, mask)
     with pytest.raises(ValueError, match="config"):
         aov.reinforce_plus_plus(rewards, mask)
+
+
+# --------------------------------------------------------------------------------------------
+# fused forward
+
+
+def fused_inputs(shape=(2, 5), hidden_size=16, vocab=37, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, hidden_size, generator=g, dtype=dtype)
+    weight = torch.randn(vocab, hidden_size, generator=g, dtype=dtype) / 2
+    weight[7] *= 12                                   # a peaked vocabulary row
+    labels = torch.randint(0, vocab, shape, generator=g)
+    labels.view(-1)[::3] = 7
+    cot_logp = torch.randn(shape, generator=g)
+    cot_ent = torch.randn(shape, generator=g)
+    return hidden, weight, labels, cot_logp, cot_ent
+
+
+def grads_of(fn, hidden, weight, labels, cot_logp, cot_ent):
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    logp, ent = fn(h, w, labels)
+    logp, ent = logp.reshape(labels.shape), ent.reshape(labels.shape)
+    dh, dw = torch.autograd.grad((logp * cot_logp).sum() + (ent * cot_ent).sum(), (h, w))
+    return logp.detach(), ent.detach(), dh, dw
+
+
+def float64_head(logits, labels):
+    lp = logits.log_softmax(-1)
+    return lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1), -(lp.exp() * lp).sum(-1)
+
+
+def assert_matches_verl(got, ref, truth):
+    """Values equal verl's. Gradients are fp32 GEMM sums over the vocabulary whose rounding differs
+    between the two implementations by a few ulps of the gradient's largest entry (elementwise
+    tolerances fail on cancelled small entries), so both are held to the float64 truth within
+    8 ulps of that scale: verl's own gradient passes the same bound."""
+    for a, b in zip(got[:2], ref[:2]):
+        torch.testing.assert_close(a, b)
+    for a, b, t in zip(got[2:], ref[2:], truth[2:]):
+        bound = 8 * torch.finfo(torch.float32).eps * float(t.abs().max())
+        assert float((b.double() - t).abs().max()) <= bound
+        assert float((a.double() - t).abs().max()) <= bound
+
+
+def truth_of(hidden, weight, labels, cot_logp, cot_ent, temperature):
+    h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    logp, ent = float64_head(h @ w.T / temperature, labels)
+    return [logp, ent, *torch.autograd.grad((logp * cot_logp).sum() + (ent * cot_ent).sum(), (h, w))]
+
+
+def verl_torch_path(temperature):
+    from verl.utils.experimental.torch_functional import FusedLinearForPPO
+    module = FusedLinearForPPO(impl_backend="torch")
+    return lambda h, w, y: module(h, w, y, temperature)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("shape", [(2, 5), (9,)])
+def test_linear_cross_entropy_equals_verl_torch_path(temperature, shape):
+    args = fused_inputs(shape)
+    ref = grads_of(verl_torch_path(temperature), *args)
+    truth = truth_of(*args, temperature)
+    got = grads_of(lambda h, w, y: aov.linear_cross_entropy(h, w, y, temperature, "none"), *args)
+    assert_matches_verl(got, ref, truth)
+    module = aov.AlignopsFusedLinearForPPO()
+    got = grads_of(lambda h, w, y: module(h, w, y, temperature), *args)
+    assert_matches_verl(got, ref, truth)
+
+
+def test_linear_cross_entropy_contract():
+    hidden, weight, labels, _, _ = fused_inputs()
+    logp, ent = aov.linear_cross_entropy(hidden, weight, labels, 0.7, "none")
+    assert logp.shape == ent.shape == (labels.numel(),) and logp.dtype == ent.dtype == torch.float32
+    ref, _ = verl_torch_path(0.7)(hidden, weight, labels)
+    for reduction, reduce in (("sum", torch.sum), ("mean", torch.mean)):
+        total, ent_r = aov.linear_cross_entropy(hidden, weight, labels, 0.7, reduction)
+        torch.testing.assert_close(total, reduce(ref))
+        torch.testing.assert_close(ent_r, ent)
+    with pytest.raises(ValueError, match="reduction"):
+        aov.linear_cross_entropy(hidden, weight, labels, 0.7, "max")
+    with pytest.raises(TypeError, match="temperature"):
+        aov.linear_cross_entropy(hidden, weight, labels, "0.7")
+    with pytest.raises(ValueError, match="labels"):
+        aov.linear_cross_entropy(hidden, weight, labels[:, :-1])
+    with pytest.raises(ValueError, match="impl_backend"):
+        aov.AlignopsFusedLinearForPPO(impl_backend="triton")
+    # bf16 hidden: entropy in the hidden dtype, as verl's FusedLinearForPPO returns it
+    _, ent16 = aov.AlignopsFusedLinearForPPO()(hidden.bfloat16(), weight.bfloat16(), labels)
+    assert ent16.dtype == torch.bfloat16
+
+
+def test_dist_process_group_goes_to_vocab_process_group(monkeypatch):
+    hidden, weight, labels, _, _ = fused_inputs()
+    group = object()
+    seen = {}
+
+    def with_keyword(hidden, weight, labels, *, temperature, return_entropy, chunk_size, vocab_process_group=None):
+        seen["group"] = vocab_process_group
+        n = labels.numel()
+        return torch.zeros(n), torch.zeros(n)
+
+    def without_keyword(hidden, weight, labels, *, temperature, return_entropy, chunk_size):
+        raise AssertionError("must not be called with a process group it cannot take")
+
+    monkeypatch.setattr(ao, "fused_linear_token_logprobs", with_keyword)
+    aov.linear_cross_entropy(hidden, weight, labels, 1.0, "none", group)
+    assert seen["group"] is group
+    aov.linear_cross_entropy(hidden, weight, labels, 1.0, "none", None)
+    assert seen["group"] is None
+    monkeypatch.setattr(ao, "fused_linear_token_logprobs", without_keyword)
+    with pytest.raises(NotImplementedError, match="vocab_process_group"):
+        aov.linear_cross_entropy(hidden, weight, labels, 1.0, "none", group)
+
+
+def tiny_causal_lm():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return Qwen2ForCausalLM(cfg).float()
+
+
+def hf_forward(forward, model, input_ids):
+    model.zero_grad()
+    if forward is None:   # the float64 truth: the model's own logits, rolled labels as verl's forwards
+        out = model(input_ids=input_ids)
+        logp, ent = float64_head(out.logits / 0.7, torch.roll(input_ids, shifts=-1, dims=-1))
+    else:
+        out = forward(model, input_ids=input_ids, return_dict=True, temperature=0.7)
+        logp, ent = out.log_probs.reshape(input_ids.shape), out.entropy.reshape(input_ids.shape)
+    g = torch.Generator().manual_seed(9)
+    ((logp * torch.randn(logp.shape, generator=g)).sum() + (ent * torch.randn(ent.shape, generator=g)).sum()).backward()
+    return [logp.detach(), ent.detach(), model.lm_head.weight.grad.clone(),
+            model.model.embed_tokens.weight.grad.clone()]
+
+
+def test_install_fused_forward_in_verl_hf_forwards():
+    """verl's patched HF forwards (use_fused_kernels, backends "triton" and "torch") run alignops
+    after install_fused_forward and equal verl's own CPU path."""
+    import verl.utils.experimental.torch_functional as tf
+    import verl.utils.kernel.linear_cross_entropy as lce
+    from verl.models.transformers import dense_common
+
+    model = tiny_causal_lm()
+    input_ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(1))
+    original_lce, original_cls = lce.linear_cross_entropy, tf.FusedLinearForPPO
+    ref = hf_forward(dense_common.forward_with_torch_backend, model, input_ids)
+    truth = hf_forward(None, copy.deepcopy(model).double(), input_ids)
+    aov.install_fused_forward()
+    try:
+        assert lce.linear_cross_entropy is aov.linear_cross_entropy
+        assert tf.FusedLinearForPPO is aov.AlignopsFusedLinearForPPO
+        for forward in (dense_common.forward_with_triton_backend, dense_common.forward_with_torch_backend):
+            assert_matches_verl(hf_forward(forward, model, input_ids), ref, truth)
+    finally:
+        aov.uninstall_fused_forward()
+    assert lce.linear_cross_entropy is original_lce and tf.FusedLinearForPPO is original_cls
