@@ -505,3 +505,56 @@ def test_install_fused_forward_in_verl_hf_forwards():
     finally:
         aov.uninstall_fused_forward()
     assert lce.linear_cross_entropy is original_lce and tf.FusedLinearForPPO is original_cls
+
+
+# --------------------------------------------------------------------------------------------
+# registration through verl's plugin loader
+
+
+PROBE = """
+import json, sys
+import verl
+from verl.trainer.ppo import core_algos
+import verl.utils.kernel.linear_cross_entropy as lce
+print(json.dumps({
+    "loaded": "alignops.integrations.verl" in sys.modules,
+    "policy_losses": sorted(k for k in core_algos.POLICY_LOSS_REGISTRY if k.startswith("alignops_")),
+    "adv_estimators": sorted(k for k in core_algos.ADV_ESTIMATOR_REGISTRY if k.startswith("alignops_")),
+    "fused": getattr(lce.linear_cross_entropy, "__module__", None),
+}))
+"""
+
+
+def probe_verl(**env):
+    full_env = {k: v for k, v in os.environ.items() if k not in ("VERL_USE_EXTERNAL_PLUGINS", aov.FUSED_FORWARD_ENV)}
+    full_env.update(env)
+    out = subprocess.run([sys.executable, "-c", PROBE], env=full_env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_entry_point_is_declared():
+    from importlib.metadata import entry_points
+    eps = {ep.name: ep.value for ep in entry_points(group="verl.plugins")}
+    assert eps.get("alignops") == "alignops.integrations.verl"
+
+
+def test_plain_import_verl_registers_everything():
+    """verl imports the plugin while verl/__init__.py runs and swallows its errors at DEBUG level:
+    only the registries after a plain `import verl` in a fresh interpreter show it worked."""
+    got = probe_verl(**{aov.FUSED_FORWARD_ENV: "1"})
+    assert got["loaded"]
+    assert got["policy_losses"] == sorted("alignops_" + m for m in method_names())
+    assert got["adv_estimators"] == sorted("alignops_" + e for e in aov.ADVANTAGE_ESTIMATORS)
+    assert got["fused"] == "alignops.integrations.verl"
+    # control: with verl's plugin discovery off, nothing of alignops is there
+    off = probe_verl(VERL_USE_EXTERNAL_PLUGINS="none")
+    assert not off["loaded"] and off["policy_losses"] == [] and off["adv_estimators"] == []
+    assert off["fused"] != "alignops.integrations.verl"
+
+
+def test_register_is_idempotent():
+    before = dict(core_algos.ADV_ESTIMATOR_REGISTRY)
+    names = aov.register()
+    assert dict(core_algos.ADV_ESTIMATOR_REGISTRY) == before
+    assert set(names["policy_losses"]) <= set(core_algos.POLICY_LOSS_REGISTRY)
