@@ -151,7 +151,8 @@ def test_normalizers_follow_agg_loss(mode):
     _, _, _, mask, _ = policy_inputs()
     x = torch.randn(B, T, generator=torch.Generator().manual_seed(3))
     for gbi in ({}, {"dp_size": 4, "batch_num_tokens": 101, "global_batch_size": 17},
-                {"dp_size": 2, "batch_num_tokens": torch.tensor(77), "global_batch_size": 9, "loss_scale_factor": 5}):
+                {"dp_size": torch.tensor(2), "batch_num_tokens": torch.tensor(77), "global_batch_size": 9,
+                 "loss_scale_factor": 5}):
         ref = core_algos.agg_loss(x, mask, mode, **gbi)
         kwargs = aov.aggregation(mode, mask, gbi)
         rows = ao.layout.Rows(mask.shape, mask.device)
@@ -460,6 +461,12 @@ def test_dist_process_group_goes_to_vocab_process_group(monkeypatch):
     monkeypatch.setattr(ao, "fused_linear_token_logprobs", without_keyword)
     with pytest.raises(NotImplementedError, match="vocab_process_group"):
         aov.linear_cross_entropy(hidden, weight, labels, 1.0, "none", group)
+    # a one-rank group (Megatron at TP = 1) shards nothing: the plain path, no keyword needed
+    monkeypatch.setattr(ao, "fused_linear_token_logprobs", ao.fused_linear.fused_linear_token_logprobs)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda g=None: 1 if g is group else 2)
+    logp, _ = aov.linear_cross_entropy(hidden, weight, labels, 1.0, "none", group)
+    torch.testing.assert_close(logp, verl_torch_path(1.0)(hidden, weight, labels)[0].reshape(-1))
 
 
 def tiny_causal_lm():

@@ -124,6 +124,8 @@ def aggregation(loss_agg_mode: str, response_mask: Tensor, global_batch_info: Ma
         raise ValueError(f"loss_agg_mode must be one of {_AGG_MODES}, got {loss_agg_mode!r}")
     info = dict(global_batch_info or {})
     dp_size = info.get("dp_size") or 1
+    if isinstance(dp_size, Tensor) and dp_size.numel() == 1 and not dp_size.dtype.is_floating_point:
+        dp_size = int(dp_size)
     if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
         raise ValueError(f"global_batch_info['dp_size'] must be a positive int, got {dp_size!r}")
     if loss_agg_mode == "token-mean":
@@ -352,6 +354,10 @@ def _fused_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, temperature:
                     vocab_process_group=None, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
     fn = ao.fused_linear_token_logprobs
     kwargs = {}
+    # Megatron passes its tensor-parallel group even at TP = 1, where nothing is sharded
+    if (vocab_process_group is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size(vocab_process_group) == 1):
+        vocab_process_group = None
     if vocab_process_group is not None:
         if "vocab_process_group" not in inspect.signature(fn).parameters:
             raise NotImplementedError(
