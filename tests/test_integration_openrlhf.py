@@ -63,7 +63,8 @@ def policy_inputs(dtype, seed, b=6, t=7):
     adv = torch.randn(b, t, generator=g, dtype=torch.float64)
     adv[3, :2] = 0.0
     adv[1, 2] = adv[2, 0] = 1.0               # the +-20 clamp binds on the unclipped branch at [2, 0]
-    logp[4, 3] = old[4, 3] + 12.0             # a one-token row whose GSPO log-ratio passes alignops's own cap of 10
+    logp[4, 3] = old[4, 3] + 10.5             # a one-token row whose GSPO log-ratio passes alignops's own cap of 10
+    adv[4, 3] = -1e-4                         # (unclipped there, and small enough not to swamp the other tokens)
     mask = torch.rand(b, t, generator=g) > 0.25
     mask[0] = False
     mask[4] = False
