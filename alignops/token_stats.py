@@ -166,7 +166,8 @@ def as_rows(logits: Tensor) -> Tensor:
 
 def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0, ignore_index: int = -100,
                    return_entropy: bool = False, backend: str | None = None,
-                   check_finite: bool = False, validate_labels: bool | None = None):
+                   check_finite: bool = False, validate_labels: bool | None = None,
+                   vocab_process_group=None, vocab_start: int | None = None):
     """Log-probability of each label under softmax(logits / temperature), and optionally the entropy.
 
     Args:
@@ -179,6 +180,10 @@ def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0, ign
         check_finite: raise ValueError if logits hold NaN or inf (costs a reduction and a sync).
         validate_labels: check labels lie in [0, V); default: only for CPU tensors, where it costs
             no device synchronisation. Unchecked out-of-range labels give NaN log-probs.
+        vocab_process_group: a torch.distributed group over which the vocabulary is sharded:
+            `logits` are this rank's contiguous slice `[..., V_r]` (rank order), `labels` global ids,
+            the same on every rank. One all_gather forward, none backward (alignops/vocab_parallel.py).
+        vocab_start: this rank's first token id (the lower ranks' V_r summed); None gathers the sizes.
 
     Returns:
         `logp` (and `entropy`), float32 (float64 for float64 logits), shaped like `labels`.
@@ -194,6 +199,9 @@ def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0, ign
     compiling = torch.compiler.is_compiling()
     if validate_labels is None:
         validate_labels = labels.device.type == "cpu" and not compiling
+    if vocab_process_group is not None or vocab_start is not None:
+        return _sharded_token_logprobs(logits, labels, temperature, ignore_index, return_entropy, backend,
+                                       check_finite, validate_labels, vocab_process_group, vocab_start)
     if validate_labels:
         check_label_range(labels, logits.shape[-1], ignore_index)
     if check_finite:
@@ -212,5 +220,23 @@ def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0, ign
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     logp, _, entropy = token_stats_op(as_rows(logits), flat_labels, temperature, ignore_index,
                                       return_entropy, backend)
+    logp = logp.view(labels.shape)
+    return (logp, entropy.view(labels.shape)) if return_entropy else logp
+
+
+def _sharded_token_logprobs(logits, labels, temperature, ignore_index, return_entropy, backend, check_finite,
+                            validate_labels, vocab_process_group, vocab_start):
+    from alignops import vocab_parallel  # noqa: PLC0415
+
+    vocab_parallel.check_group_args(vocab_process_group, vocab_start)
+    backend = _backend.resolve_backend(backend, logits.device, what=LOGITS_OPS)
+    if logits.dtype == torch.float64 and backend in ("triton", "cuda"):
+        raise TypeError(f"logits of dtype float64 are supported by the torch and cpu backends, not {backend!r}")
+    logits3 = as_rows(logits)
+    shard = vocab_parallel.resolve_shard(vocab_process_group, vocab_start, logits.shape[-1], logits.device)
+    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    logp, entropy = vocab_parallel.ShardedTokenStats.apply(logits3, flat_labels, shard, temperature, ignore_index,
+                                                           bool(return_entropy), backend, bool(validate_labels),
+                                                           bool(check_finite), False)
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
