@@ -230,6 +230,53 @@ def test_bad_config_is_named():
         aov.policy_loss_fn("vanilla")
 
 
+def verl_engine_batch(logp, old, adv, mask):
+    """The TensorDict verl's engine workers hand to workers/utils/losses.py::ppo_loss: padded
+    prompts and responses, log-probs and entropy packed [total_nnz] (shifted by one token), and
+    the mini-batch's global counts for two data-parallel ranks."""
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+    prompt_lens = torch.tensor([1, 3, 2, 3, 1, 2])
+    response_lens = mask.sum(-1)
+    p = int(prompt_lens.max())
+    prompt_mask = torch.arange(p).flip(0).unsqueeze(0) < prompt_lens.unsqueeze(1)   # left-padded prompts
+    data = TensorDict({"prompts": torch.zeros(B, p, dtype=torch.long), "responses": torch.zeros(B, T, dtype=torch.long),
+                       "attention_mask": torch.cat([prompt_mask, mask], 1).long(), "response_mask": mask.long(),
+                       "old_log_probs": old, "advantages": adv, "ref_log_prob": old - 0.1}, batch_size=[B])
+    tu.assign_non_tensor(data, dp_size=2, batch_num_tokens=int(mask.sum()) * 2 + 5, global_batch_size=2 * B + 1)
+
+    def packed(x):
+        rows = []
+        for i in range(B):
+            seq = torch.zeros(int(prompt_lens[i] + response_lens[i]))
+            seq[int(prompt_lens[i]) - 1:int(prompt_lens[i]) - 1 + int(response_lens[i])] = x[i, :int(response_lens[i])]
+            rows.append(seq)
+        return torch.cat(rows)
+    return data, packed
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("verl_name,method", [("vanilla", "ppo"), ("gspo", "gspo-token")])
+def test_through_verl_ppo_loss(verl_name, method, mode):
+    """verl's own actor loss (KL loss, entropy bonus, global_batch_info filled in by verl) with the
+    alignops policy loss plugged in equals it with verl's."""
+    from verl.workers.config import PolicyLossConfig
+    from verl.workers.utils.losses import ppo_loss
+    logp, old, adv, mask, _ = policy_inputs()
+    data, packed = verl_engine_batch(logp, old, adv, mask)
+    entropy = torch.rand(B, T, generator=torch.Generator().manual_seed(8))
+    results = []
+    for loss_mode in (verl_name, "alignops_" + method):
+        cfg = actor_config(mode, clip_ratio_high=0.28, use_kl_loss=True, entropy_coeff=0.01, loss_scale_factor=11,
+                           policy_loss=PolicyLossConfig(loss_mode=loss_mode))
+        flat_logp, flat_ent = packed(logp).requires_grad_(), packed(entropy).requires_grad_()
+        loss, metrics = ppo_loss(cfg, {"log_probs": flat_logp, "entropy": flat_ent}, data)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (flat_logp, flat_ent)),
+                        metrics["actor/pg_loss"].values, metrics["actor/ppo_kl"].values))
+    for a, b in zip(*results):
+        torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b))
+
+
 # --------------------------------------------------------------------------------------------
 # advantage estimators
 
