@@ -107,6 +107,18 @@ def test_policy_loss_equals_verl(verl_name, method, mode, info):
         assert ref_m["actor/pg_clipfrac"] > 0.1
 
 
+def test_cispo_without_lower_bound_equals_verl():
+    """verl's CISPO example writes "no lower bound" as clip_ratio_low=10 (1 - 10 < 0 never binds)."""
+    logp, old, adv, mask, _ = policy_inputs()
+    cfg = actor_config(clip_ratio_low=10.0, clip_ratio_high=0.2)
+    ref_loss, ref_grad, _ = run_loss(core_algos.get_policy_loss_fn("cispo"), logp, old, adv, mask, "token-mean", cfg,
+                                     None)
+    loss, grad, _ = run_loss(core_algos.get_policy_loss_fn("alignops_cispo"), logp, old, adv, mask, "token-mean", cfg,
+                             None)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(grad, ref_grad)
+
+
 def verl_sapo_per_token(logp, old, adv, mask, cfg):
     """verl's SAPO phi_it and d phi_it / d logp, one token at a time: verl's sapo aggregates with
     seq-mean-token-mean whatever loss_agg_mode says, which for a one-token mask is that token's phi."""
@@ -205,6 +217,12 @@ def test_alignops_options_from_config():
                                  "policy_loss": {"alignops": {"gppo_beta1": 0.5}}, "global_batch_info": {}})
     loss_dict, _, _ = run_loss(fn, logp, old, adv, mask, "token-mean", dict_cfg, None)
     torch.testing.assert_close(loss_dict, loss)
+    # list-valued options arrive as OmegaConf ListConfig from a DictConfig
+    bapo_cfg = OmegaConf.create({"clip_ratio": 0.2, "policy_loss": {"alignops": {"bapo_bounds": [0.7, 1.3]}}})
+    bapo, _, _ = run_loss(core_algos.get_policy_loss_fn("alignops_bapo"), logp, old, adv, mask, "token-mean",
+                          bapo_cfg, None)
+    ref = ao.policy_loss(logp, old, adv, mask, method="bapo", clip_ratio_c=3.0, bapo_bounds=(0.7, 1.3))
+    torch.testing.assert_close(bapo, ref.loss)
 
 
 def test_bad_config_is_named():

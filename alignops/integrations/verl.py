@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 import alignops as ao
@@ -79,14 +80,11 @@ if _VerlPolicyLossConfig is not None:
 
 
 def _cfg_get(cfg, key, default=None):
+    """A field of a verl config: a BaseConfig dataclass, an OmegaConf DictConfig or a dict."""
     if cfg is None:
         return default
-    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
-        try:
-            return cfg.get(key, default)
-        except TypeError:
-            pass
-    return getattr(cfg, key, default)
+    getter = getattr(cfg, "get", None)
+    return getter(key, default) if callable(getter) else getattr(cfg, key, default)
 
 
 def alignops_options(config) -> dict:
@@ -96,6 +94,8 @@ def alignops_options(config) -> dict:
         return {}
     if not isinstance(opts, Mapping):
         raise TypeError(f"policy_loss.alignops must be a mapping of ao.policy_loss options, got {type(opts).__name__}")
+    if isinstance(opts, DictConfig):
+        opts = OmegaConf.to_container(opts, resolve=True)
     opts = dict(opts)
     owned = sorted(set(opts) & set(_VERL_OWNED))
     if owned:
@@ -152,7 +152,9 @@ def policy_loss_kwargs(method: str, config, loss_agg_mode: str, response_mask: T
     kwargs = aggregation(loss_agg_mode, response_mask, _cfg_get(config, "global_batch_info"))
     clip = _cfg_get(config, "clip_ratio")
     low, high = _cfg_get(config, "clip_ratio_low"), _cfg_get(config, "clip_ratio_high")
-    kwargs["clip_low"] = clip if low is None else low
+    # A lower bound 1 - clip_low <= 0 never binds (ratios are positive): verl's CISPO example writes
+    # "no lower bound" as clip_ratio_low=10, alignops as clip_low=1.
+    kwargs["clip_low"] = min(clip if low is None else low, 1.0)
     kwargs["clip_high"] = clip if high is None else high
     if method in DUAL_CLIP_METHODS:
         kwargs["clip_ratio_c"] = _cfg_get(config, "clip_ratio_c", 3.0)
