@@ -213,7 +213,8 @@ def test_alignops_options_from_config():
         "_target_": "alignops.integrations.verl.AlignopsPolicyLossConfig", "loss_mode": "alignops_gppo",
         "alignops": {"gppo_beta1": 0.5}}))
     assert isinstance(node, aov.AlignopsPolicyLossConfig) and node.alignops == {"gppo_beta1": 0.5}
-    dict_cfg = OmegaConf.create({"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.28, "clip_ratio_c": 10.0,
+    dict_cfg = OmegaConf.create({"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.28,
+                                 "clip_ratio_c": 10.0,
                                  "policy_loss": {"alignops": {"gppo_beta1": 0.5}}, "global_batch_info": {}})
     loss_dict, _, _ = run_loss(fn, logp, old, adv, mask, "token-mean", dict_cfg, None)
     torch.testing.assert_close(loss_dict, loss)
