@@ -30,8 +30,8 @@ def _load(name: str, path: Path):
 
 
 @pytest.fixture(scope="module")
-def theirs():
-    """OpenRLHF's openrlhf/models/loss.py, as installed."""
+def installed():
+    """OpenRLHF's openrlhf/models/loss.py and utils.py, as installed."""
     folder = Path(importlib.metadata.distribution("openrlhf").locate_file("openrlhf/models"))
     package = types.ModuleType(ORACLE_PACKAGE)
     package.__path__ = [str(folder)]
@@ -40,11 +40,21 @@ def theirs():
         added["deepspeed"] = types.ModuleType("deepspeed")
     sys.modules.update(added)
     try:
-        _load(f"{ORACLE_PACKAGE}.utils", folder / "utils.py")
-        return _load(f"{ORACLE_PACKAGE}.loss", folder / "loss.py")
+        utils = _load(f"{ORACLE_PACKAGE}.utils", folder / "utils.py")
+        return _load(f"{ORACLE_PACKAGE}.loss", folder / "loss.py"), utils
     finally:
         for name in (*added, f"{ORACLE_PACKAGE}.utils", f"{ORACLE_PACKAGE}.loss"):
             sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def theirs(installed):
+    return installed[0]
+
+
+@pytest.fixture(scope="module")
+def their_utils(installed):
+    return installed[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,34 +328,58 @@ def test_gpt_lm_loss_equals_openrlhf(theirs, dtype):
     assert torch.isnan(theirs.GPTLMLoss()(logits, torch.full_like(labels, -100)))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_actor_logits_functions_equal_openrlhf(their_utils, dtype, temperature):
+    """The Actor's log_probs_from_logits (OpenRLHF's fallback without flash-attn) and compute_entropy."""
+    g = torch.Generator().manual_seed(11)
+    logits = (3 * torch.randn(2, 5, 29, generator=g, dtype=torch.float64)).to(dtype)
+    logits[1, 3, 7] = 80.0                         # a peaked row
+    labels = torch.randint(0, 29, (2, 5), generator=g)
+    weights = torch.randn(2, 5, generator=g, dtype=torch.float64).to(dtype)
+    results = []
+    for module in (their_utils, ao_orl):
+        z = logits.clone().requires_grad_()
+        # OpenRLHF's divides its argument in place by the temperature, which autograd refuses on a leaf
+        logp = module.log_probs_from_logits(z * 1.0, labels, temperature=temperature)
+        entropy = module.compute_entropy(z / temperature)
+        (logp * weights + entropy * weights.flip(0)).sum().backward()
+        results.append((logp, entropy, z.grad))
+    for e, o in zip(*results):
+        assert_same(o, e, dtype, f"logits functions, temperature={temperature}")
+    z = logits.clone()
+    ao_orl.log_probs_from_logits(z, labels, temperature=temperature)
+    assert torch.equal(z, logits)
+
+
 # --------------------------------------------------------------------------------------------
 # use_alignops
 
 
-def test_use_alignops_swaps_the_actors_policy_loss(theirs):
+def test_use_alignops_swaps_the_actors_policy_loss(theirs, their_utils):
     # A stand-in for openrlhf/trainer/ray/ppo_actor.py, which does `from openrlhf.models import Actor,
     # PolicyLoss, aggregate_loss` and builds PolicyLoss(clip_eps_low=..., ...) in ActorPPOTrainer.__init__.
     actor = types.ModuleType("ppo_actor")
     actor.PolicyLoss, actor.aggregate_loss = theirs.PolicyLoss, theirs.aggregate_loss
-    original = {name: getattr(theirs, name) for name in ao_orl.REPLACEMENTS}
+    modules = [theirs, their_utils, actor]
+    original = {(m, name): getattr(m, name) for m in modules for name in ao_orl.REPLACEMENTS if hasattr(m, name)}
+    assert {name for _, name in original} == set(ao_orl.REPLACEMENTS)
     actor_kwargs = dict(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=None, token_level_loss=True,
                         policy_loss_type="ppo", is_correction_level="token", is_correction_mode="mask",
                         is_correction_gating="ratio", is_correction_threshold=[0.5, 5.0])
     inputs = policy_inputs(torch.float32, 6)
-    expected, _ = run(original["PolicyLoss"](**actor_kwargs), inputs)
+    expected, _ = run(theirs.PolicyLoss(**actor_kwargs), inputs)
 
-    with ao_orl.use_alignops(modules=[theirs, actor]) as patch:
+    with ao_orl.use_alignops(modules=modules) as patch:
         assert patch.active
-        assert actor.PolicyLoss is ao_orl.PolicyLoss and actor.aggregate_loss is ao_orl.aggregate_loss
-        for name, ours in ao_orl.REPLACEMENTS.items():
-            assert getattr(theirs, name) is ours
+        for module, name in original:
+            assert getattr(module, name) is ao_orl.REPLACEMENTS[name]
         got, _ = run(actor.PolicyLoss(**actor_kwargs), inputs)
         for e, o in zip(expected, got):
             assert_same(o, e, torch.float32, "patched PolicyLoss")
     assert not patch.active
-    assert actor.PolicyLoss is original["PolicyLoss"]
-    for name, value in original.items():
-        assert getattr(theirs, name) is value
+    for (module, name), value in original.items():
+        assert getattr(module, name) is value
 
     patch = ao_orl.use_alignops("cispo", modules=[actor])
     try:
@@ -359,7 +393,7 @@ def test_use_alignops_swaps_the_actors_policy_loss(theirs):
         inner.restore()
     finally:
         patch.restore()
-    assert actor.PolicyLoss is original["PolicyLoss"]
+    assert actor.PolicyLoss is theirs.PolicyLoss
 
 
 def test_use_alignops_checks_its_arguments_before_patching():

@@ -13,14 +13,16 @@ signatures and return values, computed by alignops.
 
 OpenRLHF's PPO actor builds `PolicyLoss` in `openrlhf/trainer/ray/ppo_actor.py` from the name it imports
 from `openrlhf.models` (and takes `aggregate_loss` from there for the KL and entropy terms); the critic
-takes `ValueLoss`, the SFT and DPO trainers `SFTLoss` and `DPOLoss`, all from `openrlhf.models`.
-use_alignops replaces those names in `openrlhf.models.loss`, `openrlhf.models` and every consumer already
-imported, so trainers built afterwards use alignops. Under Ray each worker is its own process: run it
+takes `ValueLoss`, the SFT and DPO trainers `SFTLoss` and `DPOLoss`, all from `openrlhf.models`; its
+`Actor` (`openrlhf/models/actor.py`) scores tokens with `log_probs_from_logits` and `compute_entropy` from
+`openrlhf.models.utils`. use_alignops replaces those names where they are defined, in `openrlhf.models`,
+in the Actor's module and in every consumer already imported, so what is built or called afterwards runs
+on alignops (the two logits functions on its fused logits pass). Under Ray each worker is its own process: run it
 there with `runtime_env={"worker_process_setup_hook": "alignops.integrations.openrlhf.use_alignops"}`
 (docs/integrations/openrlhf.md).
 
 Where OpenRLHF returns NaN (a micro-batch whose action mask is empty, all labels ignored) these return
-0, with a zero gradient. Nothing here imports openrlhf except use_alignops() without `modules`.
+0, with a zero gradient; losses are fp32 (fp64 for fp64 input) whatever the input dtype. Nothing here imports openrlhf except use_alignops() without `modules`.
 """
 
 from __future__ import annotations
@@ -354,12 +356,37 @@ class DPOLoss(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# the actor's logits pass (openrlhf/models/utils.py)
+
+
+def log_probs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """OpenRLHF's `log_probs_from_logits` on `ao.token_logprobs`: log softmax(logits / temperature) at `labels`,
+    one fused pass (no fp32 copy of the logits kept for backward). Unlike OpenRLHF's, it does not divide the
+    logits in place. Labels must lie in [0, V) (or be -100: log-prob 0)."""
+    return ao.token_logprobs(logits, labels, temperature=temperature)
+
+
+def compute_entropy(logits: Tensor) -> Tensor:
+    """OpenRLHF's `compute_entropy` on alignops's fused pass: the entropy of softmax(logits) at every position,
+    with its gradient, without the softmax tensor OpenRLHF's version keeps for backward."""
+    if not isinstance(logits, Tensor) or logits.dim() < 2:
+        raise ValueError(f"logits must be a [..., V] tensor, got "
+                         f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
+    # the entropy needs no label; any in-range one serves
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    return ao.token_logprobs(logits, labels, return_entropy=True)[1]
+
+
+# --------------------------------------------------------------------------------------------
 # use_alignops
 
 
 REPLACEMENTS = {"PolicyLoss": PolicyLoss, "ValueLoss": ValueLoss, "SFTLoss": SFTLoss, "DPOLoss": DPOLoss,
-                "GPTLMLoss": GPTLMLoss, "aggregate_loss": aggregate_loss}
-# The modules that import OpenRLHF's losses by name (from openrlhf.models), besides the package itself.
+                "GPTLMLoss": GPTLMLoss, "aggregate_loss": aggregate_loss,
+                "log_probs_from_logits": log_probs_from_logits, "compute_entropy": compute_entropy}
+# Where OpenRLHF defines the replaced names, and the package and the Actor that import them by name.
+OPENRLHF_MODULES = ("openrlhf.models.loss", "openrlhf.models.utils", "openrlhf.models.actor", "openrlhf.models")
+# The trainer modules that import the losses by name from openrlhf.models.
 OPENRLHF_CONSUMERS = ("openrlhf.trainer.ray.ppo_actor", "openrlhf.trainer.ray.ppo_critic",
                       "openrlhf.trainer.sft_trainer", "openrlhf.trainer.dpo_trainer")
 
@@ -382,7 +409,7 @@ def _configured_policy_loss(alignops_method, method_options):
 
 def _openrlhf_modules() -> list:
     try:
-        modules = [importlib.import_module("openrlhf.models.loss"), importlib.import_module("openrlhf.models")]
+        modules = [importlib.import_module(name) for name in OPENRLHF_MODULES]
     except ImportError as e:
         raise ImportError(f"use_alignops() patches the installed openrlhf package, whose import failed ({e}); "
                           "pass modules=[...] to patch module objects of your own") from e
@@ -426,15 +453,16 @@ class AlignopsPatch:
 
 
 def use_alignops(alignops_method: str | None = None, *, modules=None, **method_options) -> AlignopsPatch:
-    """Makes OpenRLHF build alignops's losses: replaces `PolicyLoss`, `ValueLoss`, `SFTLoss`, `DPOLoss`,
-    `GPTLMLoss` and `aggregate_loss` in every module of `modules` that holds them.
+    """Makes OpenRLHF run on alignops: replaces `PolicyLoss`, `ValueLoss`, `SFTLoss`, `DPOLoss`, `GPTLMLoss`,
+    `aggregate_loss`, and the Actor's `log_probs_from_logits` and `compute_entropy`, in every module of
+    `modules` that holds them.
 
     Args:
         alignops_method, **method_options: the alignops method (and its options) of every PolicyLoss built
             from now on (None: OpenRLHF's own policy_loss_type).
-        modules: the module objects to patch. None: `openrlhf.models.loss`, `openrlhf.models` and the
-            trainer modules that import the losses from it, when already imported (later imports take the
-            patched names from openrlhf.models).
+        modules: the module objects to patch. None: `openrlhf.models.loss`, `.utils`, `.actor`,
+            `openrlhf.models` and the trainer modules that import the losses from it, when already imported
+            (later imports take the patched names from openrlhf.models).
 
     Returns:
         An AlignopsPatch: on at once; `restore()` or the end of a `with` block undoes it. A loss object
@@ -450,5 +478,5 @@ def use_alignops(alignops_method: str | None = None, *, modules=None, **method_o
     return AlignopsPatch(replacements, list(modules)).install()
 
 
-__all__ = ["PolicyLoss", "ValueLoss", "SFTLoss", "GPTLMLoss", "DPOLoss", "aggregate_loss", "use_alignops",
-           "AlignopsPatch"]
+__all__ = ["PolicyLoss", "ValueLoss", "SFTLoss", "GPTLMLoss", "DPOLoss", "aggregate_loss", "log_probs_from_logits",
+           "compute_entropy", "use_alignops", "AlignopsPatch"]
