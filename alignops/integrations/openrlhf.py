@@ -17,12 +17,13 @@ takes `ValueLoss`, the SFT and DPO trainers `SFTLoss` and `DPOLoss`, all from `o
 `Actor` (`openrlhf/models/actor.py`) scores tokens with `log_probs_from_logits` and `compute_entropy` from
 `openrlhf.models.utils`. use_alignops replaces those names where they are defined, in `openrlhf.models`,
 in the Actor's module and in every consumer already imported, so what is built or called afterwards runs
-on alignops (the two logits functions on its fused logits pass). Under Ray each worker is its own process: run it
-there with `runtime_env={"worker_process_setup_hook": "alignops.integrations.openrlhf.use_alignops"}`
-(docs/integrations/openrlhf.md).
+on alignops (the two logits functions on its fused logits pass). Under Ray each worker is its own
+process: run it there with `runtime_env={"worker_process_setup_hook":
+"alignops.integrations.openrlhf.use_alignops"}` (docs/integrations/openrlhf.md).
 
 Where OpenRLHF returns NaN (a micro-batch whose action mask is empty, all labels ignored) these return
-0, with a zero gradient; losses are fp32 (fp64 for fp64 input) whatever the input dtype. Nothing here imports openrlhf except use_alignops() without `modules`.
+0, with a zero gradient; losses are fp32 (fp64 for fp64 input) whatever the input dtype. Nothing here
+imports openrlhf except use_alignops() without `modules`.
 """
 
 from __future__ import annotations
