@@ -160,6 +160,15 @@ def _reward(completions, prompts=None, **_):
     return [1.0 if p == "zz9" else float(sum(map(ord, c)) % 7) + 0.25 * len(c) for c, p in zip(completions, prompts)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The trainer runs are tiny matmuls: on a shared 2-core machine a second intra-op thread only waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A saved 2-layer Qwen2 (hidden 32, vocab 42) and its character-level tokenizer."""
@@ -258,3 +267,86 @@ def test_use_alignops_gives_stock_trl_run(tiny_model, tmp_path, overrides):
     assert {c[2] for c in counting.calls} == {overrides.get("temperature", 1.0)}
     if overrides.get("num_iterations", 1) > 1:
         assert any(w["clip_ratio/region_mean"] > 0 for w in want.logs), "the second iteration never clipped"
+
+
+# --------------------------------------------------------------------------------------------
+# AlignopsGRPOTrainer: the policy loss from the hidden states, against stock GRPOTrainer
+
+
+# every metric stock _compute_loss logs
+LOSS_METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                "clip_ratio/low_min", "clip_ratio/high_max", "cispo_clip_ratio", "policy_loss", "entropy_coef")
+
+
+def _assert_same_metrics(got, want):
+    for step, (g, w) in enumerate(zip(got.logs, want.logs)):
+        assert {k for k in LOSS_METRICS if k in g} == {k for k in LOSS_METRICS if k in w}, step
+        for key in LOSS_METRICS:
+            if key in w and w[key] is None:        # TRL logs None where every value was NaN (all rows empty)
+                assert g[key] is None, (step, key)
+            elif key in w:
+                assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (step, key, g[key], w[key])
+
+
+@pytest.fixture
+def compact_rows(monkeypatch):
+    """TRL's Triton-device layout on CPU: the lm_head function gets only the labelled rows."""
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: True)
+
+
+LOSS_CASES = {
+    "dapo": dict(loss_type="dapo"),
+    "grpo-beta-2iter-T0.8": dict(loss_type="grpo", beta=0.04, num_iterations=2, temperature=0.8, learning_rate=2.0),
+    "bnpo-ga2-masked-plain-kl": dict(loss_type="bnpo", gradient_accumulation_steps=2, mask_truncated_completions=True,
+                                     beta=0.1, use_bias_correction_kl=False),
+    "dr_grpo-2iter-entropy": dict(loss_type="dr_grpo", num_iterations=2, entropy_coef=0.05, learning_rate=2.0),
+    "cispo-2iter": dict(loss_type="cispo", epsilon_high=1.05, num_iterations=2, learning_rate=2.0),
+    "sapo-2iter": dict(loss_type="sapo", num_iterations=2, learning_rate=2.0, sapo_temperature_pos=0.7),
+    "luspo-sequence-beta": dict(loss_type="luspo", importance_sampling_level="sequence", num_iterations=2,
+                                beta=0.02, learning_rate=2.0),
+    "gspo-ga2-2iter": dict(loss_type="grpo", importance_sampling_level="sequence", gradient_accumulation_steps=2,
+                           num_iterations=2, learning_rate=2.0, epsilon=3e-4, epsilon_high=4e-4),
+    "dapo-ga2-entropy-beta": dict(loss_type="dapo", gradient_accumulation_steps=2, entropy_coef=0.05, beta=0.05,
+                                  use_bias_correction_kl=False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOSS_CASES))
+def test_alignops_trainer_gives_stock_trl_run(tiny_model, tmp_path, case):
+    overrides = LOSS_CASES[case]
+    want = _train(tiny_model, tmp_path / "stock", **overrides)
+    got = _train(tiny_model, tmp_path / "alignops", trainer_cls=ao_trl.AlignopsGRPOTrainer,
+                 config_cls=ao_trl.AlignopsGRPOConfig, **overrides)
+    assert trl_utils._ChunkedLogProbFunction is TRLChunkedLogProb
+    _assert_same_run(got, want)
+    _assert_same_metrics(got, want)
+    if overrides.get("num_iterations", 1) > 1 and overrides["loss_type"] in ("grpo", "dr_grpo", "luspo"):
+        assert any(w["clip_ratio/region_mean"] > 0 for w in want.logs), "the second iteration never clipped"
+    if overrides["loss_type"] == "cispo":
+        assert any(w["cispo_clip_ratio"] > 0 for w in want.logs), "the ratio cap never bit"
+
+
+@pytest.mark.parametrize("case", ["grpo-beta-2iter-T0.8", "dapo-ga2-entropy-beta"])
+def test_alignops_trainer_on_labelled_rows_only(tiny_model, tmp_path, compact_rows, case):
+    overrides = LOSS_CASES[case]
+    want = _train(tiny_model, tmp_path / "stock", **overrides)
+    got = _train(tiny_model, tmp_path / "alignops", trainer_cls=ao_trl.AlignopsGRPOTrainer,
+                 config_cls=ao_trl.AlignopsGRPOConfig, **overrides)
+    _assert_same_run(got, want)
+    _assert_same_metrics(got, want)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(loss_type="vespo"), "loss_type='vespo'"),
+    (dict(top_entropy_quantile=0.5), "top_entropy_quantile"),
+    (dict(delta=1.5), "delta"),
+    (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
+    (dict(loss_type="cispo"), "epsilon_high"),
+    (dict(loss_type="grpo", entropy_coef=0.01), "entropy_coef"),
+    (dict(loss_type="sapo", importance_sampling_level="sequence"), "importance_sampling_level"),
+    (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_alignops_trainer_refuses_what_it_cannot_reproduce(tiny_model, tmp_path, overrides, match):
+    with pytest.raises(NotImplementedError, match=match):
+        _train(tiny_model, tmp_path, trainer_cls=ao_trl.AlignopsGRPOTrainer, config_cls=ao_trl.AlignopsGRPOConfig,
+               **overrides)

@@ -12,11 +12,19 @@ at call time; use_alignops replaces that name with a function of the same signat
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import torch
+import trl.trainer.utils as trl_utils
 from torch import Tensor
+from trl import GRPOConfig, GRPOTrainer
 
 import alignops as ao
+from alignops import layout
 from alignops._validate import check_float
+from alignops.policy import math as pmath
+from alignops.policy.registry import get_method
 
 TRL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -96,16 +104,18 @@ class AlignopsChunkedLogProb:
                 raise ValueError(f"backend must be one of {ao.BACKENDS} or None, got {backend!r}")
         self.backend = backend
         self.chunk_rows = chunk_rows
+        self.request = None       # AlignopsGRPOTrainer's policy loss, served by the next call
 
     def apply(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float,
               chunk_size: int, final_logit_softcapping: float | None = None, logit_scale: float = 1.0,
               outputs: tuple[str, ...] = TRL_OUTPUTS):
         outputs = _check_outputs(outputs)
+        request, self.request = self.request, None
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         if not isinstance(hidden, Tensor) or hidden.dim() != 2:
             raise ValueError(f"hidden must be a [N, H] tensor, got {getattr(hidden, 'shape', type(hidden).__name__)}")
-        if _zero3_enabled():
+        if request is None and _zero3_enabled():
             # TRL's backward gathers the ZeRO-3 partitioned head again; alignops's autograd keeps the weight it was
             # given, which ZeRO-3 empties after forward.
             raise NotImplementedError("use_alignops does not support DeepSpeed ZeRO-3 (the lm_head weight is "
@@ -118,6 +128,9 @@ class AlignopsChunkedLogProb:
         h, w = hidden.to(dtype), weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         want_entropy = "entropy" in outputs
+        if request is not None:
+            with torch.autocast(hidden.device.type, enabled=False):
+                return request.serve(self, h, w, b, targets, float(temperature), softcap, scale)
         with torch.autocast(hidden.device.type, enabled=False):
             res = ao.fused_linear_token_logprobs(h, w, targets, b, temperature=temperature,
                                                  return_entropy=want_entropy, softcap=softcap, logit_scale=scale,
@@ -131,11 +144,6 @@ class AlignopsChunkedLogProb:
         return (logp, entropy, extra.get("log_sum_sq_probs"), extra.get("mean_logits"), extra.get("is_top1"))
 
 
-def _trl_utils():
-    import trl.trainer.utils as trl_utils  # noqa: PLC0415 - TRL is imported only by this integration
-    return trl_utils
-
-
 class AlignopsPatch:
     """What use_alignops returns: `restore()` (or leaving its `with` block) puts back the function it replaced."""
 
@@ -145,7 +153,7 @@ class AlignopsPatch:
         self._active = False
 
     def install(self) -> "AlignopsPatch":
-        utils = _trl_utils()
+        utils = trl_utils
         self._replaced = utils._ChunkedLogProbFunction
         utils._ChunkedLogProbFunction = self.function
         self._active = True
@@ -158,7 +166,7 @@ class AlignopsPatch:
     def restore(self) -> None:
         if not self._active:
             return
-        utils = _trl_utils()
+        utils = trl_utils
         if utils._ChunkedLogProbFunction is not self.function:
             raise RuntimeError("use_alignops patches restored out of order: restore the most recent one first")
         utils._ChunkedLogProbFunction = self._replaced
@@ -186,7 +194,354 @@ def use_alignops(backend: str | None = None, chunk_size: int | None = None) -> A
 
 def trl_chunked_function():
     """The function TRL's fused lm_head calls now (TRL's own, or an alignops stand-in)."""
-    return _trl_utils()._ChunkedLogProbFunction
+    return trl_utils._ChunkedLogProbFunction
 
 
-__all__ = ["use_alignops", "AlignopsPatch", "AlignopsChunkedLogProb", "trl_chunked_function"]
+# --------------------------------------------------------------------------------------------
+# GRPO's policy loss from the hidden states
+
+
+# TRL loss_type -> (alignops per-token method at token-level / sequence-level importance sampling, aggregation).
+# The aggregation's normaliser is TRL's, computed per call in AlignopsGRPOTrainer._normalizer.
+CLIP_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+TRL_LOSSES = {
+    "grpo": ("ppo", "gspo", "seq-mean-token-mean"),
+    "bnpo": ("ppo", "gspo", "token-mean"),
+    "dr_grpo": ("ppo", "gspo", "token-mean"),
+    "dapo": ("ppo", "gspo", "token-mean"),
+    "luspo": ("ppo", "gspo", "token-mean"),
+    "cispo": ("cispo", None, "token-mean"),
+    "sapo": ("sapo", None, "seq-mean-token-mean"),
+}
+# loss types whose logged policy_loss is the loss before the division by the accumulation steps
+_GA_DIVIDED = ("grpo", "sapo", "bnpo", "dr_grpo", "luspo")
+
+
+@dataclasses.dataclass
+class AlignopsGRPOConfig(GRPOConfig):
+    """GRPOConfig plus the alignops options of AlignopsGRPOTrainer.
+
+    alignops_method: an alignops method name (`alignops.policy.method_names()`: gppo, ecpo, bapo, gspo-token, ...)
+        for the per-token loss, None for the one of TRL's `loss_type`. `loss_type` still sets the normalisation.
+    alignops_method_kwargs: that method's options and shared knobs (clip_low, clip_high, clip_ratio_c, ...), as a
+        dict or a JSON string; the method's registry defaults apply to the rest (TRL's epsilon is not used).
+    alignops_backend, alignops_chunk_size: the backend and the token rows per logits tile.
+    """
+    alignops_method: str | None = dataclasses.field(
+        default=None, metadata={"help": "alignops method for the per-token loss (None: TRL's loss_type)."})
+    alignops_method_kwargs: dict | str | None = dataclasses.field(
+        default=None, metadata={"help": "options of alignops_method (dict or JSON string)."})
+    alignops_backend: str | None = dataclasses.field(
+        default=None, metadata={"help": "alignops backend: torch, cpu, triton, cuda (None: automatic)."})
+    alignops_chunk_size: int | None = dataclasses.field(
+        default=None, metadata={"help": "token rows per logits tile (None: alignops's default)."})
+
+
+def _grid(x: Tensor, width: int) -> Tensor:
+    """[B, C] completion values placed in the last C columns of the [B, width] grid of next-token positions."""
+    out = x.new_zeros(x.shape[0], width)
+    out[:, width - x.shape[1]:] = x
+    return out
+
+
+class _LossRequest:
+    """One micro-batch's policy loss, handed to the patched lm_head function, which TRL calls with the last hidden
+    states and the head inside the model's own forward (so DDP, FSDP and ZeRO-3 see a normal forward)."""
+
+    def __init__(self, input_ids, attention_mask, completion_len, mask, advantages, old_logp, loss_kwargs,
+                 want_logp: bool):
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, :-completion_len] = -100
+        self.label_mask = labels[:, 1:] != -100
+        self.completion_len = completion_len
+        self.mask, self.advantages, self.old_logp = mask, advantages, old_logp
+        self.loss_kwargs = loss_kwargs
+        self.want_logp = want_logp
+        self.weighted_kl = None        # (ref_logp [B, C], beta) for TRL's ratio-weighted KL
+        self.sequence_ratio = False
+        self.output = None
+
+    def _rows(self, n: int):
+        """(select, cu_seqlens): which next-token positions the function's N rows are. Off Triton devices TRL
+        scores every position (N = B * (T - 1)); on them only the labelled ones."""
+        B, width = self.label_mask.shape
+        if n == B * width:
+            lengths = torch.full((B,), width, dtype=torch.int64, device=self.label_mask.device)
+            select = None
+        elif n == int(self.label_mask.sum()):
+            lengths, select = self.label_mask.sum(-1), self.label_mask
+        else:
+            raise RuntimeError(f"the lm_head function got {n} rows, neither every position ({B * width}) nor the "
+                               f"labelled ones ({int(self.label_mask.sum())})")
+        cu = torch.zeros(B + 1, dtype=torch.int32, device=self.label_mask.device)
+        cu[1:] = lengths.cumsum(0)
+        return select, cu
+
+    def _flat(self, x, select, device):
+        if x is None:
+            return None
+        g = _grid(x, self.label_mask.shape[1])
+        return (g.reshape(-1) if select is None else g[select]).to(device)
+
+    def serve(self, fn: AlignopsChunkedLogProb, h, w, b, targets, temperature, softcap, scale):
+        n = h.shape[0]
+        select, cu = self._rows(n)
+        self._select = select
+        B, C = self.mask.shape
+        adv = self.advantages if self.advantages.dim() == 2 else self.advantages[:, None].expand(B, C)
+        kwargs = dict(self.loss_kwargs)
+        for name in ("ref_logp", "rollout_is_weights"):
+            kwargs[name] = self._flat(kwargs.get(name), select, h.device)
+        old, adv = self._flat(self.old_logp, select, h.device), self._flat(adv, select, h.device)
+        mask = self._flat(self.mask, select, h.device) != 0
+        cu = cu.to(h.device)
+        head = dict(bias=b, temperature=temperature, softcap=softcap, logit_scale=scale, backend=fn.backend,
+                    chunk_size=fn.chunk_rows)
+        if self.weighted_kl is not None:
+            logp = self._weighted_kl_loss(h, w, targets, old, adv, mask, cu, head, kwargs)
+            return logp.detach(), torch.zeros_like(logp), None, None, None
+        self.output = ao.fused_linear_policy_loss(h, w, targets, old, adv, mask, compute_entropy=True,
+                                                  grad_in_forward=True, cu_seqlens=cu, **head, **kwargs)
+        if self.want_logp:
+            with torch.no_grad():
+                logp = ao.fused_linear_token_logprobs(h.detach(), w.detach(), targets,
+                                                      None if b is None else b.detach(), temperature=temperature,
+                                                      softcap=softcap, logit_scale=scale, backend=fn.backend,
+                                                      chunk_size=fn.chunk_rows)
+        else:
+            logp = torch.zeros(n, dtype=torch.float32, device=h.device)
+        return logp, torch.zeros_like(logp), None, None, None
+
+    def _weighted_kl_loss(self, h, w, targets, old, adv, mask, cu, head, kwargs):
+        """TRL's use_bias_correction_kl: beta * Agg(r * k3) with the differentiable ratio r, a term alignops's KL
+        (beta * Agg(k3)) does not have. The log-probs then come from ao.fused_linear_token_logprobs with autograd,
+        the policy term from ao.policy_loss on them, and the weighted KL is added here."""
+        ref, beta = self.weighted_kl
+        ref = self._flat(ref, self._select, h.device)
+        logp, entropy = ao.fused_linear_token_logprobs(h, w, targets, return_entropy=True, **head)
+        out = ao.policy_loss(logp, old, adv, mask, entropy=entropy, cu_seqlens=cu, **kwargs)
+        rows = layout.token_layout("logp", logp, cu)
+        log_ratio = logp - (logp.detach() if old is None else old)
+        if self.sequence_ratio:
+            log_ratio = rows.to_tokens(rows.row_mean(torch.where(mask, log_ratio, 0.0), mask))
+        kl = torch.where(mask, torch.exp(log_ratio) * pmath.kl_penalty(logp, ref, "k3"), 0.0)
+        norm = kwargs["normalizer"]
+        out.loss = out.loss + beta * layout.aggregate(kl, mask, rows, kwargs["agg"], norm)
+        out.metrics["kl"] = layout.token_mean(kl.detach(), mask)
+        self.output = out
+        return logp
+
+
+def _unsupported(args, loss_type: str) -> str | None:
+    """Why AlignopsGRPOTrainer cannot reproduce this GRPOConfig, or None."""
+    if args.alignops_method is None and loss_type not in TRL_LOSSES:
+        return (f"loss_type={loss_type!r} has no alignops method (alignops has {sorted(TRL_LOSSES)} of TRL's); use "
+                "GRPOTrainer for it, or choose a per-token loss with alignops_method=")
+    if args.alignops_method is None and args.importance_sampling_level == "sequence" \
+            and TRL_LOSSES[loss_type][1] is None:
+        return f"importance_sampling_level='sequence' with loss_type={loss_type!r} has no alignops method"
+    if args.alignops_method is not None and args.importance_sampling_level != "token":
+        return ("importance_sampling_level='sequence' with alignops_method: the method sets its own ratio level "
+                "(gspo, gspo-token, ecpo's ratio_level)")
+    if args.top_entropy_quantile < 1.0:
+        return "top_entropy_quantile < 1 (the high-entropy token mask needs the entropies before the loss)"
+    if args.off_policy_mask_threshold is not None:
+        return "off_policy_mask_threshold (the off-policy sequence mask needs the log-probs before the loss)"
+    if args.delta is not None:
+        return "delta (TRL's two-sided ratio cap; alignops's dual clip clip_ratio_c is a different bound)"
+    if args.use_adaptive_entropy:
+        return "use_adaptive_entropy"
+    if args.entropy_coef != 0.0 and TRL_LOSSES.get(loss_type, ("", "", "token-mean"))[2] != "token-mean":
+        return (f"entropy_coef with loss_type={loss_type!r}: TRL's bonus is a token mean, its policy term a mean of "
+                "sequence means, and alignops aggregates both alike")
+    if args.alignops_method is None and loss_type == "cispo" and (args.epsilon_high or args.epsilon) <= 1.0:
+        return ("loss_type='cispo' with epsilon_high <= 1 (the ratio cap; alignops's cispo needs a cap above 1, "
+                "ScaleRL uses 5.0)")
+    return None
+
+
+class AlignopsGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose policy loss is one ao.fused_linear_policy_loss call from the last hidden states and the
+    lm_head weight (a terminal loss: its gradients are taken inside the model's forward), with TRL's normalisation,
+    gradient-accumulation scaling, k3 KL (beta), entropy bonus (entropy_coef) and metric names. Old and reference
+    log-probs are scored through use_alignops. Configure with AlignopsGRPOConfig (a plain GRPOConfig works too).
+
+        trainer = AlignopsGRPOTrainer(model="Qwen/Qwen2.5-0.5B", reward_funcs=reward, train_dataset=ds,
+                                      args=AlignopsGRPOConfig(output_dir="out", loss_type="dapo", beta=0.001))
+        trainer = AlignopsGRPOTrainer(..., args=AlignopsGRPOConfig(..., alignops_method="gppo",
+                                      alignops_method_kwargs={"gppo_beta1": 0.5}))
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        a = self.args
+        for name, default in (("alignops_method", None), ("alignops_method_kwargs", None),
+                              ("alignops_backend", None), ("alignops_chunk_size", None)):
+            if not hasattr(a, name):
+                setattr(a, name, default)
+        why = _unsupported(a, self.loss_type)
+        if why is not None:
+            raise NotImplementedError(f"AlignopsGRPOTrainer does not support {why}")
+        method_kwargs = a.alignops_method_kwargs
+        if isinstance(method_kwargs, str):
+            method_kwargs = json.loads(method_kwargs)
+        if method_kwargs is not None and not isinstance(method_kwargs, dict):
+            raise TypeError(f"alignops_method_kwargs must be a dict or a JSON object, got {method_kwargs!r}")
+        if method_kwargs and a.alignops_method is None:
+            raise ValueError("alignops_method_kwargs needs alignops_method (TRL's loss_type takes TRL's options)")
+        self._alignops_kwargs = dict(method_kwargs or {})
+        if a.alignops_method is not None:
+            get_method(a.alignops_method)
+            for key in ("agg", "normalizer", "ref_logp", "kl_coef", "entropy_coef", "rollout_is_weights",
+                        "cu_seqlens", "max_len"):
+                if key in self._alignops_kwargs:
+                    raise ValueError(f"alignops_method_kwargs cannot set {key!r}: the trainer sets it from "
+                                     "loss_type, beta and entropy_coef")
+        self._alignops_fn = AlignopsChunkedLogProb(a.alignops_backend, a.alignops_chunk_size)
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        with AlignopsPatch(self._alignops_fn).install():
+            return super()._get_per_token_logps_and_entropies(*args, **kwargs)
+
+    def _method_kwargs(self) -> dict:
+        if self.args.alignops_method is not None:
+            return {"method": self.args.alignops_method, **self._alignops_kwargs}
+        token_method, sequence_method, _ = TRL_LOSSES[self.loss_type]
+        method = sequence_method if self.importance_sampling_level == "sequence" else token_method
+        # TRL takes exp of the raw log-ratio: no clamp
+        if method == "cispo":
+            # TRL caps the ratio at epsilon_high with no lower bound; alignops clips to [1 - clip_low, 1 + clip_high]
+            return {"method": "cispo", "clip_low": 1.0, "clip_high": self.epsilon_high - 1.0, "ratio_log_clamp": None}
+        if method == "sapo":
+            return {"method": "sapo", "sapo_tau_pos": self.args.sapo_temperature_pos,
+                    "sapo_tau_neg": self.args.sapo_temperature_neg, "ratio_log_clamp": None}
+        return {"method": method, "clip_low": self.epsilon_low, "clip_high": self.epsilon_high,
+                "ratio_log_clamp": None}
+
+    def _normalizer(self, inputs, mask: Tensor, mode: str):
+        """TRL's denominator of this micro-batch's policy term, gradient accumulation included."""
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        rows = mask.shape[0]
+        if self.loss_type in ("grpo", "sapo", "luspo"):
+            return float(rows * accumulation)
+        if self.loss_type == "bnpo":
+            return mask.sum().clamp(min=1.0) * accumulation
+        if self.loss_type == "dr_grpo":
+            return float(rows * self.max_completion_length * accumulation)
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        return normalizer
+
+    def _global_mean(self, local_sum: Tensor, local_count: Tensor) -> float:
+        totals = self.accelerator.reduce(torch.stack([local_sum.float(), local_count.float()]), reduction="sum")
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+    def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        mask = mask.float()
+        B, C = completion_ids.shape
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        count = mask.sum()
+
+        normalizer = self._normalizer(inputs, mask, mode)
+        _, _, agg = TRL_LOSSES.get(self.loss_type, (None, None, "token-mean"))
+        loss_kwargs = {**self._method_kwargs(), "agg": agg, "normalizer": normalizer}
+        if self.beta != 0.0 and not self.args.use_bias_correction_kl:
+            loss_kwargs.update(ref_logp=inputs["ref_per_token_logps"], kl_coef=float(self.beta), kl_estimator="k3")
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            loss_kwargs["rollout_is_weights"] = inputs["importance_sampling_ratio"].expand(B, C)
+        if self._entropy_bonus_enabled:
+            # TRL's bonus is the micro-batch's token-mean entropy over the accumulation steps, whatever the policy
+            # term's normaliser: the same term under alignops's shared normaliser takes a rescaled coefficient
+            loss_kwargs["entropy_coef"] = float(self.entropy_coef * normalizer / (count.clamp(min=1.0) * accumulation))
+
+        old_logp = inputs.get("old_per_token_logps")
+        trl_clip_metrics = self.args.alignops_method is None and self.loss_type in CLIP_LOSSES
+        request = _LossRequest(input_ids, attention_mask, C, mask, inputs["advantages"], old_logp, loss_kwargs,
+                               want_logp=trl_clip_metrics and old_logp is not None)
+        if self.beta != 0.0 and self.args.use_bias_correction_kl:
+            request.weighted_kl = (inputs["ref_per_token_logps"], float(self.beta))
+            request.sequence_ratio = self.importance_sampling_level == "sequence" or (
+                self.args.alignops_method is not None and get_method(self.args.alignops_method).name.startswith("gspo"))
+        self._alignops_fn.request = request
+        try:
+            logps, _, aux_loss = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, C, compute_entropy=True, compute_aux_loss=self.aux_loss_enabled,
+                pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
+                num_images=inputs.get("num_images"), pixel_attention_mask=inputs.get("pixel_attention_mask"),
+                spatial_shapes=inputs.get("spatial_shapes"), num_tiles=inputs.get("num_tiles"),
+                image_sizes=inputs.get("image_sizes"), token_type_ids=inputs.get("token_type_ids"),
+                mm_token_type_ids=inputs.get("mm_token_type_ids"),
+                image_position_ids=inputs.get("image_position_ids"))
+        finally:
+            self._alignops_fn.request = None
+        if request.output is None:
+            raise RuntimeError("the model's forward never reached TRL's fused lm_head (add_fused_lm_head); "
+                               "AlignopsGRPOTrainer needs the model GRPOTrainer prepared")
+        loss, metrics = request.output.loss, request.output.metrics
+
+        if self._entropy_bonus_enabled:
+            entropy_term = self.entropy_coef * metrics["entropy"] / accumulation
+            policy_loss = (loss.detach() + entropy_term) * (accumulation if self.loss_type in _GA_DIVIDED else 1)
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+            if mode == "train" and self.accelerator.sync_gradients:
+                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+
+        if self.beta != 0.0:
+            self._metrics[mode]["kl"].append(self._global_mean(metrics["kl"] * count, count))
+        self._metrics[mode]["entropy"].append(self._global_mean(metrics["entropy"] * count, count))
+        if trl_clip_metrics:
+            self._log_clip_metrics(mode, logps, old_logp, inputs["advantages"], mask)
+        elif self.args.alignops_method is None and self.loss_type == "cispo":
+            self._metrics[mode]["cispo_clip_ratio"].append(self._global_mean(metrics["clip_ratio/high"] * count,
+                                                                             count))
+        elif self.args.alignops_method is not None:
+            for name in ("low", "high", "region"):
+                if f"clip_ratio/{name}" in metrics:
+                    self._metrics[mode][f"clip_ratio/{name}_mean"].append(
+                        self._global_mean(metrics[f"clip_ratio/{name}"] * count, count))
+            for name, value in metrics.items():
+                if "/" in name and not name.startswith(("clip_ratio/", "ratio/")):
+                    self._metrics[mode][f"alignops/{name}"].append(self.accelerator.gather(value).mean().item())
+        return loss
+
+    @torch.no_grad()
+    def _log_clip_metrics(self, mode, logps, old_logp, advantages, mask):
+        """TRL's clip_ratio/* metrics of the clipped-surrogate loss types, from the detached log-probs the loss
+        call returned (off-policy) or ratio 1 (on-policy, where old = current)."""
+        if advantages.dim() == 1:
+            advantages = advantages[:, None]
+        log_ratio = torch.zeros_like(mask) if old_logp is None else logps - old_logp
+        if self.importance_sampling_level == "sequence":
+            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]
+        ratio = torch.exp(log_ratio)
+        low = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).float()
+        high = ((ratio > 1 + self.epsilon_high) & (advantages > 0)).float()
+        region = torch.maximum(low, high)
+
+        def seq_mean(x):
+            return x[:, 0] if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
+
+        def global_mean(x):
+            if x.shape[1] == 1:
+                return self._global_mean(x.sum(), torch.tensor(float(x.shape[0]), device=x.device))
+            return self._global_mean((x * mask).sum(), mask.sum())
+
+        m = self._metrics[mode]
+        m["clip_ratio/low_mean"].append(global_mean(low))
+        m["clip_ratio/high_mean"].append(global_mean(high))
+        m["clip_ratio/region_mean"].append(global_mean(region))
+        m["clip_ratio/low_min"].append(trl_utils.nanmin(self.accelerator.gather(seq_mean(low))).item())
+        m["clip_ratio/high_max"].append(trl_utils.nanmax(self.accelerator.gather(seq_mean(high))).item())
+
+
+__all__ = ["use_alignops", "AlignopsPatch", "AlignopsChunkedLogProb", "trl_chunked_function", "AlignopsGRPOConfig",
+           "AlignopsGRPOTrainer", "TRL_LOSSES"]
