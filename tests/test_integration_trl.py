@@ -350,3 +350,75 @@ def test_alignops_trainer_refuses_what_it_cannot_reproduce(tiny_model, tmp_path,
     with pytest.raises(NotImplementedError, match=match):
         _train(tiny_model, tmp_path, trainer_cls=ao_trl.AlignopsGRPOTrainer, config_cls=ao_trl.AlignopsGRPOConfig,
                **overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# alignops_method: the methods only alignops has, inside TRL's normalisation
+
+
+def _reference_method_trainer(method, method_kwargs):
+    """GRPOTrainer whose loss is ao.policy_loss (alignops's plain-torch loss from log-probs) on TRL's own per-token
+    log-probs (TRL's chunked lm_head), with TRL's normaliser written out here for dapo and grpo."""
+    import alignops as ao
+    from trl import GRPOTrainer
+
+    class Reference(GRPOTrainer):
+        def _compute_loss(self, model, inputs):
+            completion_ids = inputs["completion_ids"]
+            input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+            attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+            logp, entropy, _ = self._get_per_token_logps_and_entropies(model, input_ids, attention_mask,
+                                                                       completion_ids.size(1), compute_entropy=True)
+            mask = inputs["completion_mask"]
+            ga = self.current_gradient_accumulation_steps
+            if self.loss_type == "dapo":
+                agg = "token-mean"
+                norm = inputs["num_items_in_batch"].clamp(min=1.0) * ga / self.args.steps_per_generation
+            else:
+                assert self.loss_type == "grpo"
+                agg, norm = "seq-mean-token-mean", mask.shape[0] * ga
+            kl = {} if self.beta == 0 else dict(ref_logp=inputs["ref_per_token_logps"], kl_coef=self.beta)
+            return ao.policy_loss(logp, inputs.get("old_per_token_logps"), inputs["advantages"], mask,
+                                  method=method, agg=agg, normalizer=norm, **kl, **method_kwargs).loss
+
+    return Reference
+
+
+METHOD_CASES = {
+    "gppo": ("gppo", {"gppo_beta1": 0.5, "gppo_beta2": 0.75}, dict(loss_type="dapo")),
+    "ecpo-beta": ("ecpo", {"ecpo_delta": 0.05}, dict(loss_type="dapo", beta=0.05, use_bias_correction_kl=False)),
+    "gspo-token": ("gspo-token", {"clip_low": 2e-3, "clip_high": 3e-3}, dict(loss_type="grpo")),
+    "bapo-ga2": ("bapo", {}, dict(loss_type="dapo", gradient_accumulation_steps=2)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(METHOD_CASES))
+def test_alignops_method_in_trl_normalisation(tiny_model, tmp_path, case):
+    method, method_kwargs, overrides = METHOD_CASES[case]
+    overrides = dict(overrides, num_iterations=2, learning_rate=2.0)
+    want = _train(tiny_model, tmp_path / "reference", trainer_cls=_reference_method_trainer(method, method_kwargs),
+                  **overrides)
+    got = _train(tiny_model, tmp_path / "alignops", trainer_cls=ao_trl.AlignopsGRPOTrainer,
+                 config_cls=ao_trl.AlignopsGRPOConfig, alignops_method=method, alignops_method_kwargs=method_kwargs,
+                 **overrides)
+    _assert_same_run(got, want)
+    stock = _train(tiny_model, tmp_path / "stock", **overrides)
+    assert any(abs(g["grad_norm"] - s["grad_norm"]) > 1e-4 for g, s in zip(got.logs, stock.logs)), \
+        "the alignops method trained exactly like TRL's own loss: the option did nothing"
+    assert all("clip_ratio/region_mean" in g and "entropy" in g for g in got.logs)
+    if method == "bapo":
+        assert all("alignops/bapo/clip_low" in g for g in got.logs)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(alignops_method="nope"), ValueError, "unknown method 'nope'"),
+    (dict(alignops_method="gppo", alignops_method_kwargs={"agg": "token-mean"}), ValueError, "'agg'"),
+    (dict(alignops_method_kwargs={"gppo_beta1": 0.5}), ValueError, "needs alignops_method"),
+    (dict(alignops_method="gppo", alignops_method_kwargs={"ecpo_delta": 0.1}), TypeError, "ecpo_delta"),
+    (dict(alignops_method="gppo", alignops_method_kwargs='{"gppo_beta1": -1}'), ValueError, "gppo_beta1"),
+    (dict(alignops_method="gppo", importance_sampling_level="sequence"), NotImplementedError, "ratio level"),
+])
+def test_alignops_method_bad_options(tiny_model, tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        _train(tiny_model, tmp_path, trainer_cls=ao_trl.AlignopsGRPOTrainer, config_cls=ao_trl.AlignopsGRPOConfig,
+               **kwargs)

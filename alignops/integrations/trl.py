@@ -24,7 +24,7 @@ import alignops as ao
 from alignops import layout
 from alignops._validate import check_float
 from alignops.policy import math as pmath
-from alignops.policy.registry import get_method
+from alignops.policy.registry import get_method, resolve_options
 
 TRL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -213,6 +213,8 @@ TRL_LOSSES = {
     "cispo": ("cispo", None, "token-mean"),
     "sapo": ("sapo", None, "seq-mean-token-mean"),
 }
+# the keywords of policy_loss that alignops_method_kwargs may set besides the method's own options
+SHARED_KNOBS = ("clip_low", "clip_high", "clip_ratio_c", "kl_estimator", "ratio_log_clamp")
 # loss types whose logged policy_loss is the loss before the division by the accumulation steps
 _GA_DIVIDED = ("grpo", "sapo", "bnpo", "dr_grpo", "luspo")
 
@@ -318,13 +320,14 @@ class _LossRequest:
         the policy term from ao.policy_loss on them, and the weighted KL is added here."""
         ref, beta = self.weighted_kl
         ref = self._flat(ref, self._select, h.device)
+        estimator = kwargs.pop("kl_estimator", "k3")
         logp, entropy = ao.fused_linear_token_logprobs(h, w, targets, return_entropy=True, **head)
         out = ao.policy_loss(logp, old, adv, mask, entropy=entropy, cu_seqlens=cu, **kwargs)
         rows = layout.token_layout("logp", logp, cu)
         log_ratio = logp - (logp.detach() if old is None else old)
         if self.sequence_ratio:
             log_ratio = rows.to_tokens(rows.row_mean(torch.where(mask, log_ratio, 0.0), mask))
-        kl = torch.where(mask, torch.exp(log_ratio) * pmath.kl_penalty(logp, ref, "k3"), 0.0)
+        kl = torch.where(mask, torch.exp(log_ratio) * pmath.kl_penalty(logp, ref, estimator), 0.0)
         norm = kwargs["normalizer"]
         out.loss = out.loss + beta * layout.aggregate(kl, mask, rows, kwargs["agg"], norm)
         out.metrics["kl"] = layout.token_mean(kl.detach(), mask)
@@ -391,12 +394,13 @@ class AlignopsGRPOTrainer(GRPOTrainer):
             raise ValueError("alignops_method_kwargs needs alignops_method (TRL's loss_type takes TRL's options)")
         self._alignops_kwargs = dict(method_kwargs or {})
         if a.alignops_method is not None:
-            get_method(a.alignops_method)
+            method = get_method(a.alignops_method)
             for key in ("agg", "normalizer", "ref_logp", "kl_coef", "entropy_coef", "rollout_is_weights",
-                        "cu_seqlens", "max_len"):
+                        "cu_seqlens", "max_len", "entropy", "method"):
                 if key in self._alignops_kwargs:
                     raise ValueError(f"alignops_method_kwargs cannot set {key!r}: the trainer sets it from "
                                      "loss_type, beta and entropy_coef")
+            resolve_options(method, {k: v for k, v in self._alignops_kwargs.items() if k not in SHARED_KNOBS})
         self._alignops_fn = AlignopsChunkedLogProb(a.alignops_backend, a.alignops_chunk_size)
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
@@ -452,7 +456,8 @@ class AlignopsGRPOTrainer(GRPOTrainer):
         _, _, agg = TRL_LOSSES.get(self.loss_type, (None, None, "token-mean"))
         loss_kwargs = {**self._method_kwargs(), "agg": agg, "normalizer": normalizer}
         if self.beta != 0.0 and not self.args.use_bias_correction_kl:
-            loss_kwargs.update(ref_logp=inputs["ref_per_token_logps"], kl_coef=float(self.beta), kl_estimator="k3")
+            loss_kwargs.update(ref_logp=inputs["ref_per_token_logps"], kl_coef=float(self.beta),
+                               kl_estimator=loss_kwargs.get("kl_estimator", "k3"))
         if self.use_vllm and self.vllm_importance_sampling_correction:
             loss_kwargs["rollout_is_weights"] = inputs["importance_sampling_ratio"].expand(B, C)
         if self._entropy_bonus_enabled:
