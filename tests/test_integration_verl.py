@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -507,31 +508,41 @@ def test_linear_cross_entropy_contract():
 
 
 def test_dist_process_group_goes_to_vocab_process_group(monkeypatch):
+    """The plumbing with a stand-in group (the real two-rank run is in the plugin test below)."""
     hidden, weight, labels, _, _ = fused_inputs()
     group = object()
     seen = {}
 
-    def with_keyword(hidden, weight, labels, *, temperature, return_entropy, chunk_size, vocab_process_group=None):
-        seen["group"] = vocab_process_group
-        n = labels.numel()
-        return torch.zeros(n), torch.zeros(n)
+    def with_keyword(hidden, weight, labels, *, temperature, return_entropy, chunk_size, vocab_process_group=None,
+                     vocab_start=None):
+        seen.update(group=vocab_process_group, start=vocab_start)
+        # a stand-in whose dhidden is all ones, as alignops's would be after its all-reduce
+        return hidden.sum(-1), torch.zeros(labels.numel())
 
     def without_keyword(hidden, weight, labels, *, temperature, return_entropy, chunk_size):
         raise AssertionError("must not be called with a process group it cannot take")
 
+    with pytest.raises(ValueError, match="torch.distributed"):
+        aov.linear_cross_entropy(hidden, weight, labels, 1.0, "none", group)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda g=None: 4 if g is group else 1)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda g=None: 3 if g is group else 0)
     monkeypatch.setattr(ao, "fused_linear_token_logprobs", with_keyword)
-    aov.linear_cross_entropy(hidden, weight, labels, 1.0, "none", group)
-    assert seen["group"] is group
+    h = hidden.clone().requires_grad_()
+    logp, _ = aov.linear_cross_entropy(h, weight, labels, 1.0, "none", group)
+    logp.sum().backward()
+    # this rank's rows start at rank * V_r; its dhidden is 1/world of the sum (verl's caller adds them up)
+    assert seen == {"group": group, "start": 3 * weight.shape[0]}
+    torch.testing.assert_close(h.grad, torch.full_like(h, 0.25))
     aov.linear_cross_entropy(hidden, weight, labels, 1.0, "none", None)
     assert seen["group"] is None
     monkeypatch.setattr(ao, "fused_linear_token_logprobs", without_keyword)
     with pytest.raises(NotImplementedError, match="vocab_process_group"):
         aov.linear_cross_entropy(hidden, weight, labels, 1.0, "none", group)
-    # a one-rank group (Megatron at TP = 1) shards nothing: the plain path, no keyword needed
+    # a one-rank group (Megatron at TP = 1) shards nothing: the plain path
+    one_rank = object()
     monkeypatch.setattr(ao, "fused_linear_token_logprobs", ao.fused_linear.fused_linear_token_logprobs)
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda g=None: 1 if g is group else 2)
-    logp, _ = aov.linear_cross_entropy(hidden, weight, labels, 1.0, "none", group)
+    logp, _ = aov.linear_cross_entropy(hidden, weight, labels, 1.0, "none", one_rank)
     torch.testing.assert_close(logp, verl_torch_path(1.0)(hidden, weight, labels)[0].reshape(-1))
 
 
@@ -585,25 +596,72 @@ def test_install_fused_forward_in_verl_hf_forwards():
 
 
 PROBE = """
-import json, sys
+import inspect, json, sys
+import torch
 import verl
 from verl.trainer.ppo import core_algos
 import verl.utils.kernel.linear_cross_entropy as lce
-print(json.dumps({
+out = {
     "loaded": "alignops.integrations.verl" in sys.modules,
     "policy_losses": sorted(k for k in core_algos.POLICY_LOSS_REGISTRY if k.startswith("alignops_")),
     "adv_estimators": sorted(k for k in core_algos.ADV_ESTIMATOR_REGISTRY if k.startswith("alignops_")),
     "fused": getattr(lce.linear_cross_entropy, "__module__", None),
-}))
+}
+if len(sys.argv) > 1:
+    # one of two tensor-parallel ranks: verl's linear_cross_entropy (now alignops's) on this rank's
+    # half of the lm_head rows, against verl's torch path on the whole vocabulary
+    import torch.distributed as dist
+    import alignops as ao
+    from verl.utils.experimental.torch_functional import FusedLinearForPPOFunction
+    rank = int(sys.argv[1])
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 10, 16, 38
+    hidden, weight = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g) / 2
+    labels = torch.randint(0, v, (n,), generator=g)
+    cot_logp, cot_ent = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    rows = slice(rank * v // 2, (rank + 1) * v // 2)
+    hid, w = hidden.clone().requires_grad_(), weight[rows].clone().requires_grad_()
+    if "vocab_process_group" not in inspect.signature(ao.fused_linear_token_logprobs).parameters:
+        try:
+            lce.linear_cross_entropy(hid, w, labels, 0.7, "none", dist.group.WORLD)
+        except NotImplementedError as e:
+            out["tp"] = {"refused": "vocab_process_group" in str(e)}
+    else:
+        logp, ent = lce.linear_cross_entropy(hid, w, labels, 0.7, "none", dist.group.WORLD)
+        ((logp * cot_logp).sum() + (ent * cot_ent).sum()).backward()
+        dh = hid.grad.clone()
+        dist.all_reduce(dh)  # what the backward of Megatron's sequence-parallel gather sums
+        ref_logp, ref_ent = FusedLinearForPPOFunction.apply(hidden, weight, labels, 0.7, 512)
+        h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+        lp = (h64 @ w64.T / 0.7).log_softmax(-1)
+        t_logp, t_ent = lp.gather(-1, labels[:, None]).squeeze(-1), -(lp.exp() * lp).sum(-1)
+        t_dh, t_dw = torch.autograd.grad((t_logp * cot_logp).sum() + (t_ent * cot_ent).sum(), (h64, w64))
+        eps = torch.finfo(torch.float32).eps
+        out["tp"] = {"logp": float((logp - ref_logp).abs().max()), "entropy": float((ent - ref_ent).abs().max()),
+                     "dh": float((dh.double() - t_dh).abs().max()), "dh_bound": 8 * eps * float(t_dh.abs().max()),
+                     "dw": float((w.grad.double() - t_dw[rows]).abs().max()),
+                     "dw_bound": 8 * eps * float(t_dw.abs().max())}
+    dist.destroy_process_group()
+print(json.dumps(out))
 """
 
 
-def probe_verl(**env):
+def probe_env(**env):
     full_env = {k: v for k, v in os.environ.items() if k not in ("VERL_USE_EXTERNAL_PLUGINS", aov.FUSED_FORWARD_ENV)}
     full_env.update(env)
-    out = subprocess.run([sys.executable, "-c", PROBE], env=full_env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return full_env
+
+
+def probe_result(proc):
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def probe_verl(*args, **env):
+    return subprocess.Popen([sys.executable, "-c", PROBE, *args], env=probe_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def test_entry_point_is_declared():
@@ -615,13 +673,22 @@ def test_entry_point_is_declared():
 def test_plain_import_verl_registers_everything():
     """verl imports the plugin while verl/__init__.py runs and swallows its errors at DEBUG level:
     only the registries after a plain `import verl` in a fresh interpreter show it worked."""
-    got = probe_verl(**{aov.FUSED_FORWARD_ENV: "1"})
-    assert got["loaded"]
-    assert got["policy_losses"] == sorted("alignops_" + m for m in method_names())
-    assert got["adv_estimators"] == sorted("alignops_" + e for e in aov.ADVANTAGE_ESTIMATORS)
-    assert got["fused"] == "alignops.integrations.verl"
+    store = tempfile.mkdtemp() + "/store"
+    ranks = [probe_verl(str(rank), store, **{aov.FUSED_FORWARD_ENV: "1"}) for rank in (0, 1)]
+    for got in map(probe_result, ranks):
+        assert got["loaded"]
+        assert got["policy_losses"] == sorted("alignops_" + m for m in method_names())
+        assert got["adv_estimators"] == sorted("alignops_" + e for e in aov.ADVANTAGE_ESTIMATORS)
+        assert got["fused"] == "alignops.integrations.verl"
+        # the vocabulary split over two ranks, as Megatron's TP group hands it to linear_cross_entropy
+        tp = got["tp"]
+        if "refused" in tp:
+            assert tp["refused"]
+        else:
+            assert tp["logp"] <= 1e-5 and tp["entropy"] <= 1e-5
+            assert tp["dh"] <= tp["dh_bound"] and tp["dw"] <= tp["dw_bound"]
     # control: with verl's plugin discovery off, nothing of alignops is there
-    off = probe_verl(VERL_USE_EXTERNAL_PLUGINS="none")
+    off = probe_result(probe_verl(VERL_USE_EXTERNAL_PLUGINS="none"))
     assert not off["loaded"] and off["policy_losses"] == [] and off["adv_estimators"] == []
     assert off["fused"] != "alignops.integrations.verl"
 

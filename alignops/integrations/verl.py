@@ -352,20 +352,45 @@ def register() -> dict[str, list[str]]:
 _REDUCTIONS = ("none", "sum", "mean")
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient times `scale`."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
 def _fused_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float,
                     vocab_process_group=None, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
     fn = ao.fused_linear_token_logprobs
     kwargs = {}
+    if vocab_process_group is not None and not (torch.distributed.is_available()
+                                                and torch.distributed.is_initialized()):
+        raise ValueError("dist_process_group is given but torch.distributed is not initialized")
     # Megatron passes its tensor-parallel group even at TP = 1, where nothing is sharded
-    if (vocab_process_group is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size(vocab_process_group) == 1):
+    if vocab_process_group is not None and torch.distributed.get_world_size(vocab_process_group) == 1:
         vocab_process_group = None
     if vocab_process_group is not None:
-        if "vocab_process_group" not in inspect.signature(fn).parameters:
+        world = torch.distributed.get_world_size(vocab_process_group)
+        params = inspect.signature(fn).parameters
+        if "vocab_process_group" not in params:
             raise NotImplementedError(
                 "dist_process_group (a vocabulary sharded across ranks, verl's Megatron tensor-parallel lm_head) "
                 "needs ao.fused_linear_token_logprobs(vocab_process_group=...), which this alignops lacks")
         kwargs["vocab_process_group"] = vocab_process_group
+        if "vocab_start" in params:
+            # verl's kernel takes equal shards in rank order (Megatron pads the vocabulary to a multiple of TP)
+            kwargs["vocab_start"] = torch.distributed.get_rank(vocab_process_group) * weight.shape[0]
+        # alignops all-reduces dhidden over the group; verl's kernel returns each rank's share and
+        # its caller sums them (the backward of Megatron's sequence-parallel gather), so each rank
+        # hands back 1/world of the sum.
+        if hidden.requires_grad:
+            hidden = _ScaleGrad.apply(hidden, 1.0 / world)
     return fn(hidden, weight, labels, temperature=temperature, return_entropy=True, chunk_size=chunk_size, **kwargs)
 
 
