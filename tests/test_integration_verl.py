@@ -500,6 +500,10 @@ def test_linear_cross_entropy_contract():
         aov.linear_cross_entropy(hidden, weight, labels, "0.7")
     with pytest.raises(ValueError, match="labels"):
         aov.linear_cross_entropy(hidden, weight, labels[:, :-1])
+    # Megatron's packed layout: hidden [N, 1, H], labels [1, N]
+    packed_logp, _ = aov.linear_cross_entropy(hidden.reshape(-1, 1, hidden.shape[-1]), weight,
+                                              labels.reshape(1, -1), 0.7, "none")
+    torch.testing.assert_close(packed_logp, logp)
     with pytest.raises(ValueError, match="impl_backend"):
         aov.AlignopsFusedLinearForPPO(impl_backend="triton")
     # bf16 hidden: entropy in the hidden dtype, as verl's FusedLinearForPPO returns it

@@ -399,7 +399,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, tempera
     """verl's `linear_cross_entropy` contract through ao.fused_linear_token_logprobs.
 
     hidden `[..., H]`, weight `[V, H]` (or this rank's `[V / tp, H]` rows with
-    `dist_process_group`), labels `hidden.shape[:-1]`. Returns fp32 token log-probs (flattened to
+    `dist_process_group`), labels: one id per token, in hidden's flattened order. Returns fp32 token log-probs (flattened to
     `[N]`, or their sum / mean with reduction="sum" / "mean") and the per-token entropy `[N]`.
     """
     if reduction not in _REDUCTIONS:
@@ -408,10 +408,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, tempera
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not isinstance(hidden, Tensor) or hidden.dim() < 2:
         raise ValueError("hidden must be a [..., H] tensor")
-    if not isinstance(labels, Tensor) or tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without H), "
-                         f"got {None if not isinstance(labels, Tensor) else tuple(labels.shape)}")
     h = hidden.reshape(-1, hidden.shape[-1])
+    # Token counts, not shapes, must agree: Megatron's packed forward gives hidden [N, 1, H] and
+    # labels [1, N], which verl's kernel flattens alike.
+    if not isinstance(labels, Tensor) or labels.numel() != h.shape[0]:
+        raise ValueError(f"labels must hold one id per token of hidden ({h.shape[0]}), "
+                         f"got {None if not isinstance(labels, Tensor) else tuple(labels.shape)}")
     logp, entropy = _fused_logprobs(h, weight, labels.reshape(-1).to(torch.int64), float(temperature),
                                     dist_process_group)
     if reduction == "sum":
