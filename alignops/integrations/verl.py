@@ -399,8 +399,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, tempera
     """verl's `linear_cross_entropy` contract through ao.fused_linear_token_logprobs.
 
     hidden `[..., H]`, weight `[V, H]` (or this rank's `[V / tp, H]` rows with
-    `dist_process_group`), labels: one id per token, in hidden's flattened order. Returns fp32 token log-probs (flattened to
-    `[N]`, or their sum / mean with reduction="sum" / "mean") and the per-token entropy `[N]`.
+    `dist_process_group`), labels: one id per token, in hidden's flattened order. Returns fp32
+    token log-probs (flattened to `[N]`, or their sum / mean with reduction="sum" / "mean") and
+    the per-token entropy `[N]`.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
