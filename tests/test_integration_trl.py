@@ -422,3 +422,29 @@ def test_alignops_method_bad_options(tiny_model, tmp_path, kwargs, error, match)
     with pytest.raises(error, match=match):
         _train(tiny_model, tmp_path, trainer_cls=ao_trl.AlignopsGRPOTrainer, config_cls=ao_trl.AlignopsGRPOConfig,
                **kwargs)
+
+
+def test_chunked_function_under_autocast_projects_in_its_dtype():
+    """TRL's default GRPOConfig(bf16=True) runs the head under autocast: both project in bf16, so they agree far
+    better with each other than with the fp32 projection."""
+    hidden, weight, b, targets = _head_inputs(64, 32, 300, bias=True, seed=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ao_trl.AlignopsChunkedLogProb().apply(hidden, weight, b, targets, 1.0, 128, None, 1.0,
+                                                    ("log_probs", "entropy"))
+        want = TRLChunkedLogProb.apply(hidden, weight, b, targets, 1.0, 128, None, 1.0, ("log_probs", "entropy"))
+    fp32 = TRLChunkedLogProb.apply(hidden, weight, b, targets, 1.0, 128, None, 1.0, ("log_probs", "entropy"))
+    for x, y, z in zip(got[:2], want[:2], fp32[:2]):
+        assert x.dtype == torch.float32
+        rounding = (y - z).abs().max()
+        assert rounding > 1e-3
+        assert (x - y).abs().max() <= rounding / 8
+
+
+def test_zero3_refused_only_where_a_backward_follows(monkeypatch):
+    monkeypatch.setattr(ao_trl, "_zero3_enabled", lambda: True)
+    hidden, weight, b, targets = _head_inputs(6, 8, 20, bias=False, seed=7)
+    fn = ao_trl.AlignopsChunkedLogProb()
+    with torch.no_grad():    # the old and reference log-probs
+        fn.apply(hidden, weight, None, targets, 1.0, 32, None, 1.0, ("log_probs",))
+    with pytest.raises(NotImplementedError, match="ZeRO-3"):
+        fn.apply(hidden.requires_grad_(), weight, None, targets, 1.0, 32, None, 1.0, ("log_probs",))

@@ -115,7 +115,9 @@ class AlignopsChunkedLogProb:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         if not isinstance(hidden, Tensor) or hidden.dim() != 2:
             raise ValueError(f"hidden must be a [N, H] tensor, got {getattr(hidden, 'shape', type(hidden).__name__)}")
-        if request is None and _zero3_enabled():
+        needs_grad = torch.is_grad_enabled() and any(
+            isinstance(p, Tensor) and p.requires_grad for p in (hidden, weight, bias))
+        if request is None and needs_grad and _zero3_enabled():
             # TRL's backward gathers the ZeRO-3 partitioned head again; alignops's autograd keeps the weight it was
             # given, which ZeRO-3 empties after forward.
             raise NotImplementedError("use_alignops does not support DeepSpeed ZeRO-3 (the lm_head weight is "
@@ -153,9 +155,8 @@ class AlignopsPatch:
         self._active = False
 
     def install(self) -> "AlignopsPatch":
-        utils = trl_utils
-        self._replaced = utils._ChunkedLogProbFunction
-        utils._ChunkedLogProbFunction = self.function
+        self._replaced = trl_utils._ChunkedLogProbFunction
+        trl_utils._ChunkedLogProbFunction = self.function
         self._active = True
         return self
 
@@ -166,10 +167,9 @@ class AlignopsPatch:
     def restore(self) -> None:
         if not self._active:
             return
-        utils = trl_utils
-        if utils._ChunkedLogProbFunction is not self.function:
+        if trl_utils._ChunkedLogProbFunction is not self.function:
             raise RuntimeError("use_alignops patches restored out of order: restore the most recent one first")
-        utils._ChunkedLogProbFunction = self._replaced
+        trl_utils._ChunkedLogProbFunction = self._replaced
         self._active = False
 
     def __enter__(self) -> "AlignopsPatch":
@@ -260,7 +260,8 @@ class _LossRequest:
         self.loss_kwargs = loss_kwargs
         self.want_logp = want_logp
         self.weighted_kl = None        # (ref_logp [B, C], beta) for TRL's ratio-weighted KL
-        self.sequence_ratio = False
+        self.sequence_ratio = False    # that KL's ratio: TRL's sequence-level one
+        self._select = None
         self.output = None
 
     def _rows(self, n: int):
@@ -301,7 +302,7 @@ class _LossRequest:
                     chunk_size=fn.chunk_rows)
         if self.weighted_kl is not None:
             logp = self._weighted_kl_loss(h, w, targets, old, adv, mask, cu, head, kwargs)
-            return logp.detach(), torch.zeros_like(logp), None, None, None
+            return logp, torch.zeros_like(logp), None, None, None
         self.output = ao.fused_linear_policy_loss(h, w, targets, old, adv, mask, compute_entropy=True,
                                                   grad_in_forward=True, cu_seqlens=cu, **head, **kwargs)
         if self.want_logp:
@@ -321,18 +322,43 @@ class _LossRequest:
         ref, beta = self.weighted_kl
         ref = self._flat(ref, self._select, h.device)
         estimator = kwargs.pop("kl_estimator", "k3")
-        logp, entropy = ao.fused_linear_token_logprobs(h, w, targets, return_entropy=True, **head)
-        out = ao.policy_loss(logp, old, adv, mask, entropy=entropy, cu_seqlens=cu, **kwargs)
-        rows = layout.token_layout("logp", logp, cu)
-        log_ratio = logp - (logp.detach() if old is None else old)
-        if self.sequence_ratio:
-            log_ratio = rows.to_tokens(rows.row_mean(torch.where(mask, log_ratio, 0.0), mask))
-        kl = torch.where(mask, torch.exp(log_ratio) * pmath.kl_penalty(logp, ref, estimator), 0.0)
-        norm = kwargs["normalizer"]
-        out.loss = out.loss + beta * layout.aggregate(kl, mask, rows, kwargs["agg"], norm)
+        params = [h, w, head.pop("bias")]
+        needs_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+        leaves = [None if p is None else p.detach().requires_grad_(needs_grad and p.requires_grad) for p in params]
+        with torch.enable_grad() if needs_grad else torch.no_grad():
+            logp, entropy = ao.fused_linear_token_logprobs(leaves[0], leaves[1], targets, leaves[2],
+                                                           return_entropy=True, **head)
+            out = ao.policy_loss(logp, old, adv, mask, entropy=entropy, cu_seqlens=cu, **kwargs)
+            rows = layout.token_layout("logp", logp, cu)
+            log_ratio = logp - (logp.detach() if old is None else old)
+            if self.sequence_ratio:
+                log_ratio = rows.to_tokens(rows.row_mean(torch.where(mask, log_ratio, 0.0), mask))
+            kl = torch.where(mask, torch.exp(log_ratio) * pmath.kl_penalty(logp, ref, estimator), 0.0)
+            loss = out.loss + beta * layout.aggregate(kl, mask, rows, kwargs["agg"], kwargs["normalizer"])
+        if needs_grad:
+            # taken now, inside TRL's forward (where ZeRO-3 has the head gathered), as the terminal loss does
+            wanted = [x for x in leaves if x is not None and x.requires_grad]
+            got = iter(torch.autograd.grad(loss, wanted, allow_unused=True))
+            grads = [next(got) if x is not None and x.requires_grad else None for x in leaves]
+            loss = _TakenGradients.apply(loss.detach(), *params, *grads)
+        out.loss = loss
         out.metrics["kl"] = layout.token_mean(kl.detach(), mask)
         self.output = out
-        return logp
+        return logp.detach()
+
+
+class _TakenGradients(torch.autograd.Function):
+    """A loss whose gradients were already taken: backward scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, loss, hidden, weight, bias, d_hidden, d_weight, d_bias):
+        ctx.grads = (d_hidden, d_weight, d_bias)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        scaled = [None if d is None else d * grad_output.to(d.dtype) for d in ctx.grads]
+        return (None, *scaled, None, None, None)
 
 
 def _unsupported(args, loss_type: str) -> str | None:
@@ -471,8 +497,7 @@ class AlignopsGRPOTrainer(GRPOTrainer):
                                want_logp=trl_clip_metrics and old_logp is not None)
         if self.beta != 0.0 and self.args.use_bias_correction_kl:
             request.weighted_kl = (inputs["ref_per_token_logps"], float(self.beta))
-            request.sequence_ratio = self.importance_sampling_level == "sequence" or (
-                self.args.alignops_method is not None and get_method(self.args.alignops_method).name.startswith("gspo"))
+            request.sequence_ratio = self.importance_sampling_level == "sequence"
         self._alignops_fn.request = request
         try:
             logps, _, aux_loss = self._get_per_token_logps_and_entropies(
