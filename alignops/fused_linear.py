@@ -31,7 +31,7 @@ import math
 import torch
 from torch import Tensor
 
-from alignops import _backend, layout
+from alignops import _backend, layout, vocab_parallel
 from alignops._validate import check_bool, check_float
 from alignops.policy import one_launch
 from alignops.policy.autograd import stats_backward, stats_forward
@@ -62,10 +62,12 @@ class Head:
     ignore_index: int
     backend: str
     chunk: int
+    shard: vocab_parallel.VocabShard | None = None  # the lm_head rows are this rank's vocabulary shard
+    validate_labels: bool = False                    # against the global vocabulary, after the gather
 
 
 def _check_head(hidden, weight, labels, bias, temperature, softcap, logit_scale, ignore_index, backend,
-                chunk_size, validate_labels) -> tuple[Tensor, Tensor, Head]:
+                chunk_size, validate_labels, vocab_process_group=None, vocab_start=None) -> tuple[Tensor, Tensor, Head]:
     """(hidden as [N, H], labels as flat int64 [N], the head)."""
     for name, x in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(x, Tensor):
@@ -108,7 +110,10 @@ def _check_head(hidden, weight, labels, bias, temperature, softcap, logit_scale,
         chunk = chunk_size
     if validate_labels is None:
         validate_labels = labels.device.type == "cpu"
-    if validate_labels:
+    sharded = vocab_process_group is not None or vocab_start is not None
+    if sharded:
+        vocab_parallel.check_group_args(vocab_process_group, vocab_start)
+    elif validate_labels:
         check_label_range(labels, V, ignore_index)
     backend = _backend.resolve_backend(backend, hidden.device, what=LOGITS_OPS)
     if hidden.dtype == torch.float64 and backend in ("triton", "cuda"):
@@ -116,7 +121,9 @@ def _check_head(hidden, weight, labels, bias, temperature, softcap, logit_scale,
     h2 = hidden.reshape(-1, hidden.shape[-1])
     if h2.stride(-1) != 1:
         h2 = h2.contiguous()
-    head = Head(weight, bias, temperature, softcap, logit_scale, ignore_index, backend, chunk)
+    shard = vocab_parallel.resolve_shard(vocab_process_group, vocab_start, V, hidden.device) if sharded else None
+    head = Head(weight, bias, temperature, softcap, logit_scale, ignore_index, backend, chunk, shard,
+                bool(validate_labels))
     return h2, labels.reshape(-1).to(torch.int64).contiguous(), head
 
 
@@ -174,6 +181,7 @@ class _Grads:
             self.db += g.sum(0, dtype=self.db.dtype)
 
     def result(self):
+        vocab_parallel.all_reduce_hidden_grad(self.dh, self.head.shard)
         w = self.head.weight
         dw = None if self.dw is None else self.dw.to(w.dtype)
         db = None if self.db is None else self.db.to(w.dtype)
@@ -181,7 +189,10 @@ class _Grads:
 
 
 def _stats(h: Tensor, labels: Tensor, head: Head, compute_entropy: bool):
-    """(logp, lse, entropy) of every token, one tile at a time."""
+    """(logp, lse, entropy) of every token, one tile at a time, and over a vocabulary shard the
+    ShardedStats of the one gather after the last tile (else None)."""
+    if head.shard is not None:
+        return _sharded_stats(h, labels, head, compute_entropy)
     n = labels.numel()
     dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     logp = torch.empty(n, dtype=dtype, device=h.device)
@@ -191,14 +202,35 @@ def _stats(h: Tensor, labels: Tensor, head: Head, compute_entropy: bool):
         lp, ls, en = stats_forward(tile, labels[s:e], head.temperature, head.ignore_index, compute_entropy,
                                    head.backend)
         logp[s:e], lse[s:e], entropy[s:e] = lp, ls, en
-    return logp, lse, entropy
+    return logp, lse, entropy, None
 
 
-def _backward_pass(h, labels, head, logp, lse, entropy, a, b, grads: _Grads) -> None:
-    """Recomputes every tile and accumulates the GEMMs of dL/dz = token_stats' backward(a, b)."""
+def _sharded_stats(h, labels, head, compute_entropy):
+    local_labels, owns = vocab_parallel.shard_labels(labels, head.shard, head.ignore_index)
+    n = labels.numel()
+    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    logp = torch.empty(n, dtype=dtype, device=h.device)
+    lse, entropy = torch.empty_like(logp), torch.empty_like(logp)
+    for s, e in _spans(n, head.chunk):
+        tile, _ = _tile(h[s:e], head)
+        logp[s:e], lse[s:e], entropy[s:e] = vocab_parallel.local_stats(tile, local_labels[s:e], head.temperature,
+                                                                         compute_entropy, head.backend)
+    st = vocab_parallel.merge(logp, lse, entropy, local_labels, owns, head.shard, labels, head.ignore_index,
+                              compute_entropy, validate_labels=head.validate_labels, name_logits="hidden @ weight.T")
+    return st.logp, st.lse, st.entropy, st
+
+
+def _backward_pass(h, labels, head, logp, lse, entropy, a, b, grads: _Grads, sharded=None) -> None:
+    """Recomputes every tile and accumulates the GEMMs of dL/dz = token_stats' backward(a, b)
+    (over a vocabulary shard: vocab_parallel.local_grad with the gathered statistics `sharded`)."""
     has_b = b is not None
     for s, e in _spans(labels.numel(), head.chunk):
         tile, deriv = _tile(h[s:e], head)
+        if sharded is not None:
+            vocab_parallel.local_grad(tile, sharded.rows(s, e), a[s:e], b[s:e] if has_b else None,
+                                      head.temperature, head.backend, tile)
+            grads.add(s, e, tile, deriv)
+            continue
         stats_backward(tile, labels[s:e], logp[s:e], lse[s:e], entropy[s:e], a[s:e].contiguous(),
                        (b if has_b else a)[s:e].contiguous(), head.temperature, head.ignore_index, has_b,
                        head.backend, tile)
@@ -211,15 +243,17 @@ class _LinearTokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, labels, head, compute_entropy):
         with torch.no_grad():
-            logp, lse, entropy = _stats(h, labels, head, compute_entropy)
-        ctx.save_for_backward(h, weight, bias, labels, logp, lse, entropy)
+            logp, lse, entropy, sharded = _stats(h, labels, head, compute_entropy)
+        ctx.save_for_backward(h, weight, bias, labels, logp, lse, entropy,
+                              *(() if sharded is None else (sharded.local_labels, sharded.kernel_logp, sharded.standin)))
         ctx.head, ctx.compute_entropy = head, compute_entropy
         ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        h, weight, bias, labels, logp, lse, entropy = ctx.saved_tensors
+        h, weight, bias, labels, logp, lse, entropy, *shard_rows = ctx.saved_tensors
+        sharded = vocab_parallel.ShardedStats(logp, lse, entropy, *shard_rows) if shard_rows else None
         want = ctx.needs_input_grad
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None, None
@@ -227,7 +261,7 @@ class _LinearTokenStats(torch.autograd.Function):
         b = grad_entropy.to(logp.dtype) if (ctx.compute_entropy and grad_entropy is not None) else None
         grads = _Grads(h, ctx.head, want[0], want[1], want[2] and bias is not None)
         with torch.no_grad():
-            _backward_pass(h, labels, ctx.head, logp, lse, entropy, a, b, grads)
+            _backward_pass(h, labels, ctx.head, logp, lse, entropy, a, b, grads, sharded)
         dh, dw, db = grads.result()
         return dh, dw, db, None, None, None
 
@@ -256,7 +290,8 @@ def fused_linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, 
                                 temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
                                 softcap: float | None = None, logit_scale: float | None = None,
                                 backend: str | None = None, chunk_size: int | None = None,
-                                validate_labels: bool | None = None):
+                                validate_labels: bool | None = None, vocab_process_group=None,
+                                vocab_start: int | None = None):
     """token_logprobs of the logits `hidden @ weight.T + bias` without forming them.
 
     Args:
@@ -268,13 +303,17 @@ def fused_linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, 
         softcap, logit_scale: the head's own transform, z = softcap * tanh(z * logit_scale / softcap)
             (Gemma's final soft-capping, Cohere's scale), before the temperature.
         chunk_size: rows per tile (default: a 64 MiB fp32 tile, at least 512 rows).
+        vocab_process_group, vocab_start: `weight` (and `bias`) are this rank's contiguous rows
+            `[V_r, H]` of an lm_head sharded over the group's vocabulary (labels global ids, hidden
+            the same on every rank): one all_gather forward, one all_reduce of dhidden backward
+            (alignops/vocab_parallel.py). vocab_start: this rank's first row; None gathers the sizes.
 
     Returns:
         `logp` (and `entropy`), fp32 (fp64 for fp64 inputs), shaped like `labels`.
     """
     check_bool("return_entropy", return_entropy)
     h2, flat, head = _check_head(hidden, weight, labels, bias, temperature, softcap, logit_scale, ignore_index,
-                                 backend, chunk_size, validate_labels)
+                                 backend, chunk_size, validate_labels, vocab_process_group, vocab_start)
     logp, entropy = _LinearTokenStats.apply(h2, weight, bias, flat, head, return_entropy)
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
@@ -286,7 +325,8 @@ def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old
                              softcap: float | None = None, logit_scale: float | None = None,
                              compute_entropy: bool | None = None, backend: str | None = None,
                              grad_in_forward: bool = False, chunk_size: int | None = None,
-                             validate_labels: bool | None = None, **kwargs) -> PolicyLossOutput:
+                             validate_labels: bool | None = None, vocab_process_group=None,
+                             vocab_start: int | None = None, **kwargs) -> PolicyLossOutput:
     """fused_policy_loss of the logits `hidden @ weight.T + bias`, without forming them.
 
     Every keyword of policy_loss applies (method options, KL, entropy bonus, aggregation,
@@ -294,10 +334,12 @@ def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old
     masked out whatever `mask` says. grad_in_forward=True: a terminal loss whose gradients are
     taken during forward (no tile is kept): the one-launch kernel per tile for token-local methods
     on cpu and triton (three GEMMs), else a first pass for dL/dlogp and dL/dH and one recompute.
+    vocab_process_group, vocab_start: as fused_linear_token_logprobs (a sharded lm_head); every
+    route works, grad_in_forward with the first-pass-and-recompute path.
     """
     check_bool("grad_in_forward", grad_in_forward)
     h2, flat, head = _check_head(hidden, weight, labels, bias, temperature, softcap, logit_scale, ignore_index,
-                                 backend, chunk_size, validate_labels)
+                                 backend, chunk_size, validate_labels, vocab_process_group, vocab_start)
     mask, compute_entropy = counted_tokens(labels, mask, ignore_index, compute_entropy, kwargs)
 
     params = (hidden, weight) + (() if bias is None else (bias,))
@@ -309,7 +351,8 @@ def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old
 
     grads = _Grads(h2, head, hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     named = _backend.requested_backend(backend) is not None
-    if one_launch.eligible(method, kwargs, head.backend, compute_entropy, labels, named):
+    # over a vocabulary shard the per-token math needs the gathered log-probs: the two-pass path
+    if head.shard is None and one_launch.eligible(method, kwargs, head.backend, compute_entropy, labels, named):
         loss, metrics = _one_launch(h2, flat, labels, old_logp, advantages, mask, method, compute_entropy, head,
                                     kwargs, grads)
     else:
@@ -323,7 +366,7 @@ def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old
 
 def _two_pass_terminal(h2, flat, labels, old_logp, advantages, mask, method, compute_entropy, head, kwargs, grads):
     with torch.no_grad():
-        logp, lse, entropy = _stats(h2, flat, head, compute_entropy)
+        logp, lse, entropy, sharded = _stats(h2, flat, head, compute_entropy)
     logp_leaf = logp.view(labels.shape).detach().requires_grad_()
     ent_leaf = entropy.view(labels.shape).detach().requires_grad_() if compute_entropy else None
     with torch.enable_grad():
@@ -333,7 +376,7 @@ def _two_pass_terminal(h2, flat, labels, old_logp, advantages, mask, method, com
     a = torch.zeros_like(logp) if got[0] is None else got[0].reshape(-1).to(logp.dtype)
     b = got[1].reshape(-1).to(logp.dtype) if compute_entropy and got[1] is not None else None
     with torch.no_grad():
-        _backward_pass(h2, flat, head, logp, lse, entropy, a, b, grads)
+        _backward_pass(h2, flat, head, logp, lse, entropy, a, b, grads, sharded)
     return out.loss.detach(), out.metrics
 
 
@@ -358,13 +401,15 @@ def fused_linear_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tenso
                                    cu_seqlens: Tensor | None = None, temperature: float = 1.0,
                                    ignore_index: int = -100, softcap: float | None = None,
                                    logit_scale: float | None = None, return_lengths: bool = False,
-                                   backend: str | None = None, chunk_size: int | None = None):
+                                   backend: str | None = None, chunk_size: int | None = None,
+                                   vocab_process_group=None, vocab_start: int | None = None):
     """sequence_logprobs of `hidden @ weight.T + bias` (DPO, ORPO, GVPO, iw-SFT), without the logits."""
     from alignops import sft  # noqa: PLC0415 - sft imports the logits pass only
     return sft.sequence_logprobs_from(
         lambda lab: fused_linear_token_logprobs(hidden, weight, lab, bias, temperature, ignore_index,
                                                 softcap=softcap, logit_scale=logit_scale, backend=backend,
-                                                chunk_size=chunk_size),
+                                                chunk_size=chunk_size, vocab_process_group=vocab_process_group,
+                                                vocab_start=vocab_start),
         labels, mask, reduction, cu_seqlens, ignore_index, return_lengths, tokens=hidden, name="hidden")
 
 
@@ -373,12 +418,13 @@ def fused_linear_sft_loss(hidden: Tensor, weight: Tensor, labels: Tensor, mask: 
                           cutoff_prob: float | None = None, normalizer=None, cu_seqlens: Tensor | None = None,
                           temperature: float = 1.0, ignore_index: int = -100, softcap: float | None = None,
                           logit_scale: float | None = None, backend: str | None = None,
-                          chunk_size: int | None = None):
+                          chunk_size: int | None = None, vocab_process_group=None, vocab_start: int | None = None):
     """sft_loss (SFT, DFT, CHORD-phi, iw-SFT) of `hidden @ weight.T + bias`, without the logits."""
     from alignops import sft  # noqa: PLC0415
     return sft.sft_loss_from(
         lambda lab: fused_linear_token_logprobs(hidden, weight, lab, bias, temperature, ignore_index,
                                                 softcap=softcap, logit_scale=logit_scale, backend=backend,
-                                                chunk_size=chunk_size),
+                                                chunk_size=chunk_size, vocab_process_group=vocab_process_group,
+                                                vocab_start=vocab_start),
         labels, mask, weighting, seq_weights, cutoff_prob, normalizer, cu_seqlens, ignore_index, tokens=hidden,
         name="hidden")

@@ -87,7 +87,8 @@ def _check_prob(value, name, *, allow_none=True):
 def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = None,
                       reduction: str = "sum", *, cu_seqlens: Optional[Tensor] = None,
                       temperature: float = 1.0, ignore_index: int = -100,
-                      return_lengths: bool = False, backend: Optional[str] = None):
+                      return_lengths: bool = False, backend: Optional[str] = None,
+                      vocab_process_group=None, vocab_start: Optional[int] = None):
     """Per-sequence log-probability of the labels: `S_i = sum_t m_it logp_it` ("sum", DPO, GVPO)
     or `S_i / L_i` ("mean", IPO and ORPO; an empty row gives 0), docs/methods.md 1.13.
 
@@ -97,7 +98,8 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = N
         mask: same shape as labels, bool or 0/1; None = every label != ignore_index counts.
         reduction: "sum" or "mean" over the valid positions of each row.
         cu_seqlens: `[B+1]` int row boundaries of the packed layout.
-        temperature, ignore_index, backend: as in `alignops.token_stats`.
+        temperature, ignore_index, backend, vocab_process_group, vocab_start: as in
+            `alignops.token_stats` (the last two: logits sharded over the vocabulary).
         return_lengths: also return `L_i`, the number of valid positions per row (int64).
 
     Returns:
@@ -105,7 +107,8 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = N
         pass over the logits each way; the row reduction is O(tokens), in fp32.
     """
     return sequence_logprobs_from(
-        lambda lab: token_logprobs(logits, lab, temperature=temperature, ignore_index=ignore_index, backend=backend),
+        lambda lab: token_logprobs(logits, lab, temperature=temperature, ignore_index=ignore_index, backend=backend,
+                                   vocab_process_group=vocab_process_group, vocab_start=vocab_start),
         labels, mask, reduction, cu_seqlens, ignore_index, return_lengths, tokens=logits, name="logits")
 
 
@@ -223,7 +226,8 @@ def weighted_nll(logp: Tensor, valid: Tensor, weighting: str = "none",
 def sft_loss(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = None, weighting: str = "none",
              seq_weights: Optional[Tensor] = None, *, cutoff_prob: Optional[float] = None,
              normalizer=None, cu_seqlens: Optional[Tensor] = None, temperature: float = 1.0,
-             ignore_index: int = -100, backend: Optional[str] = None) -> SFTOutput:
+             ignore_index: int = -100, backend: Optional[str] = None, vocab_process_group=None,
+             vocab_start: Optional[int] = None) -> SFTOutput:
     """Token-mean (weighted) negative log-likelihood, fused into the logits pass.
 
         loss = -(1/N) sum_{i,t} m_it * w_it * logp_it
@@ -246,7 +250,8 @@ def sft_loss(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = None, weig
     `weight/mean`, `prob/mean`, `num_tokens`.
     """
     return sft_loss_from(
-        lambda lab: token_logprobs(logits, lab, temperature=temperature, ignore_index=ignore_index, backend=backend),
+        lambda lab: token_logprobs(logits, lab, temperature=temperature, ignore_index=ignore_index, backend=backend,
+                                   vocab_process_group=vocab_process_group, vocab_start=vocab_start),
         labels, mask, weighting, seq_weights, cutoff_prob, normalizer, cu_seqlens, ignore_index, tokens=logits,
         name="logits")
 

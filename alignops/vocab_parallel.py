@@ -109,7 +109,7 @@ class ShardedStats:
     standin: Tensor      # rows whose local label is the stand-in column
 
     def rows(self, s: int, e: int) -> "ShardedStats":
-        return ShardedStats(*(t[s:e] for t in dataclasses.astuple(self)))
+        return ShardedStats(*(getattr(self, f.name)[s:e] for f in dataclasses.fields(self)))
 
 
 def local_stats(logits3: Tensor, local_labels: Tensor, temperature: float, compute_entropy: bool, backend: str):
@@ -193,8 +193,10 @@ def _check_layout(shards, labels, ignore_index, validate_labels, name_logits):
             raise ValueError(f"vocab_start: rank {r} of vocab_process_group starts its shard at {start}, but the "
                              f"lower ranks' shards end at {expected} (shards are contiguous, in rank order)")
         expected += size
-    from alignops.token_stats import check_label_range  # noqa: PLC0415 - token_stats imports this module
-    check_label_range(labels, expected, ignore_index)
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= expected))
+    if bool(bad.any()):
+        raise ValueError(f"labels must lie in [0, {expected}) (the vocabulary of all shards of vocab_process_group) "
+                         f"or equal ignore_index={ignore_index}; found {labels[bad][0].item()}")
 
 
 def gather_stats(logits3: Tensor, labels: Tensor, shard: VocabShard, temperature: float, ignore_index: int,

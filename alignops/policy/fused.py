@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from alignops import _backend
+from alignops import _backend, vocab_parallel
 from alignops._validate import check_bool, is_number
 from alignops.policy import one_launch
 from alignops.policy.autograd import InplaceTokenStats, PrecomputedGrad, stats_backward, stats_forward
@@ -44,7 +44,8 @@ def fused_policy_loss(logits: Tensor, labels: Tensor, old_logp: Tensor | None, a
                       mask: Tensor | None = None, *, method: str = "grpo", temperature: float = 1.0,
                       ignore_index: int = -100, compute_entropy: bool | None = None,
                       backend: str | None = None, inplace_grad: bool = False, grad_in_forward: bool = False,
-                      validate_labels: bool | None = None, **kwargs) -> PolicyLossOutput:
+                      validate_labels: bool | None = None, vocab_process_group=None, vocab_start: int | None = None,
+                      **kwargs) -> PolicyLossOutput:
     """policy_loss computed straight from the logits, in the logits pass of token_logprobs.
 
     `logits` are `[B, T, V]` with `labels [B, T]`, or packed `[N, V]` with `labels [N]` and
@@ -62,6 +63,10 @@ def fused_policy_loss(logits: Tensor, labels: Tensor, old_logp: Tensor | None, a
         a = dL/dlogp and b = dL/dH are taken during forward and the backward kernel runs at once,
         so the logits need not be kept; backward only scales by grad_output. Not traceable by
         torch.compile (it calls autograd inside forward); the default path is.
+    vocab_process_group: the logits are this rank's shard `[..., V_r]` of a vocabulary sharded over
+        the group (labels global ids, every per-token input the same on all ranks); see
+        alignops/vocab_parallel.py. Every route works; grad_in_forward runs the two-pass kernels
+        (the one-launch kernel would need the global log-prob inside the shard's pass).
     """
     check_logits_labels(logits, labels)
     temperature = check_temperature(temperature)
@@ -70,11 +75,13 @@ def fused_policy_loss(logits: Tensor, labels: Tensor, old_logp: Tensor | None, a
     check_bool("inplace_grad", inplace_grad)
     check_bool("grad_in_forward", grad_in_forward)
     mask, compute_entropy = counted_tokens(labels, mask, ignore_index, compute_entropy, kwargs)
+    sharded = vocab_process_group is not None or vocab_start is not None
 
     if not (inplace_grad or grad_in_forward):
         result = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                                 return_entropy=compute_entropy, backend=backend,
-                                validate_labels=validate_labels)
+                                validate_labels=validate_labels, vocab_process_group=vocab_process_group,
+                                vocab_start=vocab_start)
         logp, entropy = result if compute_entropy else (result, None)
         return policy_loss(logp, old_logp, advantages, mask, method=method, entropy=entropy, **kwargs)
 
@@ -82,7 +89,9 @@ def fused_policy_loss(logits: Tensor, labels: Tensor, old_logp: Tensor | None, a
         raise RuntimeError("inplace_grad / grad_in_forward are eager-only; use the default path under torch.compile")
     if validate_labels is None:
         validate_labels = labels.device.type == "cpu"
-    if validate_labels:
+    if sharded:
+        vocab_parallel.check_group_args(vocab_process_group, vocab_start)
+    elif validate_labels:
         check_label_range(labels, logits.shape[-1], ignore_index)
     named = _backend.requested_backend(backend) is not None
     backend = _backend.resolve_backend(backend, logits.device, what=LOGITS_OPS)
@@ -93,6 +102,11 @@ def fused_policy_loss(logits: Tensor, labels: Tensor, old_logp: Tensor | None, a
         raise ValueError("inplace_grad=True needs logits with unit stride over the vocabulary")
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    if sharded:
+        shard = vocab_parallel.resolve_shard(vocab_process_group, vocab_start, logits.shape[-1], logits.device)
+        return _sharded_policy_loss(logits, logits3, labels, flat_labels, old_logp, advantages, mask, method,
+                                    temperature, ignore_index, compute_entropy, backend, inplace_grad,
+                                    grad_in_forward, bool(validate_labels), needs_grad, shard, kwargs)
     if grad_in_forward and needs_grad and one_launch.eligible(method, kwargs, backend, compute_entropy, labels, named):
         return one_launch.policy_loss_one_launch(logits, logits3, labels, flat_labels, old_logp, advantages, mask,
                                                  method, temperature, ignore_index, compute_entropy, backend,
@@ -124,5 +138,35 @@ def fused_policy_loss(logits: Tensor, labels: Tensor, old_logp: Tensor | None, a
                         has_b, backend, target)
     grad = target.view(logits.shape) if inplace_grad else target.reshape(logits.shape)
     # detached: out.loss's graph was consumed by autograd.grad above and must not be revisited
+    loss = PrecomputedGrad.apply(out.loss.detach(), logits, grad)
+    return PolicyLossOutput(loss, out.metrics)
+
+
+def _sharded_policy_loss(logits, logits3, labels, flat_labels, old_logp, advantages, mask, method, temperature,
+                         ignore_index, compute_entropy, backend, inplace_grad, grad_in_forward, validate_labels,
+                         needs_grad, shard, kwargs):
+    """The inplace_grad / grad_in_forward routes over a vocabulary shard (alignops/vocab_parallel.py)."""
+    if not grad_in_forward:
+        logp, entropy = vocab_parallel.ShardedTokenStats.apply(logits3, flat_labels, shard, temperature, ignore_index,
+                                                               compute_entropy, backend, validate_labels, False, True)
+        return policy_loss(logp.view(labels.shape), old_logp, advantages, mask, method=method,
+                           entropy=entropy.view(labels.shape) if compute_entropy else None, **kwargs)
+    with torch.no_grad():
+        st = vocab_parallel.gather_stats(logits3.detach(), flat_labels, shard, temperature, ignore_index,
+                                         compute_entropy, backend, validate_labels=validate_labels)
+    logp_leaf = st.logp.view(labels.shape).detach().requires_grad_(needs_grad)
+    ent_leaf = st.entropy.view(labels.shape).detach().requires_grad_(needs_grad) if compute_entropy else None
+    with torch.enable_grad():
+        out = policy_loss(logp_leaf, old_logp, advantages, mask, method=method, entropy=ent_leaf, **kwargs)
+    if not needs_grad:
+        return PolicyLossOutput(out.loss.detach(), out.metrics)
+    leaves = [logp_leaf] + ([ent_leaf] if compute_entropy else [])
+    grads = torch.autograd.grad(out.loss, leaves, allow_unused=True)
+    a = torch.zeros_like(st.lse) if grads[0] is None else grads[0].reshape(-1).to(st.lse.dtype)
+    b = grads[1].reshape(-1).to(st.lse.dtype) if compute_entropy and grads[1] is not None else None
+    with torch.no_grad():
+        target = logits3.detach() if inplace_grad else torch.empty_like(logits3)
+        vocab_parallel.local_grad(logits3.detach(), st, a, b, temperature, backend, target)
+    grad = target.view(logits.shape) if inplace_grad else target.reshape(logits.shape)
     loss = PrecomputedGrad.apply(out.loss.detach(), logits, grad)
     return PolicyLossOutput(loss, out.metrics)
