@@ -61,7 +61,7 @@ def test_chunked_function_matches_trl(bias, temperature, softcap, scale, outputs
     hidden, weight, b, targets = _head_inputs(37, 16, 203, bias=bias, seed=1)
     g = torch.Generator().manual_seed(2)
     g_logp, g_ent = torch.randn(37, generator=g), torch.randn(37, generator=g)
-    ours = ao_trl.AlignopsChunkedLogProb(chunk_rows=8)
+    ours = ao_trl.AlignopsChunkedLogProb(chunk_size=8)
     got, got_grads = _run(ours, hidden, weight, b, targets, temperature, softcap, scale, outputs, g_logp, g_ent)
     want, want_grads = _run(TRLChunkedLogProb, hidden, weight, b, targets, temperature, softcap, scale, outputs,
                             g_logp, g_ent)

@@ -5,9 +5,15 @@
     with use_alignops(backend="triton"):
         trainer.train()             # TRL's own function is back when the block ends (or after .restore())
 
+    from alignops.integrations.trl import AlignopsGRPOConfig, AlignopsGRPOTrainer
+    args = AlignopsGRPOConfig(output_dir="out", loss_type="dapo", beta=0.001)      # or alignops_method="gppo"
+    AlignopsGRPOTrainer(model=model_id, reward_funcs=reward, args=args, train_dataset=ds).train()
+
 TRL's trainers score tokens through `model(..., labels=labels, fused_lm_head=True)` (added by
 `trl.trainer.utils.add_fused_lm_head`), which looks `trl.trainer.utils._ChunkedLogProbFunction` up
 at call time; use_alignops replaces that name with a function of the same signature and outputs.
+AlignopsGRPOTrainer hands that function the whole policy loss of a micro-batch instead
+(docs/integrations/trl.md).
 """
 
 from __future__ import annotations
@@ -93,17 +99,17 @@ class AlignopsChunkedLogProb:
     log_probs and entropy come from ao.fused_linear_token_logprobs, with their gradients; the other three (no
     gradient, as in TRL) from one extra logits pass, only when asked for (SFT, DPO and KTO ask; GRPO does not).
     TRL's `chunk_size` is the width of its vocabulary tiles: alignops never splits the vocabulary, so it is
-    checked and not used; alignops's own row chunk is `chunk_rows` (None: its default)."""
+    checked and not used; alignops's own tile is `chunk_size` token rows here (None: its default)."""
 
-    def __init__(self, backend: str | None = None, chunk_rows: int | None = None):
-        if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
-                                       or chunk_rows < 1):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_rows!r}")
+    def __init__(self, backend: str | None = None, chunk_size: int | None = None):
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         if backend is not None:
             if backend not in ao.BACKENDS:
                 raise ValueError(f"backend must be one of {ao.BACKENDS} or None, got {backend!r}")
         self.backend = backend
-        self.chunk_rows = chunk_rows
+        self.chunk_rows = chunk_size
         self.request = None       # AlignopsGRPOTrainer's policy loss, served by the next call
 
     def apply(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float,
