@@ -448,3 +448,30 @@ def test_zero3_refused_only_where_a_backward_follows(monkeypatch):
         fn.apply(hidden, weight, None, targets, 1.0, 32, None, 1.0, ("log_probs",))
     with pytest.raises(NotImplementedError, match="ZeRO-3"):
         fn.apply(hidden.requires_grad_(), weight, None, targets, 1.0, 32, None, 1.0, ("log_probs",))
+
+
+def test_use_alignops_gives_stock_sft_run(tiny_model, tmp_path):
+    """SFTTrainer asks the head for is_top1 (its mean_token_accuracy) besides log-probs and entropy."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    path, tok = tiny_model
+
+    def run(out):
+        record = _callback()
+        args = SFTConfig(output_dir=str(out), per_device_train_batch_size=4, max_steps=3, logging_steps=1,
+                         report_to="none", use_cpu=True, seed=0, learning_rate=0.5, optim="sgd",
+                         lr_scheduler_type="constant", save_strategy="no", bf16=False, max_length=16)
+        data = datasets.Dataset.from_dict({"text": [p + " " + p[::-1] + " abc" for p in PROMPTS] * 2})
+        SFTTrainer(model=path, args=args, train_dataset=data, processing_class=tok, callbacks=[record]).train()
+        return record
+
+    want = run(tmp_path / "stock")
+    counting = _CountingFunction()
+    with ao_trl.AlignopsPatch(counting).install():
+        got = run(tmp_path / "alignops")
+    assert {c[1] for c in counting.calls} == {("log_probs", "entropy", "is_top1")}
+    _assert_same_run(got, want)
+    for g, w in zip(got.logs, want.logs):
+        assert g["mean_token_accuracy"] == w["mean_token_accuracy"]
+        assert g["entropy"] == pytest.approx(w["entropy"], rel=1e-5)
