@@ -244,8 +244,8 @@ class _LinearTokenStats(torch.autograd.Function):
     def forward(ctx, h, weight, bias, labels, head, compute_entropy):
         with torch.no_grad():
             logp, lse, entropy, sharded = _stats(h, labels, head, compute_entropy)
-        ctx.save_for_backward(h, weight, bias, labels, logp, lse, entropy,
-                              *(() if sharded is None else (sharded.local_labels, sharded.kernel_logp, sharded.standin)))
+        shard_rows = () if sharded is None else (sharded.local_labels, sharded.kernel_logp, sharded.standin)
+        ctx.save_for_backward(h, weight, bias, labels, logp, lse, entropy, *shard_rows)
         ctx.head, ctx.compute_entropy = head, compute_entropy
         ctx.set_materialize_grads(False)
         return logp, entropy

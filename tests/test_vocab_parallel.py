@@ -318,7 +318,8 @@ def _check(got, want, exact, msg):
     err_single = (want - exact).abs().max().item()
     err_sharded = (got - exact).abs().max().item()
     bound = max(2 * err_single, 1e-5 * exact.abs().max().item())
-    assert err_sharded <= bound, f"{msg}: error {err_sharded:.3g} vs float64 > {bound:.3g} (single process {err_single:.3g})"
+    assert err_sharded <= bound, (f"{msg}: error {err_sharded:.3g} vs float64 > {bound:.3g} "
+                                  f"(single process {err_single:.3g})")
 
 
 def _compare(whole, ranks, sizes, what):
