@@ -144,6 +144,13 @@ def run_cases(V: int, sizes: list[int], start: int, size: int, group, backends, 
                                 **{f"metric:{k}": v for k, v in res.metrics.items()}}
             if backends[backend] == "light":
                 continue
+            # the usual shift, read in place: rows of a [B, T + 1, V_r] buffer, the gradient written into it
+            buf = _leaf(torch.cat([d["x"][..., shard], d["x"][:, :1, shard]], 1))
+            res = ao.fused_policy_loss(buf.clone()[:, :-1], d["y"], d["old"], d["adv"], None, method="dapo",
+                                       temperature=T_ROLL, backend=backend, inplace_grad=backend == "cpu",
+                                       entropy_coef=0.02, **kw)
+            res.loss.backward()
+            out[f"{tag}/policy/dapo-shifted-rows"] = {"loss": res.loss.detach(), "dlogits": buf.grad[:, :-1]}
             # an explicit mask with an empty row
             z = _leaf(d["x"][..., shard])
             res = ao.fused_policy_loss(z, d["y"], d["old"], d["adv"], d["mask"], method="grpo", temperature=T_ROLL,
