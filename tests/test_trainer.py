@@ -38,7 +38,9 @@ def varied_rewards(monkeypatch):
 
 @pytest.mark.parametrize("method", sorted(PRESETS))
 def test_every_preset_runs_and_updates(method, tmp_path, varied_rewards):
-    cfg = micro(method, tmp_path)
+    # DLER scores truncated completions 0 and most 3-token micro completions are truncated: about 1 group
+    # in 6 has differing rewards, so its 10 rounds (20 groups) miss the 2 it needs for ~1 seed in 9
+    cfg = micro(method, tmp_path, **({"max_num_gen_batches": 40} if method == "dler" else {}))
     task, tok, policy = setup(cfg)
     before = copy.deepcopy(policy.state_dict())
     result = train(cfg)
@@ -168,6 +170,14 @@ _HEAD_RUN = dict(max_steps=2, learning_rate=1e-2, warmup_steps=1, num_iterations
                  value_pretrain_steps=0, eval_samples=0, temperature=0.9)
 
 
+@pytest.fixture
+def character_rewards(monkeypatch):
+    """The parity of the completion's character codes: the random lm_head bias of 'qwen2-bias' makes
+    EOS so rare that a whole step's completions can all have the full length, and length parity
+    then gives every group equal rewards (no gradient, nothing compared)."""
+    monkeypatch.setattr(AdditionTask, "reward", lambda self, problem, completion: float(sum(map(ord, completion)) % 2))
+
+
 def _with_model(monkeypatch, model):
     """'qwen2-bias': the Qwen2 arch with a random bias on its lm_head; 'llama-tied': lm_head.weight
     is the embedding's parameter."""
@@ -198,7 +208,7 @@ def _with_model(monkeypatch, model):
 
 @pytest.mark.parametrize("method,model", [("grpo", "qwen2-bias"), ("vapo", "llama"), ("gvpo", "llama-tied"),
                                           ("cppo_hit", "llama")])
-def test_fused_lm_head_is_the_logits_path(method, model, tmp_path, varied_rewards, monkeypatch):
+def test_fused_lm_head_is_the_logits_path(method, model, tmp_path, character_rewards, monkeypatch):
     """fused_lm_head=True (the policy loss and the scorer's log-probs from the decoder's last hidden
     states and the lm_head weight, ao.fused_linear_*) and False (from the logits) train the same
     run: per-step losses, metrics and gradient norms (2 epochs x 2 mini-batches a step, so the

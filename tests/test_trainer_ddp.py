@@ -137,6 +137,8 @@ def torchrun(helpers, argv, watch: Path, record: Path, nproc: int = 2):
            "127.0.0.1", "--master_port", str(_free_port()), "-m", "alignops.train", *argv]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=str(ROOT), env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    reports = [line for line in proc.stdout.splitlines() if line.lstrip().startswith('{"method"')]
+    assert len(reports) == 1, proc.stdout[-3000:]  # rank 0 alone prints the result
     return proc
 
 
@@ -231,3 +233,18 @@ def test_groups_split_evenly_and_collectives_are_identities_alone():
     x = torch.tensor([1.0, 2.0])
     assert torch.equal(ddp.gather_rows(x, ddp.ALONE), x) and torch.equal(ddp.all_sum(x, ddp.ALONE), x.double())
     assert ddp.init("cpu")[0] == ddp.ALONE  # no WORLD_SIZE here: one process, no process group
+
+
+def test_a_ranks_share_splits_into_whole_group_micro_batches():
+    """Alone, a mini-batch splits into exactly gradient_accumulation_steps micro-batches; a rank's
+    share (any number of groups, or none) into at most that many, never splitting a group (GVPO
+    compares a group's rows within one loss call)."""
+    from alignops.train.trainer import micro_batches
+    share = torch.tensor([8, 9, 10, 11, 0, 1, 2, 3, 20, 21, 22, 23])  # 3 groups of 4, permuted order
+    parts = micro_batches(share, 2, unit=4)
+    assert [p.tolist() for p in parts] == [[8, 9, 10, 11, 0, 1, 2, 3], [20, 21, 22, 23]]
+    assert micro_batches(share[:4], 2, unit=4)[0].tolist() == [8, 9, 10, 11] and len(micro_batches(share[:4], 2, 4)) == 1
+    assert micro_batches(torch.arange(0), 2, unit=4) == []
+    assert [p.tolist() for p in micro_batches(torch.arange(6), 3)] == [[0, 1], [2, 3], [4, 5]]
+    with pytest.raises(ValueError, match="whole groups of 4"):
+        micro_batches(torch.arange(6), 2, unit=4)

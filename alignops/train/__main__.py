@@ -1,6 +1,7 @@
 """python -m alignops.train --method grpo [options]      train one method from the SFT base
    python -m alignops.train sft [--sft_steps N]          build the shared SFT base (runs/base)
    python -m alignops.train --list                       list the methods
+   torchrun --nproc_per_node N -m alignops.train ...     data-parallel over N ranks (docs/distributed_training.md)
 
 Every method is a preset of the options below; any option overrides the preset. Option names
 follow TRL; verl and OpenRLHF names are accepted as aliases (e.g. --clip_ratio_high = --epsilon_high).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from alignops.train.config import TrainConfig, add_config_arguments, apply_overrides
@@ -36,6 +38,9 @@ def main(argv=None):
         return 0
     method, seconds, sft_steps = args.pop("method"), args.pop("seconds"), args.pop("sft_steps")
     if sft:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            p.error("sft builds the base checkpoint in one process (every rank would write it); "
+                    "run `python -m alignops.train sft` without torchrun")
         from alignops.train.warmup import sft_warmup  # noqa: PLC0415
         cfg = apply_overrides(TrainConfig(), args)
         info = sft_warmup(cfg, **({"steps": sft_steps} if sft_steps else {}), time_budget_s=seconds,
@@ -46,6 +51,8 @@ def main(argv=None):
     from alignops.train.trainer import train  # noqa: PLC0415
     result = train(cfg)
     log = result.pop("log")
+    if int(os.environ.get("RANK", "0")) != 0:  # every rank returns the same result; rank 0 reports it
+        return 0 if log else 1
     print(json.dumps(result))
     print(f"held-out accuracy {100 * result['accuracy_before']:.1f}% -> {100 * result['accuracy_after']:.1f}% "
           f"in {result['steps']} steps, {result['seconds']} s; curves: {cfg.resolved_output_dir()}/curves.png")

@@ -275,9 +275,8 @@ def policy_update(cfg, preset, policy, opt, prep: Prepared, scorer: Scorer, crit
             norms, tokens = global_normalizers(cfg, data, mine, ranks)
             opt.zero_grad(set_to_none=True)
             step_sums, step_max = {}, {}
-            for micro in mine.chunk(cfg.gradient_accumulation_steps):
-                if len(micro) == 0:  # this rank holds none of the mini-batch: it only joins the sums
-                    continue
+            for micro in micro_batches(mine, cfg.gradient_accumulation_steps,
+                                       cfg.num_generations if preset.whole_groups else 1):
                 d = {k: v[micro] for k, v in data.items()}
                 head = sequence_head(policy, batch.select(micro), cfg.fused_lm_head)
                 out = preset.loss(cfg, head, d, norms, overrides)
@@ -294,6 +293,15 @@ def policy_update(cfg, preset, policy, opt, prep: Prepared, scorer: Scorer, crit
                 add(critic_step(cfg, critic, critic_opt, batch, data, mine, ranks))
             n_updates += 1
     return {k: v / n_updates for k, v in sums.items()}
+
+
+def micro_batches(rows: torch.Tensor, n: int, unit: int = 1) -> list[torch.Tensor]:
+    """`rows` (a rank's share of a mini-batch) in at most n non-empty micro-batches of whole units
+    (`unit` consecutive rows: a group, for methods that compare a group's rows). Alone a
+    mini-batch splits into exactly n; a rank's share may hold fewer units than n, or none."""
+    if len(rows) % unit:
+        raise ValueError(f"{len(rows)} rows do not form whole groups of {unit}")
+    return [m.reshape(-1) for m in rows.reshape(-1, unit).chunk(n) if m.numel()]
 
 
 def minibatches(cfg, preset, B: int, device) -> list[torch.Tensor]:
