@@ -249,13 +249,37 @@ class _CountingFunction(ao_trl.AlignopsChunkedLogProb):
         return super().apply(hidden, weight, bias, targets, temperature, chunk_size, *rest)
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(loss_type="dapo"),
-    dict(loss_type="grpo", beta=0.04, num_iterations=2, temperature=0.8, learning_rate=2.0),
-    dict(loss_type="bnpo", gradient_accumulation_steps=2, mask_truncated_completions=True, beta=0.1),
-], ids=["dapo", "grpo-beta-2iter-T0.8", "bnpo-ga2-masked"])
-def test_use_alignops_gives_stock_trl_run(tiny_model, tmp_path, overrides):
-    want = _train(tiny_model, tmp_path / "stock", **overrides)
+LOSS_CASES = {
+    "dapo": dict(loss_type="dapo"),
+    "grpo-beta-2iter-T0.8": dict(loss_type="grpo", beta=0.04, num_iterations=2, temperature=0.8, learning_rate=2.0),
+    "bnpo-ga2-masked-plain-kl": dict(loss_type="bnpo", gradient_accumulation_steps=2, mask_truncated_completions=True,
+                                     beta=0.1, use_bias_correction_kl=False),
+    "dr_grpo-2iter-entropy": dict(loss_type="dr_grpo", num_iterations=2, entropy_coef=0.05, learning_rate=2.0),
+    "cispo-2iter": dict(loss_type="cispo", epsilon_high=1.05, num_iterations=2, learning_rate=2.0),
+    "sapo-2iter": dict(loss_type="sapo", num_iterations=2, learning_rate=2.0, sapo_temperature_pos=0.7),
+    "luspo-sequence-beta": dict(loss_type="luspo", importance_sampling_level="sequence", num_iterations=2,
+                                beta=0.02, learning_rate=2.0),
+    "gspo-ga2-2iter": dict(loss_type="grpo", importance_sampling_level="sequence", gradient_accumulation_steps=2,
+                           num_iterations=2, learning_rate=2.0, epsilon=3e-4, epsilon_high=4e-4),
+    "dapo-ga2-entropy-beta": dict(loss_type="dapo", gradient_accumulation_steps=2, entropy_coef=0.05, beta=0.05,
+                                  use_bias_correction_kl=False),
+}
+
+
+_STOCK_RUNS = {}
+
+
+def _stock_run(tiny_model, tmp_path, case):
+    """Stock GRPOTrainer's run of LOSS_CASES[case], computed once per module (TRL on CPU is bit-deterministic)."""
+    if case not in _STOCK_RUNS:
+        _STOCK_RUNS[case] = _train(tiny_model, tmp_path / "stock", **LOSS_CASES[case])
+    return _STOCK_RUNS[case]
+
+
+@pytest.mark.parametrize("case", ["dapo", "grpo-beta-2iter-T0.8", "bnpo-ga2-masked-plain-kl"])
+def test_use_alignops_gives_stock_trl_run(tiny_model, tmp_path, case):
+    overrides = LOSS_CASES[case]
+    want = _stock_run(tiny_model, tmp_path, case)
     counting = _CountingFunction()
     with ao_trl.AlignopsPatch(counting).install():
         got = _train(tiny_model, tmp_path / "alignops", **overrides)
@@ -294,27 +318,12 @@ def compact_rows(monkeypatch):
     monkeypatch.setattr(trl_utils, "_use_triton", lambda device: True)
 
 
-LOSS_CASES = {
-    "dapo": dict(loss_type="dapo"),
-    "grpo-beta-2iter-T0.8": dict(loss_type="grpo", beta=0.04, num_iterations=2, temperature=0.8, learning_rate=2.0),
-    "bnpo-ga2-masked-plain-kl": dict(loss_type="bnpo", gradient_accumulation_steps=2, mask_truncated_completions=True,
-                                     beta=0.1, use_bias_correction_kl=False),
-    "dr_grpo-2iter-entropy": dict(loss_type="dr_grpo", num_iterations=2, entropy_coef=0.05, learning_rate=2.0),
-    "cispo-2iter": dict(loss_type="cispo", epsilon_high=1.05, num_iterations=2, learning_rate=2.0),
-    "sapo-2iter": dict(loss_type="sapo", num_iterations=2, learning_rate=2.0, sapo_temperature_pos=0.7),
-    "luspo-sequence-beta": dict(loss_type="luspo", importance_sampling_level="sequence", num_iterations=2,
-                                beta=0.02, learning_rate=2.0),
-    "gspo-ga2-2iter": dict(loss_type="grpo", importance_sampling_level="sequence", gradient_accumulation_steps=2,
-                           num_iterations=2, learning_rate=2.0, epsilon=3e-4, epsilon_high=4e-4),
-    "dapo-ga2-entropy-beta": dict(loss_type="dapo", gradient_accumulation_steps=2, entropy_coef=0.05, beta=0.05,
-                                  use_bias_correction_kl=False),
-}
 
 
 @pytest.mark.parametrize("case", sorted(LOSS_CASES))
 def test_alignops_trainer_gives_stock_trl_run(tiny_model, tmp_path, case):
     overrides = LOSS_CASES[case]
-    want = _train(tiny_model, tmp_path / "stock", **overrides)
+    want = _stock_run(tiny_model, tmp_path, case)
     got = _train(tiny_model, tmp_path / "alignops", trainer_cls=ao_trl.AlignopsGRPOTrainer,
                  config_cls=ao_trl.AlignopsGRPOConfig, **overrides)
     assert trl_utils._ChunkedLogProbFunction is TRLChunkedLogProb
