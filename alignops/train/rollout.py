@@ -45,7 +45,8 @@ class Batch:
                      self.truncated[rows])
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, device, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], pad_id: int, device,
+             length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts left-padded to `length` (default: the longest prompt)."""
     P = max(len(p) for p in prompts) if length is None else length
     if any(len(p) > P for p in prompts):
