@@ -65,7 +65,7 @@ gpu-compile-check: build
 
 test: build integrations cuda-check gpu-compile-check
 	$(PY) -m alignops.env
-	$(PY) -m pytest tests
+	ALIGNOPS_REQUIRE_INTEGRATIONS=1 $(PY) -m pytest tests
 
 test-fast: build
 	$(PY) -m pytest tests -x -q -p no:cacheprovider -k "not slow"

@@ -32,6 +32,23 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 HAS_CUDA = torch.cuda.is_available()
 
 
+def require_framework(distribution: str, module: str | None = None):
+    """The pinned framework an integration test runs against: its module (imported) or, with
+    module=None, its installed distribution (OpenRLHF's package does not import without deepspeed
+    and flash-attn). `make test` installs them and sets ALIGNOPS_REQUIRE_INTEGRATIONS=1, so there a
+    missing framework fails the run; elsewhere (a GPU machine without network) the file is skipped."""
+    import importlib  # noqa: PLC0415
+    import importlib.metadata  # noqa: PLC0415
+
+    try:
+        return importlib.metadata.distribution(distribution) if module is None else importlib.import_module(module)
+    except (ImportError, importlib.metadata.PackageNotFoundError) as e:
+        if os.environ.get("ALIGNOPS_REQUIRE_INTEGRATIONS") == "1":
+            raise RuntimeError(f"{distribution} is not installed: `make integrations` installs the pinned "
+                               f"version the integration tests need") from e
+        pytest.skip(f"{distribution} is not installed (make integrations)", allow_module_level=True)
+
+
 def make_logits(n: int, v: int, dtype: torch.dtype, pattern: str, gen: torch.Generator, device="cpu", *,
                 neginf_frac: float = 0.3, first_tile: int | None = None) -> torch.Tensor:
     """[n, v] test logits drawn in float64, then cast: "normal"; "peaked" (one logit +50 per row:

@@ -17,6 +17,9 @@ import torch
 
 import alignops as ao
 from alignops.integrations import openrlhf as ao_orl
+from tests.conftest import require_framework
+
+require_framework("openrlhf")
 
 ORACLE_PACKAGE = "_openrlhf_installed_models"
 

@@ -9,7 +9,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-trl = pytest.importorskip("trl")
+from tests.conftest import require_framework  # noqa: E402
+
+trl = require_framework("trl", "trl")
 
 import trl.trainer.utils as trl_utils  # noqa: E402
 from trl.kernels import ChunkedLogProbFunction as TRLChunkedLogProb  # noqa: E402

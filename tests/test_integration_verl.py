@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("verl")
+from tests.conftest import require_framework  # noqa: E402
+
+require_framework("verl", "verl")
 
 from omegaconf import OmegaConf  # noqa: E402
 from verl.trainer.config import AlgoConfig  # noqa: E402
