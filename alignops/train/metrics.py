@@ -90,8 +90,61 @@ def moving_average(xs: list[float], window: int) -> list[float]:
     return out
 
 
-def progress(iterable, enabled: bool, **kw):
+def progress(iterable, enabled: bool, time_budget_s: float | None = None, elapsed_s=None, **kw):
+    """A tqdm bar over `iterable` (the iterable itself when not `enabled`). With `time_budget_s`
+    the run ends on time, not on the iterable's length (often unbounded: max_steps 10**6), so the
+    bar counts seconds out of the budget, with the steps done as a postfix: `elapsed_s()` returns
+    the seconds that count against the budget (the trainer leaves evaluation out), wall-clock time
+    since the bar started by default. `initial` (steps done before a resume) starts the step count.
+
+        bar = progress(range(10**6), True, time_budget_s=120, elapsed_s=lambda: train_seconds)
+        for step in bar:
+            ...
+            bar.set_postfix(reward="0.50")   # shown after steps=N
+    """
     if not enabled:
         return iterable
+    if time_budget_s is not None and time_budget_s <= 0:
+        raise ValueError(f"time_budget_s must be > 0 or None, got {time_budget_s}")
     from tqdm.auto import tqdm  # noqa: PLC0415
-    return tqdm(iterable, **kw)
+    if time_budget_s is None:
+        return tqdm(iterable, **kw)
+    return TimeBudgetBar(tqdm, iterable, time_budget_s, elapsed_s, **kw)
+
+
+class TimeBudgetBar:
+    """tqdm over seconds of a time budget; iterating yields the wrapped iterable's items."""
+
+    def __init__(self, tqdm, iterable, time_budget_s: float, elapsed_s=None, initial: int = 0, **kw):
+        kw.pop("total", None)
+        self.iterable, self.steps, self.user_postfix = iterable, initial, {}
+        if elapsed_s is None:
+            import time  # noqa: PLC0415
+            start = time.monotonic()
+            elapsed_s = lambda: time.monotonic() - start  # noqa: E731
+        self.elapsed_s = elapsed_s
+        self.bar = tqdm(total=float(time_budget_s), unit="s",
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}{postfix}]", **kw)
+        self._refresh()
+
+    def __iter__(self):
+        try:
+            for item in self.iterable:
+                self.steps += 1  # counted when handed out: a run that breaks after its last step counts it
+                yield item
+                self._refresh()
+        finally:
+            self.close()
+
+    def set_postfix(self, **postfix):
+        self.user_postfix = postfix
+        self._refresh()
+
+    def _refresh(self):
+        self.bar.n = min(float(self.elapsed_s()), self.bar.total)
+        self.bar.set_postfix(steps=self.steps, **self.user_postfix)  # set_postfix redraws
+
+    def close(self):
+        if not self.bar.disable:
+            self._refresh()
+        self.bar.close()
