@@ -167,3 +167,28 @@ def test_bar_without_budget_counts_steps():
     assert progress(range(3), False, time_budget_s=10) == range(3)
     with pytest.raises(ValueError, match="time_budget_s"):
         progress(range(3), True, time_budget_s=0)
+
+
+def test_cli_sft_flags(tmp_path, capsys):
+    from alignops.train.__main__ import main  # noqa: PLC0415
+    out = str(tmp_path / "base")
+    micro = ["--hidden_size", "32", "--num_layers", "1", "--eval_size", "5", "--progress", "false", "--init_from", out]
+    assert main(["sft", "--sft_target", "none", "--sft_steps", "3", *micro]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["outcome"] == "fixed_steps" and info["steps"] == 3 and info["target_accuracy"] is None
+    assert ckpt.load_json(os.path.join(out, "state.json"))["steps"] == 3
+    for argv in (["sft", "--sft_target", "0.3"], ["sft", "--sft_target", "low,high"], ["--sft_steps", "5"],
+                 ["--method", "grpo", "--sft_target", "0.3,0.5"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "sft_" in capsys.readouterr().err, argv
+    with pytest.raises(ValueError, match="target_accuracy"):
+        main(["sft", "--sft_target", "0.5,0.3", *micro])
+
+
+def test_time_budget_stops_below_band(tmp_path):
+    probe = stub(lambda step: 0.0)
+    for target in ((0.3, 0.5), None):
+        info = sft_warmup(MICRO, target_accuracy=target, max_steps=10**6, min_steps=0, eval_every=1,
+                          time_budget_s=1e-9, out_dir=str(tmp_path / "base"), probe_accuracy=probe, **FAST)
+        assert info["outcome"] == "time_budget" and info["steps"] == 1, target

@@ -132,8 +132,7 @@ def sft_warmup(cfg: TrainConfig, target_accuracy: tuple[float, float] | None = (
                 bar.set_postfix(loss=f"{loss.item():.3f}", probe="-" if kept_acc is None else f"{kept_acc:.3f}")
         if target_accuracy is None:
             outcome = FIXED_STEPS if step >= max_steps else None
-            continue
-        if refining or step >= min_steps and (step % eval_every == 0 or step == max_steps):
+        elif refining or step >= min_steps and (step % eval_every == 0 or step == max_steps):
             acc = float(probe_accuracy(policy, step))
             evaluations.append([step, round(acc, 6)])
             kept_acc = acc
