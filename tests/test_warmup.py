@@ -192,3 +192,4 @@ def test_time_budget_stops_below_band(tmp_path):
         info = sft_warmup(MICRO, target_accuracy=target, max_steps=10**6, min_steps=0, eval_every=1,
                           time_budget_s=1e-9, out_dir=str(tmp_path / "base"), probe_accuracy=probe, **FAST)
         assert info["outcome"] == "time_budget" and info["steps"] == 1, target
+        assert "1 SFT steps" in describe(info) and ("time" in describe(info)), describe(info)

@@ -173,11 +173,12 @@ def describe(info: dict) -> str:
     if "outcome" not in info:
         return f"{info.get('steps')} SFT steps, {acc}"
     lr = f"lr {info['lr']:g} constant"
-    if info["outcome"] == FIXED_STEPS:
-        return f"{info['steps']} SFT steps ({lr}), {acc}"
+    if info["target_accuracy"] is None:
+        return f"{info['steps']} SFT steps ({lr}), {acc}" + (" (time budget)" if info["outcome"] == TIME_BUDGET else "")
     low, high = (100 * x for x in info["target_accuracy"])
-    probe = "" if info["probe_accuracy"] is None else f"probe {100 * info['probe_accuracy']:.1f}% on {info['probe_size']}, "
-    what = {IN_BAND: "inside the band", JUMPED_OVER: "one step jumped over the band: the base below it",
+    probe = "" if info["probe_accuracy"] is None else \
+        f"probe {100 * info['probe_accuracy']:.1f}% on {info['probe_size']} problems, "
+    what = {IN_BAND: "probe inside the band", JUMPED_OVER: "one step jumped over the band: the base below it",
             CAP_BELOW: "below the band at the step cap", TIME_BUDGET: "below the band when the time ran out"}
     return (f"{info['steps']} SFT steps ({lr}), {probe}{acc}; target band {low:.0f}-{high:.0f}%: "
             f"{what[info['outcome']]}")
