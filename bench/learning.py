@@ -75,11 +75,13 @@ def fmt(x, spec=".1f"):
 
 
 def write(out, rows, logs, base_info, args, machine):
+    from alignops.train.warmup import describe  # noqa: PLC0415
+
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "learning.md"), "w") as f:
         f.write(f"# Learning on the built-in task `add`\n\n{machine}. Command: `python -m bench.learning "
-                f"--seconds {args.seconds:.0f}`. Base: SFT warm-up, {base_info.get('steps')} steps / "
-                f"{base_info.get('seconds')} s, held-out {100 * base_info.get('heldout_accuracy', 0):.1f}%. "
+                f"--seconds {args.seconds:.0f}`. Base (every method's start): {describe(base_info)}, "
+                f"{base_info.get('seconds')} s. "
                 f"Held-out: the task's fixed 1000 problems, greedy accuracy and mean@4 (4 samples per problem at "
                 f"temperature 1, the policy RL optimises; fixed sampling seed); training accuracy = share of "
                 f"the step's sampled completions (temperature 1) that are correct, mean over the first and the "

@@ -155,7 +155,7 @@ def _train(cfg: TrainConfig, preset, ranks: ddp.Ranks) -> dict:
         log.add(row)
 
     bar = progress(range(start, cfg.max_steps), cfg.progress and ranks.is_main, desc=cfg.method, initial=start,
-                   total=None if cfg.time_budget_s else cfg.max_steps)
+                   total=cfg.max_steps, time_budget_s=cfg.time_budget_s or None, elapsed_s=lambda: elapsed)
     step = start
     for step in bar:
         t0 = time.time()
