@@ -188,15 +188,19 @@ class _Grads:
         return self.dh, dw, db
 
 
+def _stat_rows(n: int, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Empty (logp, lse, entropy) rows: fp32, fp64 for fp64 hidden states."""
+    logp = torch.empty(n, dtype=torch.float64 if h.dtype == torch.float64 else torch.float32, device=h.device)
+    return logp, torch.empty_like(logp), torch.empty_like(logp)
+
+
 def _stats(h: Tensor, labels: Tensor, head: Head, compute_entropy: bool):
     """(logp, lse, entropy) of every token, one tile at a time, and over a vocabulary shard the
     ShardedStats of the one gather after the last tile (else None)."""
     if head.shard is not None:
         return _sharded_stats(h, labels, head, compute_entropy)
     n = labels.numel()
-    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    logp = torch.empty(n, dtype=dtype, device=h.device)
-    lse, entropy = torch.empty_like(logp), torch.empty_like(logp)
+    logp, lse, entropy = _stat_rows(n, h)
     for s, e in _spans(n, head.chunk):
         tile, _ = _tile(h[s:e], head)
         lp, ls, en = stats_forward(tile, labels[s:e], head.temperature, head.ignore_index, compute_entropy,
@@ -208,9 +212,7 @@ def _stats(h: Tensor, labels: Tensor, head: Head, compute_entropy: bool):
 def _sharded_stats(h, labels, head, compute_entropy):
     local_labels, owns = vocab_parallel.shard_labels(labels, head.shard, head.ignore_index)
     n = labels.numel()
-    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    logp = torch.empty(n, dtype=dtype, device=h.device)
-    lse, entropy = torch.empty_like(logp), torch.empty_like(logp)
+    logp, lse, entropy = _stat_rows(n, h)
     for s, e in _spans(n, head.chunk):
         tile, _ = _tile(h[s:e], head)
         logp[s:e], lse[s:e], entropy[s:e] = vocab_parallel.local_stats(tile, local_labels[s:e], head.temperature,

@@ -121,21 +121,34 @@ def fused_policy_loss(logits: Tensor, labels: Tensor, old_logp: Tensor | None, a
     with torch.no_grad():
         logp, lse, entropy = stats_forward(logits3.detach(), flat_labels, temperature, ignore_index,
                                             compute_entropy, backend)
+
+    def write_grad(a, b, target):
+        stats_backward(logits3.detach(), flat_labels, logp, lse, entropy, a, a if b is None else b, temperature,
+                       ignore_index, b is not None, backend, target)
+
+    return _terminal_loss(logits, logits3, labels, logp, entropy if compute_entropy else None, needs_grad,
+                          inplace_grad, write_grad, old_logp, advantages, mask, method, kwargs)
+
+
+def _terminal_loss(logits, logits3, labels, logp, entropy, needs_grad, inplace_grad, write_grad, old_logp,
+                   advantages, mask, method, kwargs) -> PolicyLossOutput:
+    """grad_in_forward without the one-launch kernel: the loss from detached per-token log-probs (and
+    entropy, or None), a = dL/dlogp and b = dL/dH by autograd, `write_grad(a, b or None, target)` fills
+    dL/dlogits (into the logits when inplace_grad), and backward only scales it by grad_output."""
     logp_leaf = logp.view(labels.shape).detach().requires_grad_(needs_grad)
-    ent_leaf = entropy.view(labels.shape).detach().requires_grad_(needs_grad) if compute_entropy else None
+    ent_leaf = None if entropy is None else entropy.view(labels.shape).detach().requires_grad_(needs_grad)
     with torch.enable_grad():
         out = policy_loss(logp_leaf, old_logp, advantages, mask, method=method, entropy=ent_leaf, **kwargs)
     if not needs_grad:
         return PolicyLossOutput(out.loss.detach(), out.metrics)
-    leaves = [logp_leaf] + ([ent_leaf] if compute_entropy else [])
+    leaves = [logp_leaf] + ([] if ent_leaf is None else [ent_leaf])
     grads = torch.autograd.grad(out.loss, leaves, allow_unused=True)
-    a = torch.zeros_like(logp) if grads[0] is None else grads[0].reshape(-1).contiguous().to(logp.dtype)
-    has_b = compute_entropy and grads[1] is not None
-    b = grads[1].reshape(-1).contiguous().to(logp.dtype) if has_b else a
+    flat = logp.reshape(-1)
+    a = torch.zeros_like(flat) if grads[0] is None else grads[0].reshape(-1).contiguous().to(flat.dtype)
+    b = grads[1].reshape(-1).contiguous().to(flat.dtype) if ent_leaf is not None and grads[1] is not None else None
     with torch.no_grad():
         target = logits3.detach() if inplace_grad else torch.empty_like(logits3)
-        stats_backward(logits3.detach(), flat_labels, logp, lse, entropy, a, b, temperature, ignore_index,
-                        has_b, backend, target)
+        write_grad(a, b, target)
     grad = target.view(logits.shape) if inplace_grad else target.reshape(logits.shape)
     # detached: out.loss's graph was consumed by autograd.grad above and must not be revisited
     loss = PrecomputedGrad.apply(out.loss.detach(), logits, grad)
@@ -154,19 +167,9 @@ def _sharded_policy_loss(logits, logits3, labels, flat_labels, old_logp, advanta
     with torch.no_grad():
         st = vocab_parallel.gather_stats(logits3.detach(), flat_labels, shard, temperature, ignore_index,
                                          compute_entropy, backend, validate_labels=validate_labels)
-    logp_leaf = st.logp.view(labels.shape).detach().requires_grad_(needs_grad)
-    ent_leaf = st.entropy.view(labels.shape).detach().requires_grad_(needs_grad) if compute_entropy else None
-    with torch.enable_grad():
-        out = policy_loss(logp_leaf, old_logp, advantages, mask, method=method, entropy=ent_leaf, **kwargs)
-    if not needs_grad:
-        return PolicyLossOutput(out.loss.detach(), out.metrics)
-    leaves = [logp_leaf] + ([ent_leaf] if compute_entropy else [])
-    grads = torch.autograd.grad(out.loss, leaves, allow_unused=True)
-    a = torch.zeros_like(st.lse) if grads[0] is None else grads[0].reshape(-1).to(st.lse.dtype)
-    b = grads[1].reshape(-1).to(st.lse.dtype) if compute_entropy and grads[1] is not None else None
-    with torch.no_grad():
-        target = logits3.detach() if inplace_grad else torch.empty_like(logits3)
+
+    def write_grad(a, b, target):
         vocab_parallel.local_grad(logits3.detach(), st, a, b, temperature, backend, target)
-    grad = target.view(logits.shape) if inplace_grad else target.reshape(logits.shape)
-    loss = PrecomputedGrad.apply(out.loss.detach(), logits, grad)
-    return PolicyLossOutput(loss, out.metrics)
+
+    return _terminal_loss(logits, logits3, labels, st.logp, st.entropy if compute_entropy else None, needs_grad,
+                          inplace_grad, write_grad, old_logp, advantages, mask, method, kwargs)
