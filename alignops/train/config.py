@@ -84,6 +84,9 @@ class TrainConfig:
     scale_rewards: str = "group"           # group | batch | none
     advantage_kwargs: dict = dataclasses.field(default_factory=dict)
 
+    # data-loop methods (alignops/train/loops): the loop's Options, e.g. {"mode": "offline"}
+    loop_kwargs: dict = dataclasses.field(default_factory=dict)
+
     # evaluation and logging
     eval_every: int = 20
     eval_size: int = 1000
@@ -177,6 +180,10 @@ def validate(cfg: TrainConfig, preset) -> None:
     """The options of a run are consistent with each other and with its preset."""
     from alignops.train.advantages import ADVANTAGES, CRITIC_ADVANTAGES, TOKEN_REWARD_ADVANTAGES  # noqa: PLC0415
 
+    if preset.loop is not None:
+        return validate_loop(cfg, preset)
+    if cfg.loop_kwargs:
+        raise ValueError(f"--loop_kwargs sets the options of a data-loop method; {preset.name!r} is not one")
     if cfg.advantage not in ADVANTAGES:
         raise ValueError(f"--advantage {cfg.advantage!r} is not one of {sorted(ADVANTAGES)}")
     if (preset.group_method or cfg.dynamic_sampling or cfg.min_valid_group_fraction > 0) and cfg.num_generations < 2:
@@ -214,6 +221,21 @@ def validate(cfg: TrainConfig, preset) -> None:
     if needs_reference(cfg, preset) and cfg.ref_model in (None, "none"):
         raise ValueError(f"method {preset.name!r} needs a reference model (beta={cfg.beta}, "
                          f"kl_in_reward={cfg.kl_in_reward}) but --ref_model is none")
+
+
+def validate_loop(cfg: TrainConfig, preset) -> None:
+    """A data-loop method's checks: its --loop_kwargs (the loop's Options) and the shared knobs it reads."""
+    from alignops.train.loops.base import parse_options  # noqa: PLC0415
+
+    parse_options(preset.resolve_loop(), cfg.loop_kwargs, preset.name)
+    for name in ("num_prompts", "max_steps", "max_completion_length", "eval_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if preset.group_method and cfg.num_generations < 2:
+        raise ValueError(f"method {preset.name!r} compares samples of a prompt: num_generations must be >= 2, "
+                         f"got {cfg.num_generations}")
+    if cfg.learning_rate < 0 or cfg.temperature < 0:
+        raise ValueError(f"learning_rate and temperature must be >= 0, got {cfg.learning_rate}, {cfg.temperature}")
 
 
 def validate_distributed(cfg: TrainConfig, preset, world_size: int) -> None:

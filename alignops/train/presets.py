@@ -8,6 +8,8 @@ policy_loss method, one loss function in losses.py)."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import importlib
 from typing import Callable
 
 from alignops.train import losses
@@ -24,6 +26,11 @@ class Preset:
     reference: bool = False               # needs the reference model even without a KL term (CPPO-HIT)
     old_logp: bool = False                # needs the rollout policy's log-probs even on-policy (GVPO)
     loss: Callable = losses.fused_loss    # the micro-batch loss (losses.py)
+    loop: str | None = None               # a data-loop method: "module:Class" in alignops/train/loops
+
+    def resolve_loop(self):
+        module, cls = self.loop.split(":")
+        return getattr(importlib.import_module(f"alignops.train.loops.{module}"), cls)
 
 
 _PPO_CRITIC = {"advantage": "gae", "gamma": 1.0, "lam": 0.95, "whiten_advantages": True, "cliprange_value": 0.2}
@@ -111,6 +118,44 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            {"loss_method": "ppo", "advantage": "dler", "epsilon": 0.2, "epsilon_high": 0.28,
             "loss_type": "token-mean", "beta": 0.0, "truncation_reward": 0.0, "dynamic_sampling": True,
             "max_num_gen_batches": 10}),
+    # --- data loops (alignops/train/loops): what the model trains on changes more than the loss
+    Preset("dpo", "DPO (sigmoid, beta 0.1) on pairs of a correct and an incorrect sample of the same prompt, "
+                  "reference log-probs computed once; online (pairs re-sampled each iteration) or offline",
+           {"learning_rate": 1e-4}, loop="preference:DPOLoop"),
+    Preset("ipo", "IPO: DPO's squared loss on length-averaged log-ratios (tau = beta = 0.1)",
+           {"learning_rate": 1e-4, "loop_kwargs": {"loss_type": "ipo"}}, loop="preference:DPOLoop"),
+    Preset("cdpo", "cDPO: DPO with label smoothing 0.1 (conservative to noisy labels)",
+           {"learning_rate": 1e-4, "loop_kwargs": {"label_smoothing": 0.1}}, loop="preference:DPOLoop"),
+    Preset("robust_dpo", "robust DPO: the unbiased noisy-label loss, epsilon 0.1",
+           {"learning_rate": 1e-4, "loop_kwargs": {"loss_type": "robust", "label_smoothing": 0.1}},
+           loop="preference:DPOLoop"),
+    Preset("orpo", "ORPO: NLL of the chosen answer + 0.1 x odds-ratio term, no reference model",
+           {"learning_rate": 1e-4}, loop="preference:ORPOLoop"),
+    Preset("self_rewarding", "Self-Rewarding: the policy scores its own samples 0-5 (3 judgements averaged) in a "
+                             "judge format it is taught, best vs worst pairs, DPO, the reference rolled over",
+           {"learning_rate": 1e-4}, loop="preference:SelfRewardingLoop"),
+    Preset("raft", "RAFT: best of K samples per prompt (local or global ranking, reward threshold), SFT on them",
+           {"learning_rate": 1e-4}, loop="sft:RAFTLoop"),
+    Preset("dft", "DFT: SFT on the task's expert answers, each token's NLL weighted by its detached probability",
+           {"learning_rate": 1e-4}, loop="sft:DFTLoop"),
+    Preset("iw_sft", "iw-SFT: SFT on the policy's correct samples weighted by q/pi_ref (lagged q, clipped)",
+           {"learning_rate": 1e-4}, loop="sft:IWSFTLoop"),
+    Preset("chord_mu", "CHORD-mu: GRPO batches mixed with expert answers, (1 - mu) GRPO + mu SFT, mu 0.9 -> 0.05",
+           {"learning_rate": 1e-4, "loop_kwargs": {"variant": "mu"}}, loop="chord:CHORDLoop"),
+    Preset("chord_phi", "CHORD-phi: GRPO + 0.1 x expert SFT weighted per token by p(1 - p)",
+           {"learning_rate": 1e-4, "loop_kwargs": {"variant": "phi"}}, loop="chord:CHORDLoop"),
+    Preset("srl", "SRL: prompts = problem + the first k-1 expert steps; reward = difflib similarity of the "
+                  "written step to the expert's (-1 malformed); GRPO with the std filter",
+           {"learning_rate": 1e-4}, loop="srl:SRLLoop"),
+    Preset("reflect_retry_reward", "Reflect, Retry, Reward: on a failed first attempt the model reflects and "
+                                   "retries; GRPO rewards the second attempt, the loss covers the reflection only",
+           {"learning_rate": 1e-4}, loop="reflect:ReflectRetryLoop"),
+    Preset("training_free_grpo", "Training-free GRPO: no parameter update; an experience library in the prompt, "
+                                 "updated by summarise -> semantic advantage -> ADD/UPDATE/DELETE/NONE",
+           {}, loop="training_free:TrainingFreeGRPOLoop"),
+    Preset("rahf", "RAHF: a preference-aware model (SCIT or Dual), hidden-state differences under two "
+                   "instructions, a peft LoRA fitted to implant them (alpha 5)",
+           {"learning_rate": 3e-4}, group_method=False, loop="rahf:RAHFLoop"),
 ]}
 
 
@@ -124,5 +169,12 @@ def make_config(method: str, overrides: dict | None = None) -> TrainConfig:
     preset = get_preset(method)
     cfg = TrainConfig(method=method)
     apply_overrides(cfg, {k: (dict(v) if isinstance(v, dict) else v) for k, v in preset.config.items()})
-    apply_overrides(cfg, dict(overrides or {}))
+    overrides = dict(overrides or {})
+    if "loop_kwargs" in overrides:  # merged into the preset's, so --loop_kwargs '{"mode": ...}' keeps its variant
+        extra = overrides.pop("loop_kwargs")
+        extra = json.loads(extra) if isinstance(extra, str) else dict(extra or {})
+        if not isinstance(extra, dict):
+            raise ValueError(f"--loop_kwargs must be a JSON object, got {extra!r}")
+        cfg.loop_kwargs = {**cfg.loop_kwargs, **extra}
+    apply_overrides(cfg, overrides)
     return cfg

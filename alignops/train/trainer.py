@@ -41,6 +41,19 @@ def setup(cfg: TrainConfig):
     return task, tok, policy
 
 
+def setup_from_base(cfg: TrainConfig):
+    """setup(cfg) with the policy loaded from the SFT base cfg.init_from (unless cfg.model or none)."""
+    task, tok, policy = setup(cfg)
+    if cfg.fused_lm_head:
+        lm_head(policy)  # an output layer the fused path cannot read fails here, before any step
+    if cfg.init_from and cfg.init_from != "none" and not cfg.model:
+        if not ckpt.is_checkpoint(cfg.init_from):
+            raise ValueError(f"no base checkpoint at {cfg.init_from!r}: run `python -m alignops.train sft` "
+                             f"first, or pass --init_from none")
+        ckpt.load_model_weights(cfg.init_from, policy)
+    return task, tok, policy
+
+
 def reference_model(cfg, policy, preset):
     if not needs_reference(cfg, preset):
         return None
@@ -63,6 +76,11 @@ def train(cfg: TrainConfig) -> dict:
     returns the same result, rank 0 alone writes the files."""
     preset = get_preset(cfg.method)
     validate(cfg, preset)
+    if preset.loop is not None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"method {cfg.method!r} is a data loop (alignops/train/loops), which runs in one "
+                             "process; run it without torchrun")
+        return train_loop(cfg, preset)
     ranks, device = ddp.init(cfg.device)
     try:
         validate_distributed(cfg, preset, ranks.world_size)
@@ -86,14 +104,7 @@ def _train(cfg: TrainConfig, preset, ranks: ddp.Ranks) -> dict:
     groups = ddp.group_range(cfg.num_prompts, ranks)
 
     # the models: the policy (from the SFT base), the frozen reference, the critic; their optimisers
-    task, tok, policy = setup(cfg)
-    if cfg.fused_lm_head:
-        lm_head(policy)  # an output layer the fused path cannot read fails here, before any step
-    if cfg.init_from and cfg.init_from != "none" and not cfg.model:
-        if not ckpt.is_checkpoint(cfg.init_from):
-            raise ValueError(f"no base checkpoint at {cfg.init_from!r}: run `python -m alignops.train sft` "
-                             f"first, or pass --init_from none")
-        ckpt.load_model_weights(cfg.init_from, policy)
+    task, tok, policy = setup_from_base(cfg)
     ddp.broadcast_parameters(policy, ranks)
     ref = reference_model(cfg, policy, preset)
     critic = build_critic(policy) if needs_critic(cfg) else None
@@ -201,11 +212,86 @@ def _train(cfg: TrainConfig, preset, ranks: ddp.Ranks) -> dict:
     save(step)
     if ranks.is_main:
         plot_curves(log.rows, os.path.join(out_dir, "curves.png"), cfg.method)
+    return _result(cfg, log, step, elapsed)
+
+
+def _result(cfg, log: MetricLog, step: int, elapsed: float) -> dict:
     evals = [r for r in log.rows if "eval/accuracy" in r]
     sampled = f"eval/mean@{cfg.eval_samples}"
     return {"method": cfg.method, "steps": step, "seconds": round(elapsed, 1),
             "accuracy_before": evals[0]["eval/accuracy"], "accuracy_after": evals[-1]["eval/accuracy"],
-            "sampled_before": evals[0].get(sampled), "sampled_after": evals[-1].get(sampled), "log": log.rows}
+            "sampled_before": evals[0].get(sampled), "sampled_after": evals[-1].get(sampled),
+            "final_eval": evals[-1], "log": log.rows}
+
+
+def train_loop(cfg: TrainConfig, preset) -> dict:
+    """The trainer for a data-loop method (alignops/train/loops): the same base, budget, progress
+    bar, evaluation, metric log, checkpoints and curves as the RL loop, with the method's own step."""
+    from alignops.train.loops import base as loops  # noqa: PLC0415
+
+    loop_cls = preset.resolve_loop()
+    options = loops.parse_options(loop_cls, cfg.loop_kwargs, cfg.method)
+    out_dir = cfg.resolved_output_dir()
+    os.makedirs(out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    task, tok, policy = setup_from_base(cfg)
+    opt = (torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+           if loop_cls.trains_parameters else None)
+    run = loops.Run(cfg, task, tok, policy, opt, random.Random(cfg.seed), GroupSeeds(cfg.seed, cfg.device),
+                    RewardModel(cfg.reward_funcs, cfg.reward_weights), out_dir)
+    loop = loop_cls(run, options)
+    log = MetricLog(os.path.join(out_dir, "metrics.jsonl"), cfg.resume)
+    start, elapsed = 0, 0.0
+
+    def save(step):
+        state = {"step": step, "elapsed_s": elapsed, "rng": ckpt.rng_state(None, run.rng),
+                 "sampling_rounds": run.seeds.rounds, "loop": loop.state_dict(), "config": dict(vars(cfg))}
+        tensors = loop.tensors()
+        state["loop_tensors"] = sorted(tensors)
+        ckpt.save_checkpoint(os.path.join(out_dir, ckpt.CHECKPOINT_SUBDIR), policy, opt, tokenizer=tok, state=state,
+                             extra_tensors={f"loop_{k}.safetensors": v for k, v in tensors.items()})
+
+    where = ckpt.locate(out_dir) if cfg.resume else None
+    if where is not None:
+        state = ckpt.load_json(os.path.join(where, "state.json"))
+        ckpt.load_model_weights(where, policy)
+        if opt is not None:
+            ckpt.load_optimizer(opt, load_file(os.path.join(where, "optim.safetensors")), state["optimizer"])
+        ckpt.set_rng_state(state["rng"], None, run.rng)
+        run.seeds.rounds = state["sampling_rounds"]
+        loop.load_state_dict(state["loop"], {k: load_file(os.path.join(where, f"loop_{k}.safetensors"))
+                                             for k in state["loop_tensors"]})
+        start, elapsed = state["step"], state["elapsed_s"]
+        log.truncate(start)
+    else:
+        log.truncate(-1)
+        log.add({"step": 0, **loop.evaluate()})
+
+    bar = progress(range(start, cfg.max_steps), cfg.progress, desc=cfg.method, initial=start, total=cfg.max_steps,
+                   time_budget_s=cfg.time_budget_s or None, elapsed_s=lambda: elapsed)
+    step = start
+    for step in bar:
+        t0 = time.time()
+        metrics = loop.step(step)
+        elapsed += time.time() - t0
+        row = {"step": step + 1, "time_s": elapsed, **metrics}
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
+            row.update(loop.evaluate())
+        log.add(row)
+        if cfg.progress and "reward" in row:
+            bar.set_postfix(reward=f"{float(row['reward']):.2f}", acc=row.get("eval/accuracy", ""))
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save(step + 1)
+        if cfg.time_budget_s and elapsed >= cfg.time_budget_s:
+            step += 1
+            break
+    else:
+        step = cfg.max_steps
+    if "eval/accuracy" not in log.rows[-1]:
+        log.add({"step": step, **loop.evaluate()})
+    save(step)
+    plot_curves(log.rows, os.path.join(out_dir, "curves.png"), cfg.method)
+    return _result(cfg, log, step, elapsed)
 
 
 # metrics of a micro-batch's loss that are its share of the step's loss (divided by the step's global

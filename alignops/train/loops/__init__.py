@@ -1,0 +1,4 @@
+"""Data-loop methods: one module per family, each a DataLoop (base.py) named by its preset in
+presets.py. preference.py: DPO, IPO, cDPO, robust DPO, ORPO, Self-Rewarding; sft.py: RAFT, DFT,
+iw-SFT; chord.py: CHORD-mu/phi; srl.py: SRL; reflect.py: Reflect, Retry, Reward;
+training_free.py (+ llm.py): Training-free GRPO; rahf.py: RAHF."""
