@@ -18,7 +18,7 @@ $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q "triton>=3.6" ninja numpy pytest hypothesis "transformers==5.10.4" safetensors matplotlib tqdm
+	$(PIP) install -q "triton>=3.6" ninja numpy pytest hypothesis "transformers==5.10.4" safetensors matplotlib tqdm "peft==0.21.2"
 	touch $@
 
 # The real trainers the integration tests run against, pinned (tests/test_integration_*.py);

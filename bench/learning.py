@@ -2,6 +2,7 @@
 
     python -m bench.learning                       # all presets, 120 s of training each
     python -m bench.learning --methods grpo,dapo --seconds 60
+    python -m bench.learning --jobs 2 --seconds 180   # two methods at a time, one torch thread each
 
 Builds the SFT base (runs/base) if missing, trains each preset from it for --seconds of training
 time (held-out evaluation is not counted), and writes bench/results/learning.md with held-out
@@ -14,7 +15,9 @@ a method that stops with an error is reported with the error.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import time
 
 from bench.harness import RESULTS, machine_description
 
@@ -23,16 +26,21 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=None, help="comma-separated presets (default: all)")
     p.add_argument("--seconds", type=float, default=100.0, help="training seconds per method")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", default="runs/base")
     p.add_argument("--eval_every", type=int, default=10**6, help="held-out evaluations (default: before and after)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="methods trained at once, each a process with one torch thread (on 2 cores, 2 jobs of one "
+                        "thread each train faster than one job of two threads)")
+    p.add_argument("--runs", default="runs/learning", help="where each method's run and result.json go")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: write the table from the runs' result.json files")
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args(argv)
 
     from alignops.train import checkpoint as ckpt  # noqa: PLC0415
     from alignops.train.config import TrainConfig  # noqa: PLC0415
-    from alignops.train.presets import PRESETS, make_config  # noqa: PLC0415
-    from alignops.train.metrics import plot_curves  # noqa: PLC0415
-    from alignops.train.trainer import train  # noqa: PLC0415
+    from alignops.train.presets import PRESETS  # noqa: PLC0415
     from alignops.train.warmup import sft_warmup  # noqa: PLC0415
 
     if not ckpt.is_checkpoint(args.base):
@@ -40,34 +48,89 @@ def main(argv=None):
         print(sft_warmup(TrainConfig(progress=False), out_dir=args.base))
     base_info = ckpt.load_json(os.path.join(args.base, "state.json"))
     methods = args.methods.split(",") if args.methods else sorted(PRESETS)
+    if not args.collect:
+        if args.jobs > 1:
+            run_jobs(methods, args)
+        else:
+            for method in methods:
+                train_one(method, args)
     rows, logs = [], {}
     for method in methods:
-        cfg = make_config(method, {"init_from": args.base, "time_budget_s": args.seconds, "max_steps": 10**6,
-                                   "eval_every": args.eval_every, "progress": False,
-                                   "output_dir": f"runs/learning/{method}"})
-        try:
-            res = train(cfg)
-        except RuntimeError as e:  # e.g. dynamic sampling's generation cap: reported, not hidden
-            rows.append({"method": method, "error": str(e)})
-            print(f"{method:>24}: stopped: {e}")
+        path = os.path.join(args.runs, method, "result.json")
+        if not os.path.exists(path):
+            rows.append({"method": method, "error": f"no result ({path})"})
             continue
+        with open(path) as f:
+            res = json.load(f)
+        if "error" in res:
+            rows.append(res)
+            continue
+        logs[method] = res.pop("log")
+        rows.append(res)
+    write(args.out, rows, logs, base_info, args, machine_description())
+
+
+def train_one(method: str, args) -> dict:
+    """Trains one preset from the base and writes <runs>/<method>/result.json (the table's row and the log)."""
+    from alignops.train.presets import make_config  # noqa: PLC0415
+    from alignops.train.trainer import train  # noqa: PLC0415
+
+    out_dir = os.path.join(args.runs, method)
+    cfg = make_config(method, {"init_from": args.base, "time_budget_s": args.seconds, "max_steps": 10**6,
+                               "eval_every": args.eval_every, "progress": False, "seed": args.seed,
+                               "output_dir": out_dir})
+    try:
+        res = train(cfg)
+    except RuntimeError as e:  # e.g. dynamic sampling's generation cap: reported, not hidden
+        row = {"method": method, "error": str(e)}
+        print(f"{method:>24}: stopped: {e}")
+    else:
         log = res.pop("log")
-        logs[method] = log
         steps = [r for r in log if "loss" in r]
         last = steps[-1] if steps else {}
         gain = 100 * (res["accuracy_after"] - res["accuracy_before"])
-        acc = lambda rs: 100 * sum(r["accuracy"] for r in rs) / max(1, len(rs))  # noqa: E731
-        rows.append({"method": method, "before": 100 * res["accuracy_before"], "after": 100 * res["accuracy_after"],
-                     "gain": gain, "s_before": 100 * res["sampled_before"], "s_after": 100 * res["sampled_after"], "train_first": acc(steps[:50]), "train_last": acc(steps[-50:]),
-                     "steps": res["steps"], "train_s": res["seconds"],
-                     "kl": last.get("kl", last.get("approx_kl")), "entropy": last.get("entropy")})
-        print(f"{method:>24}: greedy {rows[-1]['before']:.1f}% -> {rows[-1]['after']:.1f}% ({gain:+.1f}); mean@4 "
-              f"{rows[-1]['s_before']:.1f}% -> {rows[-1]['s_after']:.1f}%; training "
-              f"accuracy {rows[-1]['train_first']:.1f}% -> {rows[-1]['train_last']:.1f}% in {res['steps']} steps, "
-              f"{res['seconds']} s")
-    write(args.out, rows, logs, base_info, args, machine_description())
-    for method, log in logs.items():
-        plot_curves(log, os.path.join(f"runs/learning/{method}", "curves.png"), method)
+        acc = lambda rs: 100 * sum(r["accuracy"] for r in rs) / len(rs) if rs else None  # noqa: E731
+        trained = [r for r in steps if "accuracy" in r]
+        before = next(r for r in log if "eval/accuracy" in r)
+        own = {k: [before.get(k), v] for k, v in res["final_eval"].items()
+               if k.startswith("eval/") and k not in ("eval/accuracy", f"eval/mean@{cfg.eval_samples}")}
+        row = {"method": method, "before": 100 * res["accuracy_before"], "after": 100 * res["accuracy_after"],
+               "gain": gain, "s_before": 100 * res["sampled_before"], "s_after": 100 * res["sampled_after"],
+               "train_first": acc(trained[:50]), "train_last": acc(trained[-50:]),
+               "steps": res["steps"], "train_s": res["seconds"], "own": own, "seed": args.seed,
+               "kl": last.get("kl", last.get("approx_kl")), "entropy": last.get("entropy"), "log": log}
+        print(f"{method:>24}: greedy {row['before']:.1f}% -> {row['after']:.1f}% ({gain:+.1f}); mean@4 "
+              f"{row['s_before']:.1f}% -> {row['s_after']:.1f}% in {res['steps']} steps, {res['seconds']} s", flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "result.json"), "w") as f:
+        json.dump(row, f)
+    return row
+
+
+def run_jobs(methods, args):
+    """Each method in its own process (one torch thread), `args.jobs` at a time."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    pending, running = list(methods), []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            m = pending.pop(0)
+            cmd = [sys.executable, "-m", "bench.learning", "--methods", m, "--seconds", str(args.seconds),
+                   "--seed", str(args.seed), "--base", args.base, "--eval_every", str(args.eval_every),
+                   "--runs", args.runs, "--out", os.path.join(args.runs, m, "table")]
+            running.append(subprocess.Popen(cmd, env=env))
+        time.sleep(1)
+        running = [r for r in running if r.poll() is None]
+
+
+# what the tiny model on `add` limits a method to showing (the table's last column)
+NOTES: dict[str, str] = {}
+
+
+def fmt_any(x):
+    return "-" if x is None else f"{x:.3g}" if isinstance(x, float) else str(x)
 
 
 def fmt(x, spec=".1f"):
@@ -80,28 +143,32 @@ def write(out, rows, logs, base_info, args, machine):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "learning.md"), "w") as f:
         f.write(f"# Learning on the built-in task `add`\n\n{machine}. Command: `python -m bench.learning "
-                f"--seconds {args.seconds:.0f}`. Base (every method's start): {describe(base_info)}, "
+                f"--seconds {args.seconds:.0f}{f' --jobs {args.jobs}' if args.jobs > 1 else ''}`. Base (every method's start): {describe(base_info)}, "
                 f"{base_info.get('seconds')} s. "
                 f"Held-out: the task's fixed 1000 problems, greedy accuracy and mean@4 (4 samples per problem at "
                 f"temperature 1, the policy RL optimises; fixed sampling seed); training accuracy = share of "
                 f"the step's sampled completions (temperature 1) that are correct, mean over the first and the "
-                f"last 50 steps; {args.seconds:.0f} s of training per method (evaluation not counted), seed 0.\n\n")
+                f"last 50 steps; {args.seconds:.0f} s of training per method (evaluation not counted), seed {args.seed}"
+                f"{f', {args.jobs} methods at a time (one torch thread each)' if args.jobs > 1 else ''}.\n\n")
         f.write("| method | greedy before | after | gain | mean@4 before | after | gain | training acc. first 50 "
-                "steps | last 50 | steps | train s | final KL | final entropy |\n")
-        f.write("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+                "steps | last 50 | steps | train s | final KL | final entropy | the method's own figures "
+                "(before -> after) | note |\n")
+        f.write("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
+            note = NOTES.get(r["method"], "")
             if "error" in r:
-                f.write(f"| {r['method']} | stopped: {r['error']} |||||||||||| \n")
+                f.write(f"| {r['method']} | stopped: {r['error']} |||||||||||||{note}|\n")
                 continue
+            own = "; ".join(f"{k[5:]} {fmt_any(a)} -> {fmt_any(b)}" for k, (a, b) in sorted(r.get("own", {}).items()))
             f.write(f"| {r['method']} | {fmt(r['before'])} | {fmt(r['after'])} | {fmt(r['gain'], '+.1f')} | "
                     f"{fmt(r['s_before'])} | {fmt(r['s_after'])} | {fmt(r['s_after'] - r['s_before'], '+.1f')} | "
                     f"{fmt(r['train_first'])} | {fmt(r['train_last'])} | {r['steps']} | {fmt(r['train_s'])} | "
-                    f"{fmt(r['kl'], '.4f')} | {fmt(r['entropy'], '.3f')} |\n")
+                    f"{fmt(r['kl'], '.4f')} | {fmt(r['entropy'], '.3f')} | {own} | {note} |\n")
     import matplotlib  # noqa: PLC0415
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
     from alignops.train.metrics import moving_average  # noqa: PLC0415
-    fig, ax = plt.subplots(1, 2, figsize=(13, 5))
+    fig, ax = plt.subplots(1, 2, figsize=(13, 9))
     for method, log in logs.items():
         steps = [r for r in log if "accuracy" in r and "loss" in r]
         ax[0].plot([r["time_s"] for r in steps], [100 * a for a in moving_average([r["accuracy"] for r in steps], 50)],
