@@ -1,0 +1,218 @@
+"""Reflect, Retry, Reward (alignops/train/loops/reflect.py, docs/methods.md §2.31): the
+reflection-only mask, zero gradient at attempt 2's answer positions, no training rows from solved
+first attempts, the held-out second-attempt success, and the preset end to end."""
+
+import copy
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from alignops.train import checkpoint as ckpt
+from alignops.train.loops import reflect
+from alignops.train.loops.base import Run
+from alignops.train.loops.srl import grpo_loss
+from alignops.train.presets import make_config
+from alignops.train.rollout import Batch, HeadOutput
+from alignops.train.tasks import AdditionTask
+from alignops.train.trainer import setup, train
+
+MICRO = dict(hidden_size=32, num_layers=1, num_prompts=2, num_generations=4, max_completion_length=3,
+             eval_size=8, eval_every=100, init_from="none", progress=False, max_steps=2)
+M = 9  # a marker id in the hand-made rows below
+
+
+def micro(tmp_path, **loop_kwargs):
+    return make_config("reflect_retry_reward", {**MICRO, "output_dir": str(tmp_path / "rrr"),
+                                                "loop_kwargs": loop_kwargs})
+
+
+def weights(cfg, trained: bool):
+    _, _, model = setup(cfg)
+    if trained:
+        ckpt.load_model_weights(cfg.resolved_output_dir(), model)
+    return copy.deepcopy(model.state_dict())
+
+
+def changed(a, b):
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def first_operand(problem) -> int:
+    return int(problem.prompt.split("+")[0])
+
+
+# ---- the mask
+
+def test_reflection_mask_by_hand():
+    ids = torch.tensor([[7, 7, M, 8, 2, 0],     # reflection "77#", answer "8", EOS
+                        [M, 7, M, 8, 8, 2],     # the last marker closes the reflection
+                        [7, 8, 2, 0, 0, 0],     # no marker: no reflection, nothing trained
+                        [7, 7, 8, 2, M, M],     # markers in the padding do not count
+                        [M, 2, 0, 0, 0, 0]])    # an empty reflection: only its marker
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1] * 6, [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0],
+                         [1, 1, 0, 0, 0, 0]], dtype=torch.float32)
+    expected = [[1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0], [0] * 6, [0] * 6, [1, 0, 0, 0, 0, 0]]
+    assert reflect.reflection_mask(ids, mask, M).tolist() == expected
+
+
+def test_reflection_mask_of_an_empty_batch():
+    assert reflect.reflection_mask(torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, 4), M).shape == (0, 4)
+
+
+# ---- the gradient never reaches attempt 2's answer
+
+def _retry_batch():
+    ids = torch.tensor([[5, 6, M, 7, 8, 2], [6, M, 7, 2, 0, 0], [5, 5, 5, M, 8, 2], [7, 8, 2, 0, 0, 0]])
+    cmask = (torch.arange(6) < torch.tensor([6, 4, 6, 3])[:, None]).float()
+    prompt = torch.full((4, 2), 4)
+    return Batch(torch.cat([prompt, ids], 1), torch.cat([torch.ones(4, 2, dtype=torch.long), cmask.long()], 1), 2,
+                 ids, cmask, torch.zeros(4, 6), torch.zeros(4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("fused_lm_head", [False, True])
+def test_the_gradient_at_answer_positions_is_exactly_zero(tmp_path, fused_lm_head):
+    cfg = dataclasses.replace(micro(tmp_path), fused_lm_head=fused_lm_head)
+    batch = _retry_batch()
+    mask = reflect.reflection_mask(batch.completion_ids, batch.completion_mask, M)
+    answer = (batch.completion_mask > 0) & (mask == 0)
+    assert answer.sum() == 10 and mask.sum() == 9  # by hand: answers 3+2+2+3, reflections 3+2+4+0
+    torch.manual_seed(0)
+    V, H = 20, 8
+    if fused_lm_head:
+        leaf = torch.randn(4, 6, H, requires_grad=True)
+        head = HeadOutput(hidden=leaf, weight=torch.randn(V, H))
+    else:
+        leaf = torch.randn(4, 6, V, requires_grad=True)
+        head = HeadOutput(logits=leaf)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    loss = grpo_loss(cfg, head, batch, rewards, mask, max_len=6, group_size=4).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.count_nonzero(leaf.grad[answer]) == 0
+    assert torch.count_nonzero(leaf.grad[(batch.completion_mask == 0)]) == 0
+    assert all(leaf.grad[r, t].abs().sum() > 0 for r, t in mask.nonzero().tolist())
+
+
+def test_the_answer_tokens_log_probs_do_not_change_the_loss(tmp_path):
+    cfg = dataclasses.replace(micro(tmp_path), fused_lm_head=False)
+    batch = _retry_batch()
+    mask = reflect.reflection_mask(batch.completion_ids, batch.completion_mask, M)
+    answer = (batch.completion_mask > 0) & (mask == 0)
+    torch.manual_seed(1)
+    logits = torch.randn(4, 6, 20)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    base = grpo_loss(cfg, HeadOutput(logits=logits), batch, rewards, mask, 6, 4).loss
+    moved = grpo_loss(cfg, HeadOutput(logits=logits + 5 * torch.randn(4, 6, 20) * answer[..., None]),
+                      batch, rewards, mask, 6, 4).loss
+    assert float(base) == float(moved)
+
+
+# ---- the loop
+
+def test_solved_first_attempts_produce_no_training_rows(tmp_path, monkeypatch):
+    # the verifier accepts anything for an even first operand: those prompts are never retried
+    monkeypatch.setattr(AdditionTask, "reward", lambda self, p, c: float(first_operand(p) % 2 == 0))
+    retries = []
+    real = Run.sample
+
+    def spy(self, prompts, n=1, **kw):
+        if n > 1:
+            retries.append((list(prompts), n))
+        return real(self, prompts, n, **kw)
+
+    monkeypatch.setattr(Run, "sample", spy)
+    cfg = dataclasses.replace(micro(tmp_path, format_warmup_steps=0), max_steps=4)
+    rows = [r for r in train(cfg)["log"] if "loss" in r]
+    assert len(rows) == 4
+    failures = [r["rrr/first_attempt_failures"] for r in rows]
+    assert [len(p) for p, _ in retries] == [f for f in failures if f] and sum(failures) > 0
+    for prompts, n in retries:
+        assert n == 4 and all(int(p.split("+")[0]) % 2 == 1 and p.endswith(";") for p in prompts)
+
+
+def test_an_all_solved_batch_is_a_finite_zero_loss_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(AdditionTask, "reward", lambda self, p, c: 1.0)
+    cfg = micro(tmp_path, format_warmup_steps=0)
+    before = weights(cfg, trained=False)
+    rows = [r for r in train(cfg)["log"] if "loss" in r]
+    assert [(r["loss"], r["grad_norm"], r["skipped_update"], r["rrr/first_attempt_failures"], r["rrr/final_accuracy"])
+            for r in rows] == [(0.0, 0.0, 1.0, 0.0, 1.0)] * 2
+    assert not any("reward" in r for r in rows)  # no retry was sampled: no sample reward to report
+    assert not changed(before, weights(cfg, trained=True))
+
+
+def test_retries_that_all_fail_leave_the_weights_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(AdditionTask, "reward", lambda self, p, c: 0.0)
+    cfg = micro(tmp_path, format_warmup_steps=0)
+    before = weights(cfg, trained=False)
+    rows = [r for r in train(cfg)["log"] if "loss" in r]
+    assert [(r["loss"], r["skipped_update"], r["rrr/first_attempt_failures"], r["reward"], r["rrr/kept_groups"])
+            for r in rows] == [(0.0, 1.0, 2.0, 0.0, 0.0)] * 2
+    assert not changed(before, weights(cfg, trained=True))
+
+
+def test_reflect_retry_reward_runs_end_to_end_and_updates(tmp_path, monkeypatch):
+    # a random micro policy never solves a sum: every first attempt (at most 3 tokens) fails, and the
+    # longer retries are rewarded by length parity (signal in most groups)
+    monkeypatch.setattr(AdditionTask, "reward", lambda self, p, c: float(len(c) % 2) if len(c) > 3 else 0.0)
+    cfg = micro(tmp_path, format_warmup_steps=1)
+    cfg = dataclasses.replace(cfg, max_steps=3)
+    before = weights(cfg, trained=False)
+    rows = train(cfg)["log"]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["rrr/warmup"] for r in steps] == [1.0, 0.0, 0.0]
+    for r in steps[1:]:
+        assert {"reward", "loss", "grad_norm", "rrr/first_attempt_failures", "rrr/second_attempt_success"} <= set(r)
+        assert torch.isfinite(torch.tensor(r["loss"])) and r["rrr/first_attempt_failures"] == 2
+    assert any(r["skipped_update"] == 0 and r["grad_norm"] > 0 for r in steps[1:])
+    final = rows[-1]
+    assert {"eval/accuracy", "eval/second_attempt_success", "eval/first_attempt_failures"} <= set(final)
+    assert changed(before, weights(cfg, trained=True))
+
+
+def test_the_held_out_second_attempt_success(tmp_path, monkeypatch):
+    cfg = micro(tmp_path)
+    task, tok, policy = setup(cfg)
+    run = Run(cfg, task, tok, policy, None, None, None, None, str(tmp_path))
+    loop = reflect.ReflectRetryLoop(run, reflect.ReflectOptions())
+    problems = task.heldout[:8]
+    answers = {p.prompt: str(first_operand(p) + int(p.prompt[:-1].split("+")[1])) for p in problems}
+
+    def fake(self, prompts, n=1, **kw):  # first attempts all wrong; retries right for even first operands
+        out = []
+        for prompt in prompts:
+            if prompt.endswith(";"):
+                plain = prompt[:prompt.index("=") + 1]
+                out.append("1+1#" + (answers[plain] if int(plain.split("+")[0]) % 2 == 0 else "9999"))
+            else:
+                out.append("-1")
+        return None, out
+
+    monkeypatch.setattr(Run, "sample", fake)
+    monkeypatch.setattr(Run, "evaluate", lambda self: {"eval/accuracy": 0.0})
+    row = loop.evaluate()
+    even = sum(first_operand(p) % 2 == 0 for p in problems)
+    assert row["eval/first_attempt_failures"] == 8
+    assert row["eval/second_attempt_success"] == pytest.approx(even / 8)
+    assert row["eval/accuracy_after_retry"] == pytest.approx(even / 8)
+    monkeypatch.setattr(Run, "sample", lambda self, prompts, n=1, **kw: (None, [answers[p] for p in prompts]))
+    row = loop.evaluate()  # no first-attempt failure: nothing to retry
+    assert row["eval/first_attempt_failures"] == 0 and row["eval/second_attempt_success"] == 0.0
+    assert row["eval/accuracy_after_retry"] == 1.0
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"loop_kwargs": {"reflection_tokens": 0}}, "method 'reflect_retry_reward': reflection_tokens must be >= 1"),
+    ({"loop_kwargs": {"warmup_batch_size": 0}}, "warmup_batch_size must be >= 1"),
+    ({"loop_kwargs": {"format_warmup_steps": -1}}, "format_warmup_steps must be >= 0"),
+    ({"loop_kwargs": {"warmup_learning_rate": 0.0}}, "warmup_learning_rate must be > 0"),
+    ({"beta": 0.1}, "keeps no reference model: --beta must be 0"),
+    ({"num_generations": 1}, "num_generations must be >= 2"),
+])
+def test_bad_options_fail_before_training(tmp_path, overrides, match):
+    cfg = dataclasses.replace(micro(tmp_path), **overrides)
+    with pytest.raises(ValueError, match=match):
+        train(cfg)
+    assert not os.path.exists(tmp_path / "rrr" / "metrics.jsonl")
