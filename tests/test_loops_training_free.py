@@ -254,9 +254,9 @@ def test_an_unparsable_reply_is_retried_three_times_then_a_noop(tmp_path):
 
 
 def test_the_http_critic_edits_the_library_as_its_operations_say(tmp_path, server, monkeypatch):
-    monkeypatch.setattr(Handler, "reply_ops", [{"operation": "UPDATE", "id": 0, "content": "3+3=6"}, {"operation": "DELETE", "id": 1},
-                         {"operation": "ADD", "content": "9+9=18"}, {"operation": "UPDATE", "id": 1,
-                                                                    "content": "ignored"}])
+    monkeypatch.setattr(Handler, "reply_ops", [
+        {"operation": "UPDATE", "id": 0, "content": "3+3=6"}, {"operation": "DELETE", "id": 1},
+        {"operation": "ADD", "content": "9+9=18"}, {"operation": "UPDATE", "id": 1, "content": "ignored"}])
     loop = make_loop(tmp_path, [1.0, 0.0], library=["1+1=2", "2+2=5", "4+4=8"], llm="http",
                      base_url=server + "/ok/v1", model="tiny", timeout_s=5.0)
     metrics = loop.step(0)
