@@ -14,7 +14,7 @@ from alignops.train import checkpoint as ckpt
 from alignops.train.loops import srl
 from alignops.train.loops.base import Run
 from alignops.train.presets import make_config
-from alignops.train.tasks import Problem
+from alignops.train.tasks import AdditionTask, Problem
 from alignops.train.trainer import setup, train
 
 MICRO = dict(hidden_size=32, num_layers=1, num_prompts=2, num_generations=4, max_completion_length=3,
@@ -78,15 +78,15 @@ def test_split_steps_of_37_plus_48_by_hand():
                                         ("37+48=;7+8=15;3+4+1=8;", "85")]
 
 
-def test_the_task_steps_of_a_known_problem(tmp_path):
-    task = setup(micro(tmp_path))[0]
+def test_the_task_steps_of_a_known_problem():
+    task = AdditionTask()
     problem = next(p for p in task.train + task.heldout if p.prompt == "5+9=")
     assert srl.split_steps(problem) == [("5+9=;", "5+9=14"), ("5+9=;5+9=14;", "14")]
     assert srl.split_steps(Problem("1+1=", "2")) == []  # no expert steps: no step-prompts
 
 
-def test_step_prompts_never_equal_the_plain_prompt(tmp_path):
-    task = setup(micro(tmp_path))[0]
+def test_step_prompts_never_equal_the_plain_prompt():
+    task = AdditionTask()
     for p in task.heldout[:50]:
         assert all(prompt != p.prompt and prompt.startswith(p.prompt) for prompt, _ in srl.split_steps(p))
 
@@ -172,8 +172,8 @@ def test_warmup_steps_are_sft_on_hash_plus_expert_step(tmp_path, monkeypatch):
 
 def test_chained_steps_solve_with_a_perfect_stepper_and_fail_with_a_malformed_one(tmp_path, monkeypatch):
     cfg = micro(tmp_path)
-    task, tok, policy = setup(cfg)
-    run = Run(cfg, task, tok, policy, None, None, None, None, str(tmp_path))
+    task = AdditionTask()
+    run = Run(cfg, task, None, None, None, None, None, None, str(tmp_path))  # sampling is replaced below
     loop = srl.SRLLoop(run, srl.SRLOptions())
     problems = task.heldout[:8]
     expert = {prompt: step for p in problems for prompt, step in srl.split_steps(p)}
