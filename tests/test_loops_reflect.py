@@ -12,6 +12,7 @@ import torch
 from alignops.train import checkpoint as ckpt
 from alignops.train.loops import reflect
 from alignops.train.loops.base import Run
+from alignops.train.loops import srl
 from alignops.train.loops.srl import grpo_loss
 from alignops.train.presets import make_config
 from alignops.train.rollout import Batch, HeadOutput
@@ -205,7 +206,90 @@ def test_the_held_out_second_attempt_success(tmp_path, monkeypatch):
     assert row["eval/accuracy_after_retry"] == 1.0
 
 
+# ---- self-replay (shared with SRL, not in the paper: docs/loops/reflect.md)
+
+def greedy_ids(model, tok, prompt: str, max_new: int) -> list[int]:
+    """Independent greedy decode: one prompt, no padding, the argmax of a full forward per token."""
+    ids, out = tok.encode(prompt, bos=True), []
+    with torch.no_grad():
+        for _ in range(max_new):
+            out.append(int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax()))
+            if out[-1] == tok.eos_token_id:
+                break
+    return out
+
+
+@pytest.fixture
+def parity_retries(monkeypatch):
+    # as in the end-to-end test: long retries rewarded by length parity, so GRPO steps update
+    monkeypatch.setattr(AdditionTask, "reward", lambda self, p, c: float(len(c) % 2) if len(c) > 3 else 0.0)
+
+
+def test_replay_rows_are_the_frozen_bases_greedy_answers(tmp_path, monkeypatch, parity_retries):
+    seen, real = [], Run.sft_loss
+
+    def spy(self, batch, **kw):  # plain-prompt SFT rows only (warm-up rows have ';' in the prompt)
+        P = batch.prompt_len
+        rows = [(self.tok.decode(batch.input_ids[r, :P][batch.attention_mask[r, :P] == 1]),
+                 batch.completion_ids[r][batch.completion_mask[r] > 0].tolist()) for r in range(len(batch.input_ids))]
+        if all(";" not in p for p, _ in rows):
+            seen.append(rows)
+        return real(self, batch, **kw)
+
+    monkeypatch.setattr(Run, "sft_loss", spy)
+    # a high warm-up rate, so that the policy's own greedy answers move away from the base's
+    cfg = dataclasses.replace(micro(tmp_path, format_warmup_steps=2, warmup_batch_size=3, replay_batch=4,
+                                    replay_pool=6, warmup_learning_rate=0.05), max_steps=3)
+    task, tok, base = setup(cfg)
+    steps = [r for r in train(cfg)["log"] if "loss" in r]
+    updates = [r for r in steps if r["rrr/warmup"] == 1 or r["skipped_update"] == 0]
+    assert len(updates) >= 2 and len(seen) == len(updates) and all("replay/nll" in r for r in updates)
+    train_prompts = {p.prompt for p in task.train}
+    for rows in seen:
+        assert len(rows) == 4
+        for prompt, completion in rows:
+            assert prompt in train_prompts
+            assert completion == greedy_ids(base, tok, prompt, cfg.max_completion_length)
+    trained = setup(cfg)[2]
+    trained.load_state_dict(weights(cfg, trained=True))
+    assert any(c != greedy_ids(trained, tok, p, cfg.max_completion_length) for rows in seen for p, c in rows)
+
+
+def test_replay_coef_zero_is_exactly_the_papers_update(tmp_path, monkeypatch, parity_retries):
+    def paper_warmup(run, batch, step, learning_rate, replay=None):
+        run_lr, run.cfg.learning_rate = run.cfg.learning_rate, learning_rate
+        try:
+            return run.sft_step(batch, step)
+        finally:
+            run.cfg.learning_rate = run_lr
+
+    def paper_grpo(run, batch, rewards, mask, step, max_len, replay=None):
+        if batch is None or float(mask.sum()) == 0:
+            return {"loss": 0.0, "grad_norm": 0.0, "skipped_update": 1.0}
+        out = grpo_loss(run.cfg, run.head(batch), batch, rewards, mask, max_len, run.cfg.num_generations)
+        return {**run.optimizer_step(out.loss, step), "skipped_update": 0.0}
+
+    def run_with(name, **loop_kwargs):
+        cfg = dataclasses.replace(micro(tmp_path / name, format_warmup_steps=1, warmup_batch_size=3,
+                                        **loop_kwargs), max_steps=3, output_dir=str(tmp_path / name))
+        rows = [(r["loss"], r["grad_norm"]) for r in train(cfg)["log"] if "loss" in r]
+        return rows, weights(cfg, trained=True)
+
+    with monkeypatch.context() as m:
+        m.setattr(srl.SelfReplay, "collect", lambda self: pytest.fail("replay_coef=0 must not collect a pool"))
+        off_rows, off = run_with("off", replay_coef=0.0)
+    with monkeypatch.context() as m:
+        m.setattr(reflect, "warmup_sft_step", paper_warmup)
+        m.setattr(reflect, "grpo_update", paper_grpo)
+        paper_rows, paper = run_with("paper")
+    on_rows, on = run_with("on")
+    assert off_rows == paper_rows and not changed(off, paper)
+    assert changed(off, on)
+
+
 @pytest.mark.parametrize("overrides, match", [
+    ({"loop_kwargs": {"replay_coef": -1.0}}, "method 'reflect_retry_reward': replay_coef must be >= 0"),
+    ({"loop_kwargs": {"replay_batch": 0}}, "replay_batch must be >= 1"),
     ({"loop_kwargs": {"reflection_tokens": 0}}, "method 'reflect_retry_reward': reflection_tokens must be >= 1"),
     ({"loop_kwargs": {"warmup_batch_size": 0}}, "warmup_batch_size must be >= 1"),
     ({"loop_kwargs": {"format_warmup_steps": -1}}, "format_warmup_steps must be >= 0"),

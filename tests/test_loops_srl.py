@@ -121,9 +121,9 @@ def test_the_std_filter_trains_only_on_groups_whose_rewards_differ(tmp_path, mon
     seen = []
     real = srl.grpo_update
 
-    def spy(run, batch, rewards, mask, step, max_len):
+    def spy(run, batch, rewards, mask, step, max_len, replay=None):
         seen.append(None if rewards is None else rewards.view(-1, run.cfg.num_generations).tolist())
-        return real(run, batch, rewards, mask, step, max_len)
+        return real(run, batch, rewards, mask, step, max_len, replay)
 
     monkeypatch.setattr(srl, "grpo_update", spy)
     rows = train(micro(tmp_path, format_warmup_steps=0, max_sampling_rounds=6))["log"]
@@ -153,7 +153,7 @@ def test_warmup_steps_are_sft_on_hash_plus_expert_step(tmp_path, monkeypatch):
         return real(self, prompts, completions, eos)
 
     monkeypatch.setattr(Run, "teacher_batch", spy)
-    rows = train(micro(tmp_path, format_warmup_steps=2, warmup_batch_size=5))["log"]
+    rows = train(micro(tmp_path, format_warmup_steps=2, warmup_batch_size=5, replay_coef=0.0))["log"]
     assert [r["srl/warmup"] for r in rows if "loss" in r] == [1.0, 1.0]
     assert all(r["sft/tokens"] > 0 for r in rows if "loss" in r)
     assert len(targets) == 10
@@ -184,7 +184,128 @@ def test_chained_steps_solve_with_a_perfect_stepper_and_fail_with_a_malformed_on
     assert loop._chain_accuracy([]) == 0.0
 
 
+# ---- self-replay (not in the paper: docs/loops/srl.md)
+
+def greedy_ids(model, tok, prompt: str, max_new: int) -> list[int]:
+    """Independent greedy decode: one prompt, no padding, the argmax of a full forward per token."""
+    ids, out = tok.encode(prompt, bos=True), []
+    with torch.no_grad():
+        for _ in range(max_new):
+            out.append(int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax()))
+            if out[-1] == tok.eos_token_id:
+                break
+    return out
+
+
+def plain_sft_rows(monkeypatch) -> list:
+    """Records, per Run.sft_loss call whose prompts are all plain (no ';'), its (prompt, completion ids)."""
+    seen, real = [], Run.sft_loss
+
+    def spy(self, batch, **kw):
+        P, rows = batch.prompt_len, []
+        for r in range(batch.input_ids.shape[0]):
+            prompt = batch.input_ids[r, :P][batch.attention_mask[r, :P] == 1]
+            rows.append((self.tok.decode(prompt), batch.completion_ids[r][batch.completion_mask[r] > 0].tolist()))
+        if all(";" not in p for p, _ in rows):
+            seen.append(rows)
+        return real(self, batch, **kw)
+
+    monkeypatch.setattr(Run, "sft_loss", spy)
+    return seen
+
+
+def paper_warmup_sft_step(run, batch, step, learning_rate, replay=None):
+    """The warm-up update before self-replay existed (the oracle of replay_coef=0)."""
+    run_lr, run.cfg.learning_rate = run.cfg.learning_rate, learning_rate
+    try:
+        return run.sft_step(batch, step)
+    finally:
+        run.cfg.learning_rate = run_lr
+
+
+def paper_grpo_update(run, batch, rewards, mask, step, max_len, replay=None):
+    """The GRPO update before self-replay existed."""
+    if batch is None or float(mask.sum()) == 0:
+        return {"loss": 0.0, "grad_norm": 0.0, "skipped_update": 1.0}
+    out = srl.grpo_loss(run.cfg, run.head(batch), batch, rewards, mask, max_len, run.cfg.num_generations)
+    return {**run.optimizer_step(out.loss, step), "skipped_update": 0.0}
+
+
+def test_replay_targets_are_the_frozen_bases_greedy_answers_to_plain_prompts(tmp_path, monkeypatch, parity_reward):
+    # a high warm-up rate, so that the policy's own greedy answers move away from the base's
+    cfg = dataclasses.replace(micro(tmp_path, format_warmup_steps=2, warmup_batch_size=3, replay_batch=5,
+                                    replay_pool=7, warmup_learning_rate=0.05), max_steps=3)
+    task, tok, base = setup(cfg)
+    base = copy.deepcopy(base)
+    seen = plain_sft_rows(monkeypatch)
+    rows = [r for r in train(cfg)["log"] if "loss" in r]
+    updates = [r for r in rows if r["srl/warmup"] == 1 or r["skipped_update"] == 0]
+    assert len(updates) >= 2 and len(seen) == len(updates)  # one replay batch per update, GRPO ones included
+    assert all("replay/nll" in r for r in updates)
+    train_prompts = {p.prompt for p in task.train}
+    expected = {}
+    for batch_rows in seen:
+        assert len(batch_rows) == 5 and len({p for p, _ in batch_rows}) == 5
+        for prompt, completion in batch_rows:
+            assert prompt in train_prompts and prompt.endswith("=")
+            expected.setdefault(prompt, greedy_ids(base, tok, prompt, cfg.max_completion_length))
+            assert completion == expected[prompt]  # the base's, even after the policy has moved
+    state = ckpt.load_json(os.path.join(ckpt.locate(cfg.resolved_output_dir()), "state.json"))
+    pool = state["loop"]["replay_pool"]  # saved, so that a resume keeps replaying the base, not itself
+    assert len(pool) == 7 and set(expected) <= {p for p, _ in pool}
+    assert all(c == greedy_ids(base, tok, p, cfg.max_completion_length) for p, c in pool)
+    trained = setup(cfg)[2]
+    trained.load_state_dict(weights_after(cfg))
+    assert any(c != greedy_ids(trained, tok, p, cfg.max_completion_length) for p, c in pool)  # it did move
+
+
+def test_the_replay_term_adds_coef_times_the_replay_nll(tmp_path, monkeypatch):
+    losses, real = [], Run.optimizer_step
+    monkeypatch.setattr(Run, "optimizer_step", lambda self, loss, step: (losses.append(float(loss.detach())),
+                                                                         real(self, loss, step))[1])
+    seen = plain_sft_rows(monkeypatch)
+    rows = {}
+    for coef in (0.0, 0.5):
+        cfg = dataclasses.replace(micro(tmp_path / str(coef), format_warmup_steps=1, warmup_batch_size=4,
+                                        replay_batch=6, replay_coef=coef), max_steps=1)
+        rows[coef] = [r for r in train(cfg)["log"] if "loss" in r][0]
+    assert len(seen) == 1 and "replay/nll" not in rows[0.0]
+    _, tok, base = setup(cfg)
+    base = base.double()
+    nll, n = 0.0, 0
+    for prompt, completion in seen[0]:  # float64 token-mean NLL of the replay rows under the base
+        ids = tok.encode(prompt, bos=True)
+        with torch.no_grad():
+            logp = torch.log_softmax(base(input_ids=torch.tensor([ids + completion])).logits[0], -1)
+        nll -= sum(float(logp[len(ids) - 1 + t, c]) for t, c in enumerate(completion))
+        n += len(completion)
+    assert rows[0.5]["replay/nll"] == pytest.approx(nll / n, rel=1e-4)
+    assert losses[1] - losses[0] == pytest.approx(0.5 * nll / n, rel=1e-4)
+
+
+def test_replay_coef_zero_is_exactly_the_papers_update(tmp_path, monkeypatch, parity_reward):
+    def run_with(name, **loop_kwargs):
+        cfg = dataclasses.replace(micro(tmp_path / name, format_warmup_steps=1, warmup_batch_size=3,
+                                        **loop_kwargs), max_steps=3)
+        rows = [r for r in train(cfg)["log"] if "loss" in r]
+        return [(r["loss"], r["grad_norm"]) for r in rows], weights_after(cfg)
+
+    with monkeypatch.context() as m:
+        m.setattr(srl.SelfReplay, "collect", lambda self: pytest.fail("replay_coef=0 must not collect a pool"))
+        off_rows, off = run_with("off", replay_coef=0.0)
+    with monkeypatch.context() as m:
+        m.setattr(srl, "warmup_sft_step", paper_warmup_sft_step)
+        m.setattr(srl, "grpo_update", paper_grpo_update)
+        paper_rows, paper = run_with("paper")
+    on_rows, on = run_with("on", replay_coef=1.0)
+    assert off_rows == paper_rows and not changed(off, paper)
+    assert changed(off, on)  # and the replay does change the update
+
+
 @pytest.mark.parametrize("overrides, match", [
+    ({"loop_kwargs": {"replay_coef": -0.1}}, "method 'srl': replay_coef must be >= 0"),
+    ({"loop_kwargs": {"replay_batch": 0}}, "method 'srl': replay_batch must be >= 1"),
+    ({"loop_kwargs": {"replay_pool": 0}}, "method 'srl': replay_pool must be >= 1"),
     ({"loop_kwargs": {"max_new_tokens": 1}}, "method 'srl': max_new_tokens must be >= 2"),
     ({"loop_kwargs": {"std_eps": -1.0}}, "method 'srl': std_eps must be >= 0"),
     ({"loop_kwargs": {"max_sampling_rounds": 0}}, "method 'srl': max_sampling_rounds must be >= 1"),

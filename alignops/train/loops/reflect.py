@@ -6,7 +6,8 @@ marker '#', and attempt 2 ("7+8=15;3+4+1=8#85"). The task's verifier reads the t
 last '#', so the reward is attempt 2's correctness. A group of num_generations retries per failed
 prompt gives GRPO advantages (§2.8); the loss mask covers the reflection (up to and including
 its closing '#') and never attempt 2's answer, so the model is taught to reflect, not answers.
-Prompts whose first attempt succeeds produce no training rows.
+Prompts whose first attempt succeeds produce no training rows. Every update also carries the
+self-replay term of srl.py (the frozen base's greedy answers to plain prompts; not in the paper).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 
 import alignops as ao
 from alignops.train.loops.base import DataLoop
-from alignops.train.loops.srl import check_no_kl, check_warmup, grpo_update, warmup_sft_step
+from alignops.train.loops.srl import (SelfReplay, check_no_kl, check_warmup, grpo_update, load_replay_state,
+                                      replay_state, warmup_sft_step)
 
 RETRY_MARK = ";"       # closes attempt 1: what follows is the reflection
 ANSWER_MARK = "#"      # closes the reflection: what follows is attempt 2 (the task's answer marker)
@@ -43,6 +45,9 @@ class ReflectOptions:
     format_warmup_steps: int = 30   # first steps: SFT on "attempt1;<expert steps>#<answer>" (format only)
     warmup_batch_size: int = 64     # problems per warm-up step
     warmup_learning_rate: float | None = 1e-3  # the base's own SFT rate (None: the run's learning_rate)
+    replay_coef: float = 1.0        # weight of the self-replay NLL in every update (0: off, the paper's loss)
+    replay_batch: int = 64          # replay rows per update
+    replay_pool: int = 512          # training problems whose plain prompts the base answers once
 
     def __post_init__(self):
         for name in ("reflection_tokens", "warmup_batch_size"):
@@ -61,6 +66,13 @@ class ReflectRetryLoop(DataLoop):
         super().__init__(run, options)
         check_no_kl(run.cfg, run.cfg.method)
         self.marker_id = run.tok.encode(ANSWER_MARK)[0]
+        self.replay = SelfReplay(run, options.replay_coef, options.replay_batch, options.replay_pool)
+
+    def state_dict(self) -> dict:
+        return replay_state(self.replay)
+
+    def load_state_dict(self, state: dict, tensors: dict) -> None:
+        load_replay_state(self.replay, state)
 
     @property
     def retry_tokens(self) -> int:
@@ -78,7 +90,8 @@ class ReflectRetryLoop(DataLoop):
             attempts, _ = self._first_attempts(problems)
             batch = run.teacher_batch([retry_prompt(p, a) for p, a in zip(problems, attempts)],
                                       [p.expert_completion(with_steps=True) for p in problems])
-            return {**warmup_sft_step(run, batch, step, self.opts.warmup_learning_rate), "rrr/warmup": 1.0}
+            return {**warmup_sft_step(run, batch, step, self.opts.warmup_learning_rate, self.replay),
+                    "rrr/warmup": 1.0}
         problems = run.task.sample(run.rng, cfg.num_prompts)
         attempts, solved = self._first_attempts(problems)
         failed = [(p, a) for p, a, ok in zip(problems, attempts, solved) if not ok]
@@ -96,7 +109,8 @@ class ReflectRetryLoop(DataLoop):
         keep = ao.dynamic_sampling_mask(rewards, G).row_keep
         if bool(keep.any()):
             rows = keep.nonzero().squeeze(-1)
-            update = grpo_update(run, batch.select(rows), rewards[rows], mask[rows], step, self.retry_tokens)
+            update = grpo_update(run, batch.select(rows), rewards[rows], mask[rows], step, self.retry_tokens,
+                                 self.replay)
         else:
             update = grpo_update(run, None, None, None, step, self.retry_tokens)
         metrics["rrr/kept_groups"] = float(keep.sum()) / G

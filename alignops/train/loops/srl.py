@@ -4,19 +4,25 @@ Each expert solution of N steps becomes N step-prompts: the problem, ';', then t
 expert steps each closed by ';' ("37+48=;7+8=15;"); the model writes "<reasoning>#<action>" and
 the action is scored against expert step k by difflib's ratio (-1 when no action can be parsed).
 GRPO (§2.8) over groups of samples of one step-prompt, with the std filter of §00.14.
-`grpo_loss` / `grpo_update` are shared with reflect.py.
+
+Self-replay (not in the paper, docs/loops/srl.md): every update adds replay_coef times the SFT
+NLL of the frozen base's own greedy answers to plain prompts, so that teaching the new format
+does not erase what the base does on the plain prompt. `grpo_loss` / `grpo_update` /
+`SelfReplay` are shared with reflect.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import random
 
 import torch
 
 import alignops as ao
 from alignops.train.loops.base import DataLoop, labels
-from alignops.train.rollout import concat_batches
+from alignops.train.rollout import Batch, concat_batches, left_pad
 
 STEP_END = ";"    # closes the problem and each expert step in a step-prompt
 ACTION_MARK = "#"  # separates the reasoning from the action
@@ -69,24 +75,104 @@ def grpo_loss(cfg, head, batch, rewards: torch.Tensor, mask: torch.Tensor, max_l
                             agg=cfg.loss_type, max_len=max_len, **cfg.loss_kwargs)
 
 
-def grpo_update(run, batch, rewards, mask, step: int, max_len: int) -> dict:
-    """One optimiser step of grpo_loss; a batch with no row (or no masked token) is a zero-loss
-    step that leaves the parameters (and Adam's moments) alone."""
+class SelfReplay:
+    """The base policy's greedy completions (token ids, EOS included when it stopped) of the plain
+    prompts of `pool_size` training problems, collected once before the first update (so from the
+    base) and kept in the loop's state; loss(step) is the token-mean SFT NLL of `batch_size` of
+    them under the current policy. Ids, not text: the targets are exactly what the base wrote."""
+
+    def __init__(self, run, coef: float, batch_size: int, pool_size: int):
+        self.run, self.coef, self.batch_size, self.pool_size = run, coef, batch_size, pool_size
+        self.pool: list[list] | None = None   # [prompt, completion ids]
+
+    @property
+    def enabled(self) -> bool:
+        return self.coef > 0
+
+    @torch.no_grad()
+    def collect(self) -> None:
+        if self.pool is not None:
+            return
+        run = self.run
+        rng = random.Random(f"self-replay:{run.cfg.seed}")  # its own stream: run.rng's draws stay as they were
+        problems = rng.sample(run.task.train, min(self.pool_size, len(run.task.train)))
+        batch, _ = run.sample([p.prompt for p in problems], temperature=0.0)
+        lengths = batch.completion_mask.sum(-1).long().tolist()
+        self.pool = [[p.prompt, batch.completion_ids[i, :n].tolist()] for i, (p, n) in enumerate(zip(problems, lengths))]
+
+    def rows(self, step: int) -> list[list]:
+        """The [prompt, completion ids] rows of `step`: a function of the seed and step (nothing to save)."""
+        self.collect()
+        rng = random.Random(f"self-replay:{self.run.cfg.seed}:{step}")
+        return rng.sample(self.pool, min(self.batch_size, len(self.pool)))
+
+    def batch(self, rows) -> Batch:
+        run, device = self.run, self.run.device
+        ids, attn = left_pad([run.encode_prompt(p) for p, _ in rows], run.tok.pad_token_id, device)
+        T = max(1, max(len(c) for _, c in rows))
+        cids = torch.full((len(rows), T), run.tok.pad_token_id, dtype=torch.long, device=device)
+        cmask = torch.zeros((len(rows), T), device=device)
+        for i, (_, c) in enumerate(rows):
+            cids[i, :len(c)] = torch.tensor(c, dtype=torch.long, device=device)
+            cmask[i, :len(c)] = 1.0
+        return Batch(torch.cat([ids, cids], 1), torch.cat([attn, cmask.long()], 1), ids.shape[1], cids, cmask,
+                     torch.zeros_like(cmask), torch.zeros(len(rows), dtype=torch.bool, device=device))
+
+    def add_to(self, loss: torch.Tensor, step: int, metrics: dict) -> torch.Tensor:
+        """loss + coef * replay NLL (loss itself when disabled); records replay/nll in metrics."""
+        if not self.enabled:
+            return loss
+        rows = [r for r in self.rows(step) if r[1]]
+        if not rows:
+            return loss
+        replay = self.run.sft_loss(self.batch(rows)).loss
+        metrics["replay/nll"] = float(replay.detach())
+        return loss + self.coef * replay
+
+
+def grpo_update(run, batch, rewards, mask, step: int, max_len: int, replay: SelfReplay | None = None) -> dict:
+    """One optimiser step of grpo_loss (+ the self-replay term); a batch with no row (or no masked
+    token) is a zero-loss step that leaves the parameters (and Adam's moments) alone."""
     if batch is None or float(mask.sum()) == 0:
         return {"loss": 0.0, "grad_norm": 0.0, "skipped_update": 1.0}
     out = grpo_loss(run.cfg, run.head(batch), batch, rewards, mask, max_len, run.cfg.num_generations)
-    return {**run.optimizer_step(out.loss, step), "skipped_update": 0.0}
+    metrics = {"skipped_update": 0.0}
+    loss = out.loss if replay is None else replay.add_to(out.loss, step, metrics)
+    return {**run.optimizer_step(loss, step), **metrics}
 
 
-def warmup_sft_step(run, batch, step: int, learning_rate: float | None) -> dict:
-    """run.sft_step at `learning_rate` (None: the run's), with the run's lr warm-up schedule."""
+@contextlib.contextmanager
+def learning_rate_of(run, learning_rate: float | None):
+    """The run's learning rate set to `learning_rate` (None: left alone) inside the block."""
     if learning_rate is None:
-        return run.sft_step(batch, step)
+        yield
+        return
     run_lr, run.cfg.learning_rate = run.cfg.learning_rate, learning_rate
     try:
-        return run.sft_step(batch, step)
+        yield
     finally:
         run.cfg.learning_rate = run_lr
+
+
+def warmup_sft_step(run, batch, step: int, learning_rate: float | None, replay: SelfReplay | None = None) -> dict:
+    """run.sft_step (+ the self-replay term) at `learning_rate` (None: the run's), with the run's
+    lr warm-up schedule."""
+    with learning_rate_of(run, learning_rate):
+        if replay is None or not replay.enabled:
+            return run.sft_step(batch, step)
+        nll = run.sft_loss(batch).loss
+        metrics = {"nll": float(nll.detach()), "sft/tokens": float(batch.completion_mask.sum())}
+        return {**run.optimizer_step(replay.add_to(nll, step, metrics), step), **metrics}
+
+
+def replay_state(replay: SelfReplay) -> dict:
+    """The replay pool for the checkpoint: after a resume it must still be the base's answers."""
+    return {} if replay.pool is None else {"replay_pool": replay.pool}
+
+
+def load_replay_state(replay: SelfReplay, state: dict) -> None:
+    if "replay_pool" in state:
+        replay.pool = [list(row) for row in state["replay_pool"]]
 
 
 def check_no_kl(cfg, method: str) -> None:
@@ -102,6 +188,9 @@ class SRLOptions:
     format_warmup_steps: int = 40   # first steps: SFT on "#<expert step>" (the base never saw the format)
     warmup_batch_size: int = 64     # step-prompts per warm-up step
     warmup_learning_rate: float | None = 1e-3  # the base's own SFT rate (None: the run's learning_rate)
+    replay_coef: float = 1.0        # weight of the self-replay NLL in every update (0: off, the paper's loss)
+    replay_batch: int = 64          # replay rows per update
+    replay_pool: int = 512          # training problems whose plain prompts the base answers once
 
     def __post_init__(self):
         for name in ("max_new_tokens", "max_sampling_rounds", "warmup_batch_size"):
@@ -115,6 +204,12 @@ class SRLOptions:
 
 
 def check_warmup(opts) -> None:
+    """Checks the warm-up and self-replay options shared by SRL and Reflect, Retry, Reward."""
+    if opts.replay_coef < 0:
+        raise ValueError(f"replay_coef must be >= 0 (0: no replay), got {opts.replay_coef}")
+    for name in ("replay_batch", "replay_pool"):
+        if getattr(opts, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(opts, name)}")
     if opts.format_warmup_steps < 0:
         raise ValueError(f"format_warmup_steps must be >= 0, got {opts.format_warmup_steps}")
     if opts.warmup_learning_rate is not None and opts.warmup_learning_rate <= 0:
@@ -133,6 +228,7 @@ class SRLLoop(DataLoop):
         if not any(p.steps for p in run.task.train):
             raise ValueError(f"method {run.cfg.method!r} needs expert steps (Problem.steps); task "
                              f"{run.task.name!r} has none")
+        self.replay = SelfReplay(run, options.replay_coef, options.replay_batch, options.replay_pool)
 
     def _draw(self, n: int) -> list[tuple[str, str]]:
         """n (step-prompt, expert step) pairs: a training problem with steps, then one of its steps."""
@@ -147,7 +243,8 @@ class SRLLoop(DataLoop):
         if step < self.opts.format_warmup_steps:
             pairs = self._draw(self.opts.warmup_batch_size)
             batch = self.run.teacher_batch([p for p, _ in pairs], [ACTION_MARK + e for _, e in pairs])
-            return {**warmup_sft_step(self.run, batch, step, self.opts.warmup_learning_rate), "srl/warmup": 1.0}
+            return {**warmup_sft_step(self.run, batch, step, self.opts.warmup_learning_rate, self.replay),
+                    "srl/warmup": 1.0}
         return self._grpo_step(step)
 
     def _grpo_step(self, step: int) -> dict:
@@ -167,12 +264,19 @@ class SRLLoop(DataLoop):
             batch = concat_batches([b.select(torch.arange(g * G, (g + 1) * G)) for b, _, g in kept],
                                    run.tok.pad_token_id)
             rewards = torch.cat([r[g * G:(g + 1) * G] for _, r, g in kept]).to(batch.completion_mask.device)
-            update = grpo_update(run, batch, rewards, batch.completion_mask, step, self.opts.max_new_tokens)
+            update = grpo_update(run, batch, rewards, batch.completion_mask, step, self.opts.max_new_tokens,
+                                 self.replay)
         else:  # every group's rewards were equal in every round: nothing to learn from this step
             update = grpo_update(run, None, None, None, step, self.opts.max_new_tokens)
         all_rewards = torch.cat(seen_rewards)
         return {**update, "reward": float(all_rewards.mean()), "srl/malformed_frac": malformed / all_rewards.numel(),
                 "srl/kept_groups": len(kept), "sampling/gen_rounds": rounds, "srl/warmup": 0.0}
+
+    def state_dict(self) -> dict:
+        return replay_state(self.replay)
+
+    def load_state_dict(self, state: dict, tensors: dict) -> None:
+        load_replay_state(self.replay, state)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
