@@ -98,6 +98,7 @@ def train_one(method: str, args) -> dict:
                "gain": gain, "s_before": 100 * res["sampled_before"], "s_after": 100 * res["sampled_after"],
                "train_first": acc(trained[:50]), "train_last": acc(trained[-50:]),
                "steps": res["steps"], "train_s": res["seconds"], "own": own, "seed": args.seed,
+               "load": round(os.getloadavg()[1], 1),  # 5-minute load average at the end: a busy machine takes fewer steps
                "kl": last.get("kl", last.get("approx_kl")), "entropy": last.get("entropy"), "log": log}
         print(f"{method:>24}: greedy {row['before']:.1f}% -> {row['after']:.1f}% ({gain:+.1f}); mean@4 "
               f"{row['s_before']:.1f}% -> {row['s_after']:.1f}% in {res['steps']} steps, {res['seconds']} s", flush=True)
@@ -151,18 +152,19 @@ def write(out, rows, logs, base_info, args, machine):
                 f"last 50 steps; {args.seconds:.0f} s of training per method (evaluation not counted), seed {args.seed}"
                 f"{f', {args.jobs} methods at a time (one torch thread each)' if args.jobs > 1 else ''}.\n\n")
         f.write("| method | greedy before | after | gain | mean@4 before | after | gain | training acc. first 50 "
-                "steps | last 50 | steps | train s | final KL | final entropy | the method's own figures "
+                "steps | last 50 | steps | train s | load | final KL | final entropy | the method's own figures "
                 "(before -> after) | note |\n")
-        f.write("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+        f.write("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             note = NOTES.get(r["method"], "")
             if "error" in r:
-                f.write(f"| {r['method']} | stopped: {r['error']} |||||||||||||{note}|\n")
+                f.write(f"| {r['method']} | stopped: {r['error']} ||||||||||||||{note}|\n")
                 continue
             own = "; ".join(f"{k[5:]} {fmt_any(a)} -> {fmt_any(b)}" for k, (a, b) in sorted(r.get("own", {}).items()))
             f.write(f"| {r['method']} | {fmt(r['before'])} | {fmt(r['after'])} | {fmt(r['gain'], '+.1f')} | "
                     f"{fmt(r['s_before'])} | {fmt(r['s_after'])} | {fmt(r['s_after'] - r['s_before'], '+.1f')} | "
                     f"{fmt(r['train_first'])} | {fmt(r['train_last'])} | {r['steps']} | {fmt(r['train_s'])} | "
+                    f"{fmt(r.get('load'))} | "
                     f"{fmt(r['kl'], '.4f')} | {fmt(r['entropy'], '.3f')} | {own} | {note} |\n")
     import matplotlib  # noqa: PLC0415
     matplotlib.use("Agg")

@@ -151,7 +151,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
                                    "retries; GRPO rewards the second attempt, the loss covers the reflection only",
            {"learning_rate": 1e-4}, loop="reflect:ReflectRetryLoop"),
     Preset("training_free_grpo", "Training-free GRPO: no parameter update; an experience library in the prompt, "
-                                 "updated by summarise -> semantic advantage -> ADD/UPDATE/DELETE/NONE",
+                                 "updated by summarise -> semantic advantage -> ADD/UPDATE/DELETE/NONE with "
+                                 "deterministic conflict resolution; critic = the policy (default), a scripted "
+                                 "critic, or an OpenAI-compatible server",
            {}, loop="training_free:TrainingFreeGRPOLoop"),
     Preset("rahf", "RAHF: a preference-aware model (SCIT or Dual), hidden-state differences under two "
                    "instructions, a peft LoRA fitted to implant them (alpha 5)",
