@@ -18,6 +18,7 @@ both; the ratio is the result. Writes bench/results/trainer_overhead.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import statistics
@@ -65,8 +66,6 @@ def plain_grpo_steps(cfg, steps: int) -> float:
 
 def trainer_steps(cfg, steps: int, out_dir: str) -> float:
     """Steps per second of the trainer's own clock (evaluation excluded), first step left out."""
-    import dataclasses  # noqa: PLC0415
-
     from alignops.train.trainer import train  # noqa: PLC0415
 
     res = train(dataclasses.replace(cfg, max_steps=steps + 1, output_dir=out_dir))
@@ -93,7 +92,7 @@ def main(argv=None):
     for k in range(args.rounds):
         trainer.append(trainer_steps(cfg, args.steps, f"runs/overhead/trainer{k}"))
         plain.append(plain_grpo_steps(cfg, args.steps))
-        trainer_logits.append(trainer_steps(cfg.__class__(**{**vars(cfg), "fused_lm_head": False}), args.steps,
+        trainer_logits.append(trainer_steps(dataclasses.replace(cfg, fused_lm_head=False), args.steps,
                                             f"runs/overhead/logits{k}"))
         print(f"round {k}: trainer {trainer[-1]:.2f} steps/s, trainer (logits path) {trainer_logits[-1]:.2f}, "
               f"plain loop {plain[-1]:.2f}", flush=True)

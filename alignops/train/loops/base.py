@@ -68,23 +68,26 @@ class Run:
         return batch, [self.tok.decode(ids) for ids in batch.completion_ids]
 
     def teacher_batch(self, prompts: list[str], completions: list[str], eos: bool = True) -> Batch:
-        """Given (prompt, completion) texts as a Batch (prompts left-padded, completions
-        right-padded, EOS appended to each completion when `eos`), for scoring or training on
-        them; behaviour_logp is 0 (nothing was sampled)."""
+        """Given (prompt, completion) texts as a Batch, EOS appended to each completion when `eos`
+        (token_batch of their ids)."""
+        return self.token_batch(prompts, [self.tok.encode(c, eos=eos) for c in completions])
+
+    def token_batch(self, prompts: list[str], completions: list[list[int]]) -> Batch:
+        """(prompt text, completion token ids) as a Batch, for scoring or training on them: prompts
+        left-padded, completions right-padded; behaviour_logp is 0 (nothing was sampled)."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         tok, device = self.tok, self.device
         ids, attn = left_pad([self.encode_prompt(p) for p in prompts], tok.pad_token_id, device)
-        comp = [tok.encode(c, eos=eos) for c in completions]
-        T = max(1, max(len(c) for c in comp))
-        cids = torch.full((len(comp), T), tok.pad_token_id, dtype=torch.long, device=device)
-        cmask = torch.zeros((len(comp), T), device=device)
-        for i, c in enumerate(comp):
+        T = max(1, max(len(c) for c in completions))
+        cids = torch.full((len(completions), T), tok.pad_token_id, dtype=torch.long, device=device)
+        cmask = torch.zeros((len(completions), T), device=device)
+        for i, c in enumerate(completions):
             if c:
-                cids[i, :len(c)] = torch.tensor(c, device=device)
+                cids[i, :len(c)] = torch.tensor(c, dtype=torch.long, device=device)
                 cmask[i, :len(c)] = 1.0
         return Batch(torch.cat([ids, cids], 1), torch.cat([attn, cmask.long()], 1), ids.shape[1], cids, cmask,
-                     torch.zeros_like(cmask), torch.zeros(len(comp), dtype=torch.bool, device=device))
+                     torch.zeros_like(cmask), torch.zeros(len(completions), dtype=torch.bool, device=device))
 
     # ---- scoring and updating
 

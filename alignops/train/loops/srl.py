@@ -22,7 +22,7 @@ import torch
 
 import alignops as ao
 from alignops.train.loops.base import DataLoop, labels
-from alignops.train.rollout import Batch, concat_batches, left_pad
+from alignops.train.rollout import Batch, concat_batches
 
 STEP_END = ";"    # closes the problem and each expert step in a step-prompt
 ACTION_MARK = "#"  # separates the reasoning from the action
@@ -107,16 +107,7 @@ class SelfReplay:
         return rng.sample(self.pool, min(self.batch_size, len(self.pool)))
 
     def batch(self, rows) -> Batch:
-        run, device = self.run, self.run.device
-        ids, attn = left_pad([run.encode_prompt(p) for p, _ in rows], run.tok.pad_token_id, device)
-        T = max(1, max(len(c) for _, c in rows))
-        cids = torch.full((len(rows), T), run.tok.pad_token_id, dtype=torch.long, device=device)
-        cmask = torch.zeros((len(rows), T), device=device)
-        for i, (_, c) in enumerate(rows):
-            cids[i, :len(c)] = torch.tensor(c, dtype=torch.long, device=device)
-            cmask[i, :len(c)] = 1.0
-        return Batch(torch.cat([ids, cids], 1), torch.cat([attn, cmask.long()], 1), ids.shape[1], cids, cmask,
-                     torch.zeros_like(cmask), torch.zeros(len(rows), dtype=torch.bool, device=device))
+        return self.run.token_batch([p for p, _ in rows], [c for _, c in rows])
 
     def add_to(self, loss: torch.Tensor, step: int, metrics: dict) -> torch.Tensor:
         """loss + coef * replay NLL (loss itself when disabled); records replay/nll in metrics."""
