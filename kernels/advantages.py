@@ -57,6 +57,7 @@ def _group_advantages_kernel(r_ptr, order_ptr, off_ptr, adv_ptr, cnt_ptr, mean_p
     # Equal rewards have exactly zero spread, so their advantages are exactly 0.
     flat = (n <= 1.0) | (tl.min(lo, axis=0) == tl.max(hi, axis=0))
     m2_acc = tl.zeros([BLOCK], dtype=tl.float64)
+    d_acc = tl.zeros([BLOCK], dtype=tl.float64)
     for j0 in range(start, end, BLOCK):
         j = j0 + lanes
         inb = j < end
@@ -65,7 +66,11 @@ def _group_advantages_kernel(r_ptr, order_ptr, off_ptr, adv_ptr, cnt_ptr, mean_p
         ok = inb & (x == x)
         d = tl.where(ok, x - mu, 0.0)
         m2_acc += d * d
-    m2 = tl.sum(m2_acc, axis=0)
+        d_acc += d
+    # corrected two-pass: the deviations' own mean, so that a group's centred rewards sum to 0
+    dsum = tl.sum(d_acc, axis=0)
+    corr = tl.where(flat, 0.0, dsum / tl.maximum(n, 1.0))
+    m2 = tl.where(flat, 0.0, tl.maximum(tl.sum(m2_acc, axis=0) - dsum * corr, 0.0))
     sd = tl.where(flat, 0.0, tl.sqrt(m2 / tl.maximum(n - 1.0, 1.0)))
     for j0 in range(start, end, BLOCK):
         j = j0 + lanes
@@ -73,7 +78,7 @@ def _group_advantages_kernel(r_ptr, order_ptr, off_ptr, adv_ptr, cnt_ptr, mean_p
         i = tl.load(order_ptr + j, mask=inb, other=0)
         x = tl.load(r_ptr + i, mask=inb, other=float("nan")).to(tl.float64)
         ok = x == x
-        c = tl.where(flat, 0.0, x - mu)
+        c = tl.where(flat, 0.0, (x - mu) - corr)
         if MODE == 1:
             a = c / (sd + STD_EPS)
         elif MODE == 2:
@@ -87,7 +92,7 @@ def _group_advantages_kernel(r_ptr, order_ptr, off_ptr, adv_ptr, cnt_ptr, mean_p
         a = tl.where(ok, a, 0.0)
         tl.store(adv_ptr + i, a.to(adv_ptr.dtype.element_ty), mask=inb)
     tl.store(cnt_ptr + g, n.to(cnt_ptr.dtype.element_ty))
-    tl.store(mean_ptr + g, mu.to(mean_ptr.dtype.element_ty))
+    tl.store(mean_ptr + g, (mu + corr).to(mean_ptr.dtype.element_ty))
     tl.store(std_ptr + g, sd.to(std_ptr.dtype.element_ty))
 
 

@@ -35,17 +35,22 @@ def group_advantages(rewards: Tensor, order: Tensor, offsets: Tensor, mode: int,
     cnt = zeros.index_add(0, group, valid.to(torch.float64))
     mu = zeros.index_add(0, group, r0) / cnt.clamp_min(1)
     dev = torch.where(valid, r - mu[group], torch.zeros_like(r))
-    m2 = zeros.index_add(0, group, dev * dev)
+    # Corrected two-pass (Chan, Golub & LeVeque): the deviations' own mean `corr`, without which the
+    # centred rewards of [1000, 1000, 1000, 1000 + 1e-6] sum to ~1e-13, scaled by 1 / (std + eps) to 1e-7.
+    dsum = zeros.index_add(0, group, dev)
+    corr = dsum / cnt.clamp_min(1)
+    m2 = (zeros.index_add(0, group, dev * dev) - dsum * corr).clamp_min(0)
     inf = torch.full_like(zeros, float("inf"))
     lo = inf.scatter_reduce(0, group, torch.where(valid, r, inf[0]), "amin")
     hi = (-inf).scatter_reduce(0, group, torch.where(valid, r, -inf[0]), "amax")
     # All scorable rewards equal: the spread is exactly zero, so the advantages are exactly zero
     # (a two-pass mean of [0.1, 0.1, 0.1] leaves deviations of ~1e-17 that eps would not hide).
     flat = (lo == hi) | (cnt <= 1)
+    corr = torch.where(flat, zeros, corr)
     sd = torch.where(flat, zeros, torch.sqrt(m2 / (cnt - 1).clamp_min(1)))
 
     k = cnt[group]
-    centered = torch.where(flat[group], torch.zeros_like(r), r - mu[group])
+    centered = torch.where(flat[group], torch.zeros_like(r), (r - mu[group]) - corr[group])
     if mode == MODE_SCALE:
         a = centered / (sd[group] + std_eps)
     elif mode == MODE_RLOO:
@@ -57,7 +62,7 @@ def group_advantages(rewards: Tensor, order: Tensor, offsets: Tensor, mode: int,
     a = torch.where(valid, a, torch.zeros_like(r))
     adv.copy_(a)
     count.copy_(cnt)
-    mean.copy_(mu)
+    mean.copy_(mu + corr)
     std.copy_(sd)
 
 

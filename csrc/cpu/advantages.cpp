@@ -51,14 +51,20 @@ void group_advantages_impl(const at::Tensor& rewards, const at::Tensor& order, c
       // Equal rewards (or fewer than two) have exactly zero spread: their advantages are exactly 0
       // instead of rounding noise divided by eps.
       const bool flat = n <= 1 || lo == hi;
-      double m2 = 0.0;
+      // Corrected two-pass (Chan, Golub & LeVeque): `corr` is the mean of the deviations from the
+      // rounded mean. Without it the centred rewards of [1000, 1000, 1000, 1000 + 1e-6] sum to
+      // ~1e-13 instead of 0, which scaling by 1 / (std + eps) ~ 1e6 turns into 1e-7.
+      double m2 = 0.0, dsum = 0.0;
       if (!flat) {
         for (int64_t j = s; j < e; ++j) {
           const double x = static_cast<double>(r[ord[j]]);
           if (std::isnan(x)) continue;
           m2 += (x - mu) * (x - mu);
+          dsum += x - mu;
         }
       }
+      const double corr = flat ? 0.0 : dsum / n;
+      m2 = flat ? 0.0 : std::max(0.0, m2 - dsum * corr);
       const double sd = flat ? 0.0 : std::sqrt(m2 / (n - 1.0));
       for (int64_t j = s; j < e; ++j) {
         const int64_t i = ord[j];
@@ -69,7 +75,7 @@ void group_advantages_impl(const at::Tensor& rewards, const at::Tensor& order, c
         } else if (n == 1) {
           out = singleton_raw ? x : 0.0;
         } else if (!flat) {
-          const double c = x - mu;
+          const double c = (x - mu) - corr;
           if (mode == 1) out = c / (sd + std_eps);
           else if (mode == 2) out = c * n / (n - 1.0);
           else out = c;
@@ -77,7 +83,7 @@ void group_advantages_impl(const at::Tensor& rewards, const at::Tensor& order, c
         a[i] = static_cast<scalar_t>(out);
       }
       cnt_out[g] = static_cast<scalar_t>(n);
-      mean_out[g] = static_cast<scalar_t>(mu);
+      mean_out[g] = static_cast<scalar_t>(mu + corr);
       sd_out[g] = static_cast<scalar_t>(sd);
     }
   });
