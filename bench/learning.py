@@ -127,24 +127,25 @@ def run_jobs(methods, args):
 
 
 # what the tiny model on `add` limits a method to showing (the table's last column)
-_DPO_NOTE = ("collapses: chosen and rejected answers share most tokens (82 vs 83), so DPO lowers the chosen "
-             "log-prob too (likelihood displacement) and each online pool is sampled from a worse policy")
+_DPO_NOTE = ("lr 1e-5: at 1e-4 it collapsed to ~4 % (likelihood displacement: chosen and rejected answers share "
+             "most tokens); rpo_alpha 1 (DPO + NLL on the chosen) gave +30.8 in 60 s at 1e-4 (docs/loops/preference.md)")
 NOTES: dict[str, str] = {
     "dpo": _DPO_NOTE, "ipo": _DPO_NOTE, "cdpo": _DPO_NOTE, "robust_dpo": _DPO_NOTE,
     "orpo": "its NLL on the policy's own correct answers does most of the work",
-    "self_rewarding": "the judge warm-up's expert SFT first lifts accuracy; the judge stays near constant on the "
-                      "tiny model and its DPO pairs then collapse the policy as DPO's do",
+    "self_rewarding": "the self-judge stays constant on the tiny model (balanced accuracy 0.5), so its pairs "
+                      "prefer a correct answer no more often than chance and DPO on them wears the policy down",
     "raft": "rejection-sampling fine-tuning (reward >= 1): SFT on the policy's own correct answers",
     "dft": "supervised: SFT on the task's expert answers, not RL",
     "iw_sft": "SFT on the policy's own correct samples; one seed cannot separate the weighting's effect",
     "chord_mu": "mu stays 0.9-0.6 over these steps: mostly expert SFT",
     "chord_phi": "",
     "srl": "greedy accuracy is the plain-prompt task; SRL trains step-prompts (its own figure: step similarity)",
-    "reflect_retry_reward": "the format warm-up costs plain-prompt accuracy; almost no retry is ever correct, so "
-                            "GRPO has no signal on the tiny model",
+    "reflect_retry_reward": "greedy = attempt 1; 150 warm-up steps teach the retry format (2 points of attempt 1 "
+                            "lost), after which ~3 % of retries are right and GRPO on them does not raise that in "
+                            "the remaining 113 steps",
     "training_free_grpo": "no weight update, so eval/accuracy cannot move; the policy critic cannot write JSON, "
                           "so the library stays empty (docs/loops/training_free.md)",
-    "rahf": "the alpha 5 implant moves the hidden states too far for the tiny model: accuracy lost",
+    "rahf": "Dual at alpha 1 (SCIT's stage 1 and alpha 5 both lose accuracy here: docs/loops/rahf.md)",
 }
 
 

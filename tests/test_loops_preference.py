@@ -3,6 +3,7 @@ construction and tie dropping, the judge's format and parsing, DPO's log 2 at po
 ORPO without a reference, Self-Rewarding's pairs, every preset end to end, resume, bad options."""
 
 import copy
+import dataclasses
 import math
 import os
 import random
@@ -282,3 +283,39 @@ def test_self_rewarding_with_the_verifier_judge_pairs_better_over_worse(tmp_path
     oracle = pref.VerifierJudge(task)
     for prompt, chosen, rejected in loop.pool.pairs:
         assert oracle.score([prompt], [chosen])[0] > oracle.score([prompt], [rejected])[0]
+
+
+# ---- RPO: DPO + NLL of the chosen answers (TRL's rpo_alpha)
+
+def chosen_nll_float64(policy, tok, pairs) -> float:
+    """Token-mean NLL of the chosen answers (EOS included), one unpadded float64 forward per pair."""
+    model = copy.deepcopy(policy).double().eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for prompt, chosen, _ in pairs:
+            p, c = tok.encode(prompt, bos=True), tok.encode(chosen, eos=True)
+            logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1]
+            total -= float(torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None]).sum())
+            tokens += len(c)
+    return total / tokens
+
+
+@pytest.mark.parametrize("method", ["dpo", "self_rewarding"])
+def test_rpo_alpha_adds_the_chosen_answers_nll(method, tmp_path):
+    cfg = micro(method, tmp_path)
+    task, tok, policy = setup(cfg)
+    run = Run(cfg, task, tok, policy, torch.optim.AdamW(policy.parameters()), random.Random(0), GroupSeeds(0, "cpu"),
+              None, str(tmp_path))
+    options = pref.SelfRewardingOptions if method == "self_rewarding" else pref.DPOOptions
+    plain = (pref.SelfRewardingLoop if method == "self_rewarding" else pref.DPOLoop)(run, options(**cfg.loop_kwargs))
+    rpo = copy.copy(plain)
+    rpo.opts = dataclasses.replace(plain.opts, rpo_alpha=1.5)
+    # answers of different lengths (one empty: EOS only), so a per-pair instead of a per-token mean would differ
+    pairs = [("12+30=", "42", "4"), ("7+5=", "12", "1333"), ("99+99=", "", "198")]
+    pool = plain.with_reference(pref.Pool(pairs, 0, 0.0))
+    with torch.no_grad():
+        base, with_nll = plain.pair_loss(pool, [0, 1, 2]), rpo.pair_loss(pool, [0, 1, 2])
+    nll = chosen_nll_float64(policy, tok, pairs)
+    assert float(with_nll.metrics["nll_loss"]) == pytest.approx(nll, rel=1e-5)
+    assert float(with_nll.loss - base.loss) == pytest.approx(1.5 * nll, rel=1e-5)
+    assert float(base.loss) == pytest.approx(math.log(2.0), rel=1e-6) and "nll_loss" not in base.metrics

@@ -25,7 +25,9 @@ MICRO = dict(hidden_size=32, num_layers=2, num_prompts=2, num_generations=4, max
 
 
 def make_loop(tmp_path, **opts):
-    cfg = make_config("rahf", {**MICRO, "output_dir": str(tmp_path), "loop_kwargs": {"batch_size": 4, **opts}})
+    # the options' own defaults (SCIT, alpha 5), not the preset's Dual at alpha 1, unless a test says otherwise
+    cfg = make_config("rahf", {**MICRO, "output_dir": str(tmp_path),
+                               "loop_kwargs": {"batch_size": 4, "variant": "scit", "alpha": 5.0, **opts}})
     task, tok, policy = setup(cfg)
     run = Run(cfg, task, tok, policy, torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate),
               random.Random(0), GroupSeeds(0), None, str(tmp_path))

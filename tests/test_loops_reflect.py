@@ -174,6 +174,21 @@ def test_reflect_retry_reward_runs_end_to_end_and_updates(tmp_path, monkeypatch)
     assert changed(before, weights(cfg, trained=True))
 
 
+def test_the_default_retry_budget_holds_the_longest_expert_solution(tmp_path):
+    """With 8 reflection tokens + 6 (the old default) a retry was cut before the answer of every
+    two-digit sum with steps, e.g. '7+8=15;3+4+1=8#85' (18 tokens with EOS): attempt 2 could never
+    be right. The default now derives the budget from the task."""
+    task = AdditionTask()
+    longest = max(len(p.expert_completion(with_steps=True)) for p in task.train) + 1
+    assert longest == 20  # '9+9=18;9+9+1=19#198' + EOS, counted here by hand from the task
+    for max_len in (3, 6):
+        cfg = dataclasses.replace(micro(tmp_path), max_completion_length=max_len)
+        run = Run(cfg, task, CharTokenizer(task.alphabet), None, None, None, None, None, str(tmp_path))
+        assert reflect.ReflectRetryLoop(run, reflect.ReflectOptions()).retry_tokens == longest
+        loop = reflect.ReflectRetryLoop(run, reflect.ReflectOptions(reflection_tokens=30))
+        assert loop.retry_tokens == 30 + max_len
+
+
 def test_the_held_out_second_attempt_success(tmp_path, monkeypatch):
     cfg = micro(tmp_path)
     task = AdditionTask()
@@ -291,6 +306,9 @@ def test_replay_coef_zero_is_exactly_the_papers_update(tmp_path, monkeypatch, pa
     ({"loop_kwargs": {"replay_coef": -1.0}}, "method 'reflect_retry_reward': replay_coef must be >= 0"),
     ({"loop_kwargs": {"replay_batch": 0}}, "replay_batch must be >= 1"),
     ({"loop_kwargs": {"reflection_tokens": 0}}, "method 'reflect_retry_reward': reflection_tokens must be >= 1"),
+    # 16 + 3 tokens cannot hold a 20-token solution (e.g. '9+9=18;9+9+1=19#198' + EOS): long retries would be cut
+    ({"loop_kwargs": {"reflection_tokens": 16}}, r"cannot hold the longest expert solution '[0-9+=;#]{19}' "
+                                                 r"\+ EOS \(20\); set reflection_tokens >= 17"),
     ({"loop_kwargs": {"warmup_batch_size": 0}}, "warmup_batch_size must be >= 1"),
     ({"loop_kwargs": {"format_warmup_steps": -1}}, "format_warmup_steps must be >= 0"),
     ({"loop_kwargs": {"warmup_learning_rate": 0.0}}, "warmup_learning_rate must be > 0"),

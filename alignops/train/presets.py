@@ -45,9 +45,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("vc_ppo", "VC-PPO: value pretraining, decoupled GAE (critic lambda 1, actor 0.95), clip-higher",
            {**_PPO_CRITIC, "critic_lam": 1.0, "value_pretrain_steps": 50, "loss_method": "ppo",
             "epsilon": 0.2, "epsilon_high": 0.28, "loss_type": "token-mean", "beta": 0.0}, group_method=False),
-    Preset("vapo", "VAPO: value pretraining, decoupled + length-adaptive GAE (alpha 0.05), clip-higher, "
-                   "token-mean, + 0.1 NLL on correct completions",
-           {**_PPO_CRITIC, "critic_lam": 1.0, "lam_alpha": 0.05, "value_pretrain_steps": 50,
+    # lam_alpha: the paper's 0.05 makes lambda = 1 - 1/(alpha L) <= 0 for L <= 20 tokens, i.e. one-step TD
+    # on a fresh critic for every completion of the built-in task (L <= 6); 1.0 keeps lambda in [0, 0.83]
+    Preset("vapo", "VAPO: value pretraining, decoupled + length-adaptive GAE (alpha 1 for the short task; the "
+                   "paper's 0.05 assumes long answers), clip-higher, token-mean, + 0.1 NLL on correct completions",
+           {**_PPO_CRITIC, "critic_lam": 1.0, "lam_alpha": 1.0, "value_pretrain_steps": 50,
             "loss_method": "ppo", "epsilon": 0.2, "epsilon_high": 0.28, "loss_type": "token-mean",
             "beta": 0.0, "nll_coef": 0.1}, loss=losses.vapo_loss),
     Preset("orz", "Open-Reasoner-Zero: PPO with GAE(1, 1) + whitening, no KL, value clip 0.2, "
@@ -121,19 +123,19 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     # --- data loops (alignops/train/loops): what the model trains on changes more than the loss
     Preset("dpo", "DPO (sigmoid, beta 0.1) on pairs of a correct and an incorrect sample of the same prompt, "
                   "reference log-probs computed once; online (pairs re-sampled each iteration) or offline",
-           {"learning_rate": 1e-4}, loop="preference:DPOLoop"),
+           {"learning_rate": 1e-5}, loop="preference:DPOLoop"),
     Preset("ipo", "IPO: DPO's squared loss on length-averaged log-ratios (tau = beta = 0.1)",
-           {"learning_rate": 1e-4, "loop_kwargs": {"loss_type": "ipo"}}, loop="preference:DPOLoop"),
+           {"learning_rate": 1e-5, "loop_kwargs": {"loss_type": "ipo"}}, loop="preference:DPOLoop"),
     Preset("cdpo", "cDPO: DPO with label smoothing 0.1 (conservative to noisy labels)",
-           {"learning_rate": 1e-4, "loop_kwargs": {"label_smoothing": 0.1}}, loop="preference:DPOLoop"),
+           {"learning_rate": 1e-5, "loop_kwargs": {"label_smoothing": 0.1}}, loop="preference:DPOLoop"),
     Preset("robust_dpo", "robust DPO: the unbiased noisy-label loss, epsilon 0.1",
-           {"learning_rate": 1e-4, "loop_kwargs": {"loss_type": "robust", "label_smoothing": 0.1}},
+           {"learning_rate": 1e-5, "loop_kwargs": {"loss_type": "robust", "label_smoothing": 0.1}},
            loop="preference:DPOLoop"),
     Preset("orpo", "ORPO: NLL of the chosen answer + 0.1 x odds-ratio term, no reference model",
            {"learning_rate": 1e-4}, loop="preference:ORPOLoop"),
     Preset("self_rewarding", "Self-Rewarding: the policy scores its own samples 0-5 (3 judgements averaged) in a "
                              "judge format it is taught, best vs worst pairs, DPO, the reference rolled over",
-           {"learning_rate": 1e-4}, loop="preference:SelfRewardingLoop"),
+           {"learning_rate": 1e-5}, loop="preference:SelfRewardingLoop"),
     Preset("raft", "RAFT: best of K samples per prompt (local or global ranking, reward threshold), SFT on them",
            {"learning_rate": 1e-4}, loop="sft:RAFTLoop"),
     Preset("dft", "DFT: SFT on the task's expert answers, each token's NLL weighted by its detached probability",
@@ -149,15 +151,16 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            {"learning_rate": 1e-4}, loop="srl:SRLLoop"),
     Preset("reflect_retry_reward", "Reflect, Retry, Reward: on a failed first attempt the model reflects and "
                                    "retries; GRPO rewards the second attempt, the loss covers the reflection only",
-           {"learning_rate": 1e-4}, loop="reflect:ReflectRetryLoop"),
+           {"learning_rate": 3e-5, "loop_kwargs": {"format_warmup_steps": 150}}, loop="reflect:ReflectRetryLoop"),
     Preset("training_free_grpo", "Training-free GRPO: no parameter update; an experience library in the prompt, "
                                  "updated by summarise -> semantic advantage -> ADD/UPDATE/DELETE/NONE with "
                                  "deterministic conflict resolution; critic = the policy (default), a scripted "
                                  "critic, or an OpenAI-compatible server",
            {}, loop="training_free:TrainingFreeGRPOLoop"),
-    Preset("rahf", "RAHF: a preference-aware model (SCIT or Dual), hidden-state differences under two "
-                   "instructions, a peft LoRA fitted to implant them (alpha 5)",
-           {"learning_rate": 3e-4}, group_method=False, loop="rahf:RAHFLoop"),
+    Preset("rahf", "RAHF: a preference-aware model (Dual by default, or SCIT), hidden-state differences "
+                   "good - bad, a peft LoRA fitted to implant them (alpha 1)",
+           {"learning_rate": 3e-4, "loop_kwargs": {"variant": "dual", "alpha": 1.0, "stage1_steps": 30}},
+           group_method=False, loop="rahf:RAHFLoop"),
 ]}
 
 

@@ -231,6 +231,7 @@ class DPOOptions(PreferenceOptions):
     loss_type: str = "sigmoid"     # sigmoid (DPO, cDPO with label_smoothing), ipo, robust, hinge
     label_smoothing: float = 0.0   # cDPO / robust DPO's epsilon
     ipo_length_norm: bool = True   # IPO on length-averaged log-ratios (TRL; §2.22)
+    rpo_alpha: float = 0.0         # + rpo_alpha x token-mean NLL of the chosen answers (RPO; TRL's rpo_alpha)
 
     def __post_init__(self):
         super().__post_init__()
@@ -247,6 +248,8 @@ def check_dpo(opts) -> None:
         raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type 'robust', got {eps}")
     if opts.loss_type in ("ipo", "hinge") and eps != 0.0:
         raise ValueError(f"label_smoothing is not defined for loss_type {opts.loss_type!r}, got {eps}")
+    if not (math.isfinite(opts.rpo_alpha) and opts.rpo_alpha >= 0):
+        raise ValueError(f"rpo_alpha must be finite and >= 0, got {opts.rpo_alpha}")
 
 
 # ---- loops
@@ -300,9 +303,14 @@ class DPOLoop(DataLoop):
         """The method's loss (a PreferenceOutput) on the pool's pairs `rows`, under the policy."""
         opts = self.opts
         pc, pr, lc, lr = pair_logprobs(self.run, [pool.pairs[i] for i in rows])
-        return ao.dpo_loss(pc, pr, pool.ref_chosen[rows], pool.ref_rejected[rows], beta=opts.beta,
-                           loss_type=opts.loss_type, label_smoothing=opts.label_smoothing,
-                           chosen_lengths=lc, rejected_lengths=lr, ipo_length_norm=opts.ipo_length_norm)
+        out = ao.dpo_loss(pc, pr, pool.ref_chosen[rows], pool.ref_rejected[rows], beta=opts.beta,
+                          loss_type=opts.loss_type, label_smoothing=opts.label_smoothing,
+                          chosen_lengths=lc, rejected_lengths=lr, ipo_length_norm=opts.ipo_length_norm)
+        if opts.rpo_alpha:
+            nll = -pc.sum() / lc.sum()
+            out.metrics["nll_loss"] = nll.detach()
+            out = dataclasses.replace(out, loss=out.loss + opts.rpo_alpha * nll)
+        return out
 
     def step(self, step: int) -> dict:
         run, built = self.run, {}
@@ -381,6 +389,7 @@ class SelfRewardingOptions:
     judge_temperature: float = 0.7        # ours: the paper does not give the judgement's temperature
     batch_pairs: int = 32
     beta: float = 0.1                     # §2.24 (reported)
+    rpo_alpha: float = 0.0                # + rpo_alpha x NLL of the chosen answers (iterative RPO; 0: the paper's DPO)
     judge_warmup_steps: int = 60          # first steps: SFT on the judging format, labelled by the verifier
     judge_warmup_batch: int = 64          # judged samples per warm-up step
     judge_warmup_learning_rate: float | None = 1e-3   # the base's SFT rate (None: the run's)
@@ -408,6 +417,8 @@ class SelfRewardingOptions:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise ValueError(f"beta must be finite and > 0, got {self.beta}")
+        if not (math.isfinite(self.rpo_alpha) and self.rpo_alpha >= 0):
+            raise ValueError(f"rpo_alpha must be finite and >= 0, got {self.rpo_alpha}")
         if self.judge_warmup_steps < 0 or self.eval_prompts < 0:
             raise ValueError(f"judge_warmup_steps and eval_prompts must be >= 0, got "
                              f"{self.judge_warmup_steps}, {self.eval_prompts}")

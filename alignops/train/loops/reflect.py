@@ -41,7 +41,8 @@ def reflection_mask(completion_ids: torch.Tensor, completion_mask: torch.Tensor,
 
 @dataclasses.dataclass
 class ReflectOptions:
-    reflection_tokens: int = 8      # the retry may write reflection_tokens + max_completion_length tokens
+    reflection_tokens: int | None = None  # the retry may write reflection_tokens + max_completion_length
+                                    # tokens; None: enough for the task's longest expert solution + EOS
     format_warmup_steps: int = 30   # first steps: SFT on "attempt1;<expert steps>#<answer>" (format only)
     warmup_batch_size: int = 64     # problems per warm-up step
     warmup_learning_rate: float | None = 1e-3  # the base's own SFT rate (None: the run's learning_rate)
@@ -50,9 +51,10 @@ class ReflectOptions:
     replay_pool: int = 512          # training problems whose plain prompts the base answers once
 
     def __post_init__(self):
-        for name in ("reflection_tokens", "warmup_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.reflection_tokens is not None and self.reflection_tokens < 1:
+            raise ValueError(f"reflection_tokens must be >= 1 or None, got {self.reflection_tokens}")
+        if self.warmup_batch_size < 1:
+            raise ValueError(f"warmup_batch_size must be >= 1, got {self.warmup_batch_size}")
         check_warmup(self)
 
 
@@ -66,6 +68,17 @@ class ReflectRetryLoop(DataLoop):
         super().__init__(run, options)
         check_no_kl(run.cfg, run.cfg.method)
         self.marker_id = run.tok.encode(ANSWER_MARK)[0]
+        # a retry cut by the token limit never reaches its answer: GRPO would only ever see reward 0
+        solutions = [p.expert_completion(with_steps=True) for p in run.task.train if p.steps]
+        longest = max(solutions, key=len, default="")
+        need = len(run.tok.encode(longest, eos=True))
+        self.reflection_tokens = (options.reflection_tokens if options.reflection_tokens is not None
+                                  else max(1, need - run.cfg.max_completion_length))
+        if solutions and self.retry_tokens < need:
+            raise ValueError(f"method {run.cfg.method!r}: reflection_tokens + max_completion_length = "
+                             f"{self.retry_tokens} tokens cannot hold the longest expert solution {longest!r} "
+                             f"+ EOS ({need}); set reflection_tokens >= {need - run.cfg.max_completion_length} "
+                             f"(or leave it None)")
         self.replay = SelfReplay(run, options.replay_coef, options.replay_batch, options.replay_pool)
 
     def state_dict(self) -> dict:
@@ -76,7 +89,7 @@ class ReflectRetryLoop(DataLoop):
 
     @property
     def retry_tokens(self) -> int:
-        return self.opts.reflection_tokens + self.run.cfg.max_completion_length
+        return self.reflection_tokens + self.run.cfg.max_completion_length
 
     def _first_attempts(self, problems) -> tuple[list[str], list[bool]]:
         """Greedy attempt 1 of each problem and the verifier's verdict."""
