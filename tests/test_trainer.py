@@ -697,3 +697,17 @@ def test_metric_log_drops_a_torn_last_row(tmp_path):
     path.write_text('{"step": 0}\n{"st\n{"step": 2}\n')  # damage before the end is an error
     with pytest.raises(json.JSONDecodeError):
         MetricLog(str(path), resume=True)
+
+
+def test_the_progress_bar_keeps_the_latest_held_out_accuracy():
+    from alignops.train.trainer import show_progress
+
+    class Bar:
+        def set_postfix(self, **kw):
+            self.postfix = kw
+    bar, shown = Bar(), {}
+    show_progress(bar, {"reward": 0.25}, shown)
+    assert bar.postfix == {"reward": "0.25", "held_out": "-"}        # nothing evaluated yet
+    show_progress(bar, {"reward": 0.5, "eval/accuracy": 0.46}, shown)
+    show_progress(bar, {"reward": 0.125}, shown)                      # a step between evaluations
+    assert bar.postfix == {"reward": "0.12", "held_out": "0.460"}

@@ -167,6 +167,7 @@ def _train(cfg: TrainConfig, preset, ranks: ddp.Ranks) -> dict:
 
     bar = progress(range(start, cfg.max_steps), cfg.progress and ranks.is_main, desc=cfg.method, initial=start,
                    total=cfg.max_steps, time_budget_s=cfg.time_budget_s or None, elapsed_s=lambda: elapsed)
+    shown: dict = {}  # the latest held-out accuracy, shown until the next evaluation
     step = start
     for step in bar:
         t0 = time.time()
@@ -197,7 +198,7 @@ def _train(cfg: TrainConfig, preset, ranks: ddp.Ranks) -> dict:
             row.update(evaluate_on_main())
         log.add(row)
         if cfg.progress and ranks.is_main:
-            bar.set_postfix(reward=f"{float(row['reward']):.2f}", acc=row.get("eval/accuracy", ""))
+            show_progress(bar, row, shown)
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             save(step + 1)
         # rank 0's clock decides, so every rank stops after the same step
@@ -213,6 +214,13 @@ def _train(cfg: TrainConfig, preset, ranks: ddp.Ranks) -> dict:
     if ranks.is_main:
         plot_curves(log.rows, os.path.join(out_dir, "curves.png"), cfg.method)
     return _result(cfg, log, step, elapsed)
+
+
+def show_progress(bar, row: dict, shown: dict) -> None:
+    """The step's reward and the latest held-out greedy accuracy (evaluated every eval_every steps)."""
+    if "eval/accuracy" in row:
+        shown["held_out"] = f"{float(row['eval/accuracy']):.3f}"
+    bar.set_postfix(reward=f"{float(row['reward']):.2f}", held_out=shown.get("held_out", "-"))
 
 
 def _result(cfg, log: MetricLog, step: int, elapsed: float) -> dict:
@@ -269,6 +277,7 @@ def train_loop(cfg: TrainConfig, preset) -> dict:
 
     bar = progress(range(start, cfg.max_steps), cfg.progress, desc=cfg.method, initial=start, total=cfg.max_steps,
                    time_budget_s=cfg.time_budget_s or None, elapsed_s=lambda: elapsed)
+    shown: dict = {}  # the latest held-out accuracy, shown until the next evaluation
     step = start
     for step in bar:
         t0 = time.time()
@@ -279,7 +288,7 @@ def train_loop(cfg: TrainConfig, preset) -> dict:
             row.update(loop.evaluate())
         log.add(row)
         if cfg.progress and "reward" in row:
-            bar.set_postfix(reward=f"{float(row['reward']):.2f}", acc=row.get("eval/accuracy", ""))
+            show_progress(bar, row, shown)
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             save(step + 1)
         if cfg.time_budget_s and elapsed >= cfg.time_budget_s:
