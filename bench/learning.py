@@ -66,6 +66,7 @@ def main(argv=None):
             rows.append(res)
             continue
         logs[method] = res.pop("log")
+        res["written"] = os.path.getmtime(path)
         rows.append(res)
     write(args.out, rows, logs, base_info, args, machine_description())
 
@@ -145,6 +146,8 @@ NOTES: dict[str, str] = {
                             "the remaining 113 steps",
     "training_free_grpo": "no weight update, so eval/accuracy cannot move; the policy critic cannot write JSON, "
                           "so the library stays empty (docs/loops/training_free.md)",
+    "vapo": "lam_alpha 1: the paper's 0.05 clamps lambda to 0 for L <= 20 tokens (one-step TD on a fresh critic); "
+            "with it vapo gained +3.9",
     "rahf": "Dual at alpha 1 (SCIT's stage 1 and alpha 5 both lose accuracy here: docs/loops/rahf.md)",
 }
 
@@ -155,6 +158,18 @@ def fmt_any(x):
 
 def fmt(x, spec=".1f"):
     return "" if x is None else format(float(x), spec)
+
+
+def later_runs(rows, gap_s: float = 3600.0) -> str:
+    """A sentence naming the rows trained more than gap_s after the first (a preset changed and
+    was rerun with the same base, budget and seed), or ''."""
+    times = {r["method"]: r["written"] for r in rows if "written" in r}
+    if not times:
+        return ""
+    first = min(times.values())
+    late = sorted(m for m, t in times.items() if t - first > gap_s)
+    return (f" Rows retrained later, from the same base with the same budget and seed, after their presets changed: "
+            f"{', '.join(late)}." if late else "")
 
 
 def write(out, rows, logs, base_info, args, machine):
@@ -169,7 +184,8 @@ def write(out, rows, logs, base_info, args, machine):
                 f"temperature 1, the policy RL optimises; fixed sampling seed); training accuracy = share of "
                 f"the step's sampled completions (temperature 1) that are correct, mean over the first and the "
                 f"last 50 steps; {args.seconds:.0f} s of training per method (evaluation not counted), seed {args.seed}"
-                f"{f', {args.jobs} methods at a time (one torch thread each)' if args.jobs > 1 else ''}.\n\n")
+                f"{f', {args.jobs} methods at a time (one torch thread each)' if args.jobs > 1 else ''}."
+                f"{later_runs(rows)}\n\n")
         f.write("| method | greedy before | after | gain | mean@4 before | after | gain | training acc. first 50 "
                 "steps | last 50 | steps | train s | load | final KL | final entropy | the method's own figures "
                 "(before -> after) | note |\n")

@@ -233,6 +233,8 @@ def test_resume_continues_exactly(method, tmp_path, varied_rewards):
     ("self_rewarding", {"top_p": 0.0}, "top_p must be in"),
     ("self_rewarding", {"mode": "offline"}, "unknown --loop_kwargs \\['mode'\\]"),
     ("self_rewarding", {"judge": "gpt"}, "judge must be one of"),
+    ("dpo", {"rpo_alpha": -1.0}, "rpo_alpha must be finite and >= 0"),
+    ("self_rewarding", {"rpo_alpha": float("nan")}, "rpo_alpha must be finite and >= 0"),
 ])
 def test_bad_options_fail_before_training(method, loop_kwargs, match, tmp_path):
     cfg = micro(method, tmp_path, **loop_kwargs)
