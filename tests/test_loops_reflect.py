@@ -13,7 +13,7 @@ from alignops.train import checkpoint as ckpt
 from alignops.train.loops import reflect
 from alignops.train.loops.base import Run
 from alignops.train.loops import srl
-from alignops.train.loops.srl import grpo_loss
+from alignops.train.loops.format_grpo import grpo_loss
 from alignops.train.presets import make_config
 from alignops.train.rollout import Batch, HeadOutput
 from alignops.train.tasks import AdditionTask

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from alignops.train import checkpoint as ckpt
-from alignops.train.loops import srl
+from alignops.train.loops import format_grpo, srl
 from alignops.train.loops.base import Run
 from alignops.train.presets import make_config
 from alignops.train.tasks import AdditionTask, Problem
@@ -227,7 +227,7 @@ def paper_grpo_update(run, batch, rewards, mask, step, max_len, replay=None):
     """The GRPO update before self-replay existed."""
     if batch is None or float(mask.sum()) == 0:
         return {"loss": 0.0, "grad_norm": 0.0, "skipped_update": 1.0}
-    out = srl.grpo_loss(run.cfg, run.head(batch), batch, rewards, mask, max_len, run.cfg.num_generations)
+    out = format_grpo.grpo_loss(run.cfg, run.head(batch), batch, rewards, mask, max_len, run.cfg.num_generations)
     return {**run.optimizer_step(out.loss, step), "skipped_update": 0.0}
 
 

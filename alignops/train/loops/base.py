@@ -16,6 +16,7 @@ command line, and unknown names or bad values fail before the first step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import typing
@@ -204,3 +205,16 @@ def parse_options(loop_cls: type, kwargs: dict | None, method: str):
         return loop_cls.Options(**kwargs)
     except ValueError as e:
         raise ValueError(f"method {method!r}: {e}") from None
+
+
+@contextlib.contextmanager
+def learning_rate_of(run, learning_rate: float | None):
+    """The run's learning rate set to `learning_rate` (None: left alone) inside the block."""
+    if learning_rate is None:
+        yield
+        return
+    run_lr, run.cfg.learning_rate = run.cfg.learning_rate, learning_rate
+    try:
+        yield
+    finally:
+        run.cfg.learning_rate = run_lr

@@ -19,7 +19,7 @@ import typing
 import torch
 
 import alignops as ao
-from alignops.train.loops.base import DataLoop
+from alignops.train.loops.base import DataLoop, learning_rate_of
 from alignops.train.tasks import final_answer, is_well_formed
 
 Pair = tuple[str, str, str]   # (prompt, chosen, rejected)
@@ -488,13 +488,8 @@ class SelfRewardingLoop(DPOLoop):
         targets = ([str(judge_target(run.task, p, t)) for p, t in judged]
                    + [p.expert_completion(with_steps) for p in problems])
         batch = run.teacher_batch(prompts, targets)
-        run_lr = run.cfg.learning_rate
-        if opts.judge_warmup_learning_rate is not None:
-            run.cfg.learning_rate = opts.judge_warmup_learning_rate
-        try:
+        with learning_rate_of(run, opts.judge_warmup_learning_rate):
             update = run.sft_step(batch, step)
-        finally:
-            run.cfg.learning_rate = run_lr
         positives = sum(t == str(MAX_SCORE) for t in targets[:len(judged)])
         return {"reward": sum(sampled_rewards) / len(sampled_rewards), **update, "judge/warmup": 1.0,
                 "judge/warmup_positive_share": positives / len(judged),

@@ -7,7 +7,7 @@ last '#', so the reward is attempt 2's correctness. A group of num_generations r
 prompt gives GRPO advantages (§2.8); the loss mask covers the reflection (up to and including
 its closing '#') and never attempt 2's answer, so the model is taught to reflect, not answers.
 Prompts whose first attempt succeeds produce no training rows. Every update also carries the
-self-replay term of srl.py (the frozen base's greedy answers to plain prompts; not in the paper).
+self-replay term of format_grpo.py (the frozen base's greedy answers to plain prompts; not in the paper).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 
 import alignops as ao
 from alignops.train.loops.base import DataLoop
-from alignops.train.loops.srl import (SelfReplay, check_no_kl, check_warmup, grpo_update, load_replay_state,
-                                      replay_state, warmup_sft_step)
+from alignops.train.loops.format_grpo import (SelfReplay, check_no_kl, check_warmup, grpo_update, load_replay_state,
+                                              replay_state, warmup_sft_step)
 
 RETRY_MARK = ";"       # closes attempt 1: what follows is the reflection
 ANSWER_MARK = "#"      # closes the reflection: what follows is attempt 2 (the task's answer marker)
