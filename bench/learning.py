@@ -160,6 +160,23 @@ def fmt(x, spec=".1f"):
     return "" if x is None else format(float(x), spec)
 
 
+def command(args) -> str:
+    """The command that trains what the table shows (without --collect)."""
+    parts = ["python -m bench.learning"]
+    if args.methods:
+        parts.append(f"--methods {args.methods}")
+    parts.append(f"--seconds {args.seconds:.0f}")
+    if args.jobs > 1:
+        parts.append(f"--jobs {args.jobs}")
+    if args.seed:
+        parts.append(f"--seed {args.seed}")
+    if args.runs != "runs/learning":
+        parts.append(f"--runs {args.runs}")
+    if args.out != RESULTS:
+        parts.append(f"--out {args.out}")
+    return " ".join(parts)
+
+
 def later_runs(rows, gap_s: float = 3600.0) -> str:
     """A sentence naming the rows trained more than gap_s after the first (a preset changed and
     was rerun with the same base, budget and seed), or ''."""
@@ -177,8 +194,8 @@ def write(out, rows, logs, base_info, args, machine):
 
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "learning.md"), "w") as f:
-        f.write(f"# Learning on the built-in task `add`\n\n{machine}. Command: `python -m bench.learning "
-                f"--seconds {args.seconds:.0f}{f' --jobs {args.jobs}' if args.jobs > 1 else ''}`. Base (every method's start): {describe(base_info)}, "
+        f.write(f"# Learning on the built-in task `add`\n\n{machine}. Command: `{command(args)}`. "
+                f"Base (every method's start): {describe(base_info)}, "
                 f"{base_info.get('seconds')} s. "
                 f"Held-out: the task's fixed 1000 problems, greedy accuracy and mean@4 (4 samples per problem at "
                 f"temperature 1, the policy RL optimises; fixed sampling seed); training accuracy = share of "
