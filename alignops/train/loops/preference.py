@@ -417,8 +417,7 @@ class SelfRewardingOptions:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise ValueError(f"beta must be finite and > 0, got {self.beta}")
-        if not (math.isfinite(self.rpo_alpha) and self.rpo_alpha >= 0):
-            raise ValueError(f"rpo_alpha must be finite and >= 0, got {self.rpo_alpha}")
+        check_dpo(self)   # rpo_alpha; the other DPO settings are fixed class values
         if self.judge_warmup_steps < 0 or self.eval_prompts < 0:
             raise ValueError(f"judge_warmup_steps and eval_prompts must be >= 0, got "
                              f"{self.judge_warmup_steps}, {self.eval_prompts}")
