@@ -13,7 +13,6 @@ torch.compile (N=2048, V=32000 fp32 on CPU; N=8192, V=151936 bf16 on a GPU).
 
 import argparse
 import os
-import sys
 import tempfile
 
 import torch
@@ -27,13 +26,12 @@ def main(argv=None):
     p.add_argument("--seconds", type=float, default=120.0, help="training seconds (default 120)")
     p.add_argument("--method", default="grpo", help="the method preset to train (default grpo)")
     args = p.parse_args(argv)
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from bench.bench_token_logprobs import make_case  # noqa: PLC0415
-    from bench.harness import machine_description, run_cases  # noqa: PLC0415
+    from alignops.train import require_train_extra  # noqa: PLC0415
+    require_train_extra()
 
     import alignops as ao  # noqa: PLC0415
     from alignops import _backend  # noqa: PLC0415
+    from alignops.env import machine_description  # noqa: PLC0415
 
     device = torch.device(args.device)
     backend = _backend.resolve_backend(None, device)
@@ -49,11 +47,18 @@ def main(argv=None):
           f"max |entropy - reference| = {(ent.double() - ref_ent).abs().max().item():.2e}\n")
 
     if args.kernels:
-        kernel_table(device, args.reps, make_case, run_cases)
+        kernel_table(device, args.reps)
     train_demo(args.method, args.seconds)
 
 
-def kernel_table(device, reps, make_case, run_cases):
+def kernel_table(device, reps):
+    try:  # the benchmark harness is part of a checkout (bench/), not of the installed package
+        from bench.bench_token_logprobs import make_case  # noqa: PLC0415
+        from bench.harness import run_cases  # noqa: PLC0415
+    except ImportError as e:
+        raise SystemExit(f"--kernels times the fused pass with the benchmark harness in bench/, which is part "
+                         f"of a checkout of alignops, not of the installed package: run it from the checkout's "
+                         f"root ({e})") from None
     if device.type == "cuda":
         case = make_case(8192, 151936, torch.bfloat16, "cuda")
     else:

@@ -2,7 +2,37 @@
 
 import json
 import os
+import platform
+import subprocess
 import sys
+
+ISA_LEVELS = ("default", "avx2", "avx512")
+
+
+def machine_description() -> str:
+    """One line naming the machine, for a benchmark table or the demo's header."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, CPU capability {machine_isa()}")
+
+
+def machine_isa() -> str:
+    """torch's capability of this CPU, unlowered (a child run sets ATEN_CPU_CAPABILITY)."""
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    return out.lower() if out.lower() in ISA_LEVELS else "default"
 
 
 def report() -> dict:

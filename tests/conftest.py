@@ -49,6 +49,19 @@ def require_framework(distribution: str, module: str | None = None):
         pytest.skip(f"{distribution} is not installed (make integrations)", allow_module_level=True)
 
 
+def checkout_root():
+    """The alignops source checkout, for the few tests that read files the installed package does
+    not carry (csrc/, the docs): ALIGNOPS_CHECKOUT when set (the wheel check runs the tests from a
+    copy outside the tree, against the installed package), else the tree these tests sit in; a
+    test that needs it and has neither is skipped, saying so."""
+    import pathlib  # noqa: PLC0415
+    env = os.environ.get("ALIGNOPS_CHECKOUT")
+    root = pathlib.Path(env) if env else pathlib.Path(__file__).resolve().parents[1]
+    if not (root / "setup.py").exists() or not (root / "csrc").is_dir():
+        pytest.skip("needs a checkout of the alignops repository (set ALIGNOPS_CHECKOUT to one)")
+    return root
+
+
 def make_logits(n: int, v: int, dtype: torch.dtype, pattern: str, gen: torch.Generator, device="cpu", *,
                 neginf_frac: float = 0.3, first_tile: int | None = None) -> torch.Tensor:
     """[n, v] test logits drawn in float64, then cast: "normal"; "peaked" (one logit +50 per row:
@@ -80,6 +93,70 @@ def device_backend_pairs() -> list[tuple[str, str]]:
     if HAS_CUDA:
         pairs += [("cuda", b) for b in backends_for("cuda")]
     return pairs
+
+
+def fast_backends() -> list[str]:
+    """Every fast backend that runs here, each once, on the device it is for: cpu on CPU tensors;
+    triton on CUDA tensors where there is a GPU (compiled), else on CPU tensors (interpreted); cuda
+    on CUDA tensors. `device_of(backend)` gives the device a test makes its tensors on."""
+    return [b for b in ("cpu", "triton", "cuda") if b in backends_for(device_of(b))]
+
+
+def device_of(backend: str) -> str:
+    """The device a backend-parametrised test runs `backend` on (see fast_backends)."""
+    return "cuda" if backend == "cuda" or (backend == "triton" and HAS_CUDA) else "cpu"
+
+
+def required_backends() -> dict[str, str]:
+    """The backends ALIGNOPS_REQUIRE_BACKENDS demands, each with the device it must run on.
+    `auto` (what `make test` and bench/gpu.sh set): the machine's own set, cpu and triton
+    everywhere (interpreted without a GPU), cuda where there is a GPU; or a comma-separated list."""
+    spec = os.environ.get("ALIGNOPS_REQUIRE_BACKENDS", "").strip()
+    if not spec:
+        return {}
+    names = ["cpu", "triton"] + (["cuda"] if HAS_CUDA else []) if spec == "auto" else \
+        [s.strip() for s in spec.split(",") if s.strip()]
+    return {b: device_of(b) for b in names}
+
+
+def _backend_failure(backend: str, device: str) -> str | None:
+    """None if `backend` runs a token log-prob on `device` and agrees with float64, else why not."""
+    reason = _backend.why_unavailable(backend, torch.device(device))
+    if reason is not None:
+        return reason
+    try:
+        import alignops as ao  # noqa: PLC0415
+        x = torch.linspace(-3, 3, 2 * 37, dtype=torch.float32).reshape(2, 37).to(device)
+        y = torch.tensor([3, 36]).to(device)
+        got = ao.token_logprobs(x, y, backend=backend).double().cpu()
+        want = torch.log_softmax(x.double().cpu(), -1).gather(1, y.cpu()[:, None])[:, 0]
+        if not torch.allclose(got, want, rtol=0, atol=1e-5):
+            return f"token_logprobs gave {got.tolist()}, float64 says {want.tolist()}"
+    except Exception as e:  # noqa: BLE001 - any failure of a required backend is reported, then fatal
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def pytest_report_header(config):
+    import alignops  # noqa: PLC0415
+    return f"alignops from {os.path.dirname(alignops.__file__)}"
+
+
+def pytest_sessionstart(session):
+    """Under `make test` a backend that should run here and does not fails the run at once, naming
+    it, instead of turning its parametrisations into skips. ALIGNOPS_EXPECT_INSTALLED=1 (the wheel
+    check) fails the run if alignops is imported from a source tree instead of site-packages."""
+    if os.environ.get("ALIGNOPS_EXPECT_INSTALLED") == "1":
+        import alignops  # noqa: PLC0415
+        where = os.path.dirname(os.path.abspath(alignops.__file__))
+        if os.path.exists(os.path.join(where, "..", "setup.py")) or "site-packages" not in where:
+            pytest.exit(f"ALIGNOPS_EXPECT_INSTALLED: alignops was imported from {where}, not from an installed "
+                        "package", returncode=3)
+    failures = [f"{b} on {d} tensors: {why}" for b, d in required_backends().items()
+                if (why := _backend_failure(b, d)) is not None]
+    if failures:
+        pytest.exit("ALIGNOPS_REQUIRE_BACKENDS: required backends cannot run here:\n  " + "\n  ".join(failures),
+                    returncode=3)
 
 
 def pytest_collection_modifyitems(config, items):

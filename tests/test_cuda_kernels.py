@@ -24,9 +24,9 @@ import alignops as ao
 from alignops import _backend
 from alignops.reference.token_stats import token_stats as ref_token_stats
 from alignops.token_stats import token_stats_op
+from tests.conftest import checkout_root
 from tests.test_token_logprobs import check_against_oracle, make_labels, make_logits
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
 PATTERNS = ["normal", "peaked", "shifted_up", "shifted_down", "neginf"]
@@ -43,10 +43,11 @@ def test_host_selfcheck_of_row_split_and_math(tmp_path):
     cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
         pytest.skip("no host C++ compiler")
+    root = str(checkout_root())  # compiles csrc/cuda/token_stats_row.cuh, which no wheel carries
     exe = tmp_path / "cuda_row_selfcheck"
     # -ffp-contract=off: the host stands in for __fmul_rn, which nvcc never contracts.
     build = subprocess.run([cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off",
-                            "-I", os.path.join(ROOT, "csrc"), os.path.join(ROOT, "tests", "cuda_row_selfcheck.cpp"),
+                            "-I", os.path.join(root, "csrc"), os.path.join(os.path.dirname(__file__), "cuda_row_selfcheck.cpp"),
                             "-o", str(exe)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)

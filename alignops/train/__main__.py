@@ -14,10 +14,12 @@ import json
 import os
 import sys
 
+from alignops.train import require_train_extra
 from alignops.train.config import TrainConfig, add_config_arguments, apply_overrides
 
 
 def main(argv=None):
+    require_train_extra()
     argv = list(sys.argv[1:] if argv is None else argv)
     sft = bool(argv) and argv[0] == "sft"
     if sft:
