@@ -1,6 +1,8 @@
-"""Advantage estimators and normalisation on every backend that runs here (torch, cpu, triton under
-the interpreter), against plain-Python float64 oracles written from docs/methods.md, never from the code
-under test.
+"""Advantage estimators and normalisation on every backend that runs here (torch, cpu, triton: compiled
+on CUDA tensors where there is a GPU, else under the interpreter), against plain-Python float64 oracles
+written from docs/methods.md, never from the code under test. Each backend runs on its device
+(tests.conftest.device_of): inputs are drawn on CPU and moved for the op, and its outputs brought
+back to CPU for the comparisons.
 
 Tolerances: float64 inputs must match the oracle to 1e-10 of the output scale; float32 inputs to
 1e-5 of the output scale (docs/design.md's fp32 bound).
@@ -20,10 +22,18 @@ from hypothesis import strategies as st
 
 import alignops as ao
 from alignops import _backend
-from tests.conftest import backends_for
+from tests.conftest import device_of, fast_backends
 
-BACKENDS = ["torch"] + backends_for("cpu")
+# the advantage ops have torch, cpu and triton kernels, no cuda kernel (a named "cuda" raises)
+BACKENDS = ["torch"] + [b for b in fast_backends() if b in ("cpu", "triton")]
 NAN = float("nan")
+
+
+def to(device, *xs):
+    """`xs` moved to `device` (None and other values as they are): inputs are drawn on CPU, then
+    moved for the op; `to("cpu", ...)` brings outputs back."""
+    out = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in xs)
+    return out[0] if len(out) == 1 else out
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,8 +105,8 @@ def oracle_whiten(x, m, unbiased=True, eps=1e-8, eps_mode="add_inside", shift_me
 def assert_close_scale(got, want, dtype, what="", cond=1.0):
     """cond: the problem's condition number (whitening 1000 +- 1e-3 amplifies the unavoidable
     rounding of x - mean by |x| / std); 1 for well-conditioned outputs."""
-    got = torch.as_tensor(got, dtype=torch.float64).flatten()
-    want = torch.as_tensor(want, dtype=torch.float64).flatten()
+    got = torch.as_tensor(got, dtype=torch.float64).cpu().flatten()
+    want = torch.as_tensor(want, dtype=torch.float64).cpu().flatten()
     assert got.shape == want.shape, what
     assert torch.isfinite(got).all(), f"{what}: non-finite output {got}"
     scale = max(1.0, want.abs().max().item() if want.numel() else 1.0)
@@ -146,6 +156,7 @@ def test_group_estimators_match_oracle(backend, dtype, data, mode, singleton):
     gid = torch.tensor(ids)
     rd = r.double().tolist()  # the oracle sees the same dtype-rounded rewards
     want, stats = oracle_group(rd, ids, mode, 1e-6, singleton)
+    r, gid = to(device_of(backend), r, gid)
     if mode == "rloo":
         out = ao.rloo_advantages(r, group_ids=gid, singleton=singleton, return_stats=True, backend=backend)
     else:
@@ -169,8 +180,10 @@ def test_group_estimators_match_oracle(backend, dtype, data, mode, singleton):
 def test_group_size_layout_and_num_groups_equal_group_ids(backend):
     g = torch.Generator().manual_seed(1)
     r = (torch.rand(96, generator=g) > 0.5).float()
+    dev = device_of(backend)
+    r = r.to(dev)
     a = ao.grpo_advantages(r, 8, backend=backend)
-    ids = torch.arange(96) // 8
+    ids = (torch.arange(96) // 8).to(dev)
     b = ao.grpo_advantages(r, group_ids=ids, backend=backend)
     c = ao.grpo_advantages(r, group_ids=ids, num_groups=12, backend=backend)
     assert torch.equal(a, b) and torch.equal(a, c)
@@ -181,9 +194,9 @@ def test_fp16_bf16_int_bool_rewards_computed_in_fp32(backend):
     r = torch.tensor([1, 0, 0, 0, 1, 1, 0, 1])
     want = ao.grpo_advantages(r.float(), 4, backend="torch")
     for x in (r, r.bool(), r.half(), r.bfloat16()):
-        out = ao.grpo_advantages(x, 4, backend=backend)
+        out = ao.grpo_advantages(x.to(device_of(backend)), 4, backend=backend)
         assert out.dtype == torch.float32
-        torch.testing.assert_close(out, want)
+        torch.testing.assert_close(out.cpu(), want)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,26 +205,27 @@ def test_fp16_bf16_int_bool_rewards_computed_in_fp32(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_worked_vectors(backend):
-    r = torch.tensor([1.0, 0, 0, 0], dtype=torch.float64)
+    dev = device_of(backend)
+    r = torch.tensor([1.0, 0, 0, 0], dtype=torch.float64).to(dev)
     s = 0.5 / (0.5 + 1e-6)  # unbiased sigma = 0.5, eps outside the root
-    torch.testing.assert_close(ao.grpo_advantages(r, 4, backend=backend),
+    torch.testing.assert_close(ao.grpo_advantages(r, 4, backend=backend).cpu(),
                                torch.tensor([1.5, -0.5, -0.5, -0.5], dtype=torch.float64) * s)
     # the biased sigma would give 1.732: pin the unbiased one
     assert abs(ao.grpo_advantages(r, 4, backend=backend)[0].item() - 1.5) < 1e-5
-    torch.testing.assert_close(ao.grpo_advantages(r, 4, scale="none", backend=backend),
+    torch.testing.assert_close(ao.grpo_advantages(r, 4, scale="none", backend=backend).cpu(),
                                torch.tensor([0.75, -0.25, -0.25, -0.25], dtype=torch.float64))
-    torch.testing.assert_close(ao.rloo_advantages(r, 4, backend=backend),
+    torch.testing.assert_close(ao.rloo_advantages(r, 4, backend=backend).cpu(),
                                torch.tensor([1, -1 / 3, -1 / 3, -1 / 3], dtype=torch.float64))
-    r2 = torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.float64)
+    r2 = torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.float64).to(dev)
     out = ao.gpg_advantages(r2, 4, return_stats=True, backend=backend)
     assert out.alpha.item() == 2.0
-    torch.testing.assert_close(out.advantages, torch.tensor([1.5, -0.5, -0.5, -0.5, 0, 0, 0, 0],
-                                                            dtype=torch.float64))
+    torch.testing.assert_close(out.advantages.cpu(), torch.tensor([1.5, -0.5, -0.5, -0.5, 0, 0, 0, 0],
+                                                                  dtype=torch.float64))
     # verl's alpha counts rows with a non-zero reward: 8 / 5
     v = ao.gpg_advantages(r2, 4, alpha_mode="verl_nonzero", return_stats=True, backend=backend)
     assert abs(v.alpha.item() - 8 / 5) < 1e-12
     # GVPO centred rewards: [1, 0] -> [0.5, -0.5], loss at the anchor = sum^2 / (2 (k-1)) = 0.25
-    c = ao.gvpo_centered_rewards(torch.tensor([1.0, 0.0]), 2, backend=backend)
+    c = ao.gvpo_centered_rewards(torch.tensor([1.0, 0.0]).to(dev), 2, backend=backend).cpu()
     assert c.tolist() == [0.5, -0.5] and (c ** 2).sum().item() / 2 == 0.25
 
 
@@ -252,8 +266,9 @@ def test_dler_batch_normalisation(backend, weighting):
     r = (torch.rand(B, generator=g) > 0.4).double()
     truncated = torch.rand(B, generator=g) > 0.7
     mask = torch.arange(T)[None] < torch.randint(1, T + 1, (B,), generator=g)[:, None]
-    A = ao.dler_advantages(r, G, mask=mask if weighting == "token" else None, truncated=truncated,
-                           stat_weighting=weighting, backend=backend)
+    dev = device_of(backend)
+    A = ao.dler_advantages(r.to(dev), G, mask=mask.to(dev) if weighting == "token" else None,
+                           truncated=truncated.to(dev), stat_weighting=weighting, backend=backend).cpu()
     r_eff = torch.where(truncated, 0.0, r)
     a = (r_eff.view(-1, G) - r_eff.view(-1, G).mean(1, keepdim=True)).flatten()
     w = mask.sum(-1).double() if weighting == "token" else torch.ones(B, dtype=torch.float64)
@@ -282,7 +297,9 @@ def test_awpo(backend):
     r_out = (torch.rand(B, generator=g) > 0.5).double()
     r_out[:8] = 1.0  # a saturated group: the gate must stay shut
     r_rsn = torch.rand(B, generator=g, dtype=torch.float64)
-    out = ao.awpo_advantages(r_out, r_rsn, G, backend=backend)
+    dev = device_of(backend)
+    out = ao.awpo_advantages(r_out.to(dev), r_rsn.to(dev), G, backend=backend)
+    out = type(out)(*to("cpu", *out))
     # oracle from the survey's equations
     ro, rm = r_out.view(-1, G), (r_out + r_rsn).view(-1, G)
 
@@ -303,8 +320,8 @@ def test_awpo(backend):
     torch.testing.assert_close(out.clip_eps, torch.tensor(0.1 + (1 - w.mean().item()) * 0.1, dtype=torch.float64))
     assert ((out.gate >= 0) & (out.gate < 1)).all()
     # reasoning reward off -> GRPO (with d = 1)
-    plain = ao.awpo_advantages(r_out, torch.zeros_like(r_out), G, alpha_prio=1.0, backend=backend)
-    torch.testing.assert_close(plain.advantages, ao.grpo_advantages(r_out, G))
+    plain = ao.awpo_advantages(r_out.to(dev), torch.zeros_like(r_out).to(dev), G, alpha_prio=1.0, backend=backend)
+    torch.testing.assert_close(plain.advantages.cpu(), ao.grpo_advantages(r_out, G))
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,12 +337,14 @@ def test_group_sums_are_zero(backend, data):
     r = torch.tensor(rewards, dtype=torch.float64)
     gid = torch.tensor(ids)
     _, index = torch.unique(gid, return_inverse=True)
+    r, gid = to(device_of(backend), r, gid)
     for name, adv in [
         ("grpo", ao.grpo_advantages(r, group_ids=gid, singleton="zero", backend=backend)),
         ("drgrpo", ao.grpo_advantages(r, group_ids=gid, scale="none", singleton="zero", backend=backend)),
         ("rloo", ao.rloo_advantages(r, group_ids=gid, singleton="zero", backend=backend)),
         ("gpg", ao.gpg_advantages(r, group_ids=gid, singleton="zero", backend=backend)),
     ]:
+        adv = adv.cpu()
         sums = torch.zeros(int(index.max()) + 1, dtype=torch.float64).index_add_(0, index, adv)
         assert sums.abs().max().item() < 1e-8 * max(1.0, adv.abs().max().item()), name
 
@@ -333,6 +352,7 @@ def test_group_sums_are_zero(backend, data):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dynamic_sampling(backend):
     r = torch.tensor([1.0, 0, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0.3, NAN, NAN, NAN, 0.2, 0.2, 0.2, NAN])
+    r = r.to(device_of(backend))
     ds = ao.dynamic_sampling_mask(r, 4, backend=backend)
     assert ds.group_keep.tolist() == [True, False, False, False, False]
     assert ds.row_keep.tolist() == [True] * 4 + [False] * 16
@@ -370,7 +390,8 @@ def masked_matrix(draw):
 def test_masked_whiten_matches_oracle(backend, dtype, data, var, eps_mode, shift_mean):
     x, m = data
     x = x.to(dtype)
-    out = ao.masked_whiten(x, m, shift_mean, var=var, eps_mode=eps_mode, backend=backend)
+    xd, md = to(device_of(backend), x, m)
+    out = ao.masked_whiten(xd, md, shift_mean, var=var, eps_mode=eps_mode, backend=backend)
     want = oracle_whiten(x.double().flatten().tolist(), m.flatten().tolist(), var == "unbiased", 1e-8,
                          eps_mode, shift_mean)
     assert out.dtype == dtype and out.shape == x.shape
@@ -382,10 +403,10 @@ def test_masked_whiten_matches_oracle(backend, dtype, data, var, eps_mode, shift
     # itself is rounded), amplified by 1/std: allow 10 ulps, i.e. 1e-15 |x| / std.
     cond = max((abs(a) for a in vals), default=0.0) / spread * 1e-5 if spread > 0 else 1.0
     assert_close_scale(out, want, dtype, "whiten", cond=cond)
-    assert_close_scale(ao.masked_mean(x, m, backend=backend), [mean], dtype, "mean")
+    assert_close_scale(ao.masked_mean(xd, md, backend=backend), [mean], dtype, "mean")
     denom = (n - 1) if var == "unbiased" else n
     v = sum((a - mean) ** 2 for a in vals) / denom if denom > 0 else 0.0
-    got_v = ao.masked_var(x, m, unbiased=var == "unbiased", backend=backend).item()
+    got_v = ao.masked_var(xd, md, unbiased=var == "unbiased", backend=backend).item()
     # variance from (sum, sum of squares) in float64: error ~ 1e-16 * mean^2
     assert abs(got_v - v) <= 1e-10 * max(1.0, v) + 1e-15 * mean * mean + (1e-6 * v if dtype == torch.float32 else 0)
 
@@ -443,11 +464,12 @@ def test_gae_matches_python_loop(backend, dtype, data, packed):
         keep = torch.arange(r.shape[1])[None] < lengths[:, None]
         cu = torch.zeros(r.shape[0] + 1, dtype=torch.int64)
         cu[1:] = lengths.cumsum(0)
-        adv, ret = ao.gae_advantages(r[keep], v[keep], m[keep], gamma, lam, critic_lam=critic_lam,
-                                     cu_seqlens=cu, backend=backend)
+        adv, ret = ao.gae_advantages(*to(device_of(backend), r[keep], v[keep], m[keep]), gamma, lam,
+                                     critic_lam=critic_lam, cu_seqlens=cu.to(device_of(backend)), backend=backend)
         rows = [(r[b, :lengths[b]], v[b, :lengths[b]], m[b, :lengths[b]]) for b in range(r.shape[0])]
     else:
-        adv, ret = ao.gae_advantages(r, v, m, gamma, lam, critic_lam=critic_lam, backend=backend)
+        adv, ret = ao.gae_advantages(*to(device_of(backend), r, v, m), gamma, lam, critic_lam=critic_lam,
+                                     backend=backend)
         rows = [(r[b], v[b], m[b]) for b in range(r.shape[0])]
     want_a, want_r = [], []
     for rb, vb, mb in rows:
@@ -469,29 +491,34 @@ def test_gae_oracles(backend):
     R = torch.randn(B, generator=g, dtype=torch.float64)
     m = torch.rand(B, T, generator=g) > 0.25
     tr = ao.token_level_rewards(R, m)
+    dev = device_of(backend)
+
+    def gae(tr_, v_, m_, *args, **kw):
+        """gae_advantages on `dev` (the inputs given on CPU), its outputs back on CPU."""
+        return to("cpu", *ao.gae_advantages(*to(dev, tr_, v_, m_), *args, backend=backend, **kw))
     # lambda = gamma = 1: A_t = R - V_t on every valid token
-    adv, ret = ao.gae_advantages(tr, v, m, 1.0, 1.0, backend=backend)
+    adv, ret = gae(tr, v, m, 1.0, 1.0)
     torch.testing.assert_close(adv, torch.where(m, R[:, None] - v, 0.0))
     torch.testing.assert_close(ret, torch.where(m, R[:, None].expand(B, T), 0.0))
     # lambda = 0: A_t = r_t + V_next(t) - V_t
-    adv0, _ = ao.gae_advantages(tr, v, m, 1.0, 0.0, backend=backend)
+    adv0, _ = gae(tr, v, m, 1.0, 0.0)
     for b in range(B):
         idx = torch.nonzero(m[b]).flatten().tolist()
         for j, t in enumerate(idx):
             nv = v[b, idx[j + 1]].item() if j + 1 < len(idx) else 0.0
             assert abs(adv0[b, t].item() - (tr[b, t].item() + nv - v[b, t].item())) < 1e-12
     # decoupled GAE with equal lambdas reproduces plain GAE bit for bit
-    a1, r1 = ao.gae_advantages(tr, v, m, 0.99, 0.95, backend=backend)
-    a2, r2 = ao.gae_advantages(tr, v, m, 0.99, 0.95, critic_lam=0.95, backend=backend)
+    a1, r1 = gae(tr, v, m, 0.99, 0.95)
+    a2, r2 = gae(tr, v, m, 0.99, 0.95, critic_lam=0.95)
     assert torch.equal(a1, a2) and torch.equal(r1, r2)
     # per-row (VAPO) lambda equals running each row with its own scalar lambda
     lam = ao.vapo_lambda(m.sum(-1)).double()
-    a3, _ = ao.gae_advantages(tr, v, m, 1.0, lam, critic_lam=1.0, backend=backend)
+    a3, _ = gae(tr, v, m, 1.0, lam.to(dev), critic_lam=1.0)
     for b in range(B):
-        ab, _ = ao.gae_advantages(tr[b:b + 1], v[b:b + 1], m[b:b + 1], 1.0, float(lam[b]), backend=backend)
+        ab, _ = gae(tr[b:b + 1], v[b:b + 1], m[b:b + 1], 1.0, float(lam[b]))
         torch.testing.assert_close(a3[b], ab[0])
     # whitening after GAE: returns untouched, advantages whitened over valid tokens
-    aw, rw = ao.gae_advantages(tr, v, m, 0.99, 0.95, whiten=True, backend=backend)
+    aw, rw = gae(tr, v, m, 0.99, 0.95, whiten=True)
     torch.testing.assert_close(rw, r1)
     torch.testing.assert_close(aw, ao.masked_whiten(a1, m))
 
@@ -511,8 +538,10 @@ def test_reinforce_pp(backend):
     old = torch.randn(B, T, generator=g, dtype=torch.float64)
     ref = torch.randn(B, T, generator=g, dtype=torch.float64)
     beta, gamma = 0.1, 0.9
-    out = ao.reinforce_pp_advantages(scores, m, old_logp=old, ref_logp=ref, kl_coef=beta, gamma=gamma,
-                                     backend=backend)
+    dev = device_of(backend)
+    out = ao.reinforce_pp_advantages(*to(dev, scores, m), old_logp=old.to(dev), ref_logp=ref.to(dev), kl_coef=beta,
+                                     gamma=gamma, backend=backend)
+    out = type(out)(*to("cpu", *out))
     want_ret = torch.zeros(B, T, dtype=torch.float64)
     for b in range(B):
         idx = torch.nonzero(m[b]).flatten().tolist()
@@ -529,17 +558,17 @@ def test_reinforce_pp(backend):
     a = out.advantages[m]
     assert abs(a.mean().item()) < 1e-12 and abs(a.std().item() - 1) < 1e-6
     # OpenRLHF semantics: biased variance, floor
-    o = ao.reinforce_pp_advantages(scores, m, old_logp=old, ref_logp=ref, kl_coef=beta, gamma=gamma,
-                                   var="biased", eps_mode="floor", backend=backend)
+    o = ao.reinforce_pp_advantages(*to(dev, scores, m), old_logp=old.to(dev), ref_logp=ref.to(dev), kl_coef=beta,
+                                   gamma=gamma, var="biased", eps_mode="floor", backend=backend)
     flat_b = oracle_whiten(want_ret.flatten().tolist(), m.flatten().tolist(), False, 1e-8, "floor")
-    torch.testing.assert_close(o.advantages.flatten(), torch.tensor(flat_b, dtype=torch.float64))
+    torch.testing.assert_close(o.advantages.cpu().flatten(), torch.tensor(flat_b, dtype=torch.float64))
     # packed layout gives the same
     cu = torch.zeros(B + 1, dtype=torch.int64)
     cu[1:] = lengths.cumsum(0)
     keep = torch.arange(T)[None] < lengths[:, None]
-    p = ao.reinforce_pp_advantages(scores, m[keep], cu_seqlens=cu, old_logp=old[keep], ref_logp=ref[keep],
-                                   kl_coef=beta, gamma=gamma, backend=backend)
-    torch.testing.assert_close(p.advantages, out.advantages[keep])
+    p = ao.reinforce_pp_advantages(*to(dev, scores, m[keep]), cu_seqlens=cu.to(dev), old_logp=old[keep].to(dev),
+                                   ref_logp=ref[keep].to(dev), kl_coef=beta, gamma=gamma, backend=backend)
+    torch.testing.assert_close(p.advantages.cpu(), out.advantages[keep])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -548,7 +577,8 @@ def test_reinforce_pp_baseline(backend):
     B, G, T = 16, 4, 10
     scores = (torch.rand(B, generator=g) > 0.5).double()
     m = torch.ones(B, T, dtype=torch.bool)
-    out = ao.reinforce_pp_baseline_advantages(scores, m, G, backend=backend)
+    out = ao.reinforce_pp_baseline_advantages(*to(device_of(backend), scores, m), G, backend=backend)
+    out = type(out)(*to("cpu", *out))
     c = (scores.view(-1, G) - scores.view(-1, G).mean(1, keepdim=True)).flatten()
     # equal lengths, no KL: (R - mean_g) / token-level std of (R - mean_g)
     tok = c[:, None].expand(B, T)
@@ -657,39 +687,42 @@ def test_bad_input():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_degenerate_inputs_are_finite(backend):
-    empty = torch.zeros(0)
+    dev = device_of(backend)
+    empty = torch.zeros(0).to(dev)
     assert ao.grpo_advantages(empty, 4, backend=backend).numel() == 0
-    assert ao.grpo_advantages(empty, group_ids=torch.zeros(0, dtype=torch.long), backend=backend).numel() == 0
-    allnan = torch.full((4,), NAN)
+    assert ao.grpo_advantages(empty, group_ids=torch.zeros(0, dtype=torch.long).to(dev), backend=backend).numel() == 0
+    allnan = torch.full((4,), NAN).to(dev)
     assert ao.grpo_advantages(allnan, 2, backend=backend).tolist() == [0.0] * 4
     assert ao.grpo_advantages(allnan, 2, scale="batch", backend=backend).tolist() == [0.0] * 4
-    a, r = ao.gae_advantages(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), whiten=True,
+    a, r = ao.gae_advantages(*to(dev, torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3)), whiten=True,
                              backend=backend)
     assert a.abs().sum().item() == 0 and r.abs().sum().item() == 0
-    out = ao.reinforce_pp_advantages(torch.tensor([1.0, 2.0]), torch.zeros(2, 4), backend=backend)
+    out = ao.reinforce_pp_advantages(*to(dev, torch.tensor([1.0, 2.0]), torch.zeros(2, 4)), backend=backend)
     assert torch.isfinite(out.advantages).all() and out.advantages.abs().sum().item() == 0
-    assert ao.gpg_advantages(torch.ones(8), 4, return_stats=True, backend=backend).alpha.item() == 0.0
+    assert ao.gpg_advantages(torch.ones(8).to(dev), 4, return_stats=True, backend=backend).alpha.item() == 0.0
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend not available here")
 def test_triton_long_rows_cross_tiles():
-    # rows longer than the interpreter's 64-lane tile, with holes across tile boundaries
+    # rows longer than the interpreter's 64-lane tile, with holes across tile boundaries; on
+    # device_of("triton") (CUDA tensors where there is a GPU), the torch reference on CPU
+    dev = device_of("triton")
     g = torch.Generator().manual_seed(11)
     B, T = 2, 300
     r = torch.randn(B, T, generator=g)
     v = torch.randn(B, T, generator=g)
     m = torch.rand(B, T, generator=g) > 0.5
     m[0, 60:200] = False  # a hole spanning whole tiles
-    a_t, r_t = ao.gae_advantages(r, v, m, 0.99, 0.9, critic_lam=1.0, backend="triton")
+    a_t, r_t = ao.gae_advantages(*to(dev, r, v, m), 0.99, 0.9, critic_lam=1.0, backend="triton")
     a_c, r_c = ao.gae_advantages(r.double(), v.double(), m, 0.99, 0.9, critic_lam=1.0, backend="torch")
     assert_close_scale(a_t, a_c, torch.float32, "triton gae")
     assert_close_scale(r_t, r_c, torch.float32, "triton returns")
     x = torch.randn(3000, generator=g) + 1000
     mx = torch.rand(3000, generator=g) > 0.1
-    assert_close_scale(ao.masked_whiten(x, mx, backend="triton"),
+    assert_close_scale(ao.masked_whiten(*to(dev, x, mx), backend="triton"),
                        oracle_whiten(x.double().tolist(), mx.tolist()), torch.float32, "triton whiten")
     big = torch.rand(200, generator=g)
-    assert_close_scale(ao.grpo_advantages(big, 100, backend="triton"),
+    assert_close_scale(ao.grpo_advantages(big.to(dev), 100, backend="triton"),
                        oracle_group(big.double().tolist(), [i // 100 for i in range(200)])[0],
                        torch.float32, "triton group of 100")
 

@@ -6,8 +6,11 @@ Held to two references on the same rounded inputs:
     - the logits path of alignops itself (token_logprobs / fused_policy_loss / sequence_logprobs /
       sft_loss on the materialised logits), which the fused lm_head must equal in value and
       gradient: the same kernels on the same tiles, so only the GEMMs' chunking differs.
-Shapes are small (the triton backend runs in the interpreter); vocabularies are primes or 129920,
-never a multiple of a tile, and chunk sizes leave a ragged last chunk.
+Shapes are small (without a GPU the triton backend runs in the interpreter); vocabularies are primes
+or 129920, never a multiple of a tile, and chunk sizes leave a ragged last chunk. Each backend runs
+on its device (tests.conftest.device_of: torch and cpu on CPU tensors, cuda and, where there is a
+GPU, triton on CUDA tensors): inputs are drawn on CPU and moved for the op; what is compared with
+the float64 oracles is brought back to CPU.
 """
 from __future__ import annotations
 
@@ -18,11 +21,19 @@ import alignops as ao
 from alignops import fused_linear as fl
 from alignops.policy import METHODS
 from tests import policy_oracle as oracle
-from tests.conftest import backends_for
+from tests.conftest import backends_for, device_of, fast_backends
 
-BACKENDS = ["torch"] + backends_for("cpu")
-FAST = [b for b in BACKENDS if b != "triton"]  # the interpreter is slow: triton gets the small cases
+BACKENDS = ["torch"] + fast_backends()
+# the interpreter is slow: interpreted triton (no GPU) gets the small cases only
+FAST = [b for b in BACKENDS if not (b == "triton" and device_of(b) == "cpu")]
+# float64 hidden states run on the torch and cpu backends (triton and cuda raise TypeError)
+F64 = [b for b in BACKENDS if b in ("torch", "cpu")]
 TEMPERATURE = 0.7
+
+
+def to(device, *xs):
+    """`xs` moved to `device` (None stays None): inputs are drawn on CPU, then moved for the op."""
+    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in xs)
 
 
 def case(N=11, H=8, V=1031, dtype=torch.float32, seed=0, bias=True, peaked=False):
@@ -37,12 +48,13 @@ def case(N=11, H=8, V=1031, dtype=torch.float32, seed=0, bias=True, peaked=False
     return h.to(dtype), W.to(dtype), None if b is None else b.to(dtype), y
 
 
-def leaves(*xs):
-    return [None if x is None else x.detach().clone().requires_grad_() for x in xs]
+def leaves(*xs, device="cpu"):
+    return [None if x is None else x.detach().to(device).clone().requires_grad_() for x in xs]
 
 
 def grads(xs):
-    return [None if x is None else x.grad for x in xs]
+    """The leaves' gradients, on CPU."""
+    return [None if x is None or x.grad is None else x.grad.cpu() for x in xs]
 
 
 def logits_of(h, W, b):
@@ -63,18 +75,23 @@ def assert_grads_close(got, want, rtol, what=""):
 # token log-probs and entropy
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+# fp32 on every backend, fp64 on those that run it
+DTYPE_CASES = [pytest.param(dtype, backend, id=f"{name}-{backend}")
+               for name, dtype, backends in (("fp32", torch.float32, BACKENDS), ("fp64", torch.float64, F64))
+               for backend in backends]
+
+
+@pytest.mark.parametrize("dtype,backend", DTYPE_CASES)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("peaked", [False, True], ids=["normal", "peaked"])
 def test_token_logprobs_against_float64_oracle(backend, dtype, bias, peaked):
-    if dtype == torch.float64 and backend == "triton":
-        pytest.skip("float64 runs on torch and cpu")
+    dev = device_of(backend)
     h, W, b, y = case(dtype=dtype, bias=bias, peaked=peaked)
-    ph, pW, pb = leaves(h, W, b)
-    lp, ent = ao.fused_linear_token_logprobs(ph, pW, y, pb, temperature=TEMPERATURE, return_entropy=True,
+    ph, pW, pb = leaves(h, W, b, device=dev)
+    lp, ent = ao.fused_linear_token_logprobs(ph, pW, y.to(dev), pb, temperature=TEMPERATURE, return_entropy=True,
                                              backend=backend, chunk_size=4)
     (lp.sum() + 0.3 * ent.sum()).backward()
+    lp, ent = lp.detach().cpu(), ent.detach().cpu()
 
     oh, oW, ob = leaves(*(None if x is None else x.double() for x in (h, W, b)))
     z = logits_of(oh, oW, ob)
@@ -98,13 +115,15 @@ def test_token_logprobs_against_float64_oracle(backend, dtype, bias, peaked):
 def test_token_logprobs_equal_the_logits_path(backend, transform):
     """Value and gradients equal token_logprobs on transform(h @ W.T + b), the transform in fp32."""
     h, W, b, y = case(N=9, V=211 if backend == "triton" else 1031)
+    dev = device_of(backend)
+    y = y.to(dev)
     softcap = 3.0 if transform in ("softcap", "both") else None
     scale = 0.8 if transform in ("scale", "both") else None
-    ph, pW, pb = leaves(h, W, b)
+    ph, pW, pb = leaves(h, W, b, device=dev)
     lp, ent = ao.fused_linear_token_logprobs(ph, pW, y, pb, temperature=TEMPERATURE, return_entropy=True,
                                              softcap=softcap, logit_scale=scale, backend=backend, chunk_size=4)
     (lp.sum() - 0.5 * ent.sum()).backward()
-    qh, qW, qb = leaves(h, W, b)
+    qh, qW, qb = leaves(h, W, b, device=dev)
     z = logits_of(qh, qW, qb)
     if scale is not None:
         z = z * scale
@@ -120,11 +139,13 @@ def test_token_logprobs_equal_the_logits_path(backend, transform):
 @pytest.mark.parametrize("backend", FAST)
 def test_vocabulary_129920_and_bfloat16(backend):
     h, W, b, y = case(N=6, H=4, V=129920, bias=False)
+    dev = device_of(backend)
+    y = y.to(dev)
     for dtype, rtol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        ph, pW = leaves(h.to(dtype), W.to(dtype))
+        ph, pW = leaves(h.to(dtype), W.to(dtype), device=dev)
         lp = ao.fused_linear_token_logprobs(ph, pW, y, temperature=TEMPERATURE, backend=backend, chunk_size=4)
         lp.sum().backward()
-        qh, qW = leaves(h.to(dtype), W.to(dtype))
+        qh, qW = leaves(h.to(dtype), W.to(dtype), device=dev)
         lp2 = ao.token_logprobs(qh @ qW.T, y, temperature=TEMPERATURE, backend=backend)
         lp2.sum().backward()
         assert lp.dtype == torch.float32 and ph.grad.dtype == dtype and pW.grad.dtype == dtype
@@ -132,10 +153,12 @@ def test_vocabulary_129920_and_bfloat16(backend):
         assert_grads_close((ph.grad, pW.grad, None), (qh.grad, qW.grad, None), rtol, (backend, dtype))
 
 
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", [b for b in FAST if b in F64])
 def test_gradcheck_float64(backend):
     h, W, b, y = case(N=5, H=3, V=7, dtype=torch.float64)
-    ph, pW, pb = leaves(h, W, b)
+    dev = device_of(backend)
+    y = y.to(dev)
+    ph, pW, pb = leaves(h, W, b, device=dev)
 
     def f(h_, W_, b_):
         lp, ent = ao.fused_linear_token_logprobs(h_, W_, y, b_, temperature=TEMPERATURE, return_entropy=True,
@@ -154,7 +177,7 @@ def test_frozen_weight_costs_no_dweight(backend, monkeypatch):
         seen.append((want_h, want_w, want_b))
         real(self, h, head, want_h, want_w, want_b)
     monkeypatch.setattr(fl._Grads, "__init__", spy)
-    h, W, b, y = case()
+    h, W, b, y = to(device_of(backend), *case())
     ph = h.clone().requires_grad_()
     lp = ao.fused_linear_token_logprobs(ph, W, y, b, temperature=TEMPERATURE, backend=backend, chunk_size=4)
     lp.sum().backward()
@@ -169,10 +192,12 @@ def test_tied_weight_accumulates_both_uses(backend):
     """lm_head tied to the embedding: the gradient of both uses lands in the one parameter."""
     torch.manual_seed(0)
     V, H = 97, 8
-    emb = torch.nn.Embedding(V, H)
+    dev = device_of(backend)
+    emb = torch.nn.Embedding(V, H).to(dev)
     ids = torch.randint(0, V, (2, 6))
     y = torch.randint(0, V, (2, 6))
     y[1, 4:] = -100
+    ids, y = to(dev, ids, y)
 
     def run(fused):
         emb.zero_grad(set_to_none=True)
@@ -218,16 +243,17 @@ METHOD_CASES = [(name, i) for name, m in sorted(METHODS.items()) for i in range(
 def test_every_method_equals_the_logits_path(backend, method, example):
     """Every registry entry and each of its examples: the recompute path and the terminal
     (grad-in-forward) path against fused_policy_loss on the logits, loss, metrics and gradients."""
-    h, W, y, old, ref, adv, mask = policy_case()
+    h, W, y, old, ref, adv, mask = to(device_of(backend), *policy_case())
     kw = dict(method=method, temperature=TEMPERATURE, ref_logp=ref, kl_coef=0.04, entropy_coef=0.01,
               max_len=5, **METHODS[method].examples[example])
     if method == "gpg" and "group_size" in kw:
         kw["group_size"] = 3
-    qh, qW = leaves(h, W)
+    kw = dict(zip(kw, to(h.device, *kw.values())))
+    qh, qW = leaves(h, W, device=h.device)
     want = ao.fused_policy_loss(qh @ qW.T, y, old, adv, mask, backend=backend, **kw)
     want.loss.backward()
     for gif in (False, True):
-        ph, pW = leaves(h, W)
+        ph, pW = leaves(h, W, device=h.device)
         out = ao.fused_linear_policy_loss(ph, pW, y, old, adv, mask, backend=backend, grad_in_forward=gif,
                                           chunk_size=4, **kw)
         out.loss.backward()
@@ -253,9 +279,10 @@ def test_policy_loss_against_float64_oracle_and_one_launch_ran(backend, monkeypa
     h, W, y, old, ref, adv, _ = policy_case(V=97 if backend == "triton" else 211)
     kw = dict(method="grpo", clip_ratio_c=3.0, ref_logp=ref, kl_coef=0.04, kl_estimator="k3", entropy_coef=0.01,
               agg="seq-mean-token-mean")
-    ph, pW = leaves(h, W)
-    out = ao.fused_linear_policy_loss(ph, pW, y, old, adv, None, backend=backend, temperature=TEMPERATURE,
-                                      grad_in_forward=True, chunk_size=4, **kw)
+    dev = device_of(backend)
+    ph, pW = leaves(h, W, device=dev)
+    out = ao.fused_linear_policy_loss(ph, pW, *to(dev, y, old, adv), None, backend=backend, temperature=TEMPERATURE,
+                                      grad_in_forward=True, chunk_size=4, **{**kw, "ref_logp": ref.to(dev)})
     out.loss.backward()
     assert bool(calls) == (backend in ("cpu", "triton"))
     oh, oW = leaves(h.double(), W.double())
@@ -266,15 +293,15 @@ def test_policy_loss_against_float64_oracle_and_one_launch_ran(backend, monkeypa
     want_dw = dz.T @ oh.detach().reshape(-1, h.shape[-1])
     scale = o.scale.item()
     assert abs(out.loss.item() - o.loss.item()) <= 1e-5 * scale + 1e-7, (out.loss.item(), o.loss.item())
-    assert_grads_close((ph.grad, pW.grad, None), (want_dh, want_dw, None), 2e-5, backend)
+    assert_grads_close(grads((ph, pW, None)), (want_dh, want_dw, None), 2e-5, backend)
 
 
 @pytest.mark.parametrize("backend", FAST)
 def test_packed_layout_and_frozen_head_terminal(backend):
     """Packed [N, H] hidden with cu_seqlens, a frozen weight and grad_in_forward: dhidden only."""
-    h, W, y, old, ref, adv, mask = policy_case()
+    h, W, y, old, ref, adv, mask = to(device_of(backend), *policy_case())
     B, T = y.shape
-    cu = torch.arange(B + 1) * T
+    cu = (torch.arange(B + 1) * T).to(h.device)
     kw = dict(method="dapo", ref_logp=ref.reshape(-1), kl_coef=0.04, cu_seqlens=cu, temperature=TEMPERATURE)
     ph = h.reshape(-1, h.shape[-1]).clone().requires_grad_()
     out = ao.fused_linear_policy_loss(ph, W, y.reshape(-1), old.reshape(-1), adv, mask.reshape(-1),
@@ -301,22 +328,25 @@ def test_sequence_logprobs_and_sft_equal_the_logits_path(backend, packed):
     cu = torch.arange(B + 1) * T if packed else None
     if packed:
         h, y, mask = h.reshape(-1, h.shape[-1]), y.reshape(-1), mask.reshape(-1)
+    dev = device_of(backend)
+    y, mask, cu = to(dev, y, mask, cu)
+    row_w = torch.arange(1.0, B + 1).to(dev)
     for reduction in ("sum", "mean"):
-        ph, pW = leaves(h, W)
+        ph, pW = leaves(h, W, device=dev)
         s = ao.fused_linear_sequence_logprobs(ph, pW, y, mask, reduction, cu_seqlens=cu, temperature=TEMPERATURE,
                                               backend=backend, chunk_size=4)
-        (s * torch.arange(1.0, B + 1)).sum().backward()
-        qh, qW = leaves(h, W)
+        (s * row_w).sum().backward()
+        qh, qW = leaves(h, W, device=dev)
         s2 = ao.sequence_logprobs(qh @ qW.T, y, mask, reduction, cu_seqlens=cu, temperature=TEMPERATURE,
                                   backend=backend)
-        (s2 * torch.arange(1.0, B + 1)).sum().backward()
+        (s2 * row_w).sum().backward()
         torch.testing.assert_close(s, s2, rtol=1e-5, atol=1e-5)
         assert_grads_close((ph.grad, pW.grad, None), (qh.grad, qW.grad, None), 2e-5, (backend, reduction))
-    ph, pW = leaves(h, W)
+    ph, pW = leaves(h, W, device=dev)
     out = ao.fused_linear_sft_loss(ph, pW, y, mask, weighting="dft", cu_seqlens=cu, temperature=TEMPERATURE,
                                    backend=backend, chunk_size=4)
     out.loss.backward()
-    qh, qW = leaves(h, W)
+    qh, qW = leaves(h, W, device=dev)
     want = ao.sft_loss(qh @ qW.T, y, mask, weighting="dft", cu_seqlens=cu, temperature=TEMPERATURE, backend=backend)
     want.loss.backward()
     torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)
@@ -403,10 +433,10 @@ def test_gpu_equals_the_logits_path(backend, dtype):
 @pytest.mark.parametrize("backend", FAST)
 def test_terminal_gradients_scale_with_grad_output(backend):
     """grad_in_forward stores the gradients for grad_output = 1 and scales them in backward."""
-    h, W, y, old, ref, adv, mask = policy_case()
+    h, W, y, old, ref, adv, mask = to(device_of(backend), *policy_case())
     got = []
     for factor in (1.0, -2.5):
-        ph, pW = leaves(h, W)
+        ph, pW = leaves(h, W, device=h.device)
         out = ao.fused_linear_policy_loss(ph, pW, y, old, adv, mask, backend=backend, grad_in_forward=True,
                                           temperature=TEMPERATURE, chunk_size=4)
         (factor * out.loss).backward()

@@ -2,12 +2,14 @@
 
 For every op that takes logits, labels and a mask (fused_policy_loss with each of its options,
 sft_loss, sequence_logprobs and the preference losses on top of it: dpo_loss, orpo_loss), on every
-backend that runs here (torch, cpu, triton interpreted on small shapes), in the [B, T] and the packed
-(cu_seqlens) layouts: mask=None, mask=ones and mask=(labels != ignore_index) give the same loss and
-the same gradient w.r.t. the logits, and both match a float64 oracle (tests/policy_oracle.py: torch
-float64 math on the same inputs, sharing no code with alignops). Inputs are off-policy (old_logp !=
-logp, and junk old log-probs at the ignored positions, where the kernels' logp is 0), with ignored
-labels scattered and one row fully ignored, and a non-default ignore_index some of the time.
+backend that runs here, each on its device (tests.conftest.device_of: torch and cpu on CPU tensors;
+triton compiled on CUDA tensors where there is a GPU, else interpreted on small shapes; cuda where
+there is a GPU), in the [B, T] and the packed (cu_seqlens) layouts: mask=None, mask=ones and
+mask=(labels != ignore_index) give the same loss and the same gradient w.r.t. the logits, and both
+match a float64 oracle (tests/policy_oracle.py: torch float64 math on the same inputs, on CPU,
+sharing no code with alignops). Inputs are off-policy (old_logp != logp, and junk old log-probs at
+the ignored positions, where the kernels' logp is 0), with ignored labels scattered and one row
+fully ignored, and a non-default ignore_index some of the time.
 
 (Before the fix, fused_policy_loss took mask=None as all ones: the ignored positions entered the
 loss with logp = 0 against their old_logp, and the fully ignored row counted as a sequence.)
@@ -23,17 +25,28 @@ from hypothesis import strategies as st
 
 import alignops as ao
 from tests import policy_oracle as oracle
-from tests.conftest import backends_for
+from tests.conftest import device_of, fast_backends
 
 pl = importlib.import_module("alignops.policy.one_launch")
-BACKENDS = ["torch"] + backends_for("cpu")
+BACKENDS = ["torch"] + fast_backends()
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 METHODS = ["grpo", "dapo", "gppo", "cispo", "reinforce", "ecpo"]
 OPTIONS = {"default": {}, "grad_in_forward": {"grad_in_forward": True}, "inplace_grad": {"inplace_grad": True},
            "both": {"grad_in_forward": True, "inplace_grad": True}}
 MASKS = ("none", "ones", "valid")
-# Triton runs interpreted here: fewer, small examples (the shapes below are already small).
+# Triton: fewer examples, as many on a GPU as interpreted without one, where it is slow (the shapes
+# below are already small).
 EXAMPLES = {"triton": 8}
+
+
+def on(device, x):
+    """`x` on `device`: a tensor moved (None and other values as they are). Inputs are drawn on CPU
+    (CPU generators) and the float64 oracle runs on those CPU tensors."""
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+def kw_on(device, kw):
+    return {k: on(device, v) for k, v in kw.items()}
 
 
 @st.composite
@@ -81,14 +94,14 @@ def masks_for(labels, ignore_index):
             "valid": labels != ignore_index}
 
 
-def grad_of(fn, logits, inplace=False):
-    """(loss, dloss/dlogits) of fn(logits); with inplace, through a non-leaf buffer that the op may
-    overwrite (as logits from an lm_head are)."""
-    leaf = logits.detach().clone().requires_grad_()
+def grad_of(fn, logits, inplace=False, device="cpu"):
+    """(loss, dloss/dlogits) of fn(logits) with the logits on `device`, both brought back to CPU;
+    with inplace, through a non-leaf buffer that the op may overwrite (as logits from an lm_head are)."""
+    leaf = logits.detach().to(device).clone().requires_grad_()
     x = leaf * 1 if inplace else leaf
     loss = fn(x)
     loss.backward()
-    return loss.detach(), leaf.grad
+    return loss.detach().cpu(), leaf.grad.cpu()
 
 
 def assert_same_across_masks(results, what):
@@ -131,11 +144,13 @@ def policy_kwargs(data, draw):
 def check_policy(backend, option, data, kw):
     logits, labels, ii = data["logits"], data["labels"], data["ignore_index"]
     opts = OPTIONS[option]
+    dev = device_of(backend)
+    labels_d, old_d, adv_d, kw_d = on(dev, labels), on(dev, data["old"]), on(dev, data["adv"]), kw_on(dev, kw)
     results = {}
     for name, mask in masks_for(labels, ii).items():
-        results[name] = grad_of(lambda x, m=mask: ao.fused_policy_loss(
-            x, labels, data["old"], data["adv"], m, backend=backend, temperature=data["temperature"],
-            ignore_index=ii, **opts, **kw).loss, logits, inplace=opts.get("inplace_grad", False))
+        results[name] = grad_of(lambda x, m=on(dev, mask): ao.fused_policy_loss(
+            x, labels_d, old_d, adv_d, m, backend=backend, temperature=data["temperature"],
+            ignore_index=ii, **opts, **kw_d).loss, logits, inplace=opts.get("inplace_grad", False), device=dev)
     what = (backend, option, kw.get("method"), kw.get("agg"), kw.get("kl_estimator"))
     assert_same_across_masks(results, what)
     o = oracle.policy_loss(logits, labels, data["old"], data["adv"], None, temperature=data["temperature"],
@@ -174,16 +189,17 @@ def test_one_launch_kernel_runs_with_mask_none(backend, monkeypatch):
         calls.append(args[6])  # the mask the kernel gets
         return real(*args, **kwargs)
     monkeypatch.setattr(pl, "policy_loss_one_launch", spy)
+    dev = device_of(backend)
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 6, 11, generator=gen).requires_grad_()
+    logits = torch.randn(2, 6, 11, generator=gen).to(dev).requires_grad_()
     labels = torch.randint(0, 11, (2, 6), generator=gen)
     labels[0, 3:] = -100
     labels[1] = -100
     old = torch.randn(2, 6, generator=gen) - 2
-    out = ao.fused_policy_loss(logits, labels, old, torch.tensor([1.0, -0.5]), None, backend=backend,
-                               grad_in_forward=True, agg="seq-mean-token-mean")
-    assert calls and torch.equal(calls[0], labels != -100)
-    o = oracle.policy_loss(logits, labels, old, torch.tensor([1.0, -0.5]), None, agg="seq-mean-token-mean")
+    out = ao.fused_policy_loss(logits, labels.to(dev), old.to(dev), torch.tensor([1.0, -0.5]).to(dev), None,
+                               backend=backend, grad_in_forward=True, agg="seq-mean-token-mean")
+    assert calls and calls[0].device == logits.device and torch.equal(calls[0].cpu(), labels != -100)
+    o = oracle.policy_loss(logits.cpu(), labels, old, torch.tensor([1.0, -0.5]), None, agg="seq-mean-token-mean")
     assert abs(out.loss.item() - o.loss.item()) <= 1e-5 * o.scale.item()
 
 
@@ -199,8 +215,11 @@ def test_sft_loss(backend, packed):
     def inner(data, weighting):
         logits, labels, ii = data["logits"], data["labels"], data["ignore_index"]
         kw = dict(temperature=data["temperature"], ignore_index=ii, cu_seqlens=data["cu_seqlens"])
-        results = {name: grad_of(lambda x, m=m: ao.sft_loss(x, labels, m, weighting, backend=backend, **kw).loss,
-                                 logits) for name, m in masks_for(labels, ii).items()}
+        dev = device_of(backend)
+        labels_d, kw_d = on(dev, labels), kw_on(dev, kw)
+        results = {name: grad_of(lambda x, m=on(dev, m): ao.sft_loss(x, labels_d, m, weighting, backend=backend,
+                                                                      **kw_d).loss, logits, device=dev)
+                   for name, m in masks_for(labels, ii).items()}
         assert_same_across_masks(results, (backend, weighting))
         want, want_grad = oracle.sft_loss(logits, labels, None, weighting=weighting, **kw)
         n = max(int((labels != ii).sum()), 1)
@@ -219,13 +238,15 @@ def test_sequence_logprobs(backend, packed):
         kw = dict(temperature=data["temperature"], ignore_index=ii, cu_seqlens=data["cu_seqlens"])
         rows = data["adv"].numel()
         w = torch.tensor(row_weights[:rows])
+        dev = device_of(backend)
+        labels_d, kw_d, w_d = on(dev, labels), kw_on(dev, kw), on(dev, w)
         results, lengths = {}, {}
         for name, m in masks_for(labels, ii).items():
-            def fn(x, m=m, name=name):
-                s, n = ao.sequence_logprobs(x, labels, m, reduction, backend=backend, return_lengths=True, **kw)
-                lengths[name] = n
-                return (w * s).sum()
-            results[name] = grad_of(fn, logits)
+            def fn(x, m=on(dev, m), name=name):
+                s, n = ao.sequence_logprobs(x, labels_d, m, reduction, backend=backend, return_lengths=True, **kw_d)
+                lengths[name] = n.cpu()
+                return (w_d * s).sum()
+            results[name] = grad_of(fn, logits, device=dev)
         assert_same_across_masks(results, (backend, reduction))
         for name in MASKS:
             assert torch.equal(lengths[name], lengths["none"])
@@ -254,11 +275,13 @@ def test_preference_losses_on_sequence_logprobs(backend, loss):
         logits, labels, ii = data["logits"], data["labels"], data["ignore_index"]
         kw = dict(temperature=data["temperature"], ignore_index=ii)
         ref = data["adv"]  # any detached per-row numbers serve as reference sequence log-probs
+        dev = device_of(backend)
+        labels_d, ref_d = on(dev, labels), on(dev, ref)
 
         def pair_loss(s, n, lib):
             if lib is ao:
                 if loss == "dpo":
-                    return ao.dpo_loss(s[0::2], s[1::2], ref[0::2], ref[1::2], beta=0.5).loss
+                    return ao.dpo_loss(s[0::2], s[1::2], ref_d[0::2], ref_d[1::2], beta=0.5).loss
                 return ao.orpo_loss(s[0::2], s[1::2], n[0::2], n[1::2], beta=0.5).loss
             if loss == "dpo":
                 return oracle.dpo_sigmoid(s[0::2], s[1::2], ref[0::2].double(), ref[1::2].double(), 0.5)
@@ -266,11 +289,11 @@ def test_preference_losses_on_sequence_logprobs(backend, loss):
 
         results, seqs = {}, {}
         for name, m in masks_for(labels, ii).items():
-            def fn(x, m=m, name=name):
-                s, n = ao.sequence_logprobs(x, labels, m, backend=backend, return_lengths=True, **kw)
-                seqs[name] = (s.detach(), n)
+            def fn(x, m=on(dev, m), name=name):
+                s, n = ao.sequence_logprobs(x, labels_d, m, backend=backend, return_lengths=True, **kw)
+                seqs[name] = (s.detach().cpu(), n.cpu())
                 return pair_loss(s, n, ao)
-            results[name] = grad_of(fn, logits)
+            results[name] = grad_of(fn, logits, device=dev)
         assert_same_across_masks(results, (backend, loss))
         for name in MASKS:
             assert torch.equal(seqs[name][0], seqs["none"][0]) and torch.equal(seqs[name][1], seqs["none"][1])

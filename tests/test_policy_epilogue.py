@@ -15,6 +15,10 @@ dual clip), with equal-reward rows (A = 0), IS weights, masked tokens, ignored l
 prime and real vocabularies and logits peaked at +50 or shifted by +-1000. The remaining metrics
 (clip ratios, approx_kl, ...) come from torch on the kernel's logp and are compared with the
 two-pass path; `kl` and `entropy` also with the oracle.
+
+Each backend runs on its device (tests.conftest.device_of: cpu on CPU tensors; triton compiled on
+CUDA tensors where there is a GPU, else interpreted on CPU tensors): inputs are drawn on CPU, moved
+for the op, and its results brought back to CPU for the oracle.
 """
 from __future__ import annotations
 
@@ -28,11 +32,11 @@ import alignops as ao
 from alignops import _backend
 from alignops.policy import METHODS
 from tests import policy_oracle as oracle
-from tests.conftest import backends_for
+from tests.conftest import device_of, fast_backends
 
 # the module, not the function of the same name that alignops re-exports
 pl = importlib.import_module("alignops.policy.one_launch")
-BACKENDS = [b for b in backends_for("cpu") if b in ("cpu", "triton")]
+BACKENDS = [b for b in fast_backends() if b in ("cpu", "triton")]  # the backends with a one-launch kernel
 KLS = [None, "k1", "k2", "k3", "low_var_kl"]
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 TEMPERATURE = 0.7
@@ -76,8 +80,19 @@ def make_case(B, T, V, seed, dtype=torch.float32, pattern="normal"):
     return logits, labels, old, ref, adv, mask, isw
 
 
+def on(device, x):
+    """`x` on `device`: a tensor moved (None and other values as they are)."""
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+def kw_on(device, kw):
+    return {k: on(device, v) for k, v in kw.items()}
+
+
 def run(logits, labels, old, adv, mask, *, backend, one_launch, monkeypatch=None, **kw):
-    """(loss, grad, metrics, whether the one-launch kernel ran)."""
+    """(loss, grad, metrics, whether the one-launch kernel ran): the op on the tensors moved to
+    device_of(backend), its results brought back to CPU."""
+    dev = device_of(backend)
     calls = []
     if monkeypatch is not None:
         real = pl.policy_loss_one_launch
@@ -86,13 +101,13 @@ def run(logits, labels, old, adv, mask, *, backend, one_launch, monkeypatch=None
             calls.append(1)
             return real(*args, **kwargs)
         monkeypatch.setattr(pl, "policy_loss_one_launch", spy)
-    x = logits.detach().clone().requires_grad_()
-    out = ao.fused_policy_loss(x, labels, old, adv, mask, backend=backend, temperature=TEMPERATURE,
-                               grad_in_forward=one_launch, **kw)
+    x = logits.detach().to(dev).clone().requires_grad_()
+    out = ao.fused_policy_loss(x, on(dev, labels), on(dev, old), on(dev, adv), on(dev, mask), backend=backend,
+                               temperature=TEMPERATURE, grad_in_forward=one_launch, **kw_on(dev, kw))
     out.loss.backward()
     if monkeypatch is not None:
         monkeypatch.setattr(pl, "policy_loss_one_launch", real)
-    return out.loss.detach(), x.grad, out.metrics, bool(calls)
+    return out.loss.detach().cpu(), x.grad.cpu(), kw_on("cpu", out.metrics), bool(calls)
 
 
 def oracle_for(logits, labels, old, adv, mask, **kw):
@@ -261,15 +276,17 @@ def test_on_policy_packed_and_inplace(backend, monkeypatch):
         assert_matches_oracle(one, oracle_for(logits, labels, old_logp, adv_rows, mask, **kw), torch.float32,
                               entropy=True, kl="k3", ref=ref, mask=mask, labels=labels)
     o = oracle_for(logits, labels, old, adv_rows, mask, **kw)
-    leaf = logits.detach().clone().requires_grad_()
+    dev = device_of(backend)
+    leaf = logits.detach().to(dev).clone().requires_grad_()
     buf = leaf * 1
     upstream = []
     buf.register_hook(upstream.append)
-    out = ao.fused_policy_loss(buf, labels, old, adv_rows, mask, backend=backend, temperature=TEMPERATURE,
-                               grad_in_forward=True, inplace_grad=True, **kw)
+    out = ao.fused_policy_loss(buf, labels.to(dev), old.to(dev), adv_rows.to(dev), mask.to(dev), backend=backend,
+                               temperature=TEMPERATURE, grad_in_forward=True, inplace_grad=True, **kw_on(dev, kw))
     out.loss.backward()
     assert upstream[0].data_ptr() == buf.data_ptr()
-    assert_matches_oracle((out.loss.detach(), leaf.grad, out.metrics, True), o, torch.float32)
+    assert_matches_oracle((out.loss.detach().cpu(), leaf.grad.cpu(), kw_on("cpu", out.metrics), True), o,
+                          torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -343,9 +360,11 @@ def test_bad_input_names_the_argument():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_everything_masked_is_zero(backend):
     logits, labels, old, ref, adv, mask, isw = make_case(2, 3, 17, seed=4)
-    x = logits.clone().requires_grad_()
-    out = ao.fused_policy_loss(x, labels, old, adv, torch.zeros_like(mask), backend=backend, grad_in_forward=True,
-                               method="grpo", ref_logp=ref, kl_coef=0.1, entropy_coef=0.01)
+    dev = device_of(backend)
+    x = logits.to(dev).clone().requires_grad_()
+    out = ao.fused_policy_loss(x, labels.to(dev), old.to(dev), adv.to(dev), torch.zeros_like(mask).to(dev),
+                               backend=backend, grad_in_forward=True, method="grpo", ref_logp=ref.to(dev),
+                               kl_coef=0.1, entropy_coef=0.01)
     out.loss.backward()
     assert out.loss.item() == 0.0
     assert not x.grad.any()
