@@ -128,7 +128,7 @@ abi: $(VENV)/.deps
 
 # bench/gpu.sh's steps on CPU at toy sizes, so the one-shot GPU script cannot rot.
 gpu-dry-run: build
-	PY=$(PY) bash bench/gpu.sh --dry-run
+	rm -rf $(VENV)/gpu-dry-run && OUT=$(VENV)/gpu-dry-run PY=$(PY) bash bench/gpu.sh --dry-run
 
 # Everything; the two test halves in sequence (each uses both cores).
 test: build integrations cuda-check gpu-compile-check

@@ -1,5 +1,6 @@
 """`python -m alignops.env`: what was built, which CPU kernel level runs, and which backends run here."""
 
+import functools
 import json
 import os
 import platform
@@ -27,8 +28,14 @@ def machine_description() -> str:
             f"torch {torch.__version__}, CPU capability {machine_isa()}")
 
 
+@functools.lru_cache(maxsize=None)
 def machine_isa() -> str:
     """torch's capability of this CPU, unlowered (a child run sets ATEN_CPU_CAPABILITY)."""
+    import torch
+
+    if "ATEN_CPU_CAPABILITY" not in os.environ:  # this process runs at the CPU's own level
+        out = str(torch.backends.cpu.get_cpu_capability())
+        return out.lower() if out.lower() in ISA_LEVELS else "default"
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
     out = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()

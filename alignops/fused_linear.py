@@ -42,7 +42,7 @@ from alignops.token_stats import LOGITS_OPS, check_label_range, check_temperatur
 # Bytes of one logits tile (fp32): the chunk is the number of rows that fits, but never fewer than
 # MIN_ROWS: every chunk re-reads the whole weight and rewrites the whole fp32 dweight, so at
 # V = 151936 a 96-row tile made the fused path 2x the bare GEMMs where 512 rows make it ~1.2x
-# (bench/results/fused_linear-cpu2.md, README).
+# (bench/results/fused_linear-cpu2.md, docs/benchmarks.md).
 TILE_BYTES = 64 << 20
 MIN_ROWS = 512
 

@@ -5,6 +5,7 @@ paths trainers run today.
     python -m bench.bench_fused_linear                # CPU: N=4096 H=1024, V in {32000, 151936}, fp32
     python -m bench.bench_fused_linear --quick        # CPU: N=512 H=256 V=32000 (well under a minute)
     python -m bench.bench_fused_linear --device cuda  # N=8192 H=4096, V in {128256, 151936}, bf16
+    python -m bench.bench_fused_linear --size N=64,H=64,V=1000 --isa here  # toy case (gpu.sh --dry-run)
 
 Every implementation maps {hidden [N, H], weight [V, H] (both with grad), labels, old, ref, adv,
 mask} to a scalar; gradients go to hidden and weight. Peak = memory above the inputs, so it counts
@@ -57,7 +58,7 @@ import torch
 import alignops as ao
 from bench.bench_policy_loss import CLIP, ENT_COEF, KL_COEF, eager_grpo
 from bench.bench_token_logprobs import eager_logprobs_entropy
-from bench.harness import RESULTS, Case, bench_main, machine_description, machine_name
+from bench.harness import Case, bench_main, machine_description, machine_name, out_dir_of
 
 TEMPERATURE = 0.9
 NOTES_ENV = "ALIGNOPS_BENCH_FUSED_LINEAR_NOTES"
@@ -292,7 +293,11 @@ def make_case(b, t, h, v, dtype, device, backend=None, warmup=None, reps=None):
                 grad_inputs=("hidden", "weight"), warmup=warmup, reps=reps)
 
 
-def cases_for(device: str, quick: bool = False):
+def cases_for(device: str, quick: bool = False, size: dict | None = None):
+    if size:  # --size N=..,H=..,V=..[,T=..]: one case of B = N / T sequences of T tokens (T: min(256, N))
+        t = size.get("T", min(256, size["N"]))
+        return [make_case(max(1, size["N"] // t), t, size["H"], size["V"],
+                          torch.bfloat16 if device == "cuda" else torch.float32, device)]
     if device == "cuda":
         shapes = [(32, 256, 4096, 128256), (32, 256, 4096, 151936)] if not quick else [(4, 256, 4096, 151936)]
         return [make_case(b, t, h, v, torch.bfloat16, device) for b, t, h, v in shapes]
@@ -347,8 +352,8 @@ def summary_lines(rows: list[dict]) -> list[str]:
     return out
 
 
-def write_extras(rows: list[dict], notes: list[dict], argv_desc: str) -> None:
-    base = os.path.join(RESULTS, f"fused_linear-{machine_name()}")
+def write_extras(rows: list[dict], notes: list[dict], argv_desc: str, out_dir: str) -> None:
+    base = os.path.join(out_dir, f"fused_linear-{machine_name()}")
     grouped = {}  # one line per (case, impl, reason); a skip repeated per mode and level counted
     for nt in notes:
         grouped.setdefault((nt["case"], nt["impl"], nt["why"].split(" > ")[0]), []).append(nt["why"])
@@ -430,7 +435,7 @@ def main(argv=None):
         if not child and rows is not None:
             with open(os.environ[NOTES_ENV]) as f:
                 notes = [json.loads(line) for line in f if line.strip()]
-            write_extras(rows, notes, " ".join(["python -m bench.bench_fused_linear", *args]))
+            write_extras(rows, notes, " ".join(["python -m bench.bench_fused_linear", *args]), out_dir_of(args))
         return rows
     finally:
         if own_notes is not None:

@@ -3,6 +3,7 @@ path trainers run today.
 
     python -m bench.bench_policy_loss                # CPU: N=2048 (16 x 128) V=32000 fp32
     python -m bench.bench_policy_loss --device cuda  # N=8192 (32 x 256) V=151936 bf16
+    python -m bench.bench_policy_loss --size N=64,V=1000 --isa here  # one toy case (gpu.sh --dry-run)
 
 alignops      = ao.fused_policy_loss(logits, labels, ..., method="grpo", kl_coef, entropy_coef):
                 token_stats forward (one read of the logits), per-token math on [N], one fused
@@ -13,6 +14,9 @@ eager         = TRL/verl style: logits.float() / T, log_softmax, gather, entropy
 compile       = torch.compile of that same function.
 liger         = Liger-Kernel's logits-in GRPO loss (triton_grpo_loss; no entropy bonus), when
                 installed (GPU). Its concatenation of one extra position is part of its timing.
+
+Every row with a bandwidth also has the copy floor: `dst.copy_(logits)` timed in the same process
+(copy_GB/s), and the row's GB/s as a percentage of it (%_of_copy).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import torch
 
 import alignops as ao
-from bench.harness import Case, bench_main
+from bench.harness import Case, bench_main, lazy_compile
 
 TEMPERATURE = 0.9
 CLIP = 0.2
@@ -47,7 +51,13 @@ def eager_grpo(logits, labels, old_logp, ref_logp, adv, mask):
 
 
 def make_case(b, t, v, dtype, device, backend=None):
+    cache = {}
+
     def make_inputs():
+        # drawn once per case (an [8192, 151936] draw takes seconds on the CPU) and shared: no
+        # implementation writes its inputs (Liger's in-place gradient goes to its concatenated copy)
+        if cache:
+            return dict(cache)
         g = torch.Generator(device="cpu").manual_seed(0)
         logits = (torch.randn(b, t, v, generator=g) * 2).to(dtype=dtype, device=device)
         labels = torch.randint(0, v, (b, t), generator=g).to(device)
@@ -57,14 +67,15 @@ def make_case(b, t, v, dtype, device, backend=None):
         ref = (logp + 0.1 * torch.randn(b, t, generator=g).to(device)).contiguous()
         adv = torch.randn(b, generator=g).to(device)
         mask = (torch.rand(b, t, generator=g) > 0.1).to(device)
-        return {"logits": logits, "labels": labels, "old": old, "ref": ref, "adv": adv, "mask": mask}
+        cache.update(logits=logits, labels=labels, old=old, ref=ref, adv=adv, mask=mask)
+        return dict(cache)
 
     def fused(x, **kw):
         return ao.fused_policy_loss(x["logits"], x["labels"], x["old"], x["adv"], x["mask"], method="grpo",
                                     temperature=TEMPERATURE, clip_low=CLIP, ref_logp=x["ref"], kl_coef=KL_COEF,
                                     kl_estimator="k3", entropy_coef=ENT_COEF, backend=backend, **kw).loss
 
-    compiled = torch.compile(eager_grpo)
+    compiled = lazy_compile(eager_grpo)
     impls = {
         "alignops": fused,
         "alignops+gif": lambda x: fused(x, grad_in_forward=True),
@@ -74,7 +85,9 @@ def make_case(b, t, v, dtype, device, backend=None):
     if device == "cuda":
         try:
             from liger_kernel.transformers.grpo_loss import triton_grpo_loss  # noqa: PLC0415
-        except ImportError:
+        except Exception as e:  # noqa: BLE001 - a peer that does not import is left out, not fatal
+            if not isinstance(e, ImportError):
+                print(f"  liger left out: {type(e).__name__}: {str(e)[:200]}")
             triton_grpo_loss = None
         if triton_grpo_loss is not None:
             def liger(x):
@@ -93,10 +106,14 @@ def make_case(b, t, v, dtype, device, backend=None):
     name = f"N={b * t} V={v} {str(dtype).replace('torch.', '')}"
     return Case(name, {"N": b * t, "V": v, "dtype": str(dtype).replace("torch.", ""), "device": device},
                 make_inputs, impls, grad_inputs=("logits",),
-                bytes_moved={"fwd": nbytes, "bwd": 2 * nbytes, "fwd+bwd": 3 * nbytes})
+                bytes_moved={"fwd": nbytes, "bwd": 2 * nbytes, "fwd+bwd": 3 * nbytes}, copy_input="logits")
 
 
-def cases_for(device: str, quick: bool = False):
+def cases_for(device: str, quick: bool = False, size: dict | None = None):
+    if size:  # --size N=..,V=..[,T=..]: one case of B = N / T sequences of T tokens (T: min(256, N))
+        t = size.get("T", min(256, size["N"]))
+        return [make_case(max(1, size["N"] // t), t, size["V"], torch.bfloat16 if device == "cuda" else torch.float32,
+                          device)]
     if device == "cuda":
         shapes = [(32, 256, 151936)] if not quick else [(8, 128, 151936)]
         return [make_case(b, t, v, torch.bfloat16, device) for b, t, v in shapes]

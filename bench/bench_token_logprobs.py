@@ -2,6 +2,10 @@
 
     python -m bench.bench_token_logprobs              # CPU: N=2048 V=32000 fp32, N=512 V=151936
     python -m bench.bench_token_logprobs --device cuda  # N=8192, V in {128256, 151936}, bf16
+    python -m bench.bench_token_logprobs --size N=64,V=1000 --isa here  # one toy case (gpu.sh --dry-run)
+
+Every row with a bandwidth also has the copy floor: `dst.copy_(logits)` timed in the same process
+(copy_GB/s), and the row's GB/s as a percentage of it (%_of_copy).
 
 eager   = TRL/verl style: logits.float() / T, log_softmax, gather, entropy from the softmax,
           under autograd (what trainers run today).
@@ -15,7 +19,7 @@ from __future__ import annotations
 import torch
 
 import alignops as ao
-from bench.harness import Case, bench_main
+from bench.harness import Case, bench_main, lazy_compile
 
 TEMPERATURE = 0.9
 
@@ -29,35 +33,44 @@ def eager_logprobs_entropy(logits, labels, temperature=TEMPERATURE):
 
 
 def make_case(n, v, dtype, device, backend=None):
-    def make_inputs():
-        g = torch.Generator(device="cpu").manual_seed(0)
-        logits = (torch.randn(n, v, generator=g) * 2).to(dtype=dtype, device=device)
-        labels = torch.randint(0, v, (n,), generator=g).to(device)
-        return {"logits": logits, "labels": labels}
+    cache = {}
 
-    compiled = torch.compile(eager_logprobs_entropy)
+    def make_inputs():
+        # drawn once per case (an [8192, 151936] draw takes seconds on the CPU) and shared: no
+        # implementation writes its inputs (Liger's in-place gradient goes to its own logits / T)
+        if not cache:
+            g = torch.Generator(device="cpu").manual_seed(0)
+            logits = (torch.randn(n, v, generator=g) * 2).to(dtype=dtype, device=device)
+            labels = torch.randint(0, v, (n,), generator=g).to(device)
+            cache.update(logits=logits, labels=labels)
+        return dict(cache)
+
+    compiled = lazy_compile(eager_logprobs_entropy)
     impls = {
         "alignops": lambda x: ao.token_logprobs(x["logits"], x["labels"], temperature=TEMPERATURE,
                                                 return_entropy=True, backend=backend),
         "eager": lambda x: eager_logprobs_entropy(x["logits"], x["labels"]),
         "compile": lambda x: compiled(x["logits"], x["labels"]),
     }
-    try:
-        from liger_kernel.transformers.functional import liger_cross_entropy  # noqa: PLC0415
-        if device == "cuda":
+    if device == "cuda":
+        try:
+            from liger_kernel.transformers.functional import liger_cross_entropy  # noqa: PLC0415
             impls["liger(ce only)"] = lambda x: -liger_cross_entropy(
                 x["logits"] / TEMPERATURE, x["labels"], reduction="none")
-    except ImportError:
-        pass
+        except Exception as e:  # noqa: BLE001 - a peer that does not import is left out, not fatal
+            if not isinstance(e, ImportError):
+                print(f"  liger left out: {type(e).__name__}: {str(e)[:200]}")
     elem = torch.finfo(dtype).bits // 8
     nbytes = n * v * elem
     name = f"N={n} V={v} {str(dtype).replace('torch.', '')}"
     return Case(name, {"N": n, "V": v, "dtype": str(dtype).replace("torch.", ""), "device": device},
                 make_inputs, impls, grad_inputs=("logits",),
-                bytes_moved={"fwd": nbytes, "bwd": 2 * nbytes, "fwd+bwd": 3 * nbytes})
+                bytes_moved={"fwd": nbytes, "bwd": 2 * nbytes, "fwd+bwd": 3 * nbytes}, copy_input="logits")
 
 
-def cases_for(device: str, quick: bool = False):
+def cases_for(device: str, quick: bool = False, size: dict | None = None):
+    if size:  # --size N=..,V=..: one case (bf16 on CUDA, fp32 on CPU)
+        return [make_case(size["N"], size["V"], torch.bfloat16 if device == "cuda" else torch.float32, device)]
     if device == "cuda":
         shapes = [(8192, 128256), (8192, 151936)] if not quick else [(1024, 151936)]
         return [make_case(n, v, torch.bfloat16, device) for n, v in shapes]

@@ -26,7 +26,8 @@ def _run(tmp_path, *args):
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_compile_check", "--jobs", "1", "--out", str(out), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    with open(out / "gpu-compile-check.csv") as f:
+    [csv_path] = out.glob("gpu-compile-check*.csv")
+    with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     return proc, rows
 
@@ -141,3 +142,32 @@ def test_judge_limits():
     assert gcc.judge(_result(arch=90, dynamic_shared=166913)) == []
     assert "spills" in gcc.judge(_result(stack=8, spill_stores=4, spill_loads=4))[0]
     assert gcc.judge(_result(error="CompilationError: boom"))[0].startswith("compile error")
+
+
+def test_allowed_spills_are_per_variant_version_and_size():
+    listed = dict(kernel="_gae_scan_kernel", arch=80, num_warps=4, variant="ptr fp64/i64/u8; GAMMA=1; F64; BLOCK=1024",
+                  stack=8, spill_stores=4, spill_loads=4)
+    assert gcc.judge(_result(**listed, triton="3.6.0")) == []
+    assert "spills" in gcc.judge(_result(**listed, triton="3.9.0"))[0]          # listed for triton 3.6.0 only
+    assert "spills" in gcc.judge(_result(**{**listed, "stack": 16}, triton="3.6.0"))[0]   # larger than allowed
+    assert "spills" in gcc.judge(_result(**{**listed, "num_warps": 8}, triton="3.6.0"))[0]  # another variant
+    any_version = dict(kernel="_gae_scan_kernel", arch=80, num_warps=4, variant="F64; BLOCK=256", stack=8,
+                       spill_stores=4, spill_loads=4)
+    assert gcc.judge(_result(**any_version, triton="3.9.0")) == []
+
+
+def test_fingerprint_follows_source_specialisation_and_version(tmp_path, monkeypatch):
+    (tmp_path / "helpers.py").write_text("H = 1\n")
+    (tmp_path / "mod.py").write_text("from .helpers import H\n")
+    monkeypatch.setattr(gcc, "KERNELS_DIR", tmp_path)
+    task = dict(module="alignops.kernels.mod", kernel="k", arch=90, signature={"x": "*fp32"}, constexprs={(1,): 4},
+                attrs={(0,): [["tt.divisibility", 16]]},
+                options={"num_warps": 4, "extern_libs": (("libdevice", "/a/site-packages/triton/libdevice.10.bc"),)})
+    base = gcc.fingerprint(task, "3.9.0")
+    moved = dict(task, options={"num_warps": 4, "extern_libs": (("libdevice", "/elsewhere/libdevice.10.bc"),)})
+    assert gcc.fingerprint(moved, "3.9.0") == base                               # a clone elsewhere agrees
+    assert gcc.fingerprint(task, "3.6.0") != base
+    assert gcc.fingerprint(dict(task, constexprs={(1,): 8}), "3.9.0") != base
+    assert gcc.fingerprint(dict(task, arch=80), "3.9.0") != base
+    (tmp_path / "helpers.py").write_text("H = 2\n")                             # an imported kernels module
+    assert gcc.fingerprint(task, "3.9.0") != base
