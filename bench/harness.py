@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import fnmatch
-import functools
 import gc
 import json
 import os

@@ -49,7 +49,7 @@ def require_framework(distribution: str, module: str | None = None):
         pytest.skip(f"{distribution} is not installed (make integrations)", allow_module_level=True)
 
 
-def checkout_root():
+def checkout_root(module_level: bool = False):
     """The alignops source checkout, for the few tests that read files the installed package does
     not carry (csrc/, the docs): ALIGNOPS_CHECKOUT when set (the wheel check runs the tests from a
     copy outside the tree, against the installed package), else the tree these tests sit in; a
@@ -58,7 +58,8 @@ def checkout_root():
     env = os.environ.get("ALIGNOPS_CHECKOUT")
     root = pathlib.Path(env) if env else pathlib.Path(__file__).resolve().parents[1]
     if not (root / "setup.py").exists() or not (root / "csrc").is_dir():
-        pytest.skip("needs a checkout of the alignops repository (set ALIGNOPS_CHECKOUT to one)")
+        pytest.skip("needs a checkout of the alignops repository (set ALIGNOPS_CHECKOUT to one)",
+                    allow_module_level=module_level)
     return root
 
 

@@ -10,13 +10,14 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import checkout_root  # noqa: E402
+
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = checkout_root(module_level=True)  # runs bench/gpu_compile_check.py
 
 from bench import gpu_compile_check as gcc  # noqa: E402  (stdlib only at import: no triton, no torch)
 

@@ -14,6 +14,7 @@ from alignops.train.__main__ import main
 from alignops.train.loops.base import DataLoop, parse_options
 from alignops.train.presets import PRESETS, make_config
 from alignops.train.trainer import setup, train
+from tests.conftest import checkout_root
 
 MICRO = dict(hidden_size=32, num_layers=1, num_prompts=2, num_generations=4, max_completion_length=3,
              eval_size=8, eval_every=100, init_from="none", progress=False, max_steps=2)
@@ -89,7 +90,7 @@ def test_a_loop_refuses_torchrun(tmp_path, monkeypatch):
 
 
 def test_the_trainer_doc_lists_every_preset_with_a_line():
-    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "trainer.md")).read()
+    doc = (checkout_root() / "docs" / "trainer.md").read_text()
     rows = {line.split("|")[1].strip().strip("`") for line in doc.splitlines()
             if line.startswith("| `") and line.count("|") >= 3}
     assert set(PRESETS) <= rows, sorted(set(PRESETS) - rows)

@@ -9,8 +9,9 @@ import pathlib
 import pytest
 
 from alignops.policy import METHODS, kernel_abi
+from tests.conftest import checkout_root
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = checkout_root(module_level=True)  # reads the source tree: alignops/, csrc/, tests/
 
 
 def package_modules(root: pathlib.Path = ROOT) -> dict[str, pathlib.Path]:
