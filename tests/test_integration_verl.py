@@ -2,7 +2,9 @@
 
 Policy losses: every verl loss whose math alignops has (vanilla, gspo, cispo, gpg, sapo) against
 the alignops entries it maps to, for every loss_agg_mode, with and without global_batch_info:
-values, gradients w.r.t. log_prob and the metrics both compute. Advantage estimators against
+values, gradients w.r.t. log_prob and the metrics both compute. At verl's config defaults each
+`alignops_<method>` is ao.policy_loss(method=...) at the method's own defaults; verl's fields set
+away from their defaults win. verl's kl_loss_type names against verl's kl_penalty. Advantage estimators against
 verl's own. The fused forward against verl's CPU path FusedLinearForPPO(impl_backend="torch"),
 and through verl's patched HF forwards. Registration through the `verl.plugins` entry point in a
 fresh interpreter.
@@ -11,6 +13,7 @@ fresh interpreter.
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,7 +33,10 @@ from verl.workers.config import ActorConfig  # noqa: E402
 
 import alignops as ao  # noqa: E402
 import alignops.integrations.verl as aov  # noqa: E402
+from alignops.policy import math as pmath  # noqa: E402
 from alignops.policy.registry import method_names  # noqa: E402
+from alignops.policy.math import VERL_KL_LOSS_TYPES  # noqa: E402
+from alignops.train.presets import make_config  # noqa: E402
 
 AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 B, T = 6, 9
@@ -83,12 +89,25 @@ def run_loss(fn, logp, old, adv, mask, mode, config, is_weights):
     return loss.detach(), grad, metrics
 
 
+def agg_as_given(method, mode, loss_mode=None):
+    """The policy_loss node that makes alignops `method` aggregate by `mode` even where `mode` is
+    verl's default (token-mean), which gives way to the method's own aggregation (gspo, dr_grpo,
+    reinforce) unless policy_loss.alignops.agg says otherwise."""
+    kw = {} if loss_mode is None else {"loss_mode": loss_mode}
+    if mode == aov.VERL_DEFAULTS["loss_agg_mode"] and aov.own_default(method, "agg") is not None:
+        kw["alignops"] = {"agg": mode}
+    return aov.AlignopsPolicyLossConfig(**kw)
+
+
 @pytest.mark.parametrize("info", ["local", "global"])
 @pytest.mark.parametrize("mode", AGG_MODES)
 @pytest.mark.parametrize("verl_name,method", PAIRS)
 def test_policy_loss_equals_verl(verl_name, method, mode, info):
+    """verl's fields set away from their defaults reach alignops as they reach verl's losses
+    (at verl's defaults the methods keep their own: test_methods_keep_their_defaults_in_verl)."""
     logp, old, adv, mask, isw = policy_inputs(row_advantages=method == "gspo")
-    cfg = actor_config(mode, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
+    cfg = actor_config(mode, clip_ratio_low=0.15, clip_ratio_high=0.28, clip_ratio_c=3.0,
+                       policy_loss=agg_as_given(method, mode))
     cfg.global_batch_info.update(global_info(info, mask))
     # GSPO's sequence form equals verl's token form only for sequence-level advantages and weights
     for weights in (None,) if method == "gspo" else (None, isw):
@@ -198,6 +217,95 @@ def test_all_masked_batch_is_finite():
         assert loss == 0 and (grad == 0).all()
 
 
+def test_verl_defaults_are_the_installed_verls():
+    """The values that count as "unset" are verl 0.9.1's ActorConfig defaults."""
+    assert aov.VERL_DEFAULTS == {"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.2,
+                                 "clip_ratio_c": 3.0, "loss_agg_mode": "token-mean"}
+    cfg = actor_config()
+    assert {k: getattr(cfg, k) for k in aov.VERL_DEFAULTS} == aov.VERL_DEFAULTS
+
+
+def at_own_defaults(method):
+    """ao.policy_loss keywords beyond `method`'s own defaults that alignops_<method> takes from verl at
+    verl's defaults: verl's dual clip 3.0 on the PPO surrogates without one of their own, and for
+    seq-mean-token-sum-norm verl's constant C (the padded response length without loss_scale_factor)."""
+    kw = {}
+    if method in aov.DUAL_CLIP_METHODS and aov.own_default(method, "clip_ratio_c") is None:
+        kw["clip_ratio_c"] = 3.0
+    if aov.own_default(method, "agg") == "seq-mean-token-sum-norm":
+        kw["max_len"] = T
+    return kw
+
+
+def test_methods_keep_their_defaults_in_verl():
+    """At verl's config defaults (clip_ratio_low/high 0.2/0.2, clip_ratio_c 3.0, loss_agg_mode
+    token-mean) `alignops_<method>` is ao.policy_loss(method=...) at the method's own defaults:
+    alignops_dapo is not verl's plain PPO, alignops_gspo runs at 3e-4/4e-4 seq-mean-token-mean."""
+    logp, old, adv, mask, _ = policy_inputs()
+    cfg = actor_config()
+    for method in method_names():
+        loss, grad, _ = run_loss(core_algos.get_policy_loss_fn("alignops_" + method), logp, old, adv, mask,
+                                 "token-mean", cfg, None)
+        x = logp.clone().requires_grad_()
+        ref = ao.policy_loss(x, old, adv, mask, method=method, **at_own_defaults(method)).loss
+        (ref_grad,) = torch.autograd.grad(ref, x)
+        torch.testing.assert_close(loss, ref.detach(), msg=method)
+        torch.testing.assert_close(grad, ref_grad, msg=method)
+    kw = {m: aov.policy_loss_kwargs(m, cfg, "token-mean", mask) for m in method_names()}
+    assert (kw["dapo"]["clip_low"], kw["dapo"]["clip_high"]) == (0.2, 0.28)
+    assert (kw["gspo"]["clip_low"], kw["gspo"]["clip_high"], kw["gspo"]["agg"]) == (3e-4, 4e-4, "seq-mean-token-mean")
+    assert (kw["cispo"]["clip_low"], kw["cispo"]["clip_high"]) == (1.0, 0.2)
+    assert (kw["cispo_scalerl"]["clip_low"], kw["cispo_scalerl"]["clip_high"]) == (1.0, 4.0)
+    assert kw["gppo_klear"]["clip_ratio_c"] == 10.0 and kw["dapo"]["clip_ratio_c"] == 3.0
+    assert kw["dr_grpo"]["agg"] == "seq-mean-token-sum-norm" and kw["reinforce"]["agg"] == "seq-mean-token-sum"
+
+    def verl(name, method):
+        a = run_loss(core_algos.get_policy_loss_fn(name), logp, old, adv, mask, "token-mean", cfg, None)
+        b = run_loss(core_algos.get_policy_loss_fn("alignops_" + method), logp, old, adv, mask, "token-mean", cfg,
+                     None)
+        return torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1])
+    # alignops's PPO is verl's vanilla at verl's defaults; the presets are other methods (these inputs tell)
+    assert verl("vanilla", "ppo") and verl("vanilla", "grpo")
+    for name, method in (("vanilla", "dapo"), ("vanilla", "dr_grpo"), ("gspo", "gspo-token"), ("cispo", "cispo"),
+                         ("vanilla", "gppo_klear")):
+        assert not verl(name, method), method
+
+
+def test_verl_fields_set_away_from_defaults_win():
+    logp, old, adv, mask, _ = policy_inputs()
+
+    def check(method, cfg, mode="token-mean", **ref_kw):
+        loss, grad, _ = run_loss(core_algos.get_policy_loss_fn("alignops_" + method), logp, old, adv, mask, mode,
+                                 cfg, None)
+        x = logp.clone().requires_grad_()
+        ref = ao.policy_loss(x, old, adv, mask, method=method, **ref_kw).loss
+        (ref_grad,) = torch.autograd.grad(ref, x)
+        torch.testing.assert_close(loss, ref.detach(), msg=method)
+        torch.testing.assert_close(grad, ref_grad, msg=method)
+
+    high = actor_config(clip_ratio_high=0.35)
+    # the user's upper bound; the lower one, left at verl's default, is the method's own
+    check("dapo", high, clip_high=0.35, clip_ratio_c=3.0)
+    check("gspo", high, clip_high=0.35)
+    check("cispo", high, clip_high=0.35)
+    check("gspo-token", actor_config("seq-mean-token-sum", clip_ratio_low=0.1), "seq-mean-token-sum",
+          clip_low=0.1, agg="seq-mean-token-sum")
+    check("gppo_klear", actor_config(clip_ratio_c=5.0), clip_ratio_c=5.0)
+    check("dr_grpo", actor_config("seq-mean-token-mean"), "seq-mean-token-mean", agg="seq-mean-token-mean",
+          clip_ratio_c=3.0)
+    # verl's numbers on purpose, though they are verl's defaults: policy_loss.alignops always wins
+    verl_numbers = actor_config(policy_loss=aov.AlignopsPolicyLossConfig(
+        alignops={"clip_low": 0.2, "clip_high": 0.2, "agg": "token-mean"}))
+    ref = run_loss(core_algos.get_policy_loss_fn("gspo"), logp, old, adv, mask, "token-mean", actor_config(), None)
+    got = run_loss(core_algos.get_policy_loss_fn("alignops_gspo-token"), logp, old, adv, mask, "token-mean",
+                   verl_numbers, None)
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])
+    bad = actor_config(policy_loss=aov.AlignopsPolicyLossConfig(alignops={"agg": "sum"}))
+    with pytest.raises(ValueError, match="policy_loss.alignops.agg"):
+        aov.policy_loss_fn("gspo")(old, logp, adv, mask, "token-mean", bad, None)
+
+
 def test_alignops_options_from_config():
     logp, old, adv, mask, _ = policy_inputs()
     plain = actor_config(clip_ratio_high=0.28)
@@ -252,6 +360,74 @@ def test_bad_config_is_named():
         aov.policy_loss_fn("vanilla")
 
 
+# --------------------------------------------------------------------------------------------
+# verl's kl_loss_type names: the trainer's --kl_loss_type and the integration translate them
+
+
+def kl_inputs():
+    """float64 log-probs whose u = ref - logp spans |u| > 20 (verl clamps u) and k3 > 10 (verl clamps
+    the value) as well as ordinary values."""
+    g = torch.Generator().manual_seed(11)
+    logp = -torch.rand(64, generator=g, dtype=torch.float64) * 4
+    u = torch.randn(64, generator=g, dtype=torch.float64) * 2
+    u[:6] = torch.tensor([25.0, -25.0, 13.0, -13.0, 3.0, 1e-9], dtype=torch.float64)
+    return logp, logp + u
+
+
+@pytest.mark.parametrize("kl_loss_type", sorted(VERL_KL_LOSS_TYPES))
+def test_kl_loss_type_means_verls(kl_loss_type):
+    """verl's kl_loss_type value, through the integration's and the trainer's translation, computes
+    what verl's kl_penalty computes: values and gradients, to float64 tolerance."""
+    logp, ref = kl_inputs()
+    estimator = aov.kl_estimator_from_verl(kl_loss_type)
+    assert make_config("grpo", {"kl_loss_type": kl_loss_type}).kl_estimator == estimator
+    x, y = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    want = core_algos.kl_penalty(x, ref, kl_loss_type)
+    got = pmath.kl_penalty(y, ref, estimator)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn(logp.shape, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    (dwant,) = torch.autograd.grad((want * g).sum(), x)
+    (dgot,) = torch.autograd.grad((got * g).sum(), y)
+    torch.testing.assert_close(dgot, dwant, rtol=1e-12, atol=1e-12)
+    # and as the KL term of ao.policy_loss against verl's KL loss (token-mean)
+    mask = torch.ones(4, 16, dtype=torch.bool)
+    mask[1, 9:] = False
+    z = logp.reshape(4, 16).clone().requires_grad_()
+    out = ao.policy_loss(z, None, torch.zeros(4), mask, method="ppo", ref_logp=ref.reshape(4, 16), kl_coef=1.0,
+                         kl_estimator=estimator)
+    verl_kl = core_algos.agg_loss(core_algos.kl_penalty(logp.reshape(4, 16), ref.reshape(4, 16), kl_loss_type),
+                                  mask, "token-mean")
+    torch.testing.assert_close(out.loss.detach(), verl_kl, rtol=1e-12, atol=1e-12)
+
+
+def test_alignops_k3_is_not_verls_k3():
+    """alignops's kl_estimator 'k3' is the exact k3; verl's 'k3' clamps (and is alignops's low_var_kl)."""
+    logp, ref = kl_inputs()
+    assert aov.kl_estimator_from_verl("k3") == "low_var_kl"
+    assert not torch.allclose(pmath.kl_penalty(logp, ref, "k3"), core_algos.kl_penalty(logp, ref, "k3"))
+    assert make_config("grpo", {"kl_estimator": "k3"}).kl_estimator == "k3"
+
+
+@pytest.mark.parametrize("kl_loss_type", ["abs", "full", "kl+", "k1+", "k3+", "low_var_kl+", "abs+", "k4", "K3"])
+def test_kl_loss_type_without_an_alignops_estimator_is_refused(kl_loss_type):
+    logp, ref = kl_inputs()
+    if kl_loss_type in ("full", "k4", "K3"):   # verl itself has none
+        with pytest.raises(NotImplementedError):
+            core_algos.kl_penalty(logp, ref, kl_loss_type)
+    else:                                      # verl computes these; alignops has no estimator for them
+        assert torch.isfinite(core_algos.kl_penalty(logp, ref, kl_loss_type)).all()
+    for translate in (aov.kl_estimator_from_verl, lambda v: make_config("grpo", {"kl_loss_type": v})):
+        with pytest.raises(ValueError, match=re.escape(repr(kl_loss_type))):
+            translate(kl_loss_type)
+
+
+def test_kl_estimator_is_not_an_alignops_option():
+    logp, old, adv, mask, _ = policy_inputs()
+    owned = actor_config(policy_loss=aov.AlignopsPolicyLossConfig(alignops={"kl_estimator": "k3"}))
+    with pytest.raises(ValueError, match="kl_loss_type.*low_var_kl"):
+        aov.policy_loss_fn("grpo")(old, logp, adv, mask, "token-mean", owned, None)
+
+
 def verl_engine_batch(logp, old, adv, mask):
     """The TensorDict verl's engine workers hand to workers/utils/losses.py::ppo_loss: padded
     prompts and responses, log-probs and entropy packed [total_nnz] (shifted by one token), and
@@ -289,8 +465,10 @@ def test_through_verl_ppo_loss(verl_name, method, mode):
     entropy = torch.rand(B, T, generator=torch.Generator().manual_seed(8))
     results = []
     for loss_mode in (verl_name, "alignops_" + method):
-        cfg = actor_config(mode, clip_ratio_high=0.28, use_kl_loss=True, entropy_coeff=0.01, loss_scale_factor=11,
-                           policy_loss=PolicyLossConfig(loss_mode=loss_mode))
+        policy = agg_as_given(method, mode, loss_mode) if loss_mode.startswith("alignops_") \
+            else PolicyLossConfig(loss_mode=loss_mode)
+        cfg = actor_config(mode, clip_ratio_low=0.15, clip_ratio_high=0.28, use_kl_loss=True, entropy_coeff=0.01,
+                           loss_scale_factor=11, policy_loss=policy)
         flat_logp, flat_ent = packed(logp).requires_grad_(), packed(entropy).requires_grad_()
         loss, metrics = ppo_loss(cfg, {"log_probs": flat_logp, "entropy": flat_ent}, data)
         results.append((loss.detach(), *torch.autograd.grad(loss, (flat_logp, flat_ent)),

@@ -148,6 +148,31 @@ def test_aliases_map_to_trl_names():
     assert make_config("grpo", {"loss_type": "dr_grpo"}).loss_type == "seq-mean-token-sum-norm"
 
 
+def test_kl_loss_type_alias_takes_verls_meaning():
+    """--kl_loss_type is verl's name with verl's values: verl's k3 and low_var_kl are both the clamped k3,
+    alignops's low_var_kl; --kl_estimator k3 stays alignops's exact k3. (Against verl's own kl_penalty:
+    tests/test_integration_verl.py.)"""
+    import argparse
+    import re
+
+    from alignops.train.config import add_config_arguments
+
+    for verl_name, ours in (("k3", "low_var_kl"), ("low_var_kl", "low_var_kl"), ("kl", "k1"), ("k1", "k1"),
+                            ("mse", "k2"), ("k2", "k2"), ("k2+", "k2")):
+        assert make_config("grpo", {"kl_loss_type": verl_name}).kl_estimator == ours
+    assert make_config("grpo", {"kl_estimator": "k3"}).kl_estimator == "k3"
+    assert make_config("simplerl", {"kl-loss-type": "k1"}).kl_estimator == "k1"   # over the preset's low_var_kl
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    for argv, want in ((["--kl_loss_type", "k3"], "low_var_kl"), (["--kl_estimator", "k3"], "k3")):
+        assert make_config("grpo", vars(parser.parse_args(argv))).kl_estimator == want
+    with pytest.raises(ValueError, match="give one"):
+        make_config("grpo", vars(parser.parse_args(["--kl_loss_type", "k3", "--kl_estimator", "k3"])))
+    for refused in ("abs", "k3+", "full", "nope"):
+        with pytest.raises(ValueError, match=re.escape(repr(refused))):
+            make_config("grpo", {"kl_loss_type": refused})
+
+
 # --------------------------------------------------------------------------------------------
 # the same math inside a real loop, data policies, the PPO family
 

@@ -8,13 +8,21 @@ when `verl` itself is imported (in the driver and in every Ray worker), and the 
     actor_rollout_ref.actor.policy_loss.loss_mode=alignops_dapo   # any ao.policy.registry method
     algorithm.adv_estimator=alignops_grpo                         # grpo, rloo, gpg, remax, ...
 
-verl's own fields keep their meaning (clip_ratio_low/high, clip_ratio_c, tau_pos/tau_neg,
-loss_agg_mode, loss_scale_factor and the global batch normalisers of `global_batch_info`).
-alignops-only options go in a `policy_loss.alignops` mapping, which verl's structured config
-accepts once `policy_loss._target_` names `AlignopsPolicyLossConfig`:
+`alignops_<method>` is that method, with its own defaults: a verl field the loss reads
+(clip_ratio_low/high, clip_ratio_c, loss_agg_mode) that is at verl's default counts as unset, and the
+method's own default applies where it has one (alignops_gspo: 3e-4/4e-4 and seq-mean-token-mean;
+alignops_dapo: clip high 0.28; alignops_cispo: no lower bound). A field set to any other value is
+used as verl's own losses use it (see policy_loss_kwargs). loss_scale_factor, tau_pos/tau_neg and
+the global batch normalisers of `global_batch_info` keep verl's meaning. alignops-only options, and
+values that must win even when they equal verl's defaults (clip_low, clip_high, clip_ratio_c, agg),
+go in a `policy_loss.alignops` mapping, which verl's structured config accepts once
+`policy_loss._target_` names `AlignopsPolicyLossConfig`:
 
     actor_rollout_ref.actor.policy_loss._target_=alignops.integrations.verl.AlignopsPolicyLossConfig
     +actor_rollout_ref.actor.policy_loss.alignops.gppo_beta1=0.25
+
+verl adds the KL loss itself, with its own `kl_loss_type`: verl's "k3" and "low_var_kl" are both the
+clamped k3, alignops's "low_var_kl" (`kl_estimator_from_verl` translates verl's names).
 
 The fused forward: `install_fused_forward()` (or ALIGNOPS_VERL_FUSED_FORWARD=1 in the workers'
 environment) makes verl's `linear_cross_entropy` and `FusedLinearForPPO` compute log-probs and
@@ -40,27 +48,49 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 import alignops as ao
-from alignops.policy.registry import method_names
+from alignops.policy.registry import SHARED_DEFAULTS, get_method, method_names
+from alignops.policy.math import VERL_KL_LOSS_TYPES, kl_estimator_from_verl  # noqa: F401 - re-exported
 
 PREFIX = "alignops_"
 FUSED_FORWARD_ENV = "ALIGNOPS_VERL_FUSED_FORWARD"
 
 # verl applies its dual clip (clip_ratio_c, default 3.0) only in its PPO surrogate ("vanilla");
-# these alignops methods are that surrogate, so they take it. The others keep alignops's default
-# (off) unless policy_loss.alignops.clip_ratio_c sets it.
+# these alignops methods are that surrogate, so they take it (at verl's default, gppo_klear keeps
+# its own 10). The others keep alignops's default (off) unless policy_loss.alignops.clip_ratio_c sets it.
 DUAL_CLIP_METHODS = frozenset({"ppo", "grpo", "dapo", "dr_grpo", "ecpo", "bapo", "gppo", "gppo_klear"})
 # Methods whose "actor/pg_clipfrac" is verl's: the share of tokens where the PPO clip is active.
 CLIPFRAC_METHODS = DUAL_CLIP_METHODS | {"gspo", "gspo-token"}
-# verl's policy_loss_fn adds the KL and entropy terms itself, and the aggregation comes from
-# loss_agg_mode and global_batch_info: these policy_loss arguments are not options here.
+# verl's policy_loss_fn adds the KL and entropy terms itself, and the normaliser comes from
+# global_batch_info: these policy_loss arguments are not options here. (`agg` is an option: it sets the
+# policy term's aggregation whatever loss_agg_mode says, e.g. token-mean for alignops_gspo.)
 _VERL_OWNED = {
-    "kl_coef": "actor.use_kl_loss / kl_loss_coef", "kl_estimator": "actor.kl_loss_type",
+    "kl_coef": "actor.use_kl_loss / kl_loss_coef",
+    "kl_estimator": "actor.kl_loss_type, in verl's names: verl computes the KL loss itself, and its 'k3' and "
+                    "'low_var_kl' are both alignops's low_var_kl (alignops.integrations.verl.kl_estimator_from_verl)",
     "ref_logp": "actor.use_kl_loss", "entropy": "actor.entropy_coeff", "entropy_coef": "actor.entropy_coeff",
-    "agg": "actor.loss_agg_mode", "normalizer": "the global batch info verl sets",
+    "normalizer": "the global batch info verl sets",
     "max_len": "actor.loss_scale_factor", "rollout_is_weights": "algorithm.rollout_correction",
     "cu_seqlens": "verl's padded [B, T] layout", "method": "policy_loss.loss_mode",
 }
 _AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+# verl's ActorConfig defaults of the fields an alignops loss reads (verl 0.9.1's, read from the
+# installed verl where it is there). A field at its default counts as unset (policy_loss_kwargs).
+_VERL_0_9_DEFAULTS = {"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.2, "clip_ratio_c": 3.0,
+                      "loss_agg_mode": "token-mean"}
+
+
+def _verl_defaults() -> dict:
+    try:
+        from verl.workers.config import ActorConfig  # noqa: PLC0415
+    except ImportError:
+        return dict(_VERL_0_9_DEFAULTS)
+    fields = {f.name: f.default for f in dataclasses.fields(ActorConfig)}
+    return {k: v if fields.get(k, dataclasses.MISSING) is dataclasses.MISSING else fields[k]
+            for k, v in _VERL_0_9_DEFAULTS.items()}
+
+
+VERL_DEFAULTS = _verl_defaults()
 
 try:
     from verl.workers.config import PolicyLossConfig as _VerlPolicyLossConfig
@@ -144,24 +174,58 @@ def aggregation(loss_agg_mode: str, response_mask: Tensor, global_batch_info: Ma
     return {"agg": loss_agg_mode, "normalizer": rows * scale}
 
 
+def own_default(method: str, knob: str):
+    """`method`'s own default of a shared knob (clip_low, clip_high, clip_ratio_c, agg): its
+    registry default where that differs from the shared one (ppo's), else None."""
+    value = get_method(method).defaults[knob]
+    return None if value == SHARED_DEFAULTS[knob] else value
+
+
+def _from_verl(method: str, knob: str, field: str, value):
+    """verl's `field` (value None: absent) as alignops's `knob` for `method`: at verl's default it
+    counts as unset and gives way to the method's own default, where the method has one."""
+    if value is None or value == VERL_DEFAULTS[field]:
+        own = own_default(method, knob)
+        if own is not None:
+            return own
+    return value
+
+
 def policy_loss_kwargs(method: str, config, loss_agg_mode: str, response_mask: Tensor) -> dict:
-    """ao.policy_loss keywords for `method` from a verl actor config: verl's fields, then the
-    `policy_loss.alignops` mapping on top."""
+    """ao.policy_loss keywords for `method` from a verl actor config.
+
+    Each of verl's clip_ratio_low, clip_ratio_high (clip_ratio where they are null), clip_ratio_c
+    and loss_agg_mode is used as verl's own losses use it, unless it equals verl's default: then
+    the method's own default applies where it has one (gspo 3e-4/4e-4 and seq-mean-token-mean, dapo
+    and gppo 0.28, cispo no lower bound, gppo_klear dual clip 10, dr_grpo seq-mean-token-sum-norm,
+    ...), and verl's default where it has none. The `policy_loss.alignops` mapping comes last and
+    always wins (clip_low, clip_high, clip_ratio_c and agg included)."""
     if config is None:
         raise ValueError("config must be verl's actor config (ActorConfig or its DictConfig), got None")
-    kwargs = aggregation(loss_agg_mode, response_mask, _cfg_get(config, "global_batch_info"))
+    options = alignops_options(config)
+    mode = options.pop("agg", None)
+    if mode is None:
+        mode = _from_verl(method, "agg", "loss_agg_mode", loss_agg_mode)
+    elif mode not in _AGG_MODES:
+        raise ValueError(f"policy_loss.alignops.agg must be one of {_AGG_MODES}, got {mode!r}")
+    kwargs = aggregation(mode, response_mask, _cfg_get(config, "global_batch_info"))
     clip = _cfg_get(config, "clip_ratio")
     low, high = _cfg_get(config, "clip_ratio_low"), _cfg_get(config, "clip_ratio_high")
+    low = _from_verl(method, "clip_low", "clip_ratio_low", clip if low is None else low)
+    high = _from_verl(method, "clip_high", "clip_ratio_high", clip if high is None else high)
     # A lower bound 1 - clip_low <= 0 never binds (ratios are positive): verl's CISPO example writes
     # "no lower bound" as clip_ratio_low=10, alignops as clip_low=1.
-    kwargs["clip_low"] = min(clip if low is None else low, 1.0)
-    kwargs["clip_high"] = clip if high is None else high
+    if low is not None:
+        kwargs["clip_low"] = min(low, 1.0)
+    if high is not None:
+        kwargs["clip_high"] = high
     if method in DUAL_CLIP_METHODS:
-        kwargs["clip_ratio_c"] = _cfg_get(config, "clip_ratio_c", 3.0)
-    if method == "sapo":
+        c = _from_verl(method, "clip_ratio_c", "clip_ratio_c", _cfg_get(config, "clip_ratio_c"))
+        kwargs["clip_ratio_c"] = VERL_DEFAULTS["clip_ratio_c"] if c is None else c
+    if method == "sapo":  # alignops's defaults are verl's (1.0, 1.05)
         kwargs["sapo_tau_pos"] = _cfg_get(config, "tau_pos", 1.0)
         kwargs["sapo_tau_neg"] = _cfg_get(config, "tau_neg", 1.05)
-    kwargs.update(alignops_options(config))
+    kwargs.update(options)
     return kwargs
 
 

@@ -112,3 +112,34 @@ def ratio_metrics(tl: TokenLoss, adv: Tensor, mask: Tensor) -> dict[str, Tensor]
 
 def finalize_metrics(metrics: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().to(torch.float32) for k, v in metrics.items()}
+
+
+# verl's kl_loss_type names -> the alignops estimator that computes the same value and gradient
+# (verl computes "k3" as the clamped k3, alignops's low_var_kl; the trainer's --kl_loss_type and the
+# verl plugin both translate through this).
+VERL_KL_LOSS_TYPES = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "mse+": "k2", "k2+": "k2",
+                      "k3": "low_var_kl", "low_var_kl": "low_var_kl"}
+_VERL_KL_UNSUPPORTED = {
+    "abs": "verl's |logp - ref_logp|, which alignops does not compute",
+    "full": "verl's full-vocabulary KL, which verl itself does not implement (NotImplementedError)",
+}
+
+
+def kl_estimator_from_verl(kl_loss_type) -> str:
+    """The alignops kl_estimator that computes what verl's `kl_loss_type` computes (value and
+    gradient); a ValueError naming the value for the ones alignops has no estimator for."""
+    if not isinstance(kl_loss_type, str):
+        raise TypeError(f"kl_loss_type must be one of verl's names (a str), got {kl_loss_type!r}")
+    if kl_loss_type in VERL_KL_LOSS_TYPES:
+        return VERL_KL_LOSS_TYPES[kl_loss_type]
+    known = sorted(VERL_KL_LOSS_TYPES)
+    base = kl_loss_type[:-1] if kl_loss_type.endswith("+") else None
+    if base in ("kl", "k1", "k3", "low_var_kl", "abs"):
+        raise ValueError(f"kl_loss_type={kl_loss_type!r} is verl's straight-through estimator (the value of "
+                         f"{base!r}, the gradient of k2), which alignops has no estimator for; the verl names alignops "
+                         f"computes: {known} (k3 and low_var_kl both mean the clamped k3, alignops's low_var_kl)")
+    if kl_loss_type in _VERL_KL_UNSUPPORTED:
+        raise ValueError(f"kl_loss_type={kl_loss_type!r} is {_VERL_KL_UNSUPPORTED[kl_loss_type]}; the verl "
+                         f"names alignops computes: {known}")
+    raise ValueError(f"kl_loss_type={kl_loss_type!r} is not one of verl's KL names that alignops computes: "
+                     f"{known} (kl_estimator takes alignops's own names: k1, k2, k3 exact, low_var_kl)")

@@ -1,4 +1,5 @@
-"""Trainer configuration: field names follow TRL; verl and OpenRLHF names are accepted as aliases.
+"""Trainer configuration: field names follow TRL; verl and OpenRLHF names are accepted as aliases
+(and where a verl name's values mean something else, as kl_loss_type's do, they are translated).
 Every method is a named preset (alignops.train.presets) that sets fields, each of which can still
 be overridden on the command line; `validate` checks the result before anything is built."""
 
@@ -7,6 +8,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+
+from alignops.policy.math import VERL_KL_LOSS_TYPES, kl_estimator_from_verl
 
 
 @dataclasses.dataclass
@@ -105,7 +108,6 @@ ALIASES = {
     "clip_ratio_high": "epsilon_high", "clip_high": "epsilon_high",
     "clip_ratio_c": "delta", "dual_clip": "delta",
     "kl_loss_coef": "beta", "kl_coef": "beta", "init_kl_coef": "beta",
-    "kl_loss_type": "kl_estimator",
     "entropy_coef": "entropy_coeff",
     "loss_agg_mode": "loss_type", "agg": "loss_type",
     "rollout_n": "num_generations", "n_samples_per_prompt": "num_generations", "group_size": "num_generations",
@@ -120,6 +122,13 @@ ALIASES = {
     "positive_loss_coeff": "nll_coef", "lm_loss_coef": "nll_coef",
     "train_batch_size": "num_prompts", "rollout_batch_size": "num_prompts",
 }
+
+# verl's actor.kl_loss_type -> alignops kl_estimator (verl 0.9.1, verl.trainer.ppo.core_algos.kl_penalty).
+# verl computes "k3" and "low_var_kl" alike: k3 with u = ref_logp - logp clamped to [-20, 20] and the value
+# to [-10, 10], which is alignops's low_var_kl (alignops's k3 is the exact, unclamped expm1(u) - u). A "+"
+# suffix keeps the value and takes k2's gradient (straight-through); on k2 itself that changes nothing.
+# verl names whose values differ from alignops's: option -> (TrainConfig field, value translation)
+VALUE_ALIASES = {"kl_loss_type": ("kl_estimator", kl_estimator_from_verl)}
 
 # TRL's loss_type names bundle an aggregation; map them to alignops' aggregation modes.
 TRL_LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean",
@@ -148,7 +157,16 @@ def _parse_value(field: dataclasses.Field, text: str):
 
 def apply_overrides(cfg: TrainConfig, overrides: dict) -> TrainConfig:
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for alias, (name, _) in VALUE_ALIASES.items():  # verl's kl_loss_type k3 and kl_estimator k3 differ: one of them
+        keys = [k for k in overrides if k.replace("-", "_") == alias or canonical(k) == name]
+        if len(keys) > 1:
+            raise ValueError(f"{', '.join('--' + k for k in keys)} all set {name}; give one")
     for key, value in overrides.items():
+        alias = key.replace("-", "_")
+        if alias in VALUE_ALIASES:
+            name, translate = VALUE_ALIASES[alias]
+            setattr(cfg, name, translate(value))
+            continue
         name = canonical(key)
         if name not in fields:
             raise ValueError(f"unknown option --{key}; see --help for the options")
@@ -170,6 +188,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"default: {default}" + (f"; aliases: {', '.join('--' + a for a in aliases)}" if aliases else "")
         group.add_argument(f"--{f.name}", *[f"--{a}" for a in aliases], dest=f.name, default=argparse.SUPPRESS,
                            help=help_text, metavar=type(default).__name__.upper() if default is not None else "X")
+    # verl's kl_loss_type keeps its own dest: its values are translated (apply_overrides)
+    group.add_argument("--kl_loss_type", dest="kl_loss_type", default=argparse.SUPPRESS, metavar="STR",
+                       help="verl's name and values for --kl_estimator: " + ", ".join(
+                           f"{k} -> {v}" for k, v in VERL_KL_LOSS_TYPES.items()))
 
 
 def needs_reference(cfg: TrainConfig, preset) -> bool:
