@@ -287,16 +287,18 @@ def _triton_fn(module: str, name: str) -> Callable[[], Callable]:
     return load
 
 
-for _op in ("token_stats_fwd", "token_stats_bwd"):
-    register_kernel(_op, "cpu", _c_op(f"{_op}_cpu"))
-    register_kernel(_op, "cuda", _cuda_op(f"{_op}_cuda"))
-    register_kernel(_op, "triton", _triton_fn("token_stats", _op))
-
-
 def _torch_ref(module: str, name: str) -> Callable[[], Callable]:
     def load():
         return getattr(importlib.import_module(f"alignops.reference.{module}"), name)
     return load
+
+
+# The logits pass (contract: alignops/logits/kernels.py).
+for _op in ("token_stats_fwd", "token_stats_bwd"):
+    register_kernel(_op, "torch", _torch_ref("token_stats", _op))
+    register_kernel(_op, "cpu", _c_op(f"{_op}_cpu"))
+    register_kernel(_op, "cuda", _cuda_op(f"{_op}_cuda"))
+    register_kernel(_op, "triton", _triton_fn("token_stats", _op))
 
 
 # Advantage kernels (contract: alignops/advantages/__init__.py). No cuda kernel: on CUDA tensors

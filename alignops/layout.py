@@ -4,7 +4,8 @@ Two layouts carry the same tokens (docs/design.md §4):
     padded  `[B, T]` token tensors (and `[B, T, V]` logits), row i = batch row i;
     packed  `[N]` token tensors (and `[N, V]` logits) with `cu_seqlens = [B + 1]` row offsets,
             row i = tokens cu_seqlens[i] : cu_seqlens[i + 1].
-A token counts iff its mask is set; masks are bool (or 0/1) tensors shaped like the tokens.
+A token counts iff its mask is set; masks are bool (or 0/1) tensors shaped like the tokens, and any
+other value is an error (check_mask: always on CPU tensors, on GPU ones with validate_mask=True).
 
 The aggregation modes and their default normalisers are docs/methods.md §1.6 and §00.2: the
 normaliser is the whole optimiser step's count, so a micro-batched step passes the value of
@@ -50,29 +51,64 @@ def check_cu_seqlens(cu_seqlens, n_tokens: int, device, name: str = "cu_seqlens"
     return cu
 
 
-def check_mask(mask, shape, device, name: str = "mask", *, zero_one: bool = False) -> Tensor | None:
-    """None, or `mask` as a bool tensor of the token shape (values: bool, or 0/1 of any dtype).
-    With zero_one, a CPU floating-point mask holding anything but 0 and 1 is an error."""
+def check_mask(mask, shape=None, device=None, name: str = "mask", *, validate: bool | None = None,
+               weights: str | None = None) -> Tensor | None:
+    """None, or `mask` as a bool tensor (`mask` itself when it is bool, else `mask != 0`).
+
+    Masks are masks: a bool tensor is taken as it is; an integer or floating-point one must hold
+    only 0 and 1 (NaN is an error too). The values are checked on CPU tensors by default (cheap, no
+    device synchronisation) and on any device with validate=True (on a GPU that costs a host sync);
+    validate=False skips the check. Under torch.compile the default skips it and validate=True
+    asserts on the device. `shape` and `device`, when given, are checked too. `weights` completes
+    the error for a non-0/1 value: where this op takes weights instead (e.g. POLICY_MASK_WEIGHTS)."""
     if mask is None:
         return None
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype.is_complex:
         raise TypeError(f"{name} must be bool or 0/1, got {mask.dtype}")
-    if tuple(mask.shape) != tuple(shape):
+    if shape is not None and tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} shape {tuple(mask.shape)} does not match the token shape {tuple(shape)}")
-    if mask.device != torch.device(device):
+    if device is not None and mask.device != torch.device(device):
         raise ValueError(f"{name} is on {mask.device} but the tokens are on {device}")
-    if (zero_one and mask.dtype.is_floating_point and mask.device.type == "cpu"
-            and not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any())):
-        raise ValueError(f"{name} must hold only 0 and 1")
-    return mask if mask.dtype == torch.bool else mask != 0
+    if validate is not None and not isinstance(validate, bool):
+        raise TypeError(f"validate_mask must be True, False or None, got {type(validate).__name__}")
+    if mask.dtype == torch.bool:
+        return mask
+    _check_zero_one(mask, name, validate, weights)
+    return mask != 0
 
 
-def token_mask(mask, shape, device, name: str = "mask", *, zero_one: bool = False) -> Tensor:
+def _check_zero_one(mask: Tensor, name: str, validate: bool | None, weights: str | None) -> None:
+    compiling = torch.compiler.is_compiling()
+    if validate is None:
+        validate = mask.device.type == "cpu" and not compiling
+    if not validate or mask.numel() == 0:
+        return
+    bad = (mask != 0) & (mask != 1)  # NaN compares unequal to both
+    if compiling:
+        torch._assert_async(~bad.any(), f"{name} must hold only 0 and 1 (or False/True) (validate_mask=True)")
+        return
+    if not bool(bad.any()):
+        return
+    where = tuple(int(i) for i in bad.nonzero()[0])
+    value = mask[where].item()
+    at = where[0] if len(where) == 1 else where
+    msg = f"{name} must hold only 0 and 1 (or False/True), found {value} at index {at}"
+    if math.isfinite(value):
+        msg += "; a mask is not a weight" + (f": {weights}" if weights else "")
+    raise ValueError(msg)
+
+
+def token_mask(mask, shape, device, name: str = "mask", *, validate: bool | None = None,
+               weights: str | None = None) -> Tensor:
     """check_mask, with None meaning every token."""
-    checked = check_mask(mask, shape, device, name, zero_one=zero_one)
+    checked = check_mask(mask, shape, device, name, validate=validate, weights=weights)
     return torch.ones(tuple(shape), dtype=torch.bool, device=device) if checked is None else checked
+
+
+# Where the policy losses take per-token weights: the end of their mask errors (check_mask(weights=)).
+POLICY_MASK_WEIGHTS = "per-token weights go in rollout_is_weights="
 
 
 # --------------------------------------------------------------------------------------------

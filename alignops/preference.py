@@ -286,7 +286,8 @@ def _group_index(rows: int, group_size, group_ids, device):
 
 def gvpo_loss(logp: Tensor, anchor_logp: Tensor, rewards: Tensor, *, mask: Optional[Tensor] = None,
               group_size: Optional[int] = None, group_ids: Optional[Tensor] = None,
-              beta: float = 0.1, reduction: str = "mean", normalizer=None) -> PreferenceOutput:
+              beta: float = 0.1, reduction: str = "mean", normalizer=None,
+              validate_mask: Optional[bool] = None) -> PreferenceOutput:
     """GVPO (docs/methods.md 2.14): per group g of k rows,
 
         L_g = 1/(k-1) * 1/2 * sum_i [ (R~_i - mean_g R~) - (R_i - mean_g R) ]^2,   R~ = beta (S - S_anc)
@@ -294,8 +295,9 @@ def gvpo_loss(logp: Tensor, anchor_logp: Tensor, rewards: Tensor, *, mask: Optio
     with S the **summed** sequence log-prob under the policy (with gradient) and S_anc under the
     anchor (the rollout policy in the authors' code; the reference model is valid too).
     `logp`/`anchor_logp`: `[B]` sequence sums (e.g. `sequence_logprobs`), or `[B, T]` token
-    log-probs with `mask` (summed here in fp32). Groups: `group_size=k` (consecutive rows) or
-    `group_ids=[B]` (the latter synchronises with the host to count groups). k >= 2.
+    log-probs with `mask` (summed here in fp32; bool or 0/1, any other value is an error, checked on
+    CPU tensors and, with `validate_mask=True`, on GPU ones). Groups: `group_size=k` (consecutive
+    rows) or `group_ids=[B]` (the latter synchronises with the host to count groups). k >= 2.
 
     reduction "mean" (default, ours): sum of L_g / normalizer (default: the number of groups);
     "sum": the authors' code, which sums over the groups of the micro-batch.
@@ -308,7 +310,8 @@ def gvpo_loss(logp: Tensor, anchor_logp: Tensor, rewards: Tensor, *, mask: Optio
     beta = _check_positive(beta, "beta")
     dtype = _float_dtype(logp, anchor_logp)
     if logp.dim() == 2:
-        valid = check_mask(mask, logp.shape, logp.device)
+        valid = check_mask(mask, logp.shape, logp.device, validate=validate_mask,
+                           weights="gvpo_loss takes no per-token weights")
         if valid is None:
             raise ValueError("token-level logp [B, T] needs mask")
         zero = torch.zeros((), dtype=dtype, device=logp.device)
@@ -381,12 +384,13 @@ def _stack_layers(x: HiddenStates, name: str) -> Tensor:
 
 def rahf_loss(lora_hidden: HiddenStates, base_hidden: HiddenStates, direction: HiddenStates,
               mask: Optional[Tensor] = None, alpha: float = 5.0, *,
-              count_padding: bool = False) -> PreferenceOutput:
+              count_padding: bool = False, validate_mask: Optional[bool] = None) -> PreferenceOutput:
     """RAHF's representation loss (docs/methods.md 2.26): per layer l and response position (b, t),
 
         d = || h^LoRA_lbt - (h^base_lbt + alpha v_lbt) ||_2          (unsquared L2 over H)
 
-    averaged over the valid positions (mask [B, T]) of each layer, then over layers. The target
+    averaged over the valid positions (mask [B, T], bool or 0/1: any other value is an error, checked on
+    CPU tensors, and on GPU ones with `validate_mask=True`) of each layer, then over layers. The target
     (base + alpha v) is detached. `count_padding=True` reproduces the authors' code, which zeroes
     masked positions but still counts them in the mean (dividing by B*T). Inputs: one tensor per
     layer ([B, T, H] each, a list) or stacked [L, B, T, H]; the layer ids are the caller's (HF's
@@ -406,7 +410,8 @@ def rahf_loss(lora_hidden: HiddenStates, base_hidden: HiddenStates, direction: H
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite float, got {alpha!r}")
     n_layers, batch, seq, _ = h.shape
-    valid = check_mask(mask, (batch, seq), h.device)
+    valid = check_mask(mask, (batch, seq), h.device, validate=validate_mask,
+                       weights="rahf_loss takes no per-token weights")
     dtype = _float_dtype(h, base, v)
     target = (base.detach().to(dtype) + float(alpha) * v.detach().to(dtype))
     # vector_norm's backward is 0 (not NaN) where the difference is exactly 0: the alpha = 0,

@@ -27,12 +27,16 @@ from torch import Tensor
 from alignops import layout
 from alignops._validate import check_choice
 from alignops.layout import check_cu_seqlens, check_mask
-from alignops.token_stats import check_logits_labels, token_logprobs
+from alignops.logits.sources import check_logits_labels
+from alignops.token_stats import token_logprobs
 
 SFT_WEIGHTINGS = ("none", "dft", "chord_phi", "iw")
 SEQUENCE_REDUCTIONS = ("sum", "mean")
 # docs/methods.md 00.3 / 00.15: sequence-level log-ratios are clamped before exp.
 IW_LOG_CLAMP = 20.0
+# The end of sft_loss's error for a mask that is not 0/1 (alignops.layout.check_mask).
+SFT_MASK_WEIGHTS = ("sft_loss weights whole sequences with seq_weights= [B] (and tokens by their own "
+                    "probability with weighting=); it has no per-token weights")
 
 
 @dataclasses.dataclass
@@ -88,19 +92,23 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = N
                       reduction: str = "sum", *, cu_seqlens: Optional[Tensor] = None,
                       temperature: float = 1.0, ignore_index: int = -100,
                       return_lengths: bool = False, backend: Optional[str] = None,
-                      vocab_process_group=None, vocab_start: Optional[int] = None):
+                      vocab_process_group=None, vocab_start: Optional[int] = None,
+                      validate_mask: Optional[bool] = None):
     """Per-sequence log-probability of the labels: `S_i = sum_t m_it logp_it` ("sum", DPO, GVPO)
     or `S_i / L_i` ("mean", IPO and ORPO; an empty row gives 0), docs/methods.md 1.13.
 
     Args:
         logits: `[B, T, V]`, or packed `[N, V]` with `cu_seqlens`.
         labels: `[B, T]` (or `[N]`), already aligned with the logits (shifted by the caller).
-        mask: same shape as labels, bool or 0/1; None = every label != ignore_index counts.
+        mask: same shape as labels, bool or 0/1 (any other value is an error); None = every
+            label != ignore_index counts.
         reduction: "sum" or "mean" over the valid positions of each row.
         cu_seqlens: `[B+1]` int row boundaries of the packed layout.
         temperature, ignore_index, backend, vocab_process_group, vocab_start: as in
             `alignops.token_stats` (the last two: logits sharded over the vocabulary).
         return_lengths: also return `L_i`, the number of valid positions per row (int64).
+        validate_mask: check that a non-bool mask holds only 0 and 1; default: only for CPU
+            tensors, where it costs no device synchronisation (as `validate_labels`).
 
     Returns:
         `[B]` fp32 (fp64 for fp64 logits) with autograd; `(S, L)` with return_lengths. One fused
@@ -109,16 +117,18 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = N
     return sequence_logprobs_from(
         lambda lab: token_logprobs(logits, lab, temperature=temperature, ignore_index=ignore_index, backend=backend,
                                    vocab_process_group=vocab_process_group, vocab_start=vocab_start),
-        labels, mask, reduction, cu_seqlens, ignore_index, return_lengths, tokens=logits, name="logits")
+        labels, mask, reduction, cu_seqlens, ignore_index, return_lengths, tokens=logits, name="logits",
+        validate_mask=validate_mask)
 
 
 def sequence_logprobs_from(token_logp, labels, mask, reduction, cu_seqlens, ignore_index, return_lengths, *,
-                           tokens, name):
+                           tokens, name, validate_mask=None):
     """sequence_logprobs given `token_logp(labels) -> logp`, the logits pass of the tokens (the
     logits, or the hidden states and lm_head of alignops.fused_linear)."""
     check_choice("reduction", reduction, SEQUENCE_REDUCTIONS)
     cu = _check_layout(tokens, labels, cu_seqlens, name)
-    mask = check_mask(mask, labels.shape, tokens.device)
+    mask = check_mask(mask, labels.shape, tokens.device, validate=validate_mask,
+                      weights="sequence_logprobs takes no per-token weights")
     valid, labels = _valid_and_labels(labels, mask, ignore_index)
     logp = token_logp(labels)
     rows = layout.Rows(labels.shape, logp.device, cu)
@@ -163,7 +173,8 @@ def iw_sft_weights(seq_logp_q: Tensor, seq_logp_ref: Tensor, clip=(0.0, 10.0),
             raise ValueError(f"clip must have low <= high, got {clip}")
         w = w.clamp(min=low, max=high)
     if self_normalize:
-        rows = torch.ones_like(w, dtype=torch.bool) if valid_rows is None else valid_rows.to(torch.bool)
+        rows = (torch.ones_like(w, dtype=torch.bool) if valid_rows is None
+                else check_mask(valid_rows, name="valid_rows"))
         if rows.shape != w.shape:
             raise ValueError(f"valid_rows shape {tuple(rows.shape)} must be {tuple(w.shape)}")
         count = rows.sum().to(dtype)
@@ -227,7 +238,7 @@ def sft_loss(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = None, weig
              seq_weights: Optional[Tensor] = None, *, cutoff_prob: Optional[float] = None,
              normalizer=None, cu_seqlens: Optional[Tensor] = None, temperature: float = 1.0,
              ignore_index: int = -100, backend: Optional[str] = None, vocab_process_group=None,
-             vocab_start: Optional[int] = None) -> SFTOutput:
+             vocab_start: Optional[int] = None, validate_mask: Optional[bool] = None) -> SFTOutput:
     """Token-mean (weighted) negative log-likelihood, fused into the logits pass.
 
         loss = -(1/N) sum_{i,t} m_it * w_it * logp_it
@@ -242,6 +253,8 @@ def sft_loss(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = None, weig
     `normalizer`: N, the token count of the whole optimiser step (docs/methods.md 00.2); default: this
     call's valid-token count. A zero normaliser gives loss 0 and gradient 0.
 
+    `mask` selects tokens (bool or 0/1; any other value is an error): it is not a weight.
+
     Layouts and the remaining arguments are those of `sequence_logprobs`. p = exp(logp) is the
     token's own probability: no softmax is materialised, and backward is the fused token_stats pass
     with dL/dlogp = -m w / N.
@@ -253,15 +266,15 @@ def sft_loss(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = None, weig
         lambda lab: token_logprobs(logits, lab, temperature=temperature, ignore_index=ignore_index, backend=backend,
                                    vocab_process_group=vocab_process_group, vocab_start=vocab_start),
         labels, mask, weighting, seq_weights, cutoff_prob, normalizer, cu_seqlens, ignore_index, tokens=logits,
-        name="logits")
+        name="logits", validate_mask=validate_mask)
 
 
 def sft_loss_from(token_logp, labels, mask, weighting, seq_weights, cutoff_prob, normalizer, cu_seqlens,
-                  ignore_index, *, tokens, name) -> SFTOutput:
+                  ignore_index, *, tokens, name, validate_mask=None) -> SFTOutput:
     """sft_loss given `token_logp(labels) -> logp` (see sequence_logprobs_from)."""
     check_choice("weighting", weighting, SFT_WEIGHTINGS)
     cu = _check_layout(tokens, labels, cu_seqlens, name)
-    mask = check_mask(mask, labels.shape, tokens.device)
+    mask = check_mask(mask, labels.shape, tokens.device, validate=validate_mask, weights=SFT_MASK_WEIGHTS)
     if seq_weights is not None:
         _check_seq_weights(seq_weights, labels, cu)
     valid, labels = _valid_and_labels(labels, mask, ignore_index)
@@ -312,7 +325,8 @@ def chord_loss(logp: Tensor, old_logp: Optional[Tensor], advantages: Tensor, mas
                expert_mask: Tensor, mu, *, sft_weighting: str = "none",
                cutoff_prob: Optional[float] = None, rl_normalizer=None, sft_normalizer=None,
                cu_seqlens: Optional[Tensor] = None, clip_low: float = 0.2,
-               clip_high: Optional[float] = None, agg: str = "token-mean", **policy_kwargs) -> SFTOutput:
+               clip_high: Optional[float] = None, agg: str = "token-mean", validate_mask: Optional[bool] = None,
+               **policy_kwargs) -> SFTOutput:
     """CHORD (docs/methods.md 2.29): `(1 - mu) * L_GRPO(rollout rows) + mu * L_SFT(expert rows)`.
 
     One batch holds both kinds of rows, flagged per row by `expert_mask` ([B] bool). `logp` are
@@ -324,6 +338,10 @@ def chord_loss(logp: Tensor, old_logp: Optional[Tensor], advantages: Tensor, mas
     CHORD-mu or "chord_phi" for CHORD-phi, `cutoff_prob`) by its own `sft_normalizer`: each
     defaults to this call's count of its own valid tokens; pass the optimiser step's global
     counts for gradient accumulation. A part with no rows contributes 0.
+
+    `mask` ([B, T]) and `expert_mask` are bool or 0/1 (any other value is an error; checked on CPU
+    tensors, and on GPU ones with `validate_mask=True`); per-token weights of the GRPO part go in
+    `rollout_is_weights`.
 
     `mu`: float in [0, 1] (see `chord_mu_schedule`) or a scalar tensor. mu = 0 is pure GRPO,
     mu = 1 pure SFT on the expert rows. Metrics: the GRPO part's under "rl/", the SFT part's under
@@ -346,7 +364,7 @@ def chord_loss(logp: Tensor, old_logp: Optional[Tensor], advantages: Tensor, mas
         cu = check_cu_seqlens(cu_seqlens, logp.shape[0], logp.device)
     elif logp.dim() != 2:
         raise ValueError(f"logp must be [B, T] (or [N] with cu_seqlens), got shape {tuple(logp.shape)}")
-    valid = check_mask(mask, logp.shape, logp.device)
+    valid = check_mask(mask, logp.shape, logp.device, validate=validate_mask, weights=layout.POLICY_MASK_WEIGHTS)
     if valid is None:
         raise ValueError("mask must be given (a [B, T] bool or 0/1 tensor)")
     rows = logp.shape[0] if cu is None else cu.shape[0] - 1
@@ -354,8 +372,8 @@ def chord_loss(logp: Tensor, old_logp: Optional[Tensor], advantages: Tensor, mas
         raise TypeError(f"expert_mask must be a torch.Tensor, got {type(expert_mask).__name__}")
     if tuple(expert_mask.shape) != (rows,):
         raise ValueError(f"expert_mask must have shape [B] = ({rows},), got {tuple(expert_mask.shape)}")
-    expert_tok = layout.Rows(logp.shape, logp.device, cu).to_tokens(
-        expert_mask.to(device=logp.device, dtype=torch.bool))
+    expert_rows = check_mask(expert_mask, name="expert_mask", validate=validate_mask)
+    expert_tok = layout.Rows(logp.shape, logp.device, cu).to_tokens(expert_rows.to(device=logp.device))
     rl_valid = valid & ~expert_tok
     sft_valid = valid & expert_tok
 

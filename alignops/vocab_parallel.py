@@ -18,7 +18,8 @@ same global statistics:
 
 Backward needs no collective for the logits: dL/dz_v = a (1[v=y] - p_v) - b p_v (log p_v + H) is
 local given the global (lse, H); the stand-in column's label term is overwritten with its true value.
-The fused lm_head sums dhidden = sum_r g_r @ W_r with one all_reduce (alignops/fused_linear.py).
+The fused lm_head sums dhidden = sum_r g_r @ W_r with one all_reduce (alignops/logits/sources.py).
+This module is the shard math alone; the pass over a shard is alignops/logits/passes.py.
 
 `vocab_start=None` finds the shard's offset with one all_gather of the shard sizes per call (a host
 synchronisation); pass `vocab_start` (the sum of the lower ranks' shard sizes) to skip it.
@@ -31,7 +32,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from alignops.policy.autograd import stats_backward, stats_forward
+from alignops.logits.kernels import stats_backward
 
 # The kernels' ignore_index for shard-local labels: those lie in [0, V_r), so -1 never collides with
 # a shifted label (a user ignore_index inside another shard's range would).
@@ -110,11 +111,6 @@ class ShardedStats:
 
     def rows(self, s: int, e: int) -> "ShardedStats":
         return ShardedStats(*(getattr(self, f.name)[s:e] for f in dataclasses.fields(self)))
-
-
-def local_stats(logits3: Tensor, local_labels: Tensor, temperature: float, compute_entropy: bool, backend: str):
-    """(logp_r, lse_r, H_r) of the shard's rows: the existing logits pass."""
-    return stats_forward(logits3, local_labels, temperature, LOCAL_IGNORE, compute_entropy, backend)
 
 
 def merge(local_logp: Tensor, local_lse: Tensor, local_entropy: Tensor, local_labels: Tensor, owns: Tensor,
@@ -199,88 +195,20 @@ def _check_layout(shards, labels, ignore_index, validate_labels, name_logits):
                          f"or equal ignore_index={ignore_index}; found {labels[bad][0].item()}")
 
 
-def gather_stats(logits3: Tensor, labels: Tensor, shard: VocabShard, temperature: float, ignore_index: int,
-                 compute_entropy: bool, backend: str, *, validate_labels: bool, check_finite: bool = False,
-                 name_logits: str = "logits") -> ShardedStats:
-    """Local pass + merge for logits `[B, T, V_r]` (unit stride over V) and flat int64 labels."""
-    local_labels, owns = shard_labels(labels, shard, ignore_index)
-    nonfinite = (~torch.isfinite(logits3)).any() if check_finite else None
-    lp, ls, en = local_stats(logits3, local_labels, temperature, compute_entropy, backend)
-    return merge(lp, ls, en, local_labels, owns, shard, labels, ignore_index, compute_entropy,
-                 validate_labels=validate_labels, nonfinite=nonfinite, name_logits=name_logits)
-
-
 def local_grad(logits3: Tensor, st: ShardedStats, a: Tensor, b: Tensor | None, temperature: float, backend: str,
                out: Tensor) -> None:
     """dL/dlogits of the shard into `out` ([B, T, V_r], may alias logits3) given the global
     statistics and a = dL/dlogp, b = dL/dH (None: no entropy gradient). No collective."""
-    has_b = b is not None
-    if has_b:
-        b = b.contiguous()
-    a = a.contiguous()
-    if backend == "torch":
-        _torch_grad(logits3, st, a, b, temperature, out)
-    else:
-        stats_backward(logits3, st.local_labels, st.kernel_logp, st.lse, st.entropy, a, b if has_b else a,
-                       temperature, LOCAL_IGNORE, has_b, backend, out)
+    stats_backward(logits3, st.local_labels, st.kernel_logp, st.lse, st.entropy, a, b, temperature, LOCAL_IGNORE,
+                   backend, out)
     # The stand-in column got the label term a; its true gradient is -p0 (a + b (log p0 + H)), written
     # from the row's statistics (no cancellation; elementwise, so no host sync).
     lp0 = st.kernel_logp
     p0 = lp0.exp()
-    coef = a if not has_b else a + b * (lp0 + st.entropy)
+    coef = a if b is None else a + b * (lp0 + st.entropy)
     g0 = torch.where(p0 > 0, -p0 * coef, torch.zeros_like(p0)) / temperature
     col = out[..., 0]
     col.copy_(torch.where(st.standin.view(col.shape), g0.to(out.dtype).view(col.shape), col))
-
-
-def _torch_grad(logits3, st, a, b, temperature, out):
-    """The torch backend's shard gradient from the global lse (the reference backward normalises
-    over the shard alone)."""
-    acc = st.lse.dtype
-    z = logits3.reshape(-1, logits3.shape[-1]).to(acc) / temperature
-    valid = st.local_labels != LOCAL_IGNORE
-    safe = torch.where(valid, st.local_labels, torch.zeros_like(st.local_labels)).unsqueeze(-1)
-    zy = z.gather(-1, safe)
-    logp = st.kernel_logp.unsqueeze(-1)
-    via_label = torch.isfinite(zy) & torch.isfinite(logp)
-    log_p = torch.where(via_label, (z - zy) + logp, z - st.lse.unsqueeze(-1))
-    p = log_p.exp()
-    g = -a.unsqueeze(-1) * p
-    if b is not None:
-        g = g - b.unsqueeze(-1) * torch.where(p > 0, p * (log_p + st.entropy.unsqueeze(-1)), torch.zeros_like(p))
-    g.scatter_add_(1, safe, a.unsqueeze(-1))
-    g = torch.where(valid.unsqueeze(-1), g / temperature, torch.zeros_like(g))
-    out.copy_(g.reshape(out.shape))
-
-
-class ShardedTokenStats(torch.autograd.Function):
-    """(logp, entropy) of sharded logits; backward writes the shard's gradient (into the logits
-    buffer itself when inplace)."""
-
-    @staticmethod
-    def forward(ctx, logits3, labels, shard, temperature, ignore_index, compute_entropy, backend,
-                validate_labels, check_finite, inplace):
-        with torch.no_grad():
-            st = gather_stats(logits3, labels, shard, temperature, ignore_index, compute_entropy, backend,
-                              validate_labels=validate_labels, check_finite=check_finite)
-        ctx.save_for_backward(logits3, st.local_labels, st.kernel_logp, st.lse, st.entropy, st.standin, st.logp)
-        ctx.args = (temperature, compute_entropy, backend, inplace)
-        ctx.set_materialize_grads(False)
-        return st.logp, st.entropy
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        logits3, local_labels, kernel_logp, lse, entropy, standin, logp = ctx.saved_tensors
-        temperature, compute_entropy, backend, inplace = ctx.args
-        if grad_logp is None and grad_entropy is None:
-            return (None,) * 10
-        st = ShardedStats(logp, lse, entropy, local_labels, kernel_logp, standin)
-        a = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype)
-        b = grad_entropy.to(lse.dtype) if (compute_entropy and grad_entropy is not None) else None
-        out = logits3 if inplace else torch.empty(logits3.shape, dtype=logits3.dtype, device=logits3.device)
-        with torch.no_grad():
-            local_grad(logits3, st, a, b, temperature, backend, out)
-        return (out,) + (None,) * 9
 
 
 def all_reduce_hidden_grad(dh: Tensor | None, shard: VocabShard | None) -> None:

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import alignops as ao
 from alignops import _backend
 from alignops.reference.token_stats import token_stats as ref_token_stats
-from alignops.token_stats import token_stats_op
+from alignops.logits.kernels import token_stats_op
 from tests.conftest import checkout_root
 from tests.test_token_logprobs import check_against_oracle, make_labels, make_logits
 

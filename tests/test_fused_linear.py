@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import alignops as ao
-from alignops import fused_linear as fl
+from alignops.logits.sources import LinearHead
+from alignops.policy import fused as policy_fused
 from alignops.policy import METHODS
 from tests import policy_oracle as oracle
 from tests.conftest import backends_for, device_of, fast_backends
@@ -171,12 +172,12 @@ def test_gradcheck_float64(backend):
 def test_frozen_weight_costs_no_dweight(backend, monkeypatch):
     """requires_grad=False on the weight (a frozen or LoRA'd head): no dweight accumulator, no GEMM."""
     seen = []
-    real = fl._Grads.__init__
+    real = LinearHead.start_grads
 
-    def spy(self, h, head, want_h, want_w, want_b):
-        seen.append((want_h, want_w, want_b))
-        real(self, h, head, want_h, want_w, want_b)
-    monkeypatch.setattr(fl._Grads, "__init__", spy)
+    def spy(self, want):
+        seen.append(tuple(bool(w) for w in want))
+        real(self, want)
+    monkeypatch.setattr(LinearHead, "start_grads", spy)
     h, W, b, y = to(device_of(backend), *case())
     ph = h.clone().requires_grad_()
     lp = ao.fused_linear_token_logprobs(ph, W, y, b, temperature=TEMPERATURE, backend=backend, chunk_size=4)
@@ -270,12 +271,12 @@ def test_policy_loss_against_float64_oracle_and_one_launch_ran(backend, monkeypa
     """GRPO with dual clip, k3 KL, entropy bonus, seq-mean-token-mean and mask=None (ignored labels
     are the only padding) against the float64 oracle, and the one-launch kernel ran on the tiles."""
     calls = []
-    real = fl._one_launch
+    real = policy_fused.terminal_one_launch
 
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k)
-    monkeypatch.setattr(fl, "_one_launch", spy)
+    monkeypatch.setattr(policy_fused, "terminal_one_launch", spy)
     h, W, y, old, ref, adv, _ = policy_case(V=97 if backend == "triton" else 211)
     kw = dict(method="grpo", clip_ratio_c=3.0, ref_logp=ref, kl_coef=0.04, kl_estimator="k3", entropy_coef=0.01,
               agg="seq-mean-token-mean")

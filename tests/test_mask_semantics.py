@@ -27,7 +27,7 @@ import alignops as ao
 from tests import policy_oracle as oracle
 from tests.conftest import device_of, fast_backends
 
-pl = importlib.import_module("alignops.policy.one_launch")
+pl = importlib.import_module("alignops.policy.fused")  # its terminal_one_launch is the one-launch route
 BACKENDS = ["torch"] + fast_backends()
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 METHODS = ["grpo", "dapo", "gppo", "cispo", "reinforce", "ecpo"]
@@ -183,12 +183,12 @@ def test_fused_policy_loss_packed(backend, option):
 def test_one_launch_kernel_runs_with_mask_none(backend, monkeypatch):
     """mask=None reaches the one-launch kernel (not a fallback) and counts only the valid labels."""
     calls = []
-    real = pl.policy_loss_one_launch
+    real = pl.terminal_one_launch
 
     def spy(*args, **kwargs):
-        calls.append(args[6])  # the mask the kernel gets
+        calls.append(args[2].mask)  # the mask the kernel gets: the prepared call's
         return real(*args, **kwargs)
-    monkeypatch.setattr(pl, "policy_loss_one_launch", spy)
+    monkeypatch.setattr(pl, "terminal_one_launch", spy)
     dev = device_of(backend)
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 11, generator=gen).to(dev).requires_grad_()

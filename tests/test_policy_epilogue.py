@@ -35,7 +35,7 @@ from tests import policy_oracle as oracle
 from tests.conftest import device_of, fast_backends
 
 # the module, not the function of the same name that alignops re-exports
-pl = importlib.import_module("alignops.policy.one_launch")
+pl = importlib.import_module("alignops.policy.fused")  # its terminal_one_launch is the one-launch route
 BACKENDS = [b for b in fast_backends() if b in ("cpu", "triton")]  # the backends with a one-launch kernel
 KLS = [None, "k1", "k2", "k3", "low_var_kl"]
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -95,18 +95,18 @@ def run(logits, labels, old, adv, mask, *, backend, one_launch, monkeypatch=None
     dev = device_of(backend)
     calls = []
     if monkeypatch is not None:
-        real = pl.policy_loss_one_launch
+        real = pl.terminal_one_launch
 
         def spy(*args, **kwargs):
             calls.append(1)
             return real(*args, **kwargs)
-        monkeypatch.setattr(pl, "policy_loss_one_launch", spy)
+        monkeypatch.setattr(pl, "terminal_one_launch", spy)
     x = logits.detach().to(dev).clone().requires_grad_()
     out = ao.fused_policy_loss(x, on(dev, labels), on(dev, old), on(dev, adv), on(dev, mask), backend=backend,
                                temperature=TEMPERATURE, grad_in_forward=one_launch, **kw_on(dev, kw))
     out.loss.backward()
     if monkeypatch is not None:
-        monkeypatch.setattr(pl, "policy_loss_one_launch", real)
+        monkeypatch.setattr(pl, "terminal_one_launch", real)
     return out.loss.detach().cpu(), x.grad.cpu(), kw_on("cpu", out.metrics), bool(calls)
 
 

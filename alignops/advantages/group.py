@@ -271,7 +271,8 @@ def semantic_entropy(cluster_ids: Tensor, group_size: int | None = None, *, grou
     return out.index_add_(0, g, (-p * torch.log(p)).float())
 
 
-def remax_advantages(rewards: Tensor, greedy_rewards: Tensor, mask: Tensor | None = None) -> Tensor:
+def remax_advantages(rewards: Tensor, greedy_rewards: Tensor, mask: Tensor | None = None, *,
+                     validate_mask: bool | None = None) -> Tensor:
     """ReMax: reward minus the reward of the greedy decode of the same prompt (verl `remax`).
     `[B]` rewards give `[B]`; token rewards `[B, T]` with `mask` give the return-to-go minus the
     baseline at every valid token (0 elsewhere), like verl."""
@@ -286,7 +287,7 @@ def remax_advantages(rewards: Tensor, greedy_rewards: Tensor, mask: Tensor | Non
         return r - b
     if r.dim() != 2:
         raise ValueError(f"rewards must be [B] or [B, T], got shape {tuple(r.shape)}")
-    m = layout.token_mask(mask, r.shape, r.device, zero_one=True)
+    m = layout.token_mask(mask, r.shape, r.device, validate=validate_mask)
     rz = torch.where(m, r, 0.0)
     returns = rz.flip(-1).cumsum(-1).flip(-1)
     return torch.where(m, returns - b.unsqueeze(-1), 0.0)

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from alignops import layout
 from alignops._validate import check_choice, check_float
 from alignops.advantages._common import _float_tensor, _local_moments, _rewards, _tensor, _var
 from alignops.advantages.group import _groups, _run_groups, group_stats
@@ -37,12 +38,13 @@ def dler_advantages(rewards: Tensor, group_size: int | None = None, *, group_ids
                     num_groups: int | None = None, mask: Tensor | None = None, lengths: Tensor | None = None,
                     truncated: Tensor | None = None, batch_std_of: str = "centered",
                     stat_weighting: str = "token", std_eps: float = 1e-6, singleton: str = "error",
-                    process_group=None, backend: str | None = None) -> Tensor:
+                    process_group=None, backend: str | None = None, validate_mask: bool | None = None) -> Tensor:
     """DLER batch-wise normalisation (docs/methods.md §00.13): a = R - mean_g (R = 0 where `truncated`),
     A = (a - mean_batch(a)) / (std_batch(X) + std_eps), X = a ("centered", default) or R ("raw",
     TRL's scale_rewards="batch" when rows are weighted equally). stat_weighting="token" counts each
-    row once per valid token (needs `mask` [B, T] or `lengths` [B]); "row" counts rows. std
-    unbiased; statistics global over `process_group` (one all-reduce). Returns `[B]`."""
+    row once per valid token (needs `mask` [B, T], bool or 0/1, or `lengths` [B], any non-negative
+    per-row weights); "row" counts rows. std unbiased; statistics global over `process_group` (one
+    all-reduce). Returns `[B]`."""
     check_choice("batch_std_of", batch_std_of, ("centered", "raw"))
     check_choice("stat_weighting", stat_weighting, ("token", "row"))
     std_eps = check_float("std_eps", std_eps, lo=0.0, lo_open=False)
@@ -61,7 +63,8 @@ def dler_advantages(rewards: Tensor, group_size: int | None = None, *, group_ids
             m = _tensor(mask, "mask")
             if m.dim() != 2 or m.shape[0] != r.numel():
                 raise ValueError(f"mask must be [B, T] with B={r.numel()}, got shape {tuple(m.shape)}")
-            w = (m != 0).sum(-1).double()
+            w = layout.check_mask(m, name="mask", validate=validate_mask,
+                                  weights="per-row token counts go in lengths= [B]").sum(-1).double()
         else:
             w = _float_tensor(lengths, "lengths").double()
             if w.shape != r.shape:

@@ -2,8 +2,10 @@
 KL-in-reward terms, token rewards and REINFORCE++.
 
 Token tensors are `[B, T]` with a mask, or packed `[N]` with `cu_seqlens=[B+1]` (and an optional
-`[N]` mask): alignops.layout. Masked moments, whitening and the GAE scan are the
-`masked_moments`, `whiten_apply` and `gae_scan` kernels (contract: alignops.advantages).
+`[N]` mask): alignops.layout. Masks are bool or 0/1; any other value is an error, checked on CPU
+tensors and, with `validate_mask=True`, on GPU ones (alignops.layout.check_mask). Masked moments,
+whitening and the GAE scan are the `masked_moments`, `whiten_apply` and `gae_scan` kernels
+(contract: alignops.advantages).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class _Tokens(NamedTuple):
         return self.rows.num_rows
 
 
-def _tokens(x: Tensor, mask, cu_seqlens, name: str) -> _Tokens:
+def _tokens(x: Tensor, mask, cu_seqlens, name: str, validate_mask=None) -> _Tokens:
     if cu_seqlens is None:
         if x.dim() != 2:
             raise ValueError(f"{name} must be [B, T] (or packed [N] with cu_seqlens), got shape {tuple(x.shape)}")
@@ -53,7 +55,7 @@ def _tokens(x: Tensor, mask, cu_seqlens, name: str) -> _Tokens:
         if x.dim() != 1:
             raise ValueError(f"{name} must be packed [N] when cu_seqlens is given, got shape {tuple(x.shape)}")
         rows = layout.Rows(x.shape, x.device, layout.check_cu_seqlens(cu_seqlens, x.numel(), x.device))
-    m = layout.token_mask(mask, x.shape, x.device, zero_one=True).reshape(-1).contiguous()
+    m = layout.token_mask(mask, x.shape, x.device, validate=validate_mask).reshape(-1).contiguous()
     return _Tokens(tuple(x.shape), m, rows)
 
 
@@ -77,32 +79,32 @@ def _moments(x: Tensor, mask: Tensor, process_group, backend) -> Tensor:
     return merge_moments(out, process_group)
 
 
-def _flat_float(x, mask, name) -> tuple[Tensor, Tensor]:
+def _flat_float(x, mask, name, validate_mask) -> tuple[Tensor, Tensor]:
     x = _float_tensor(x, name)
-    m = layout.token_mask(mask, x.shape, x.device, zero_one=True)
+    m = layout.token_mask(mask, x.shape, x.device, validate=validate_mask)
     return x.reshape(-1).contiguous(), m.reshape(-1).contiguous()
 
 
 def masked_mean(x: Tensor, mask: Tensor | None = None, dim: int | None = None, *, process_group=None,
-                backend: str | None = None) -> Tensor:
+                backend: str | None = None, validate_mask: bool | None = None) -> Tensor:
     """Mean of x over mask (global over `process_group` when dim is None). Empty selections give 0,
     not NaN (verl divides by count + 1e-8; this is exact instead)."""
     if dim is not None:
         if process_group is not None:
             raise ValueError("process_group reduces the whole batch; it cannot be combined with dim")
         xf = _float_tensor(x, "x")
-        m = layout.token_mask(mask, xf.shape, xf.device, zero_one=True)
+        m = layout.token_mask(mask, xf.shape, xf.device, validate=validate_mask)
         s = torch.where(m, xf, 0.0).sum(dim)
         return s / m.sum(dim).clamp_min(1).to(xf.dtype)
-    xf, m = _flat_float(x, mask, "x")
+    xf, m = _flat_float(x, mask, "x", validate_mask)
     return _moments(xf, m, process_group, backend)[1].to(xf.dtype)
 
 
 def masked_var(x: Tensor, mask: Tensor | None = None, *, unbiased: bool = True, process_group=None,
-               backend: str | None = None) -> Tensor:
+               backend: str | None = None, validate_mask: bool | None = None) -> Tensor:
     """Variance of x over mask (global over `process_group`); unbiased (x N/(N-1), verl) or biased
     (OpenRLHF). Fewer than two values (one for biased) give 0."""
-    xf, m = _flat_float(x, mask, "x")
+    xf, m = _flat_float(x, mask, "x", validate_mask)
     n, _, m2 = _moments(xf, m, process_group, backend)
     return _var(n, m2, unbiased).to(xf.dtype)
 
@@ -128,7 +130,7 @@ def _whiten_args(var, eps, eps_mode):
 
 def masked_whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True, *, var: str = "unbiased",
                   eps: float = 1e-8, eps_mode: str = "add_inside", process_group=None,
-                  backend: str | None = None) -> Tensor:
+                  backend: str | None = None, validate_mask: bool | None = None) -> Tensor:
     """(x - mean) / std over the masked-in entries of the whole (global) batch, token-weighted.
 
     Defaults are verl's `masked_whiten` (unbiased variance, rsqrt(var + eps)); `var="biased",
@@ -139,7 +141,7 @@ def masked_whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True
     """
     eps = _whiten_args(var, eps, eps_mode)
     xf = _float_tensor(x, "x")
-    xflat, m = _flat_float(xf, mask, "x")
+    xflat, m = _flat_float(xf, mask, "x", validate_mask)
     return _whiten_flat(xflat, m, shift_mean, var, eps, eps_mode, process_group, backend).view(xf.shape)
 
 
@@ -175,7 +177,8 @@ def _gae_flat(r: Tensor, v: Tensor, tok: _Tokens, gamma: float, lam, critic_lam,
 def gae_advantages(token_rewards: Tensor, values: Tensor, mask: Tensor | None = None, gamma: float = 1.0,
                    lam=0.95, *, critic_lam=None, cu_seqlens: Tensor | None = None, whiten: bool = False,
                    var: str = "unbiased", eps: float = 1e-8, eps_mode: str = "add_inside",
-                   process_group=None, backend: str | None = None) -> AdvantagesReturns:
+                   process_group=None, backend: str | None = None,
+                   validate_mask: bool | None = None) -> AdvantagesReturns:
     """GAE with masked positions transparent to the scan (verl `gae`; PPO, VC-PPO, VAPO, ORZ).
 
     `lam` is the actor's lambda (a float or a per-row [B] tensor, e.g. `vapo_lambda(...)`);
@@ -190,7 +193,7 @@ def gae_advantages(token_rewards: Tensor, values: Tensor, mask: Tensor | None = 
     r, v = r.to(dtype), v.to(dtype)
     gamma = check_float("gamma", gamma, lo=0.0, hi=1.0, lo_open=False)
     eps = _whiten_args(var, eps, eps_mode)
-    tok = _tokens(r, mask, cu_seqlens, "token_rewards")
+    tok = _tokens(r, mask, cu_seqlens, "token_rewards", validate_mask)
     adv, ret = _gae_flat(r, v, tok, gamma, lam, critic_lam, backend)
     if whiten:
         adv = _whiten_flat(adv, tok.mask, True, var, eps, eps_mode, process_group, backend)
@@ -208,17 +211,19 @@ def vapo_lambda(lengths: Tensor, alpha: float = 0.05) -> Tensor:
     return torch.nan_to_num(lam, neginf=0.0).clamp(0, 1)
 
 
-def k1_penalty(old_logp: Tensor, ref_logp: Tensor, mask: Tensor | None = None) -> Tensor:
+def k1_penalty(old_logp: Tensor, ref_logp: Tensor, mask: Tensor | None = None, *,
+               validate_mask: bool | None = None) -> Tensor:
     """Per-token k1 KL estimate for KL-in-reward, old_logp - ref_logp, 0 at masked positions
     (verl `apply_kl_penalty` with kl_penalty="kl", OpenRLHF `compute_approx_kl` k1). Detached."""
     old = _float_tensor(old_logp, "old_logp").detach()
     ref = _same(ref_logp, old, "ref_logp").detach()
-    m = layout.token_mask(mask, old.shape, old.device, zero_one=True)
+    m = layout.token_mask(mask, old.shape, old.device, validate=validate_mask)
     return torch.where(m, old - ref, 0.0)
 
 
 def token_level_rewards(scores: Tensor, mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None,
-                        shape=None, kl: Tensor | None = None, kl_coef: float = 0.0) -> Tensor:
+                        shape=None, kl: Tensor | None = None, kl_coef: float = 0.0,
+                        validate_mask: bool | None = None) -> Tensor:
     """Token rewards r_t = score * 1[t = last valid token of the row] - kl_coef * kl_t (valid t).
 
     Layout: `mask` [B, T] (or `shape=(B, T)` for an all-valid batch), or packed with `cu_seqlens`
@@ -233,7 +238,7 @@ def token_level_rewards(scores: Tensor, mask: Tensor | None = None, *, cu_seqlen
         like = torch.empty(tuple(shape), dtype=s.dtype, device=s.device)
     else:
         raise ValueError("token_level_rewards needs the token layout: mask, kl or shape")
-    tok = _tokens(like, mask, cu_seqlens, "kl" if kl is not None else "mask")
+    tok = _tokens(like, mask, cu_seqlens, "kl" if kl is not None else "mask", validate_mask)
     if tok.num_rows != s.numel():
         raise ValueError(f"scores has {s.numel()} rows but the token layout has {tok.num_rows}")
     return _token_rewards_flat(s, tok, None if kl is None else like.to(s.dtype).reshape(-1),
@@ -255,11 +260,12 @@ def _token_rewards_flat(s: Tensor, tok: _Tokens, kl_flat: Tensor | None, kl_coef
 
 
 def kl_penalized_scores(scores: Tensor, old_logp: Tensor, ref_logp: Tensor, mask: Tensor | None = None, *,
-                        kl_coef: float, cu_seqlens: Tensor | None = None) -> Tensor:
+                        kl_coef: float, cu_seqlens: Tensor | None = None,
+                        validate_mask: bool | None = None) -> Tensor:
     """TRL RLOO's sequence-level KL in the reward: R - kl_coef * sum_t mask * (old_logp - ref_logp)."""
     s = _rewards(scores, "scores")
-    kl = k1_penalty(old_logp, ref_logp, mask)
-    tok = _tokens(kl, mask, cu_seqlens, "old_logp")
+    kl = k1_penalty(old_logp, ref_logp, mask, validate_mask=validate_mask)
+    tok = _tokens(kl, mask, cu_seqlens, "old_logp", False)  # values checked by k1_penalty
     if tok.num_rows != s.numel():
         raise ValueError(f"scores has {s.numel()} rows but the token layout has {tok.num_rows}")
     per_row = torch.zeros(tok.num_rows, dtype=torch.float64, device=s.device).index_add_(
@@ -268,15 +274,16 @@ def kl_penalized_scores(scores: Tensor, old_logp: Tensor, ref_logp: Tensor, mask
 
 
 def _reinforce_pp(scores: Tensor, mask, cu_seqlens, old_logp, ref_logp, kl_coef, gamma, var, eps,
-                  eps_mode, process_group, backend, shape) -> AdvantagesReturns:
+                  eps_mode, process_group, backend, shape, validate_mask) -> AdvantagesReturns:
     kl_coef = check_float("kl_coef", kl_coef, lo=0.0, lo_open=False)
     gamma = check_float("gamma", gamma, lo=0.0, hi=1.0, lo_open=False)
     eps = _whiten_args(var, eps, eps_mode)
     if (old_logp is None) != (ref_logp is None):
         raise ValueError("give both old_logp and ref_logp for the KL-in-reward term, or neither")
     if old_logp is not None:
-        kl = k1_penalty(old_logp, ref_logp, mask).to(scores.dtype)
+        kl = k1_penalty(old_logp, ref_logp, mask, validate_mask=validate_mask).to(scores.dtype)
         like = kl
+        validate_mask = False  # k1_penalty checked the mask's values
     else:
         kl = None
         if mask is not None:
@@ -285,7 +292,7 @@ def _reinforce_pp(scores: Tensor, mask, cu_seqlens, old_logp, ref_logp, kl_coef,
             like = torch.empty(tuple(shape), dtype=scores.dtype, device=scores.device)
         else:
             raise ValueError("give mask (or shape, or old_logp/ref_logp) for the token layout")
-    tok = _tokens(like, mask, cu_seqlens, "mask")
+    tok = _tokens(like, mask, cu_seqlens, "mask", validate_mask)
     if tok.num_rows != scores.numel():
         raise ValueError(f"scores has {scores.numel()} rows but the token layout has {tok.num_rows}")
     r = _token_rewards_flat(scores, tok, None if kl is None else kl.reshape(-1), kl_coef)
@@ -299,7 +306,7 @@ def reinforce_pp_advantages(scores: Tensor, mask: Tensor | None = None, *, cu_se
                             shape=None, old_logp: Tensor | None = None, ref_logp: Tensor | None = None,
                             kl_coef: float = 0.0, gamma: float = 1.0, var: str = "unbiased", eps: float = 1e-8,
                             eps_mode: str = "add_inside", process_group=None,
-                            backend: str | None = None) -> AdvantagesReturns:
+                            backend: str | None = None, validate_mask: bool | None = None) -> AdvantagesReturns:
     """REINFORCE++ (verl `reinforce_plus_plus`, OpenRLHF `reinforce`): token rewards = score on
     the last valid token - kl_coef * k1(old_logp, ref_logp); discounted returns over valid tokens;
     advantages = returns whitened over all valid tokens of the global batch (verl semantics by
@@ -307,7 +314,7 @@ def reinforce_pp_advantages(scores: Tensor, mask: Tensor | None = None, *, cu_se
     s = _rewards(scores, "scores")
     _check_finite(s, "scores", allow_nan=False)
     return _reinforce_pp(s, mask, cu_seqlens, old_logp, ref_logp, kl_coef, gamma, var, eps, eps_mode,
-                         process_group, backend, shape)
+                         process_group, backend, shape, validate_mask)
 
 
 def reinforce_pp_baseline_advantages(scores: Tensor, mask: Tensor | None = None, group_size: int | None = None,
@@ -316,7 +323,8 @@ def reinforce_pp_baseline_advantages(scores: Tensor, mask: Tensor | None = None,
                                      old_logp: Tensor | None = None, ref_logp: Tensor | None = None,
                                      kl_coef: float = 0.0, singleton: str = "error", var: str = "unbiased",
                                      eps: float = 1e-8, eps_mode: str = "add_inside", process_group=None,
-                                     backend: str | None = None) -> AdvantagesReturns:
+                                     backend: str | None = None,
+                                     validate_mask: bool | None = None) -> AdvantagesReturns:
     """REINFORCE++-baseline (verl `reinforce_plus_plus_baseline`, OpenRLHF `reinforce_baseline`):
     R - mean_g as the score (no std), optional k1 KL in the reward, gamma = 1, then global
     token-level whitening. NaN scores get 0 before whitening (they are left out of mean_g)."""
@@ -324,4 +332,4 @@ def reinforce_pp_baseline_advantages(scores: Tensor, mask: Tensor | None = None,
     groups = _groups(s.numel(), s.device, group_size, group_ids, num_groups)
     centered, _ = _run_groups(s, groups, "center", 0.0, singleton, backend)
     return _reinforce_pp(centered, mask, cu_seqlens, old_logp, ref_logp, kl_coef, 1.0, var, eps, eps_mode,
-                         process_group, backend, shape)
+                         process_group, backend, shape, validate_mask)

@@ -6,9 +6,8 @@
 
 Files, one idea each:
     loss.py         policy_loss, from per-token log-probs (the API and its argument checks)
-    fused.py        fused_policy_loss, from logits, and its routes
-    one_launch.py   the one-launch kernel route and its contract
-    autograd.py     the autograd Functions of the memory-saving routes
+    fused.py        fused_policy_loss, from logits, and its three routes over any source of logits tiles
+    one_launch.py   the one-launch kernel's contract and its per-token inputs
     registry.py     the method registry (register_method, METHODS)
     methods.py      every method: its torch math next to its registry entry
     math.py         torch math the methods share (ratios, clipped surrogate, KL estimators, metrics)

@@ -1,14 +1,16 @@
-"""fused_policy_loss: policy_loss computed straight from the logits, in the logits pass of
-alignops.token_stats (one read of the logits forward; one read and one write backward, for every
+"""fused_policy_loss: policy_loss computed straight from the logits, in the logits pass
+(alignops/logits/: one read of the logits forward; one read and one write backward, for every
 method, since the per-token math only changes the coefficients a = dL/dlogp and b = dL/dH that
 the backward consumes).
 
-Routes:
-    default                the logits pass of token_logprobs, then policy_loss (torch.compile-traceable);
-    inplace_grad=True      the gradient is written into the logits buffer (the logits are destroyed);
-    grad_in_forward=True   the loss is terminal: a and b are taken during forward and the backward
-                           kernel runs at once, so no logits are kept for backward; a token-local
-                           method runs in one launch on cpu and triton (alignops/policy/one_launch.py).
+The three routes, each written once over a source of logits tiles (given logits here, hidden
+states x the lm_head weight in alignops/fused_linear.py), over the whole vocabulary or a shard:
+    autograd             the pass with autograd, then policy_loss (given logits: the torch.library op,
+                         torch.compile-traceable; inplace_grad=True writes the gradient into the logits);
+    terminal_two_pass    grad_in_forward=True: statistics, a and b by autograd on the per-token loss,
+                         and the backward pass, all during forward; nothing is kept for backward;
+    terminal_one_launch  grad_in_forward=True with a token-local method on cpu or triton: the method's
+                         math runs inside the pass (alignops/policy/one_launch.py), one launch per tile.
 """
 
 from __future__ import annotations
@@ -16,28 +18,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from alignops import _backend, vocab_parallel
 from alignops._validate import check_bool, is_number
+from alignops.layout import POLICY_MASK_WEIGHTS, check_mask
+from alignops.logits import passes
+from alignops.logits.kernels import stat_rows
+from alignops.logits.sources import GivenLogits, LogitsArgs, check_logits_labels, resolve
 from alignops.policy import one_launch
-from alignops.policy.autograd import InplaceTokenStats, PrecomputedGrad, stats_backward, stats_forward
-from alignops.policy.loss import PolicyLossOutput, policy_loss
-from alignops.token_stats import LOGITS_OPS, as_rows, check_label_range, check_logits_labels, check_temperature, token_logprobs
+from alignops.policy.loss import PolicyCall, PolicyLossOutput, compute, policy_loss, prepare_call
 
 
 def counted_tokens(labels, mask, ignore_index, compute_entropy, kwargs):
-    """(mask, compute_entropy) of a policy loss from labels. A position counts iff mask != 0 and
+    """(mask, compute_entropy) of a policy loss from labels. A position counts iff mask is 1 and
     label != ignore_index, so mask=None means labels != ignore_index (an ignored position's logp is
-    0, and against an off-policy old_logp it would otherwise enter the loss with a bogus ratio). A
-    mask of the wrong shape or type is left to policy_loss, which names it. The entropy is computed
-    when asked for or when the loss has an entropy bonus."""
+    0, and against an off-policy old_logp it would otherwise enter the loss with a bogus ratio). The
+    mask is checked (shape, device, 0/1 values: layout.check_mask, `validate_mask` as policy_loss's)
+    before it is combined with the labels. The entropy is computed when asked for or when the loss
+    has an entropy bonus."""
     if compute_entropy is None:
         entropy_coef = kwargs.get("entropy_coef", 0.0)
         compute_entropy = is_number(entropy_coef) and entropy_coef != 0
     if mask is None:
-        mask = labels != ignore_index
-    elif isinstance(mask, Tensor) and tuple(mask.shape) == tuple(labels.shape) and mask.device == labels.device:
-        mask = (mask if mask.dtype == torch.bool else mask != 0) & (labels != ignore_index)
-    return mask, compute_entropy
+        return labels != ignore_index, compute_entropy
+    mask = check_mask(mask, labels.shape, labels.device, "mask", validate=kwargs.get("validate_mask"),
+                      weights=POLICY_MASK_WEIGHTS)
+    return mask & (labels != ignore_index), compute_entropy
 
 
 def fused_policy_loss(logits: Tensor, labels: Tensor, old_logp: Tensor | None, advantages: Tensor,
@@ -69,107 +73,63 @@ def fused_policy_loss(logits: Tensor, labels: Tensor, old_logp: Tensor | None, a
         (the one-launch kernel would need the global log-prob inside the shard's pass).
     """
     check_logits_labels(logits, labels)
-    temperature = check_temperature(temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     check_bool("inplace_grad", inplace_grad)
     check_bool("grad_in_forward", grad_in_forward)
-    mask, compute_entropy = counted_tokens(labels, mask, ignore_index, compute_entropy, kwargs)
-    sharded = vocab_process_group is not None or vocab_start is not None
-
-    if not (inplace_grad or grad_in_forward):
-        result = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
-                                return_entropy=compute_entropy, backend=backend,
-                                validate_labels=validate_labels, vocab_process_group=vocab_process_group,
-                                vocab_start=vocab_start)
-        logp, entropy = result if compute_entropy else (result, None)
-        return policy_loss(logp, old_logp, advantages, mask, method=method, entropy=entropy, **kwargs)
-
-    if torch.compiler.is_compiling():
+    args = resolve(logits, labels, logits.shape[-1], temperature=temperature, ignore_index=ignore_index,
+                   backend=backend, validate_labels=validate_labels, vocab_process_group=vocab_process_group,
+                   vocab_start=vocab_start)
+    if (inplace_grad or grad_in_forward) and torch.compiler.is_compiling():
         raise RuntimeError("inplace_grad / grad_in_forward are eager-only; use the default path under torch.compile")
-    if validate_labels is None:
-        validate_labels = labels.device.type == "cpu"
-    if sharded:
-        vocab_parallel.check_group_args(vocab_process_group, vocab_start)
-    elif validate_labels:
-        check_label_range(labels, logits.shape[-1], ignore_index)
-    named = _backend.requested_backend(backend) is not None
-    backend = _backend.resolve_backend(backend, logits.device, what=LOGITS_OPS)
-    if logits.dtype == torch.float64 and backend in ("triton", "cuda"):
-        raise TypeError(f"logits of dtype float64 are supported by the torch and cpu backends, not {backend!r}")
-    logits3 = as_rows(logits)
-    if inplace_grad and logits3.data_ptr() != logits.data_ptr():
-        raise ValueError("inplace_grad=True needs logits with unit stride over the vocabulary")
-    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
-    needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    if sharded:
-        shard = vocab_parallel.resolve_shard(vocab_process_group, vocab_start, logits.shape[-1], logits.device)
-        return _sharded_policy_loss(logits, logits3, labels, flat_labels, old_logp, advantages, mask, method,
-                                    temperature, ignore_index, compute_entropy, backend, inplace_grad,
-                                    grad_in_forward, bool(validate_labels), needs_grad, shard, kwargs)
-    if grad_in_forward and needs_grad and one_launch.eligible(method, kwargs, backend, compute_entropy, labels, named):
-        return one_launch.policy_loss_one_launch(logits, logits3, labels, flat_labels, old_logp, advantages, mask,
-                                                 method, temperature, ignore_index, compute_entropy, backend,
-                                                 inplace_grad, kwargs)
+    return policy_loss_over(GivenLogits(logits, inplace_grad), args, old_logp, advantages, mask, method=method,
+                            compute_entropy=compute_entropy, grad_in_forward=grad_in_forward, kwargs=kwargs)
 
-    if not grad_in_forward:
-        logp, _, entropy = InplaceTokenStats.apply(logits3, flat_labels, temperature, ignore_index,
-                                                    compute_entropy, backend)
-        return policy_loss(logp.view(labels.shape), old_logp, advantages, mask, method=method,
-                           entropy=entropy.view(labels.shape) if compute_entropy else None, **kwargs)
 
+def policy_loss_over(source, args: LogitsArgs, old_logp, advantages, mask, *, method, compute_entropy,
+                     grad_in_forward, kwargs) -> PolicyLossOutput:
+    """The policy loss of a source's logits by the route that applies (module docstring)."""
+    mask, compute_entropy = counted_tokens(args.labels.view(args.shape), mask, args.ignore_index, compute_entropy,
+                                           kwargs)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in source.inputs)
+    if not (grad_in_forward and needs_grad):
+        logp, entropy = passes.token_stats(source, args, compute_entropy)
+        return policy_loss(logp, old_logp, advantages, mask, method=method,
+                           entropy=entropy if compute_entropy else None, **kwargs)
+    call = prepare_call(args.labels.view(args.shape), old_logp, advantages, mask, method=method,
+                        has_entropy=compute_entropy, **kwargs)
+    if one_launch.kernel_applies(call, args.backend, args.named, args.shard is not None):
+        return terminal_one_launch(source, args, call, compute_entropy)
+    return terminal_two_pass(source, args, call, compute_entropy)
+
+
+def terminal_two_pass(source, args: LogitsArgs, call: PolicyCall, compute_entropy: bool) -> PolicyLossOutput:
+    """The statistics, then a and b by autograd on the per-token loss, then the backward pass."""
     with torch.no_grad():
-        logp, lse, entropy = stats_forward(logits3.detach(), flat_labels, temperature, ignore_index,
-                                            compute_entropy, backend)
-
-    def write_grad(a, b, target):
-        stats_backward(logits3.detach(), flat_labels, logp, lse, entropy, a, a if b is None else b, temperature,
-                       ignore_index, b is not None, backend, target)
-
-    return _terminal_loss(logits, logits3, labels, logp, entropy if compute_entropy else None, needs_grad,
-                          inplace_grad, write_grad, old_logp, advantages, mask, method, kwargs)
-
-
-def _terminal_loss(logits, logits3, labels, logp, entropy, needs_grad, inplace_grad, write_grad, old_logp,
-                   advantages, mask, method, kwargs) -> PolicyLossOutput:
-    """grad_in_forward without the one-launch kernel: the loss from detached per-token log-probs (and
-    entropy, or None), a = dL/dlogp and b = dL/dH by autograd, `write_grad(a, b or None, target)` fills
-    dL/dlogits (into the logits when inplace_grad), and backward only scales it by grad_output."""
-    logp_leaf = logp.view(labels.shape).detach().requires_grad_(needs_grad)
-    ent_leaf = None if entropy is None else entropy.view(labels.shape).detach().requires_grad_(needs_grad)
+        stats = passes.forward_stats(source, args, compute_entropy)
+    logp = stats.logp.view(args.shape).detach().requires_grad_()
+    entropy = stats.entropy.view(args.shape).detach().requires_grad_() if compute_entropy else None
     with torch.enable_grad():
-        out = policy_loss(logp_leaf, old_logp, advantages, mask, method=method, entropy=ent_leaf, **kwargs)
-    if not needs_grad:
-        return PolicyLossOutput(out.loss.detach(), out.metrics)
-    leaves = [logp_leaf] + ([] if ent_leaf is None else [ent_leaf])
-    grads = torch.autograd.grad(out.loss, leaves, allow_unused=True)
-    flat = logp.reshape(-1)
-    a = torch.zeros_like(flat) if grads[0] is None else grads[0].reshape(-1).contiguous().to(flat.dtype)
-    b = grads[1].reshape(-1).contiguous().to(flat.dtype) if ent_leaf is not None and grads[1] is not None else None
-    with torch.no_grad():
-        target = logits3.detach() if inplace_grad else torch.empty_like(logits3)
-        write_grad(a, b, target)
-    grad = target.view(logits.shape) if inplace_grad else target.reshape(logits.shape)
+        out = compute(call, logp, entropy)
+    leaves = [logp] + ([entropy] if compute_entropy else [])
+    got = torch.autograd.grad(out.loss, leaves, allow_unused=True)
+    a = torch.zeros_like(stats.logp) if got[0] is None else got[0].reshape(-1).to(stats.logp.dtype)
+    b = got[1].reshape(-1).to(stats.logp.dtype) if compute_entropy and got[1] is not None else None
+    grads = passes.terminal_grads(source, args, stats, a, b)
     # detached: out.loss's graph was consumed by autograd.grad above and must not be revisited
-    loss = PrecomputedGrad.apply(out.loss.detach(), logits, grad)
-    return PolicyLossOutput(loss, out.metrics)
+    return PolicyLossOutput(passes.precomputed(out.loss.detach(), source, grads), out.metrics)
 
 
-def _sharded_policy_loss(logits, logits3, labels, flat_labels, old_logp, advantages, mask, method, temperature,
-                         ignore_index, compute_entropy, backend, inplace_grad, grad_in_forward, validate_labels,
-                         needs_grad, shard, kwargs):
-    """The inplace_grad / grad_in_forward routes over a vocabulary shard (alignops/vocab_parallel.py)."""
-    if not grad_in_forward:
-        logp, entropy = vocab_parallel.ShardedTokenStats.apply(logits3, flat_labels, shard, temperature, ignore_index,
-                                                               compute_entropy, backend, validate_labels, False, True)
-        return policy_loss(logp.view(labels.shape), old_logp, advantages, mask, method=method,
-                           entropy=entropy.view(labels.shape) if compute_entropy else None, **kwargs)
+def terminal_one_launch(source, args: LogitsArgs, call: PolicyCall, compute_entropy: bool) -> PolicyLossOutput:
+    """The method's per-token math inside the pass: one kernel launch per tile writes the tile's
+    gradient, which the source turns into its inputs' at once."""
+    logp, entropy, loss_terms = stat_rows(args.labels.numel(), source.dtype, source.device)
+    run = one_launch.prepare(call, compute_entropy, logp.dtype)
+    pg_terms = torch.empty_like(logp)
+    source.start_grads([x is not None and x.requires_grad for x in source.inputs])
     with torch.no_grad():
-        st = vocab_parallel.gather_stats(logits3.detach(), flat_labels, shard, temperature, ignore_index,
-                                         compute_entropy, backend, validate_labels=validate_labels)
-
-    def write_grad(a, b, target):
-        vocab_parallel.local_grad(logits3.detach(), st, a, b, temperature, backend, target)
-
-    return _terminal_loss(logits, logits3, labels, st.logp, st.entropy if compute_entropy else None, needs_grad,
-                          inplace_grad, write_grad, old_logp, advantages, mask, method, kwargs)
+        for s, e, tile, deriv in source.tiles():
+            g = source.grad_buffer(tile)
+            run.launch(tile, args.labels[s:e], s, e, args.temperature, args.ignore_index, args.backend, logp, entropy,
+                       loss_terms, pg_terms, g)
+            source.take_grad(s, e, g, deriv)
+        loss, metrics = run.finish(logp, entropy, loss_terms, pg_terms, args.shape)
+    return PolicyLossOutput(passes.precomputed(loss, source, source.grads()), metrics)

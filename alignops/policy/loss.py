@@ -51,18 +51,21 @@ class PolicyCall:
 def prepare_call(like: Tensor, old_logp, advantages, mask, *, method, clip_low=None, clip_high=None,
                  clip_ratio_c=None, ref_logp=None, kl_coef=0.0, kl_estimator="k3", has_entropy=False,
                  entropy_coef=0.0, agg=None, normalizer=None, max_len=None, rollout_is_weights=None,
-                 ratio_log_clamp=20.0, cu_seqlens=None, method_options=None) -> PolicyCall:
+                 ratio_log_clamp=20.0, cu_seqlens=None, validate_mask=None, **method_options) -> PolicyCall:
     """Checks every argument against the token tensor `like` (logp, or the labels) and resolves the
-    method's defaults; see policy_loss for the arguments."""
+    method's defaults, once per call; see policy_loss for the arguments. Every keyword that is not
+    one of the shared ones above is the method's own option (an unknown one raises, naming the
+    method)."""
     m = get_method(method)
     rows = layout.token_layout("logp", like, cu_seqlens)
-    opts = resolve_options(m, method_options or {})
+    opts = resolve_options(m, method_options)
     knobs = resolve_shared(m, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c,
                            ratio_log_clamp=ratio_log_clamp, kl_coef=kl_coef, kl_estimator=kl_estimator,
                            entropy_coef=entropy_coef, agg=agg, normalizer=normalizer, max_len=max_len,
                            ref_logp=ref_logp, has_entropy=has_entropy)
     normalizer = layout.check_normalizer(normalizer, like.device)
-    mask = layout.token_mask(mask, like.shape, like.device)
+    mask = layout.token_mask(mask, like.shape, like.device, validate=validate_mask,
+                             weights=layout.POLICY_MASK_WEIGHTS)
     for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("rollout_is_weights", rollout_is_weights)):
         layout.check_like(name, x, like)
     advantages = layout.per_token("advantages", advantages, like, rows)
@@ -71,40 +74,63 @@ def prepare_call(like: Tensor, old_logp, advantages, mask, *, method, clip_low=N
     return PolicyCall(m, opts, knobs, normalizer, mask, rows, advantages, old_logp, ref_logp, rollout_is_weights)
 
 
-def compute(call: PolicyCall, logp: Tensor, entropy: Tensor | None = None) -> PolicyLossOutput:
-    """The loss and metrics of a prepared call, in fp32 (fp64 for fp64 logp); padding zeroed before any exp."""
-    k, mask, rows = call.knobs, call.mask, call.rows
+def _token_terms(call: PolicyCall, logp: Tensor):
+    """The method's per-token terms in fp32 (fp64 for fp64 logp), padding zeroed before any exp."""
+    k, mask = call.knobs, call.mask
     dtype = layout.compute_dtype(logp.dtype)
     logp_c = layout.sanitize(logp, mask, dtype)
     old_c = logp_c.detach() if call.old_logp is None else layout.sanitize(call.old_logp.detach(), mask, dtype)
     adv_c = layout.sanitize(call.advantages.detach(), mask, dtype)
-    t = pmath.TokenInputs(logp_c, old_c, adv_c, mask, rows, k.clip_low, k.clip_high, k.clip_ratio_c,
+    t = pmath.TokenInputs(logp_c, old_c, adv_c, mask, call.rows, k.clip_low, k.clip_high, k.clip_ratio_c,
                           k.ratio_log_clamp)
-    tl = call.method.token_loss(t, **call.options)
+    return dtype, logp_c, old_c, adv_c, call.method.token_loss(t, **call.options)
+
+
+def compute(call: PolicyCall, logp: Tensor, entropy: Tensor | None = None) -> PolicyLossOutput:
+    """The loss of a prepared call, with autograd, and its metrics."""
+    k, mask, rows = call.knobs, call.mask, call.rows
+    dtype, logp_c, old_c, adv_c, tl = _token_terms(call, logp)
     phi = tl.phi
     if call.rollout_is_weights is not None:
         phi = phi * layout.sanitize(call.rollout_is_weights.detach(), mask, dtype)
-
     norm = call.normalizer if call.normalizer is not None else call.norm(dtype)
     pg_loss = layout.aggregate(phi, mask, rows, k.agg, norm)
     loss = pg_loss
-    metrics = {"pg_loss": pg_loss}
+    kl = ent = None
     if call.ref_logp is not None:
         kl = pmath.kl_penalty(logp_c, layout.sanitize(call.ref_logp.detach(), mask, dtype), k.kl_estimator)
         if k.kl_coef > 0:
             loss = loss + k.kl_coef * layout.aggregate(kl, mask, rows, k.agg, norm)
-        metrics["kl"] = layout.token_mean(kl.detach(), mask)
     if entropy is not None:
         ent = layout.sanitize(entropy, mask, dtype)
         if k.entropy_coef != 0:
             loss = loss - k.entropy_coef * layout.aggregate(ent, mask, rows, k.agg, norm)
-        metrics["entropy"] = layout.token_mean(ent.detach(), mask)
+    return PolicyLossOutput(loss, _metrics(call, pg_loss, logp_c, old_c, adv_c, tl, kl, ent))
 
+
+def metrics(call: PolicyCall, logp: Tensor, entropy: Tensor | None, pg_loss: Tensor) -> dict[str, Tensor]:
+    """The metrics of a prepared call whose loss was computed elsewhere (the one-launch kernel):
+    O(N) torch on its log-probs and entropy, no autograd."""
     with torch.no_grad():
-        metrics.update(pmath.ratio_metrics(tl, adv_c, mask))
-        metrics["approx_kl"] = layout.token_mean(old_c - logp_c.detach(), mask)
-        metrics.update(tl.metrics)
-    return PolicyLossOutput(loss, pmath.finalize_metrics(metrics))
+        dtype, logp_c, old_c, adv_c, tl = _token_terms(call, logp)
+        kl = None if call.ref_logp is None else pmath.kl_penalty(
+            logp_c, layout.sanitize(call.ref_logp.detach(), call.mask, dtype), call.knobs.kl_estimator)
+        ent = None if entropy is None else layout.sanitize(entropy, call.mask, dtype)
+        return _metrics(call, pg_loss, logp_c, old_c, adv_c, tl, kl, ent)
+
+
+def _metrics(call, pg_loss, logp_c, old_c, adv_c, tl, kl, ent) -> dict[str, Tensor]:
+    mask = call.mask
+    out = {"pg_loss": pg_loss}
+    if kl is not None:
+        out["kl"] = layout.token_mean(kl.detach(), mask)
+    if ent is not None:
+        out["entropy"] = layout.token_mean(ent.detach(), mask)
+    with torch.no_grad():
+        out.update(pmath.ratio_metrics(tl, adv_c, mask))
+        out["approx_kl"] = layout.token_mean(old_c - logp_c.detach(), mask)
+        out.update(tl.metrics)
+    return pmath.finalize_metrics(out)
 
 
 def policy_loss(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask: Tensor | None = None, *,
@@ -113,7 +139,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask:
                 kl_estimator: str = "k3", entropy: Tensor | None = None, entropy_coef: float = 0.0,
                 agg: str | None = None, normalizer=None, max_len: int | None = None,
                 rollout_is_weights: Tensor | None = None, ratio_log_clamp: float | None = 20.0,
-                cu_seqlens: Tensor | None = None, **method_options) -> PolicyLossOutput:
+                cu_seqlens: Tensor | None = None, validate_mask: bool | None = None,
+                **method_options) -> PolicyLossOutput:
     """Policy-gradient loss from per-token log-probs (pure PyTorch; composable, compile-traceable).
 
     Args:
@@ -121,6 +148,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask:
         old_logp: behaviour-policy log-probs, same shape; None = on-policy (old = sg(logp)).
         advantages: `[B]` per sequence (broadcast over T) or per token like `logp`; detached.
         mask: bool or 0/1 like `logp`; only masked-in tokens count anywhere. None = all tokens.
+            Any other value is an error (per-token weights go in `rollout_is_weights`).
         method: a registry name (see `method_names()`).
         clip_low, clip_high: relative bounds 1 - clip_low, 1 + clip_high (clip_high None = clip_low);
             None takes the method's default (0.2; dapo/gppo 0.2/0.28; gspo 3e-4/4e-4; cispo 1.0/0.2).
@@ -135,6 +163,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask:
         rollout_is_weights: detached per-token weights multiplied into the policy term (truncated IS).
         ratio_log_clamp: log-ratios are clamped to +-this before exp (None disables; GSPO: +10 above).
         cu_seqlens: `[B + 1]` row offsets of the packed layout.
+        validate_mask: check that a non-bool mask holds only 0 and 1; default: only for CPU
+            tensors, where it costs no device synchronisation (as `validate_labels`).
         **method_options: the method's own options (ecpo_delta, ratio_level, gppo_beta1/2, gpg_alpha,
             group_size, group_ids, rewards, bapo_*, process_group).
 
@@ -150,6 +180,6 @@ def policy_loss(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask:
                         clip_ratio_c=clip_ratio_c, ref_logp=ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator,
                         has_entropy=entropy is not None, entropy_coef=entropy_coef, agg=agg, normalizer=normalizer,
                         max_len=max_len, rollout_is_weights=rollout_is_weights, ratio_log_clamp=ratio_log_clamp,
-                        cu_seqlens=cu_seqlens, method_options=method_options)
+                        cu_seqlens=cu_seqlens, validate_mask=validate_mask, **method_options)
     layout.check_like("entropy", entropy, logp)
     return compute(call, logp, entropy)

@@ -13,7 +13,8 @@ from alignops.policy.math import finalize_metrics
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor | None = None, *,
                clip_range: float | None = 0.5, agg: str = "token-mean", normalizer=None,
-               max_len: int | None = None, cu_seqlens: Tensor | None = None) -> PolicyLossOutput:
+               max_len: int | None = None, cu_seqlens: Tensor | None = None,
+               validate_mask: bool | None = None) -> PolicyLossOutput:
     """PPO's clipped value loss (docs/methods.md §2.1):
 
         L_V = 1/2 Agg( max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) )
@@ -23,7 +24,9 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     None disables the clipped branch (plain 1/2 MSE). Aggregation and normaliser as in
     `policy_loss` (verl aggregates the critic with the actor's mode). Masked positions never
     reach the arithmetic. Metrics: vf_loss, vf_clipfrac (share of valid tokens where the clipped
-    branch is the larger), vpred_mean, explained_variance."""
+    branch is the larger), vpred_mean, explained_variance. `mask` is bool or 0/1 (any other value is
+    an error, checked on CPU tensors, and on GPU ones with `validate_mask=True`; there are no
+    per-token weights)."""
     if not isinstance(values, Tensor) or not values.dtype.is_floating_point:
         raise TypeError("values must be a floating-point torch.Tensor")
     if cu_seqlens is None and values.dim() != 2:
@@ -40,7 +43,8 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     layout.check_agg(agg)
     if agg == "seq-mean-token-sum-norm" and normalizer is None and max_len is None:
         raise ValueError("agg='seq-mean-token-sum-norm' needs max_len or an explicit normalizer")
-    mask = layout.token_mask(mask, values.shape, values.device)
+    mask = layout.token_mask(mask, values.shape, values.device, validate=validate_mask,
+                             weights="value_loss takes no per-token weights")
     rows = layout.Rows(values.shape, values.device, cu_seqlens)
     dtype = layout.compute_dtype(values.dtype)
     v = layout.sanitize(values, mask, dtype)

@@ -31,24 +31,36 @@ def token_stats(logits: Tensor, labels: Tensor, temperature: float = 1.0, ignore
     return torch.where(valid, logp, zero), torch.where(valid, lse, zero), torch.where(valid, entropy, zero)
 
 
-def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0, ignore_index: int = -100,
-                   return_entropy: bool = False):
-    logp, _, entropy = token_stats(logits, labels, temperature, ignore_index)
-    return logp, (entropy if return_entropy else None)
+def token_stats_fwd(logits3, labels, inv_temperature, ignore_index, compute_entropy, logp, lse, entropy):
+    """The kernel contract of token_stats_fwd (alignops/logits/kernels.py) on the torch backend."""
+    with torch.no_grad():
+        lp, ls, en = token_stats(logits3.reshape(-1, logits3.shape[-1]), labels, 1.0 / inv_temperature, ignore_index)
+    logp.copy_(lp)
+    lse.copy_(ls)
+    entropy.copy_(en) if compute_entropy else entropy.zero_()
 
 
-def token_stats_grad(logits3, labels, logp, lse, entropy, a, b, temperature, ignore_index, out):
-    """The backward of token_stats given a = dL/dlogp and b = dL/dH, written into `out` (the kernel
-    contract of token_stats_bwd, with the temperature itself):
-    dL/dz_v = a (1[v=y] - p_v) - b p_v (log p_v + H), divided by T."""
+def token_stats_bwd(logits3, labels, logp, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index,
+                    has_entropy_grad, grad_logits):
+    """The kernel contract of token_stats_bwd on the torch backend:
+    dL/dz_v = a (1[v=y] - p_v) - b p_v (log p_v + H), divided by T, with a = grad_logp, b = grad_entropy.
+    log p_v is rebuilt from the row's statistics as the kernels do, (z_v - z_y) + logp, or z_v - lse
+    where z_y or logp is not finite; so the same code serves a vocabulary shard, whose statistics
+    (lse, the label's logp) are the whole vocabulary's (alignops/vocab_parallel.py)."""
     dtype = compute_dtype(logits3.dtype)
-    z = logits3.reshape(-1, logits3.shape[-1]).to(dtype) / temperature
+    z = logits3.reshape(-1, logits3.shape[-1]).to(dtype) * inv_temperature
     valid = labels != ignore_index
-    z = torch.where(valid.unsqueeze(-1), z, torch.zeros((), dtype=dtype))
-    log_p = torch.log_softmax(z, dim=-1)
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
+    zy = z.gather(-1, safe)
+    lp = logp.unsqueeze(-1)
+    via_label = torch.isfinite(zy) & torch.isfinite(lp)
+    log_p = torch.where(via_label, (z - zy) + lp, z - lse.unsqueeze(-1))
     p = log_p.exp()
-    g = -a.unsqueeze(-1) * p - b.unsqueeze(-1) * torch.where(p > 0, p * (log_p + entropy.unsqueeze(-1)), 0.0)
-    safe = torch.where(valid, labels, torch.zeros_like(labels))
-    g.scatter_add_(1, safe.unsqueeze(-1), a.unsqueeze(-1))
-    g = torch.where(valid.unsqueeze(-1), g / temperature, 0.0)
-    out.copy_(g.reshape(out.shape))
+    a = grad_logp.unsqueeze(-1)
+    g = -a * p
+    if has_entropy_grad:
+        b = grad_entropy.unsqueeze(-1)
+        g = g - b * torch.where(p > 0, p * (log_p + entropy.unsqueeze(-1)), torch.zeros_like(p))
+    g.scatter_add_(1, safe, a)
+    g = torch.where(valid.unsqueeze(-1), g * inv_temperature, torch.zeros_like(g))
+    grad_logits.copy_(g.reshape(grad_logits.shape))
