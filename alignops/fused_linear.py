@@ -69,7 +69,7 @@ def fused_linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, 
         vocab_process_group, vocab_start: `weight` (and `bias`) are this rank's contiguous rows
             `[V_r, H]` of an lm_head sharded over the group's vocabulary (labels global ids, hidden
             the same on every rank): one all_gather forward, one all_reduce of dhidden backward
-            (alignops/vocab_parallel.py). vocab_start: this rank's first row; None gathers the sizes.
+            (alignops/logits/vocab_shard.py). vocab_start: this rank's first row; None gathers the sizes.
 
     Returns:
         `logp` (and `entropy`), fp32 (fp64 for fp64 inputs), shaped like `labels`.

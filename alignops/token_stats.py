@@ -28,7 +28,7 @@ def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0, ign
             no device synchronisation. Unchecked out-of-range labels give NaN log-probs.
         vocab_process_group: a torch.distributed group over which the vocabulary is sharded:
             `logits` are this rank's contiguous slice `[..., V_r]` (rank order), `labels` global ids,
-            the same on every rank. One all_gather forward, none backward (alignops/vocab_parallel.py).
+            the same on every rank. One all_gather forward, none backward (alignops/logits/vocab_shard.py).
         vocab_start: this rank's first token id (the lower ranks' V_r summed); None gathers the sizes.
 
     Returns:

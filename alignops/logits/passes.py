@@ -7,7 +7,7 @@ logits and for hidden states x the lm_head weight, over the whole vocabulary or 
     logp, entropy = token_stats(source, args, compute_entropy) the same, with autograd
 
 Over a vocabulary shard the tiles give local statistics, merged by one all_gather
-(alignops/vocab_parallel.py), and the backward needs no collective but the fused lm_head's
+(alignops/logits/vocab_shard.py), and the backward needs no collective but the fused lm_head's
 all_reduce of dhidden.
 """
 
@@ -18,7 +18,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from alignops import vocab_parallel
+from alignops.logits import vocab_shard
 from alignops.logits.kernels import stat_rows, stats_backward, stats_forward, token_stats_op
 from alignops.logits.sources import LogitsArgs
 
@@ -30,15 +30,15 @@ class Stats:
     logp: Tensor
     lse: Tensor
     entropy: Tensor
-    sharded: vocab_parallel.ShardedStats | None = None
+    sharded: vocab_shard.ShardedStats | None = None
 
 
 def forward_stats(source, args: LogitsArgs, compute_entropy: bool, check_finite: bool = False) -> Stats:
     labels, T, backend = args.labels, args.temperature, args.backend
     shard = args.shard
     if shard is not None:
-        labels, owns = vocab_parallel.shard_labels(args.labels, shard, args.ignore_index)
-    ignore_index = args.ignore_index if shard is None else vocab_parallel.LOCAL_IGNORE
+        labels, owns = vocab_shard.shard_labels(args.labels, shard, args.ignore_index)
+    ignore_index = args.ignore_index if shard is None else vocab_shard.LOCAL_IGNORE
     logp, lse, entropy = stat_rows(labels.numel(), source.dtype, source.device)
     # over a shard the flag travels with the gather, so every rank raises alike (unsharded callers check first)
     nonfinite = torch.zeros((), dtype=torch.bool, device=source.device) if check_finite and shard else None
@@ -52,7 +52,7 @@ def forward_stats(source, args: LogitsArgs, compute_entropy: bool, check_finite:
                                                               backend)
     if shard is None:
         return Stats(logp, lse, entropy)
-    st = vocab_parallel.merge(logp, lse, entropy, labels, owns, shard, args.labels, args.ignore_index,
+    st = vocab_shard.merge(logp, lse, entropy, labels, owns, shard, args.labels, args.ignore_index,
                               compute_entropy, validate_labels=args.validate_labels, nonfinite=nonfinite,
                               name_logits="logits" if source.traceable else "hidden @ weight.T")
     return Stats(st.logp, st.lse, st.entropy, st)
@@ -66,7 +66,7 @@ def backward_into(source, args: LogitsArgs, stats: Stats, a: Tensor, b: Tensor |
         g = source.grad_buffer(tile)
         bs = None if b is None else b[s:e]
         if stats.sharded is not None:
-            vocab_parallel.local_grad(tile, stats.sharded.rows(s, e), a[s:e], bs, args.temperature, args.backend, g)
+            vocab_shard.local_grad(tile, stats.sharded.rows(s, e), a[s:e], bs, args.temperature, args.backend, g)
         else:
             stats_backward(tile, args.labels[s:e], stats.logp[s:e], stats.lse[s:e], stats.entropy[s:e], a[s:e], bs,
                            args.temperature, args.ignore_index, args.backend, g)
@@ -95,7 +95,7 @@ class LogitsPass(torch.autograd.Function):
         n_inputs = len(ctx.source.inputs)
         if grad_logp is None and grad_entropy is None:
             return (None,) * (4 + n_inputs)
-        sharded = vocab_parallel.ShardedStats(logp, lse, entropy, *rows) if rows else None
+        sharded = vocab_shard.ShardedStats(logp, lse, entropy, *rows) if rows else None
         a = torch.zeros_like(logp) if grad_logp is None else grad_logp.to(logp.dtype)
         b = grad_entropy.to(logp.dtype) if (ctx.compute_entropy and grad_entropy is not None) else None
         with torch.no_grad():

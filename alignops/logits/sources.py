@@ -20,7 +20,8 @@ import math
 import torch
 from torch import Tensor
 
-from alignops import _backend, vocab_parallel
+from alignops import _backend
+from alignops.logits import vocab_shard
 from alignops._validate import check_float
 from alignops.logits.kernels import LOGITS_OPS, SUPPORTED_DTYPES, as_rows
 
@@ -46,7 +47,7 @@ class LogitsArgs:
     backend: str
     named: bool                    # the backend was named (a kernel that cannot run raises)
     validate_labels: bool
-    shard: vocab_parallel.VocabShard | None
+    shard: vocab_shard.VocabShard | None
 
 
 def check_temperature(temperature) -> float:
@@ -103,14 +104,14 @@ def resolve(tokens: Tensor, labels: Tensor, vocab: int, *, temperature, ignore_i
         validate_labels = labels.device.type == "cpu" and not torch.compiler.is_compiling()
     sharded = vocab_process_group is not None or vocab_start is not None
     if sharded:
-        vocab_parallel.check_group_args(vocab_process_group, vocab_start)
+        vocab_shard.check_group_args(vocab_process_group, vocab_start)
     elif validate_labels:
         check_label_range(labels, vocab, ignore_index)
     named = _backend.requested_backend(backend) is not None
     backend = _backend.resolve_backend(backend, tokens.device, what=LOGITS_OPS)
     if tokens.dtype == torch.float64 and backend in ("triton", "cuda"):
         raise TypeError(f"{name} of dtype float64 are supported by the torch and cpu backends, not {backend!r}")
-    shard = (vocab_parallel.resolve_shard(vocab_process_group, vocab_start, vocab, tokens.device) if sharded
+    shard = (vocab_shard.resolve_shard(vocab_process_group, vocab_start, vocab, tokens.device) if sharded
              else None)
     return LogitsArgs(labels.reshape(-1).to(torch.int64).contiguous(), labels.shape, temperature, ignore_index,
                       backend, named, bool(validate_labels), shard)
@@ -196,7 +197,7 @@ class LinearHead:
     traceable = False
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, *, softcap, logit_scale, chunk_size,
-                 shard: vocab_parallel.VocabShard | None):
+                 shard: vocab_shard.VocabShard | None):
         h = hidden.reshape(-1, hidden.shape[-1])
         self.hidden, self.h = hidden, (h if h.stride(-1) == 1 else h.contiguous())
         self.weight, self.bias = weight, bias
@@ -262,7 +263,7 @@ class LinearHead:
             self.db += g.sum(0, dtype=self.db.dtype)
 
     def grads(self) -> tuple:
-        vocab_parallel.all_reduce_hidden_grad(self.dh, self.shard)
+        vocab_shard.all_reduce_hidden_grad(self.dh, self.shard)
         dh = None if self.dh is None else self.dh.view(self.hidden.shape)
         dw = None if self.dw is None else self.dw.to(self.weight.dtype)
         db = None if self.db is None else self.db.to(self.weight.dtype)

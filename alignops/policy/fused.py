@@ -69,7 +69,7 @@ def fused_policy_loss(logits: Tensor, labels: Tensor, old_logp: Tensor | None, a
         torch.compile (it calls autograd inside forward); the default path is.
     vocab_process_group: the logits are this rank's shard `[..., V_r]` of a vocabulary sharded over
         the group (labels global ids, every per-token input the same on all ranks); see
-        alignops/vocab_parallel.py. Every route works; grad_in_forward runs the two-pass kernels
+        alignops/logits/vocab_shard.py. Every route works; grad_in_forward runs the two-pass kernels
         (the one-launch kernel would need the global log-prob inside the shard's pass).
     """
     check_logits_labels(logits, labels)

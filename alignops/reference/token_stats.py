@@ -46,7 +46,7 @@ def token_stats_bwd(logits3, labels, logp, lse, entropy, grad_logp, grad_entropy
     dL/dz_v = a (1[v=y] - p_v) - b p_v (log p_v + H), divided by T, with a = grad_logp, b = grad_entropy.
     log p_v is rebuilt from the row's statistics as the kernels do, (z_v - z_y) + logp, or z_v - lse
     where z_y or logp is not finite; so the same code serves a vocabulary shard, whose statistics
-    (lse, the label's logp) are the whole vocabulary's (alignops/vocab_parallel.py)."""
+    (lse, the label's logp) are the whole vocabulary's (alignops/logits/vocab_shard.py)."""
     dtype = compute_dtype(logits3.dtype)
     z = logits3.reshape(-1, logits3.shape[-1]).to(dtype) * inv_temperature
     valid = labels != ignore_index

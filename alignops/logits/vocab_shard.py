@@ -18,8 +18,8 @@ same global statistics:
 
 Backward needs no collective for the logits: dL/dz_v = a (1[v=y] - p_v) - b p_v (log p_v + H) is
 local given the global (lse, H); the stand-in column's label term is overwritten with its true value.
-The fused lm_head sums dhidden = sum_r g_r @ W_r with one all_reduce (alignops/logits/sources.py).
-This module is the shard math alone; the pass over a shard is alignops/logits/passes.py.
+The fused lm_head sums dhidden = sum_r g_r @ W_r with one all_reduce (LinearHead in sources.py).
+This module is the shard math alone, below the pass over a shard (passes.py); it imports only the kernels.
 
 `vocab_start=None` finds the shard's offset with one all_gather of the shard sizes per call (a host
 synchronisation); pass `vocab_start` (the sum of the lower ranks' shard sizes) to skip it.
