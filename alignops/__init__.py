@@ -5,22 +5,22 @@ kernels are loaded on first use.
 """
 
 from alignops._backend import BACKENDS, BackendUnavailableError, available_backends
-from alignops.token_stats import token_logprobs
+from alignops.token_stats import TokenLogprobs, token_logprobs
 from alignops import advantages
 from alignops.advantages import *  # noqa: F403 - the estimators listed in advantages.__all__
-from alignops.policy import PolicyLossOutput, fused_policy_loss, policy_loss, value_loss
+from alignops.policy import PolicyLossOutput, ValueLossOutput, fused_policy_loss, policy_loss, value_loss
 from alignops.fused_linear import (fused_linear_policy_loss, fused_linear_sequence_logprobs,
                                    fused_linear_sft_loss, fused_linear_token_logprobs)
-from alignops.preference import dpo_loss, gvpo_loss, log1mexp, orpo_loss, rahf_loss
-from alignops.sft import (chord_loss, chord_mu_schedule, iw_sft_weights, sequence_logprobs,
-                          sft_loss)
+from alignops.preference import PreferenceOutput, dpo_loss, gvpo_loss, log1mexp, orpo_loss, rahf_loss
+from alignops.sft import (SequenceLogprobs, SFTOutput, chord_loss, chord_mu_schedule, iw_sft_weights,
+                          sequence_logprobs, sft_loss)
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "token_logprobs",
-           "sequence_logprobs", "sft_loss", "iw_sft_weights", "chord_loss", "chord_mu_schedule",
-           "dpo_loss", "orpo_loss", "gvpo_loss", "rahf_loss", "log1mexp",
-           "policy_loss", "fused_policy_loss", "value_loss", "PolicyLossOutput",
+__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "token_logprobs", "TokenLogprobs",
+           "sequence_logprobs", "SequenceLogprobs", "sft_loss", "SFTOutput", "iw_sft_weights", "chord_loss",
+           "chord_mu_schedule", "dpo_loss", "orpo_loss", "gvpo_loss", "rahf_loss", "PreferenceOutput", "log1mexp",
+           "policy_loss", "fused_policy_loss", "value_loss", "PolicyLossOutput", "ValueLossOutput",
            "fused_linear_token_logprobs", "fused_linear_policy_loss", "fused_linear_sequence_logprobs",
            "fused_linear_sft_loss"]
 __all__ += advantages.__all__

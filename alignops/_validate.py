@@ -38,3 +38,25 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+def old_keyword_error(fn: str, old: str, new: str) -> TypeError:
+    """The error for a keyword that was renamed (docs/glossary.md: one name per concept)."""
+    return TypeError(f"{fn}() got the old keyword {old!r}: it is now {new!r} (docs/glossary.md)")
+
+
+def renamed_keywords(**renames: str):
+    """Decorator: calling the function with an old keyword (a key of `renames`) raises a TypeError naming the
+    new one (its value). The signature is the function's own (functools.wraps); nothing else changes."""
+    import functools  # noqa: PLC0415
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            for old, new in renames.items():
+                if old in kwargs:
+                    raise old_keyword_error(fn.__name__, old, new)
+            return fn(*args, **kwargs)
+        call.renamed_keywords = dict(renames)
+        return call
+    return wrap

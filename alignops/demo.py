@@ -41,8 +41,8 @@ def main(argv=None):
     # Correctness first: the fused op against the float64 reference on the same inputs.
     x = torch.randn(64, 32000, device=device) * 3
     y = torch.randint(0, 32000, (64,), device=device)
-    logp, ent = ao.token_logprobs(x, y, temperature=0.9, return_entropy=True)
-    ref_logp, ref_ent = ao.token_logprobs(x.double(), y, temperature=0.9, return_entropy=True, backend="torch")
+    logp, ent = ao.token_logprobs(x, y, temperature=0.9, compute_entropy=True)
+    ref_logp, ref_ent = ao.token_logprobs(x.double(), y, temperature=0.9, compute_entropy=True, backend="torch")
     print(f"max |logp - float64 reference| = {(logp.double() - ref_logp).abs().max().item():.2e}, "
           f"max |entropy - reference| = {(ent.double() - ref_ent).abs().max().item():.2e}\n")
 

@@ -1,7 +1,7 @@
 """Every alignops objective straight from hidden states and the lm_head weight: the `[tokens, vocab]`
 logits never exist.
 
-    logp, H = ao.fused_linear_token_logprobs(hidden, lm_head.weight, labels, return_entropy=True)
+    logp, H = ao.fused_linear_token_logprobs(hidden, lm_head.weight, labels, compute_entropy=True)
     out = ao.fused_linear_policy_loss(hidden, lm_head.weight, labels, old_logp, advantages, mask, method="grpo")
 
 The tokens are processed in chunks of `chunk_size` rows: a chunk's logits tile
@@ -27,11 +27,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from alignops._validate import check_bool
+from alignops._validate import check_bool, renamed_keywords
 from alignops.logits import passes
 from alignops.logits.sources import LinearHead, check_head, resolve
 from alignops.policy.fused import policy_loss_over
 from alignops.policy.loss import PolicyLossOutput
+from alignops.token_stats import TokenLogprobs
 
 
 def linear_source(hidden, weight, labels, bias, temperature, ignore_index, softcap, logit_scale, backend, chunk_size,
@@ -49,8 +50,9 @@ def linear_source(hidden, weight, labels, bias, temperature, ignore_index, softc
 # public API
 
 
+@renamed_keywords(return_entropy="compute_entropy")
 def fused_linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None,
-                                temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
+                                temperature: float = 1.0, ignore_index: int = -100, compute_entropy: bool = False,
                                 softcap: float | None = None, logit_scale: float | None = None,
                                 backend: str | None = None, chunk_size: int | None = None,
                                 validate_labels: bool | None = None, vocab_process_group=None,
@@ -62,7 +64,7 @@ def fused_linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, 
         weight: `[V, H]` (lm_head.weight, possibly tied to the embedding), same dtype; a weight
             with requires_grad=False costs no dweight GEMM. bias: `[V]` or None.
         labels: like `hidden` without H; `ignore_index` positions hold 0 and get no gradient.
-        temperature, ignore_index, return_entropy, backend: as token_logprobs.
+        temperature, ignore_index, compute_entropy, backend: as token_logprobs.
         softcap, logit_scale: the head's own transform, z = softcap * tanh(z * logit_scale / softcap)
             (Gemma's final soft-capping, Cohere's scale), before the temperature.
         chunk_size: rows per tile (default: a 64 MiB fp32 tile, at least 512 rows).
@@ -72,13 +74,14 @@ def fused_linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, 
             (alignops/logits/vocab_shard.py). vocab_start: this rank's first row; None gathers the sizes.
 
     Returns:
-        `logp` (and `entropy`), fp32 (fp64 for fp64 inputs), shaped like `labels`.
+        `logp`, fp32 (fp64 for fp64 inputs), shaped like `labels`; with compute_entropy=True a
+        `TokenLogprobs(logp, entropy)`.
     """
-    check_bool("return_entropy", return_entropy)
+    check_bool("compute_entropy", compute_entropy)
     source, args = linear_source(hidden, weight, labels, bias, temperature, ignore_index, softcap, logit_scale,
                                  backend, chunk_size, validate_labels, vocab_process_group, vocab_start)
-    logp, entropy = passes.token_stats(source, args, return_entropy)
-    return (logp, entropy) if return_entropy else logp
+    logp, entropy = passes.token_stats(source, args, compute_entropy)
+    return TokenLogprobs(logp, entropy) if compute_entropy else logp
 
 
 def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Tensor | None,
@@ -106,8 +109,9 @@ def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old
                             grad_in_forward=grad_in_forward, kwargs=kwargs)
 
 
+@renamed_keywords(reduction="agg")
 def fused_linear_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor | None = None,
-                                   reduction: str = "sum", *, bias: Tensor | None = None,
+                                   agg: str = "sum", *, bias: Tensor | None = None,
                                    cu_seqlens: Tensor | None = None, temperature: float = 1.0,
                                    ignore_index: int = -100, softcap: float | None = None,
                                    logit_scale: float | None = None, return_lengths: bool = False,
@@ -120,7 +124,7 @@ def fused_linear_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tenso
                                                 softcap=softcap, logit_scale=logit_scale, backend=backend,
                                                 chunk_size=chunk_size, vocab_process_group=vocab_process_group,
                                                 vocab_start=vocab_start),
-        labels, mask, reduction, cu_seqlens, ignore_index, return_lengths, tokens=hidden, name="hidden")
+        labels, mask, agg, cu_seqlens, ignore_index, return_lengths, tokens=hidden, name="hidden")
 
 
 def fused_linear_sft_loss(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor | None = None,

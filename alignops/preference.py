@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignops._validate import check_choice
+from alignops._validate import check_choice, renamed_keywords
 from alignops.layout import check_mask, inverse_normalizer
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
-GVPO_REDUCTIONS = ("mean", "sum")
+GVPO_AGG_MODES = ("mean", "sum")
 # docs/methods.md 2.23: P = exp(mean logp) -> 1 sends log(1 - P) to -inf; the odds use mean logp <= this.
 ORPO_LOGP_CLAMP = -1e-6
 _LN2 = math.log(2.0)
@@ -284,9 +284,10 @@ def _group_index(rows: int, group_size, group_ids, device):
     return inverse, counts
 
 
+@renamed_keywords(reduction="agg")
 def gvpo_loss(logp: Tensor, anchor_logp: Tensor, rewards: Tensor, *, mask: Optional[Tensor] = None,
               group_size: Optional[int] = None, group_ids: Optional[Tensor] = None,
-              beta: float = 0.1, reduction: str = "mean", normalizer=None,
+              beta: float = 0.1, agg: str = "mean", normalizer=None,
               validate_mask: Optional[bool] = None) -> PreferenceOutput:
     """GVPO (docs/methods.md 2.14): per group g of k rows,
 
@@ -299,11 +300,11 @@ def gvpo_loss(logp: Tensor, anchor_logp: Tensor, rewards: Tensor, *, mask: Optio
     CPU tensors and, with `validate_mask=True`, on GPU ones). Groups: `group_size=k` (consecutive
     rows) or `group_ids=[B]` (the latter synchronises with the host to count groups). k >= 2.
 
-    reduction "mean" (default, ours): sum of L_g / normalizer (default: the number of groups);
+    agg "mean" (default, ours): sum of L_g / normalizer (default: the number of groups);
     "sum": the authors' code, which sums over the groups of the micro-batch.
     Metrics: implicit_rewards/mean, implicit_rewards/centered_std, residual/mse.
     """
-    check_choice("reduction", reduction, GVPO_REDUCTIONS)
+    check_choice("agg", agg, GVPO_AGG_MODES)
     if not isinstance(logp, Tensor):
         raise TypeError(f"logp must be a torch.Tensor, got {type(logp).__name__}")
     _check_vector(anchor_logp, "anchor_logp", logp, "logp")
@@ -345,7 +346,7 @@ def gvpo_loss(logp: Tensor, anchor_logp: Tensor, rewards: Tensor, *, mask: Optio
     residual = centred(implicit) - centred(rewards.detach().to(dtype))
     per_row = 0.5 * residual.square() / (k - 1)[inverse]
     losses = group_sums(per_row)
-    if reduction == "sum":
+    if agg == "sum":
         loss = losses.sum()
     else:
         inv = inverse_normalizer(normalizer, torch.tensor(float(n_groups), dtype=dtype, device=s.device))

@@ -19,19 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from alignops import layout
-from alignops._validate import check_choice
+from alignops._validate import check_choice, renamed_keywords
 from alignops.layout import check_cu_seqlens, check_mask
 from alignops.logits.sources import check_logits_labels
 from alignops.token_stats import token_logprobs
 
 SFT_WEIGHTINGS = ("none", "dft", "chord_phi", "iw")
-SEQUENCE_REDUCTIONS = ("sum", "mean")
+SEQUENCE_AGG_MODES = ("sum", "mean")
 # docs/methods.md 00.3 / 00.15: sequence-level log-ratios are clamped before exp.
 IW_LOG_CLAMP = 20.0
 # The end of sft_loss's error for a mask that is not 0/1 (alignops.layout.check_mask).
@@ -88,8 +88,16 @@ def _check_prob(value, name, *, allow_none=True):
 # sequence log-probs
 
 
+class SequenceLogprobs(NamedTuple):
+    """What sequence_logprobs and fused_linear_sequence_logprobs return with `return_lengths=True` (it unpacks
+    as `logp, lengths = ...`). `logp`: `[B]` per-sequence log-probs; `lengths`: `[B]` int64 valid positions."""
+    logp: Tensor
+    lengths: Tensor
+
+
+@renamed_keywords(reduction="agg")
 def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = None,
-                      reduction: str = "sum", *, cu_seqlens: Optional[Tensor] = None,
+                      agg: str = "sum", *, cu_seqlens: Optional[Tensor] = None,
                       temperature: float = 1.0, ignore_index: int = -100,
                       return_lengths: bool = False, backend: Optional[str] = None,
                       vocab_process_group=None, vocab_start: Optional[int] = None,
@@ -102,7 +110,7 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = N
         labels: `[B, T]` (or `[N]`), already aligned with the logits (shifted by the caller).
         mask: same shape as labels, bool or 0/1 (any other value is an error); None = every
             label != ignore_index counts.
-        reduction: "sum" or "mean" over the valid positions of each row.
+        agg: "sum" or "mean" over the valid positions of each row.
         cu_seqlens: `[B+1]` int row boundaries of the packed layout.
         temperature, ignore_index, backend, vocab_process_group, vocab_start: as in
             `alignops.token_stats` (the last two: logits sharded over the vocabulary).
@@ -111,21 +119,22 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = N
             tensors, where it costs no device synchronisation (as `validate_labels`).
 
     Returns:
-        `[B]` fp32 (fp64 for fp64 logits) with autograd; `(S, L)` with return_lengths. One fused
+        `[B]` fp32 (fp64 for fp64 logits) with autograd; `SequenceLogprobs(logp, lengths)` with
+        return_lengths (unpacks as `S, L = ...`). One fused
         pass over the logits each way; the row reduction is O(tokens), in fp32.
     """
     return sequence_logprobs_from(
         lambda lab: token_logprobs(logits, lab, temperature=temperature, ignore_index=ignore_index, backend=backend,
                                    vocab_process_group=vocab_process_group, vocab_start=vocab_start),
-        labels, mask, reduction, cu_seqlens, ignore_index, return_lengths, tokens=logits, name="logits",
+        labels, mask, agg, cu_seqlens, ignore_index, return_lengths, tokens=logits, name="logits",
         validate_mask=validate_mask)
 
 
-def sequence_logprobs_from(token_logp, labels, mask, reduction, cu_seqlens, ignore_index, return_lengths, *,
+def sequence_logprobs_from(token_logp, labels, mask, agg, cu_seqlens, ignore_index, return_lengths, *,
                            tokens, name, validate_mask=None):
     """sequence_logprobs given `token_logp(labels) -> logp`, the logits pass of the tokens (the
     logits, or the hidden states and lm_head of alignops.fused_linear)."""
-    check_choice("reduction", reduction, SEQUENCE_REDUCTIONS)
+    check_choice("agg", agg, SEQUENCE_AGG_MODES)
     cu = _check_layout(tokens, labels, cu_seqlens, name)
     mask = check_mask(mask, labels.shape, tokens.device, validate=validate_mask,
                       weights="sequence_logprobs takes no per-token weights")
@@ -135,9 +144,9 @@ def sequence_logprobs_from(token_logp, labels, mask, reduction, cu_seqlens, igno
     sums = rows.row_sum(logp)  # ignored positions hold exactly 0 and get no gradient
     # Counts go through the float segment sum (exact below 2**24 tokens per row).
     lengths = rows.lengths(valid, sums.dtype).to(torch.int64)
-    if reduction == "mean":
+    if agg == "mean":
         sums = sums / lengths.clamp_min(1).to(sums.dtype)
-    return (sums, lengths) if return_lengths else sums
+    return SequenceLogprobs(sums, lengths) if return_lengths else sums
 
 
 # --------------------------------------------------------------------------------------------

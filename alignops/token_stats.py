@@ -3,15 +3,26 @@ logits pass (alignops/logits/: one read of the logits forward, one read and one 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
+from alignops._validate import renamed_keywords
 from alignops.logits.passes import token_stats
 from alignops.logits.sources import GivenLogits, check_logits_labels, resolve
 
 
+class TokenLogprobs(NamedTuple):
+    """What token_logprobs and fused_linear_token_logprobs return with `compute_entropy=True` (it unpacks as
+    `logp, entropy = ...`). `logp`: the label's log-probability; `entropy`: the entropy of the distribution."""
+    logp: Tensor
+    entropy: Tensor
+
+
+@renamed_keywords(return_entropy="compute_entropy")
 def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0, ignore_index: int = -100,
-                   return_entropy: bool = False, backend: str | None = None,
+                   compute_entropy: bool = False, backend: str | None = None,
                    check_finite: bool = False, validate_labels: bool | None = None,
                    vocab_process_group=None, vocab_start: int | None = None):
     """Log-probability of each label under softmax(logits / temperature), and optionally the entropy.
@@ -21,7 +32,7 @@ def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0, ign
             backends). Any strides; the vocabulary dimension should have unit stride (else copied).
         labels: integer tensor of shape `logits.shape[:-1]`; `ignore_index` marks positions to skip.
         temperature: the logits are divided by it inside the kernel (use the rollout temperature).
-        return_entropy: also return the entropy of softmax(logits / temperature) per position.
+        compute_entropy: also return the entropy of softmax(logits / temperature) per position.
         backend: "torch", "cpu", "triton", "cuda" or None (automatic; see alignops._backend).
         check_finite: raise ValueError if logits hold NaN or inf (costs a reduction and a sync).
         validate_labels: check labels lie in [0, V); default: only for CPU tensors, where it costs
@@ -32,7 +43,8 @@ def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0, ign
         vocab_start: this rank's first token id (the lower ranks' V_r summed); None gathers the sizes.
 
     Returns:
-        `logp` (and `entropy`), float32 (float64 for float64 logits), shaped like `labels`.
+        `logp`, float32 (float64 for float64 logits), shaped like `labels`; with compute_entropy=True a
+        `TokenLogprobs(logp, entropy)` (unpacks as `logp, entropy = ...`).
         Ignored positions hold 0 and receive no gradient. Both outputs are differentiable,
         separately and together; backward is one fused pass over the logits.
     """
@@ -47,5 +59,5 @@ def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0, ign
             torch._assert_async(torch.isfinite(logits).all(), "logits contain NaN or inf (check_finite=True)")
         elif not bool(torch.isfinite(logits).all()):
             raise ValueError("logits contain NaN or inf (check_finite=True)")
-    logp, entropy = token_stats(GivenLogits(logits), args, bool(return_entropy), bool(check_finite))
-    return (logp, entropy) if return_entropy else logp
+    logp, entropy = token_stats(GivenLogits(logits), args, bool(compute_entropy), bool(check_finite))
+    return TokenLogprobs(logp, entropy) if compute_entropy else logp

@@ -16,12 +16,12 @@ gemms                   the floor: logits = hidden @ W.T (summed) forward; backw
                         upstream gradient (its values do not change a GEMM's time). Three GEMMs and
                         no softmax; its memory is that of the full logits (+ dH, dW).
 log-probs + entropy (loss = logp.sum() + entropy.sum(), temperature 0.9):
-  lp/alignops           ao.fused_linear_token_logprobs(hidden, W, labels, return_entropy=True):
+  lp/alignops           ao.fused_linear_token_logprobs(hidden, W, labels, compute_entropy=True):
                         logits tiles of 64 MiB through the token_stats kernels; backward recomputes
                         each tile (four GEMMs in all).
   lp/eager              logits = hidden @ W.T, then log_softmax / gather / entropy from the softmax
                         under autograd (bench_token_logprobs.eager_logprobs_entropy).
-  lp/logits+alignops    ao.token_logprobs(hidden @ W.T, labels, return_entropy=True): the fused
+  lp/logits+alignops    ao.token_logprobs(hidden @ W.T, labels, compute_entropy=True): the fused
                         softmax on materialized logits.
   lp/trl                trl.kernels.chunked_logprob.ChunkedLogProbFunction (trl 1.16.0) with
                         TOKEN_CHUNK_SIZE tokens x 32768 vocabulary tiles (TRL's own
@@ -254,10 +254,10 @@ def make_case(b, t, h, v, dtype, device, backend=None, warmup=None, reps=None):
     impls = {
         "gemms": lambda x: _BareGemms.apply(x["hidden"], x["weight"]),
         "lp/alignops": lambda x: ao.fused_linear_token_logprobs(
-            h3(x), x["weight"], x["labels"], return_entropy=True, temperature=TEMPERATURE, backend=backend),
+            h3(x), x["weight"], x["labels"], compute_entropy=True, temperature=TEMPERATURE, backend=backend),
         "lp/eager": lambda x: eager_logprobs_entropy(h3(x) @ x["weight"].t(), x["labels"]),
         "lp/logits+alignops": lambda x: ao.token_logprobs(
-            h3(x) @ x["weight"].t(), x["labels"], temperature=TEMPERATURE, return_entropy=True, backend=backend),
+            h3(x) @ x["weight"].t(), x["labels"], temperature=TEMPERATURE, compute_entropy=True, backend=backend),
     }
     try:
         trl_lp = _trl_logprobs()

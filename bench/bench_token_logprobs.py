@@ -48,7 +48,7 @@ def make_case(n, v, dtype, device, backend=None):
     compiled = lazy_compile(eager_logprobs_entropy)
     impls = {
         "alignops": lambda x: ao.token_logprobs(x["logits"], x["labels"], temperature=TEMPERATURE,
-                                                return_entropy=True, backend=backend),
+                                                compute_entropy=True, backend=backend),
         "eager": lambda x: eager_logprobs_entropy(x["logits"], x["labels"]),
         "compile": lambda x: compiled(x["logits"], x["labels"]),
     }

@@ -317,7 +317,7 @@ def test_awpo(backend):
     torch.testing.assert_close(out.advantages, want)
     torch.testing.assert_close(out.gate, w)
     assert out.gate[0].item() == 0.0
-    torch.testing.assert_close(out.clip_eps, torch.tensor(0.1 + (1 - w.mean().item()) * 0.1, dtype=torch.float64))
+    torch.testing.assert_close(out.clip_low, torch.tensor(0.1 + (1 - w.mean().item()) * 0.1, dtype=torch.float64))
     assert ((out.gate >= 0) & (out.gate < 1)).all()
     # reasoning reward off -> GRPO (with d = 1)
     plain = ao.awpo_advantages(r_out.to(dev), torch.zeros_like(r_out).to(dev), G, alpha_prio=1.0, backend=backend)
@@ -391,7 +391,7 @@ def test_masked_whiten_matches_oracle(backend, dtype, data, var, eps_mode, shift
     x, m = data
     x = x.to(dtype)
     xd, md = to(device_of(backend), x, m)
-    out = ao.masked_whiten(xd, md, shift_mean, var=var, eps_mode=eps_mode, backend=backend)
+    out = ao.masked_whiten(xd, md, shift_mean, var=var, var_eps_mode=eps_mode, backend=backend)
     want = oracle_whiten(x.double().flatten().tolist(), m.flatten().tolist(), var == "unbiased", 1e-8,
                          eps_mode, shift_mean)
     assert out.dtype == dtype and out.shape == x.shape
@@ -559,7 +559,7 @@ def test_reinforce_pp(backend):
     assert abs(a.mean().item()) < 1e-12 and abs(a.std().item() - 1) < 1e-6
     # OpenRLHF semantics: biased variance, floor
     o = ao.reinforce_pp_advantages(*to(dev, scores, m), old_logp=old.to(dev), ref_logp=ref.to(dev), kl_coef=beta,
-                                   gamma=gamma, var="biased", eps_mode="floor", backend=backend)
+                                   gamma=gamma, var="biased", var_eps_mode="floor", backend=backend)
     flat_b = oracle_whiten(want_ret.flatten().tolist(), m.flatten().tolist(), False, 1e-8, "floor")
     torch.testing.assert_close(o.advantages.cpu().flatten(), torch.tensor(flat_b, dtype=torch.float64))
     # packed layout gives the same
@@ -671,8 +671,8 @@ def test_bad_input():
         ao.gae_advantages(torch.zeros(5), torch.zeros(5), cu_seqlens=torch.tensor([0, 2, 4]))
     with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
         ao.masked_whiten(torch.zeros(3), torch.tensor([0.0, 0.5, 1.0]))
-    with pytest.raises(ValueError, match="eps_mode must be one of"):
-        ao.masked_whiten(torch.zeros(3), eps_mode="outside")
+    with pytest.raises(ValueError, match="var_eps_mode must be one of"):
+        ao.masked_whiten(torch.zeros(3), var_eps_mode="outside")
     with pytest.raises(ValueError, match="semantic_entropy must be"):
         ao.seed_grpo_advantages(torch.zeros(4), torch.zeros(3), 2, alpha=1.0)
     with pytest.raises(ValueError, match="cache_length must lie"):
@@ -756,7 +756,7 @@ def _dist_stats(r, m, x, rsn, G, pg):
         "var": ao.masked_var(x, m, process_group=pg),
         "dler": ao.dler_advantages(r, G, mask=m, process_group=pg),
         "gpg_alpha": ao.gpg_advantages(r, G, process_group=pg, return_stats=True).alpha,
-        "awpo_clip": ao.awpo_advantages(r, rsn, G, process_group=pg).clip_eps,
+        "awpo_clip": ao.awpo_advantages(r, rsn, G, process_group=pg).clip_low,
         "rpp": ao.reinforce_pp_advantages(r, m, process_group=pg).advantages,
     }
     return out

@@ -73,7 +73,7 @@ for V in (1031, 4099):
         T = 0.7
         w_logp, w_ent = torch.randn(n), torch.randn(n)
         xr = x.clone().requires_grad_(True)
-        logp, ent = ao.token_logprobs(xr, y, temperature=T, return_entropy=True, backend="cpu")
+        logp, ent = ao.token_logprobs(xr, y, temperature=T, compute_entropy=True, backend="cpu")
         (logp * w_logp + ent * w_ent).sum().backward()
         o_logp, o_ent, o_g = oracle(x, y, T, w_logp.double(), w_ent.double(), -100)
         tag = str(dtype).replace("torch.", "")

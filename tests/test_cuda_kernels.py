@@ -211,7 +211,7 @@ def test_nan_logit_poisons_only_its_row(cuda_backend):
     x[2, :] = float("-inf")  # an all -inf stretch around a NaN: must not be merged away as empty
     x[2, labels[2]] = 0.0
     x[2, 3000] = float("nan")
-    logp, ent = ao.token_logprobs(x, labels, return_entropy=True, backend=cuda_backend)
+    logp, ent = ao.token_logprobs(x, labels, compute_entropy=True, backend=cuda_backend)
     assert torch.isnan(logp[1]) and torch.isnan(ent[1]) and torch.isnan(logp[2]) and torch.isnan(ent[2])
     assert torch.isfinite(logp[[0, 3]]).all() and torch.isfinite(ent[[0, 3]]).all()
 
@@ -224,12 +224,12 @@ def test_deterministic_and_row_independent(cuda_backend):
     runs = []
     for _ in range(2):
         x.grad = None
-        lp, en = ao.token_logprobs(x, labels, return_entropy=True, backend=cuda_backend)
+        lp, en = ao.token_logprobs(x, labels, compute_entropy=True, backend=cuda_backend)
         (lp.sum() - 0.3 * en.sum()).backward()
         runs.append((lp, en, x.grad.clone()))
     for a, b in zip(runs[0], runs[1]):
         assert torch.equal(a, b)
-    lp1, en1 = ao.token_logprobs(x[37:38].detach(), labels[37:38], return_entropy=True, backend=cuda_backend)
+    lp1, en1 = ao.token_logprobs(x[37:38].detach(), labels[37:38], compute_entropy=True, backend=cuda_backend)
     assert torch.equal(lp1, runs[0][0][37:38]) and torch.equal(en1, runs[0][1][37:38])
 
 
@@ -241,7 +241,7 @@ def test_more_rows_than_the_grid(cuda_backend):
     x = (torch.randn(n, v, generator=gen) * 3).cuda().requires_grad_(True)
     labels = torch.randint(0, v, (n,), generator=gen).cuda()
     labels[::7] = -100
-    lp, en = ao.token_logprobs(x, labels, temperature=0.8, return_entropy=True, backend=cuda_backend)
+    lp, en = ao.token_logprobs(x, labels, temperature=0.8, compute_entropy=True, backend=cuda_backend)
     rl, _, re = ref_token_stats(x.detach().double(), labels, 0.8)
     torch.testing.assert_close(lp.double(), rl, rtol=0, atol=1e-5)
     torch.testing.assert_close(en.double(), re, rtol=0, atol=1e-5)
@@ -259,7 +259,7 @@ def test_compile_fullgraph_cuda(cuda_backend):
     labels = make_labels(x, gen, 0.25)
 
     def f(x, labels):
-        lp, en = ao.token_logprobs(x, labels, temperature=0.9, return_entropy=True, backend="cuda")
+        lp, en = ao.token_logprobs(x, labels, temperature=0.9, compute_entropy=True, backend="cuda")
         return (lp * 2 - 0.1 * en).sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")

@@ -89,7 +89,7 @@ def test_token_logprobs_against_float64_oracle(backend, dtype, bias, peaked):
     dev = device_of(backend)
     h, W, b, y = case(dtype=dtype, bias=bias, peaked=peaked)
     ph, pW, pb = leaves(h, W, b, device=dev)
-    lp, ent = ao.fused_linear_token_logprobs(ph, pW, y.to(dev), pb, temperature=TEMPERATURE, return_entropy=True,
+    lp, ent = ao.fused_linear_token_logprobs(ph, pW, y.to(dev), pb, temperature=TEMPERATURE, compute_entropy=True,
                                              backend=backend, chunk_size=4)
     (lp.sum() + 0.3 * ent.sum()).backward()
     lp, ent = lp.detach().cpu(), ent.detach().cpu()
@@ -121,7 +121,7 @@ def test_token_logprobs_equal_the_logits_path(backend, transform):
     softcap = 3.0 if transform in ("softcap", "both") else None
     scale = 0.8 if transform in ("scale", "both") else None
     ph, pW, pb = leaves(h, W, b, device=dev)
-    lp, ent = ao.fused_linear_token_logprobs(ph, pW, y, pb, temperature=TEMPERATURE, return_entropy=True,
+    lp, ent = ao.fused_linear_token_logprobs(ph, pW, y, pb, temperature=TEMPERATURE, compute_entropy=True,
                                              softcap=softcap, logit_scale=scale, backend=backend, chunk_size=4)
     (lp.sum() - 0.5 * ent.sum()).backward()
     qh, qW, qb = leaves(h, W, b, device=dev)
@@ -130,7 +130,7 @@ def test_token_logprobs_equal_the_logits_path(backend, transform):
         z = z * scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    lp2, ent2 = ao.token_logprobs(z, y, temperature=TEMPERATURE, return_entropy=True, backend=backend)
+    lp2, ent2 = ao.token_logprobs(z, y, temperature=TEMPERATURE, compute_entropy=True, backend=backend)
     (lp2.sum() - 0.5 * ent2.sum()).backward()
     torch.testing.assert_close(lp, lp2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent, ent2, rtol=1e-5, atol=1e-5)
@@ -162,7 +162,7 @@ def test_gradcheck_float64(backend):
     ph, pW, pb = leaves(h, W, b, device=dev)
 
     def f(h_, W_, b_):
-        lp, ent = ao.fused_linear_token_logprobs(h_, W_, y, b_, temperature=TEMPERATURE, return_entropy=True,
+        lp, ent = ao.fused_linear_token_logprobs(h_, W_, y, b_, temperature=TEMPERATURE, compute_entropy=True,
                                                  softcap=2.5, backend=backend, chunk_size=2)
         return lp, ent
     assert torch.autograd.gradcheck(f, (ph, pW, pb), eps=1e-6, atol=1e-7)

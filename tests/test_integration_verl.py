@@ -697,13 +697,13 @@ def test_dist_process_group_goes_to_vocab_process_group(monkeypatch):
     group = object()
     seen = {}
 
-    def with_keyword(hidden, weight, labels, *, temperature, return_entropy, chunk_size, vocab_process_group=None,
+    def with_keyword(hidden, weight, labels, *, temperature, compute_entropy, chunk_size, vocab_process_group=None,
                      vocab_start=None):
         seen.update(group=vocab_process_group, start=vocab_start)
         # a stand-in whose dhidden is all ones, as alignops's would be after its all-reduce
         return hidden.sum(-1), torch.zeros(labels.numel())
 
-    def without_keyword(hidden, weight, labels, *, temperature, return_entropy, chunk_size):
+    def without_keyword(hidden, weight, labels, *, temperature, compute_entropy, chunk_size):
         raise AssertionError("must not be called with a process group it cannot take")
 
     with pytest.raises(ValueError, match="torch.distributed"):

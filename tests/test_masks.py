@@ -71,7 +71,7 @@ OPS = {
     "sequence_logprobs": lambda x, m, **kw: ao.sequence_logprobs(x["logits"], x["labels"], m, return_lengths=True,
                                                                  **kw),
     "sequence_logprobs/mean": lambda x, m, **kw: ao.sequence_logprobs(x["logits"], x["labels"], m,
-                                                                      reduction="mean", **kw),
+                                                                      agg="mean", **kw),
     "sft_loss": lambda x, m, **kw: ao.sft_loss(x["logits"], x["labels"], m, weighting="dft", **kw),
     "chord_loss": lambda x, m, **kw: ao.chord_loss(x["logp"], x["old"], x["adv"], m, x["expert"], 0.3, **kw),
     "gvpo_loss": lambda x, m, **kw: ao.gvpo_loss(x["logp"], x["old"], x["scores"], mask=m, group_size=2, **kw),

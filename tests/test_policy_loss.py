@@ -895,7 +895,7 @@ def fused_loss_and_grad(logits, labels, old, ref, adv, mask, method, backend, **
 
 def float64_reference(logits, labels, old, ref, adv, mask, method, **extra):
     x = logits.detach().double().requires_grad_()
-    logp, ent = ao.token_logprobs(x, labels, temperature=0.7, return_entropy=True, backend="torch")
+    logp, ent = ao.token_logprobs(x, labels, temperature=0.7, compute_entropy=True, backend="torch")
     m = mask & (labels != -100)
     kw = {**FUSED_KW, **extra}
     kw.pop("temperature")
@@ -930,7 +930,7 @@ def assert_within_eager_error(out, g, e_out, e_g, logits, labels, old, ref, adv,
     eager torch computing in the logits' dtype, plus 2e-5 of the scale (the fp32 bound). Logits
     shifted by 1000 and divided by T = 0.7 lose ~6e-5 relative in fp32 before any kernel runs."""
     x = logits.detach().clone().requires_grad_()
-    logp, ent = ao.token_logprobs(x, labels, temperature=0.7, return_entropy=True, backend="torch")
+    logp, ent = ao.token_logprobs(x, labels, temperature=0.7, compute_entropy=True, backend="torch")
     kw = {**FUSED_KW, **extra}
     kw.pop("temperature")
     eager = ao.policy_loss(logp, old, adv, mask & (labels != -100), method=method, ref_logp=ref, entropy=ent, **kw)
@@ -953,7 +953,7 @@ def test_fused_equals_policy_loss_of_token_logprobs(device, backend, dtype, opti
     logits, labels, old, ref, adv, mask = (t.to(device) for t in (logits, labels, old, ref, adv, mask))
     kw = {"inplace_grad": option in ("inplace_grad", "both"), "grad_in_forward": option in ("grad_in_forward", "both")}
     x = logits.detach().clone().requires_grad_()
-    logp, ent = ao.token_logprobs(x, labels, temperature=0.7, return_entropy=True, backend=backend)
+    logp, ent = ao.token_logprobs(x, labels, temperature=0.7, compute_entropy=True, backend=backend)
     m = mask & (labels != -100)
     e = ao.policy_loss(logp, old, adv, m, method="grpo", ref_logp=ref, entropy=ent, kl_coef=0.05, entropy_coef=0.01)
     (e_g,) = torch.autograd.grad(e.loss, x)

@@ -361,7 +361,7 @@ def test_gvpo_token_input_reduction_and_errors():
     seq = ao.gvpo_loss((logp * mask).sum(-1), (anchor * mask).sum(-1), rewards, group_size=2)
     torch.testing.assert_close(tok.loss, seq.loss)
     summed = ao.gvpo_loss((logp * mask).sum(-1), (anchor * mask).sum(-1), rewards, group_size=2,
-                          reduction="sum")
+                          agg="sum")
     torch.testing.assert_close(summed.loss, 2 * seq.loss)
     s = torch.zeros(4)
     with pytest.raises(ValueError, match="group_size"):
@@ -376,8 +376,8 @@ def test_gvpo_token_input_reduction_and_errors():
         ao.gvpo_loss(s, torch.zeros(3), rewards, group_size=2)
     with pytest.raises(ValueError, match="mask"):
         ao.gvpo_loss(logp, anchor, rewards, group_size=2)
-    with pytest.raises(ValueError, match="reduction"):
-        ao.gvpo_loss(s, s, rewards, group_size=2, reduction="none")
+    with pytest.raises(ValueError, match="agg"):
+        ao.gvpo_loss(s, s, rewards, group_size=2, agg="none")
 
 
 # --------------------------------------------------------------------------------------------

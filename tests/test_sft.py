@@ -369,7 +369,7 @@ def test_sft_bad_input():
         ao.sft_loss(x, labels, mask, "chord_phi", cutoff_prob=1.5)
     with pytest.raises(ValueError, match="normalizer"):
         ao.sft_loss(x, labels, mask, normalizer=-1.0)
-    with pytest.raises(ValueError, match="reduction"):
+    with pytest.raises(ValueError, match="agg"):
         ao.sequence_logprobs(x, labels, mask, "max")
     with pytest.raises(ValueError, match="logits"):
         ao.sequence_logprobs(x[0], labels[0])  # [N, V] needs cu_seqlens

@@ -76,7 +76,7 @@ def check_against_oracle(x, labels, temperature, backend, ignore_index=-100, wit
     xk = x.detach().requires_grad_(True)
     if with_entropy:
         logp, ent = ao.token_logprobs(xk, labels, temperature=temperature, ignore_index=ignore_index,
-                                      return_entropy=True, backend=backend)
+                                      compute_entropy=True, backend=backend)
     else:
         logp = ao.token_logprobs(xk, labels, temperature=temperature, ignore_index=ignore_index,
                                  backend=backend)
@@ -170,7 +170,7 @@ def test_each_output_alone_and_together(device, backend):
     for use in ("logp", "entropy", "both"):
         xk = x.detach().requires_grad_(True)
         xo = xr.clone().requires_grad_(True)
-        lp, en = ao.token_logprobs(xk, labels, temperature=0.8, return_entropy=True, backend=backend)
+        lp, en = ao.token_logprobs(xk, labels, temperature=0.8, compute_entropy=True, backend=backend)
         rl, _, re = ref_token_stats(xo, labels.cpu(), 0.8)
         pick = {"logp": lambda a, b: a, "entropy": lambda a, b: b, "both": lambda a, b: a - 2 * b}[use]
         pick(lp, en).sum().backward()
@@ -191,7 +191,7 @@ def test_gradcheck_float64(backend, use):
     labels = torch.tensor([1, -100, 5, 0])
 
     def f(x):
-        lp, en = ao.token_logprobs(x, labels, temperature=0.7, return_entropy=True, backend=backend)
+        lp, en = ao.token_logprobs(x, labels, temperature=0.7, compute_entropy=True, backend=backend)
         return {"logp": (lp,), "entropy": (en,), "both": (lp, en)}[use]
 
     assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7)
@@ -208,7 +208,7 @@ def test_empty_and_all_ignored(device, backend):
     assert lp.shape == (0,)
     lp.sum().backward()
     x = torch.randn(3, 11, device=device, requires_grad=True)
-    lp, en = ao.token_logprobs(x, torch.full((3,), -100, device=device), return_entropy=True, backend=backend)
+    lp, en = ao.token_logprobs(x, torch.full((3,), -100, device=device), compute_entropy=True, backend=backend)
     assert (lp == 0).all() and (en == 0).all()
     (lp + en).sum().backward()
     assert (x.grad == 0).all()
@@ -218,7 +218,7 @@ def test_empty_and_all_ignored(device, backend):
 def test_nonfinite_input_gives_nonfinite_output(device, backend):
     x = torch.randn(3, 17, device=device)
     x[1, 4] = float("nan")
-    lp, en = ao.token_logprobs(x, torch.tensor([0, 2, 3], device=device), return_entropy=True, backend=backend)
+    lp, en = ao.token_logprobs(x, torch.tensor([0, 2, 3], device=device), compute_entropy=True, backend=backend)
     assert torch.isnan(lp[1]) and torch.isnan(en[1])
     assert torch.isfinite(lp[[0, 2]]).all()
     with pytest.raises(ValueError, match="logits"):
@@ -231,9 +231,9 @@ def test_deterministic_and_row_independent(device, backend):
     gen = torch.Generator().manual_seed(4)
     x = make_logits(6, 1031, torch.float32, "normal", gen, device)
     labels = make_labels(x, gen, 0.0)
-    a = ao.token_logprobs(x, labels, return_entropy=True, backend=backend)
-    b = ao.token_logprobs(x, labels, return_entropy=True, backend=backend)
-    c = ao.token_logprobs(x[2:3], labels[2:3], return_entropy=True, backend=backend)
+    a = ao.token_logprobs(x, labels, compute_entropy=True, backend=backend)
+    b = ao.token_logprobs(x, labels, compute_entropy=True, backend=backend)
+    c = ao.token_logprobs(x[2:3], labels[2:3], compute_entropy=True, backend=backend)
     for u, w in zip(a, b):
         assert torch.equal(u, w)
     assert torch.equal(a[0][2:3], c[0]) and torch.equal(a[1][2:3], c[1])
@@ -276,7 +276,7 @@ def test_torch_compile_fullgraph_cpu():
     labels = make_labels(x, gen, 0.25)
 
     def f(x, labels):
-        lp, en = ao.token_logprobs(x, labels, temperature=0.9, return_entropy=True, backend="cpu")
+        lp, en = ao.token_logprobs(x, labels, temperature=0.9, compute_entropy=True, backend="cpu")
         return (lp * 2 - 0.1 * en).sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")

@@ -73,7 +73,7 @@ def _one_update(cfg, seed=0):
 @pytest.mark.parametrize("method,agg", [("dapo", "token-mean"), ("grpo", "seq-mean-token-mean"),
                                         ("dr_grpo", "seq-mean-token-sum-norm")])
 def test_gradient_accumulation_is_the_same_update(method, agg, tmp_path):
-    cfg = micro(method, tmp_path, beta=0.0, loss_type=agg, dynamic_sampling=False)
+    cfg = micro(method, tmp_path, beta=0.0, agg=agg, dynamic_sampling=False)
     full = _one_update(cfg)
     acc = _one_update(dataclasses.replace(cfg, gradient_accumulation_steps=4))
     for k in full:
@@ -144,8 +144,8 @@ def test_unknown_method_and_missing_base(tmp_path):
 def test_aliases_map_to_trl_names():
     cfg = make_config("grpo", {"clip_ratio_high": "0.3", "kl_loss_coef": "0.01", "rollout_n": "4",
                                "loss_agg_mode": "token-mean"})
-    assert (cfg.epsilon_high, cfg.beta, cfg.num_generations, cfg.loss_type) == (0.3, 0.01, 4, "token-mean")
-    assert make_config("grpo", {"loss_type": "dr_grpo"}).loss_type == "seq-mean-token-sum-norm"
+    assert (cfg.epsilon_high, cfg.beta, cfg.num_generations, cfg.agg) == (0.3, 0.01, 4, "token-mean")
+    assert make_config("grpo", {"loss_type": "dr_grpo"}).agg == "seq-mean-token-sum-norm"
 
 
 def test_kl_loss_type_alias_takes_verls_meaning():
@@ -307,7 +307,7 @@ def test_fused_lm_head_applies_the_models_logit_transform(config_name, transform
     got = {}
     for fused in (True, False):
         model.zero_grad(set_to_none=True)
-        logp, entropy = sequence_head(model, batch, fused).token_logprobs(labels, temperature=0.7, return_entropy=True)
+        logp, entropy = sequence_head(model, batch, fused).token_logprobs(labels, temperature=0.7, compute_entropy=True)
         (logp.sum() + 0.1 * (entropy * mask).sum()).backward()
         got[fused] = logp.detach(), entropy.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
     torch.testing.assert_close(got[True][0], got[False][0], rtol=1e-5, atol=1e-6)
@@ -522,7 +522,7 @@ def test_trainer_normalizers_are_the_librarys(agg, want, tmp_path):
     lib = _library_normalizer(agg, _NORM_MASK, 4)
     assert float(lib) == want
     assert float(normalizer_for(agg, _NORM_MASK, 4)) == want
-    cfg = micro("ppo", tmp_path, loss_type=agg, max_completion_length=4)
+    cfg = micro("ppo", tmp_path, agg=agg, max_completion_length=4)
     assert float(critic_normalizer(cfg, _NORM_MASK)) == want
     assert critic_agg(cfg) == agg and critic_agg(micro("orz", tmp_path)) == "seq-mean-token-mean"
     g = torch.Generator().manual_seed(0)
@@ -551,7 +551,7 @@ def test_orz_critic_uses_its_own_aggregation_and_normaliser(tmp_path, parity_rew
     from alignops.train.rollout import completion_values
     cfg = micro("orz", tmp_path, num_prompts=2, max_grad_norm=1e9, gradient_accumulation_steps=2,
                 mask_truncated_completions=True)
-    assert cfg.loss_type == "seq-mean-token-mean"
+    assert cfg.agg == "seq-mean-token-mean"
     r = _rollout(cfg)
     r.batch.completion_mask[0, 1:] = 0  # length 1
     r.batch.completion_mask[5, 2:] = 0  # length <= 2
@@ -572,7 +572,7 @@ def test_orz_critic_uses_its_own_aggregation_and_normaliser(tmp_path, parity_rew
     lengths = mask.sum(-1)
     assert bool((lengths == 0).any()) and len(set(lengths[lengths > 0].tolist())) > 1
     want = ao.value_loss(completion_values(critic, r.batch), scorer.values(r.batch), prep.data["returns"], mask,
-                         clip_range=cfg.cliprange_value, agg="seq-mean-token-mean")
+                         cliprange_value=cfg.cliprange_value, agg="seq-mean-token-mean")
     want.loss.backward()
     assert metrics["critic/vf_loss"] == pytest.approx(float(want.loss.detach()), rel=1e-5)
     for n, p in critic.named_parameters():

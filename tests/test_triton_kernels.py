@@ -112,7 +112,7 @@ def check_op(x, labels, temperature, *, ignore_index=-100, with_entropy=True, ge
     x = x.detach().cpu()
     labels_d = labels.to(DEVICE)
     out = ao.token_logprobs(xk, labels_d, temperature=temperature, ignore_index=ignore_index,
-                            return_entropy=with_entropy, backend="triton")
+                            compute_entropy=with_entropy, backend="triton")
     logp, ent = out if with_entropy else (out, None)
     assert logp.dtype == torch.float32 and logp.shape == labels.shape
     ga = torch.randn(labels.shape, generator=gen, dtype=torch.float64)
@@ -291,7 +291,7 @@ def test_ignored_rows_are_not_read():
 def test_all_rows_ignored_and_empty():
     gen = torch.Generator().manual_seed(32)
     x = make_logits(3, 40, torch.bfloat16, "normal", gen).to(DEVICE).requires_grad_(True)
-    logp, ent = ao.token_logprobs(x, torch.full((3,), -100, device=DEVICE), return_entropy=True, backend="triton")
+    logp, ent = ao.token_logprobs(x, torch.full((3,), -100, device=DEVICE), compute_entropy=True, backend="triton")
     assert (logp == 0).all() and (ent == 0).all()
     (logp + ent).sum().backward()
     assert (x.grad == 0).all()

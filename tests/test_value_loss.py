@@ -42,10 +42,10 @@ def inputs(seed, B=5, T=7, empty_row=True):
 def test_value_loss_matches_oracle_and_gradient(agg, clip, seed):
     v, v_old, ret, mask = inputs(seed)
     v = v.requires_grad_()
-    out = ao.value_loss(v, v_old, ret, mask, clip_range=clip, agg=agg, max_len=9)
+    out = ao.value_loss(v, v_old, ret, mask, cliprange_value=clip, agg=agg, max_len=9)
     want = oracle(v.detach(), v_old, ret, mask, clip, agg, max_len=9)
     torch.testing.assert_close(out.loss.item(), want, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x: ao.value_loss(x, v_old, ret, mask, clip_range=clip, agg=agg,
+    assert torch.autograd.gradcheck(lambda x: ao.value_loss(x, v_old, ret, mask, cliprange_value=clip, agg=agg,
                                                             max_len=9).loss, (v.detach().clone().requires_grad_(),))
     out.loss.backward()
     assert torch.all(v.grad[~mask] == 0)
@@ -54,13 +54,13 @@ def test_value_loss_matches_oracle_and_gradient(agg, clip, seed):
 def test_clip_inactive_equals_plain_mse_and_clipped_tokens_get_no_gradient():
     v, _, ret, mask = inputs(0)
     v_old = v + 0.05 * torch.randn_like(v)  # |V - V_old| <= c everywhere: docs/methods.md 2.1 oracle (d)
-    a = ao.value_loss(v, v_old, ret, mask, clip_range=0.2).loss
-    b = ao.value_loss(v, v_old, ret, mask, clip_range=None).loss
+    a = ao.value_loss(v, v_old, ret, mask, cliprange_value=0.2).loss
+    b = ao.value_loss(v, v_old, ret, mask, cliprange_value=None).loss
     torch.testing.assert_close(a, b)
     # far outside the clip range, and the clipped branch the larger: that token's gradient is 0
     v = torch.tensor([[2.0, 0.0]], dtype=torch.float64, requires_grad=True)
     out = ao.value_loss(v, torch.tensor([[0.0, 0.0]], dtype=torch.float64), torch.tensor([[5.0, 1.0]],
-                        dtype=torch.float64), clip_range=0.2)
+                        dtype=torch.float64), cliprange_value=0.2)
     out.loss.backward()
     assert v.grad[0, 0] == 0 and v.grad[0, 1] != 0
     assert out.metrics["vf_clipfrac"] == 0.5
@@ -78,8 +78,8 @@ def test_value_loss_bad_input():
     v, v_old, ret, mask = inputs(2)
     with pytest.raises(ValueError, match="returns"):
         ao.value_loss(v, v_old, ret[:, :3], mask)
-    with pytest.raises(ValueError, match="clip_range"):
-        ao.value_loss(v, v_old, ret, mask, clip_range=-1.0)
+    with pytest.raises(ValueError, match="cliprange_value"):
+        ao.value_loss(v, v_old, ret, mask, cliprange_value=-1.0)
     with pytest.raises(ValueError, match="agg"):
         ao.value_loss(v, v_old, ret, mask, agg="mean")
     with pytest.raises(ValueError, match="values"):

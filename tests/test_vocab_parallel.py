@@ -121,7 +121,7 @@ def run_cases(V: int, sizes: list[int], start: int, size: int, group, backends, 
                     continue
                 z = _leaf(d[xname][..., shard])
                 logp, ent = ao.token_logprobs(z, d["y_inf" if xname == "x_inf" else "y"], temperature=T_ROLL,
-                                              return_entropy=True, backend=backend, **kw)
+                                              compute_entropy=True, backend=backend, **kw)
                 w = torch.linspace(-1, 1, logp.numel(), dtype=logp.dtype).view(logp.shape)
                 (torch.where(torch.isfinite(logp), logp, 0.0) * w).sum().add((ent * w.flip(0)).sum()).backward()
                 out[f"{tag}/tokens/{xname}"] = {"logp": logp.detach(), "entropy": ent.detach(), "dlogits": z.grad}
@@ -160,7 +160,7 @@ def run_cases(V: int, sizes: list[int], start: int, size: int, group, backends, 
             # the fused lm_head: several chunks, a bias, softcap
             for softcap in (None, 30.0):
                 h, W, b = _leaf(d["hidden"]), _leaf(d["weight"][shard]), _leaf(d["bias"][shard])
-                logp, ent = ao.fused_linear_token_logprobs(h, W, d["y"], b, temperature=T_ROLL, return_entropy=True,
+                logp, ent = ao.fused_linear_token_logprobs(h, W, d["y"], b, temperature=T_ROLL, compute_entropy=True,
                                                            softcap=softcap, backend=backend, chunk_size=7, **kw)
                 w = torch.linspace(-1, 1, logp.numel(), dtype=logp.dtype).view(logp.shape)
                 ((logp * w).sum() + (ent * w.flip(0)).sum()).backward()
@@ -178,7 +178,7 @@ def run_cases(V: int, sizes: list[int], start: int, size: int, group, backends, 
                     out[key] = {"loss": res.loss.detach(), "dhidden": h.grad, "dweight": W.grad, "dbias": b.grad,
                                 **{f"metric:{k}": v for k, v in res.metrics.items()}}
             h, W = _leaf(d["hidden"]), _leaf(d["weight"][shard])
-            seq = ao.fused_linear_sequence_logprobs(h, W, d["y"], reduction="mean", temperature=T_ROLL, backend=backend,
+            seq = ao.fused_linear_sequence_logprobs(h, W, d["y"], agg="mean", temperature=T_ROLL, backend=backend,
                                                     chunk_size=9, **kw)
             sft = ao.fused_linear_sft_loss(h, W, d["y"], weighting="dft", temperature=T_ROLL, backend=backend, **kw)
             (seq.sum() + sft.loss).backward()
@@ -210,7 +210,7 @@ def run_big_vocab(rank, group, sizes):
                                    temperature=0.9, entropy_coef=0.01, backend="cpu", cu_seqlens=torch.tensor([0, 3]),
                                    **kw)
         res.loss.backward()
-        logp, ent = ao.token_logprobs(z.detach(), y, temperature=0.9, return_entropy=True, backend="cpu", **kw)
+        logp, ent = ao.token_logprobs(z.detach(), y, temperature=0.9, compute_entropy=True, backend="cpu", **kw)
         out[f"cpu/{str(dtype)[6:]}/big"] = {"loss": res.loss.detach(), "dlogits": z.grad, "logp": logp,
                                              "entropy": ent}
     return out

@@ -10,8 +10,8 @@ Every estimator follows docs/methods.md (section 00 wins): group std unbiased wi
 (default 1e-6); a group whose scorable rewards are all equal gets advantage exactly 0; singleton
 groups raise unless `singleton="zero"|"raw"`; NaN rewards are left out of every statistic and get
 advantage 0; whitening is token-weighted with verl semantics by default (unbiased variance,
-eps=1e-8 inside the rsqrt) and OpenRLHF's (`var="biased"`, `eps_mode="floor"`) on request; N <= 1
-valid tokens centres without scaling.
+var_eps=1e-8 inside the rsqrt) and OpenRLHF's (`var="biased"`, `var_eps_mode="floor"`) on request;
+N <= 1 valid tokens centres without scaling.
 
 Layouts: rewards are `[B]` with `group_size=G` (consecutive rows) or `group_ids=[B]` (any
 integers; groups are numbered by sorted id, or pass `num_groups=P` with ids in [0, P) to skip the

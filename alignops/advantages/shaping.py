@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from alignops import layout
-from alignops._validate import check_choice, check_float
+from alignops._validate import check_choice, check_float, renamed_keywords
 from alignops.advantages._common import _float_tensor, _local_moments, _rewards, _tensor, _var
 from alignops.advantages.group import _groups, _run_groups, group_stats
 from alignops.distributed import all_reduce_sum, merge_moments
@@ -20,7 +20,11 @@ class AWPOAdvantages(NamedTuple):
     gate: Tensor           # [P] w_g in [0, 1)
     difficulty: Tensor     # [P] d_g
     std_ratio: Tensor      # [P] r_g
-    clip_eps: Tensor       # 0-dim: the PPO clip radius for this batch
+    clip_low: Tensor       # 0-dim: this batch's PPO clip radius, clip_low (= clip_high: symmetric)
+
+    @property
+    def clip_eps(self):
+        raise TypeError("AWPOAdvantages has no field 'clip_eps': it is now 'clip_low' (docs/glossary.md)")
 
 
 class DynamicSampling(NamedTuple):
@@ -82,27 +86,28 @@ def dler_advantages(rewards: Tensor, group_size: int | None = None, *, group_ids
     return torch.where(valid, out, 0.0).to(r.dtype)
 
 
+@renamed_keywords(clip_eps_min="clip_low_min", clip_eps_max="clip_low_max", eps_std="ratio_eps")
 def awpo_advantages(outcome_rewards: Tensor, reasoning_rewards: Tensor, group_size: int | None = None, *,
                     group_ids: Tensor | None = None, num_groups: int | None = None, r_out_max: float = 1.0,
                     eps_mix: float = 0.6, alpha_base: float = 1.0, alpha_prio: float = 1.5,
-                    tau_low: float = 0.2, tau_high: float = 0.8, clip_eps_min: float = 0.1,
-                    clip_eps_max: float = 0.2, std_eps: float = 1e-6, eps_std: float = 1e-6,
+                    tau_low: float = 0.2, tau_high: float = 0.8, clip_low_min: float = 0.1,
+                    clip_low_max: float = 0.2, std_eps: float = 1e-6, ratio_eps: float = 1e-6,
                     singleton: str = "error", process_group=None, backend: str | None = None) -> AWPOAdvantages:
     """AWPO (docs/methods.md §00.12, the survey's equations): R_mix = R_out + R_rsn; A_out, A_mix are
-    GRPO-normalised per group; r_g = std_mix / (std_out + std_mix + eps_std); gate
+    GRPO-normalised per group; r_g = std_mix / (std_out + std_mix + ratio_eps); gate
     w_g = 1[mean_out < r_out_max] 1[r_g < eps_mix] r_g; difficulty d_g = alpha_base +
     (alpha_prio - alpha_base) 1[tau_low < mean_out < tau_high]; A = d_g ((1 - w_g) A_out + w_g A_mix);
-    clip radius eps = clip_eps_min + (1 - mean over groups of w) (clip_eps_max - clip_eps_min), the
-    mean global over `process_group`. The default constants are ours (the paper's are unverified);
-    set them explicitly for a paper reproduction. A row is unscorable if either reward is NaN."""
+    clip radius clip_low = clip_low_min + (1 - mean over groups of w) (clip_low_max - clip_low_min), the
+    mean global over `process_group` (symmetric: pass it as clip_low, clip_high defaults to it). The
+    default constants are ours (the paper's are unverified); set them explicitly for a paper reproduction. A row is unscorable if either reward is NaN."""
     for name, val in (("r_out_max", r_out_max), ("alpha_base", alpha_base), ("alpha_prio", alpha_prio),
                       ("tau_low", tau_low), ("tau_high", tau_high)):
         check_float(name, val)
     eps_mix = check_float("eps_mix", eps_mix, lo=0.0, lo_open=False)
-    clip_eps_min = check_float("clip_eps_min", clip_eps_min, lo=0.0, lo_open=False)
-    clip_eps_max = check_float("clip_eps_max", clip_eps_max, lo=clip_eps_min, lo_open=False)
+    clip_low_min = check_float("clip_low_min", clip_low_min, lo=0.0, lo_open=False)
+    clip_low_max = check_float("clip_low_max", clip_low_max, lo=clip_low_min, lo_open=False)
     std_eps = check_float("std_eps", std_eps, lo=0.0, lo_open=False)
-    eps_std = check_float("eps_std", eps_std, lo=0.0, lo_open=False)
+    ratio_eps = check_float("ratio_eps", ratio_eps, lo=0.0, lo_open=False)
     r_out = _rewards(outcome_rewards, "outcome_rewards")
     r_rsn = _rewards(reasoning_rewards, "reasoning_rewards").to(r_out.dtype)
     if r_rsn.shape != r_out.shape:
@@ -114,7 +119,7 @@ def awpo_advantages(outcome_rewards: Tensor, reasoning_rewards: Tensor, group_si
     groups = _groups(r_out.numel(), r_out.device, group_size, group_ids, num_groups)
     a_out, s_out = _run_groups(r_out, groups, "scale", std_eps, singleton, backend)
     a_mix, s_mix = _run_groups(r_mix, groups, "scale", std_eps, singleton, backend)
-    ratio = s_mix.std / (s_out.std + s_mix.std + eps_std)
+    ratio = s_mix.std / (s_out.std + s_mix.std + ratio_eps)
     gate = torch.where((s_out.mean < r_out_max) & (ratio < eps_mix), ratio, 0.0)
     mid = (s_out.mean > tau_low) & (s_out.mean < tau_high)
     difficulty = torch.where(mid, alpha_prio, alpha_base).to(r_out.dtype)
@@ -125,8 +130,8 @@ def awpo_advantages(outcome_rewards: Tensor, reasoning_rewards: Tensor, group_si
                         present.sum(dtype=torch.float64)])
     gate_sum, n_groups = all_reduce_sum(sums, process_group)
     mean_gate = gate_sum / n_groups.clamp_min(1)
-    clip_eps = (clip_eps_min + (1 - mean_gate) * (clip_eps_max - clip_eps_min)).to(r_out.dtype)
-    return AWPOAdvantages(adv, gate, difficulty, ratio, clip_eps)
+    clip_low = (clip_low_min + (1 - mean_gate) * (clip_low_max - clip_low_min)).to(r_out.dtype)
+    return AWPOAdvantages(adv, gate, difficulty, ratio, clip_low)
 
 
 def dapo_overlong_penalty(lengths: Tensor, max_length: int, cache_length: int,

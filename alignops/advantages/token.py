@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from alignops import _backend, layout
-from alignops._validate import check_choice, check_float
+from alignops._validate import check_choice, check_float, renamed_keywords
 from alignops.advantages._common import (_check_finite, _float_tensor, _resolve, _rewards, _tensor,
                                          _var)
 from alignops.advantages.group import _groups, _run_groups
@@ -124,25 +124,30 @@ def _whiten_flat(x: Tensor, m: Tensor, shift_mean: bool, var: str, eps: float, e
 
 def _whiten_args(var, eps, eps_mode):
     check_choice("var", var, ("unbiased", "biased"))
-    check_choice("eps_mode", eps_mode, ("add_inside", "floor"))
-    return check_float("eps", eps, lo=0.0, lo_open=False)
+    check_choice("var_eps_mode", eps_mode, ("add_inside", "floor"))
+    return check_float("var_eps", eps, lo=0.0, lo_open=False)
 
 
+# the variance epsilon of whitening (inside the root) was `eps`; `std_eps` is the group std's (outside it)
+_WHITEN_RENAMES = dict(eps="var_eps", eps_mode="var_eps_mode")
+
+
+@renamed_keywords(**_WHITEN_RENAMES)
 def masked_whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True, *, var: str = "unbiased",
-                  eps: float = 1e-8, eps_mode: str = "add_inside", process_group=None,
+                  var_eps: float = 1e-8, var_eps_mode: str = "add_inside", process_group=None,
                   backend: str | None = None, validate_mask: bool | None = None) -> Tensor:
     """(x - mean) / std over the masked-in entries of the whole (global) batch, token-weighted.
 
-    Defaults are verl's `masked_whiten` (unbiased variance, rsqrt(var + eps)); `var="biased",
-    eps_mode="floor"` is OpenRLHF's (rsqrt(max(var, eps))). `shift_mean=False` adds the mean back.
+    Defaults are verl's `masked_whiten` (unbiased variance, rsqrt(var + var_eps)); `var="biased",
+    var_eps_mode="floor"` is OpenRLHF's (rsqrt(max(var, var_eps))). `shift_mean=False` adds the mean back.
     Masked-out entries come back as 0. With N <= 1 valid entries the values are centred only.
     Works on any shape (a packed [N] tensor is just a 1-d x). One fused statistics pass, one
     all-reduce of (sum, sum of squares, count) when `process_group` is given, one apply pass.
     """
-    eps = _whiten_args(var, eps, eps_mode)
+    eps = _whiten_args(var, var_eps, var_eps_mode)
     xf = _float_tensor(x, "x")
     xflat, m = _flat_float(xf, mask, "x", validate_mask)
-    return _whiten_flat(xflat, m, shift_mean, var, eps, eps_mode, process_group, backend).view(xf.shape)
+    return _whiten_flat(xflat, m, shift_mean, var, eps, var_eps_mode, process_group, backend).view(xf.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,9 +179,10 @@ def _gae_flat(r: Tensor, v: Tensor, tok: _Tokens, gamma: float, lam, critic_lam,
     return adv, ret
 
 
+@renamed_keywords(**_WHITEN_RENAMES)
 def gae_advantages(token_rewards: Tensor, values: Tensor, mask: Tensor | None = None, gamma: float = 1.0,
                    lam=0.95, *, critic_lam=None, cu_seqlens: Tensor | None = None, whiten: bool = False,
-                   var: str = "unbiased", eps: float = 1e-8, eps_mode: str = "add_inside",
+                   var: str = "unbiased", var_eps: float = 1e-8, var_eps_mode: str = "add_inside",
                    process_group=None, backend: str | None = None,
                    validate_mask: bool | None = None) -> AdvantagesReturns:
     """GAE with masked positions transparent to the scan (verl `gae`; PPO, VC-PPO, VAPO, ORZ).
@@ -192,11 +198,11 @@ def gae_advantages(token_rewards: Tensor, values: Tensor, mask: Tensor | None = 
     dtype = torch.float64 if torch.float64 in (r.dtype, v.dtype) else torch.float32
     r, v = r.to(dtype), v.to(dtype)
     gamma = check_float("gamma", gamma, lo=0.0, hi=1.0, lo_open=False)
-    eps = _whiten_args(var, eps, eps_mode)
+    eps = _whiten_args(var, var_eps, var_eps_mode)
     tok = _tokens(r, mask, cu_seqlens, "token_rewards", validate_mask)
     adv, ret = _gae_flat(r, v, tok, gamma, lam, critic_lam, backend)
     if whiten:
-        adv = _whiten_flat(adv, tok.mask, True, var, eps, eps_mode, process_group, backend)
+        adv = _whiten_flat(adv, tok.mask, True, var, eps, var_eps_mode, process_group, backend)
     return AdvantagesReturns(adv.view(tok.shape), ret.view(tok.shape))
 
 
@@ -302,27 +308,29 @@ def _reinforce_pp(scores: Tensor, mask, cu_seqlens, old_logp, ref_logp, kl_coef,
     return AdvantagesReturns(adv.view(tok.shape), returns.view(tok.shape))
 
 
+@renamed_keywords(**_WHITEN_RENAMES)
 def reinforce_pp_advantages(scores: Tensor, mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None,
                             shape=None, old_logp: Tensor | None = None, ref_logp: Tensor | None = None,
-                            kl_coef: float = 0.0, gamma: float = 1.0, var: str = "unbiased", eps: float = 1e-8,
-                            eps_mode: str = "add_inside", process_group=None,
+                            kl_coef: float = 0.0, gamma: float = 1.0, var: str = "unbiased",
+                            var_eps: float = 1e-8, var_eps_mode: str = "add_inside", process_group=None,
                             backend: str | None = None, validate_mask: bool | None = None) -> AdvantagesReturns:
     """REINFORCE++ (verl `reinforce_plus_plus`, OpenRLHF `reinforce`): token rewards = score on
     the last valid token - kl_coef * k1(old_logp, ref_logp); discounted returns over valid tokens;
     advantages = returns whitened over all valid tokens of the global batch (verl semantics by
-    default; `var="biased", eps_mode="floor"` for OpenRLHF). NaN scores are not allowed here."""
+    default; `var="biased", var_eps_mode="floor"` for OpenRLHF). NaN scores are not allowed here."""
     s = _rewards(scores, "scores")
     _check_finite(s, "scores", allow_nan=False)
-    return _reinforce_pp(s, mask, cu_seqlens, old_logp, ref_logp, kl_coef, gamma, var, eps, eps_mode,
+    return _reinforce_pp(s, mask, cu_seqlens, old_logp, ref_logp, kl_coef, gamma, var, var_eps, var_eps_mode,
                          process_group, backend, shape, validate_mask)
 
 
+@renamed_keywords(**_WHITEN_RENAMES)
 def reinforce_pp_baseline_advantages(scores: Tensor, mask: Tensor | None = None, group_size: int | None = None,
                                      *, group_ids: Tensor | None = None, num_groups: int | None = None,
                                      cu_seqlens: Tensor | None = None, shape=None,
                                      old_logp: Tensor | None = None, ref_logp: Tensor | None = None,
                                      kl_coef: float = 0.0, singleton: str = "error", var: str = "unbiased",
-                                     eps: float = 1e-8, eps_mode: str = "add_inside", process_group=None,
+                                     var_eps: float = 1e-8, var_eps_mode: str = "add_inside", process_group=None,
                                      backend: str | None = None,
                                      validate_mask: bool | None = None) -> AdvantagesReturns:
     """REINFORCE++-baseline (verl `reinforce_plus_plus_baseline`, OpenRLHF `reinforce_baseline`):
@@ -331,5 +339,5 @@ def reinforce_pp_baseline_advantages(scores: Tensor, mask: Tensor | None = None,
     s = _rewards(scores, "scores")
     groups = _groups(s.numel(), s.device, group_size, group_ids, num_groups)
     centered, _ = _run_groups(s, groups, "center", 0.0, singleton, backend)
-    return _reinforce_pp(centered, mask, cu_seqlens, old_logp, ref_logp, kl_coef, 1.0, var, eps, eps_mode,
+    return _reinforce_pp(centered, mask, cu_seqlens, old_logp, ref_logp, kl_coef, 1.0, var, var_eps, var_eps_mode,
                          process_group, backend, shape, validate_mask)

@@ -287,7 +287,7 @@ class ValueLoss(nn.Module):
         else:
             norm = _step_normalizer(global_batch_size, dp_size, "global_batch_size", dtype, values.device)
         mask = layout.token_mask(action_mask, values.shape, values.device, "action_mask")
-        return ao.value_loss(values, old_values, returns, mask, clip_range=self.clip_eps,
+        return ao.value_loss(values, old_values, returns, mask, cliprange_value=self.clip_eps,
                              agg=_agg(self.token_level_loss), normalizer=norm).loss
 
 
@@ -375,7 +375,7 @@ def compute_entropy(logits: Tensor) -> Tensor:
                          f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
     # the entropy needs no label; any in-range one serves
     labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    return ao.token_logprobs(logits, labels, return_entropy=True)[1]
+    return ao.token_logprobs(logits, labels, compute_entropy=True)[1]
 
 
 # --------------------------------------------------------------------------------------------

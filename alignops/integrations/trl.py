@@ -141,7 +141,7 @@ class AlignopsChunkedLogProb:
                 return request.serve(self, h, w, b, targets, float(temperature), softcap, scale)
         with torch.autocast(hidden.device.type, enabled=False):
             res = ao.fused_linear_token_logprobs(h, w, targets, b, temperature=temperature,
-                                                 return_entropy=want_entropy, softcap=softcap, logit_scale=scale,
+                                                 compute_entropy=want_entropy, softcap=softcap, logit_scale=scale,
                                                  backend=self.backend, chunk_size=self.chunk_rows)
             logp, entropy = res if want_entropy else (res, None)
             extra = {}
@@ -333,7 +333,7 @@ class _LossRequest:
         leaves = [None if p is None else p.detach().requires_grad_(needs_grad and p.requires_grad) for p in params]
         with torch.enable_grad() if needs_grad else torch.no_grad():
             logp, entropy = ao.fused_linear_token_logprobs(leaves[0], leaves[1], targets, leaves[2],
-                                                           return_entropy=True, **head)
+                                                           compute_entropy=True, **head)
             out = ao.policy_loss(logp, old, adv, mask, entropy=entropy, cu_seqlens=cu, **kwargs)
             rows = layout.token_layout("logp", logp, cu)
             log_ratio = logp - (logp.detach() if old is None else old)

@@ -455,7 +455,7 @@ def _fused_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, temperature:
         # hands back 1/world of the sum.
         if hidden.requires_grad:
             hidden = _ScaleGrad.apply(hidden, 1.0 / world)
-    return fn(hidden, weight, labels, temperature=temperature, return_entropy=True, chunk_size=chunk_size, **kwargs)
+    return fn(hidden, weight, labels, temperature=temperature, compute_entropy=True, chunk_size=chunk_size, **kwargs)
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0,

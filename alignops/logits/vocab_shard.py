@@ -3,7 +3,7 @@ each rank holds a contiguous slice of the vocabulary, in rank order, of its logi
 the lm_head rows `weight [V_r, H]`; labels, hidden states and every per-token input are the same on
 every rank, and labels are global token ids.
 
-    logp, H = ao.token_logprobs(local_logits, labels, return_entropy=True, vocab_process_group=tp_group)
+    logp, H = ao.token_logprobs(local_logits, labels, compute_entropy=True, vocab_process_group=tp_group)
     out = ao.fused_linear_policy_loss(hidden, local_weight, labels, old_logp, adv, mask,
                                       vocab_process_group=tp_group)
 

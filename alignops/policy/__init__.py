@@ -23,7 +23,7 @@ from alignops.policy.fused import fused_policy_loss
 from alignops.policy.loss import PolicyLossOutput, policy_loss
 from alignops.policy.math import KL_ESTIMATORS
 from alignops.policy.registry import METHODS, OneLaunch, method_names, register_method
-from alignops.policy.value_loss import value_loss
+from alignops.policy.value_loss import ValueLossOutput, value_loss
 
-__all__ = ["policy_loss", "fused_policy_loss", "value_loss", "PolicyLossOutput", "register_method", "OneLaunch",
+__all__ = ["policy_loss", "fused_policy_loss", "value_loss", "PolicyLossOutput", "ValueLossOutput", "register_method", "OneLaunch",
            "METHODS", "method_names", "bapo_search", "AGG_MODES", "KL_ESTIMATORS"]

@@ -190,9 +190,9 @@ def _awpo_advantages(cfg, rollout, scorer, ctx):
     out = ao.awpo_advantages(rollout.scores, r_rsn, group_size=cfg.num_generations,
                              process_group=ctx.process_group, **kw)
     prep = _prepared(rollout, out.advantages)
-    eps = float(out.clip_eps)
+    eps = float(out.clip_low)
     prep.loss_overrides = {"epsilon": eps, "epsilon_high": eps}
-    prep.metrics.update({"awpo/clip_eps": eps, "awpo/gate_mean": out.gate.float().mean(),
+    prep.metrics.update({"awpo/clip_low": eps, "awpo/gate_mean": out.gate.float().mean(),
                          "awpo/reasoning_reward": r_rsn.mean()})
     return prep
 

@@ -1,5 +1,7 @@
-"""Trainer configuration: field names follow TRL; verl and OpenRLHF names are accepted as aliases
-(and where a verl name's values mean something else, as kl_loss_type's do, they are translated).
+"""Trainer configuration. The flag rule (docs/glossary.md): an option is named as in alignops's API, or as
+in TRL's GRPOConfig where a TRL user would type it (epsilon, beta, loss_type, num_generations, ...); verl
+and OpenRLHF names are accepted as aliases where they mean the same thing (and where a verl name's
+values mean something else, as kl_loss_type's do, they are translated).
 Every method is a named preset (alignops.train.presets) that sets fields, each of which can still
 be overridden on the command line; `validate` checks the result before anything is built."""
 
@@ -66,11 +68,11 @@ class TrainConfig:
     whiten_advantages: bool = True
     value_pretrain_steps: int = 0          # VC-PPO/VAPO: critic-only steps on Monte-Carlo targets first
 
-    # the loss (names from TRL; alignops names in comments)
+    # the loss (TRL's names where TRL has the concept, else the API's; the API's names in comments)
     loss_method: str = "grpo"              # alignops per-token loss: ppo, grpo, dapo, cispo, gspo, ...
     epsilon: float | None = None           # clip_low (None: the loss method's registry default)
     epsilon_high: float | None = None      # clip_high (None: the method's default, else = epsilon)
-    delta: float | None = None             # dual-clip constant (clip_ratio_c)
+    clip_ratio_c: float | None = None      # dual-clip constant c > 1 for A < 0 (None: off)
     beta: float = 0.0                      # kl_coef of the KL loss against the reference model
     kl_estimator: str = "k3"
     kl_in_reward: bool = False             # beta weighs k1(old, ref) in the token rewards, not a loss
@@ -78,8 +80,10 @@ class TrainConfig:
     kl_target: float = 0.1
     kl_horizon: int = 10000
     nll_coef: float = 0.0                  # VAPO: + nll_coef * NLL of the correct completions
-    entropy_coeff: float = 0.0
-    loss_type: str = "token-mean"          # aggregation: token-mean | seq-mean-token-mean | ...
+    entropy_coef: float = 0.0              # entropy bonus -entropy_coef * Agg(H)
+    agg: str = "token-mean"                # aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum | ...
+    loss_type: str | None = None           # TRL's loss_type (grpo, bnpo, dapo, dr_grpo, cispo, sapo): sets agg
+                                           # (and loss_method for cispo, sapo); None: not given
     loss_kwargs: dict = dataclasses.field(default_factory=dict)  # method-specific knobs
 
     # advantages
@@ -102,14 +106,14 @@ class TrainConfig:
         return self.output_dir or f"runs/{self.method}"
 
 
-# verl / OpenRLHF / TRL-synonym names -> TrainConfig fields
+# verl / OpenRLHF names, and the API's where the flag is TRL's, -> TrainConfig fields (same meaning only)
 ALIASES = {
     "clip_ratio": "epsilon", "clip_ratio_low": "epsilon", "eps_clip": "epsilon", "clip_low": "epsilon",
     "clip_ratio_high": "epsilon_high", "clip_high": "epsilon_high",
-    "clip_ratio_c": "delta", "dual_clip": "delta",
+    "dual_clip": "clip_ratio_c",
     "kl_loss_coef": "beta", "kl_coef": "beta", "init_kl_coef": "beta",
-    "entropy_coef": "entropy_coeff",
-    "loss_agg_mode": "loss_type", "agg": "loss_type",
+    "entropy_coeff": "entropy_coef",
+    "loss_agg_mode": "agg",
     "rollout_n": "num_generations", "n_samples_per_prompt": "num_generations", "group_size": "num_generations",
     "response_length": "max_completion_length", "generate_max_len": "max_completion_length",
     "lr": "learning_rate", "actor_learning_rate": "learning_rate", "lr_warmup_steps": "warmup_steps",
@@ -130,9 +134,22 @@ ALIASES = {
 # verl names whose values differ from alignops's: option -> (TrainConfig field, value translation)
 VALUE_ALIASES = {"kl_loss_type": ("kl_estimator", kl_estimator_from_verl)}
 
-# TRL's loss_type names bundle an aggregation; map them to alignops' aggregation modes.
-TRL_LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean",
-                  "dr_grpo": "seq-mean-token-sum-norm", "cispo": "token-mean"}
+# TRL's loss_type (TRL 1.16 GRPOConfig), with TRL's meaning: the aggregation, and the per-token loss where it is
+# not TRL's clipped surrogate (None: --loss_method, the preset's clip variant, stays).
+TRL_LOSS_TYPES = {"grpo": (None, "seq-mean-token-mean"), "bnpo": (None, "token-mean"), "dapo": (None, "token-mean"),
+                  "dr_grpo": (None, "seq-mean-token-sum-norm"), "cispo": ("cispo", "token-mean"),
+                  "sapo": ("sapo", "seq-mean-token-mean")}
+
+# options that were renamed: old -> (new, why). Each raises a TypeError naming the new one (docs/glossary.md).
+OLD_OPTIONS = {
+    "delta": ("clip_ratio_c", "TRL's GRPOConfig.delta is the two-sided ratio cap of INTELLECT-2 "
+                              "(it caps A > 0 tokens too when delta < 1 + epsilon_high), not the dual clip"),
+}
+
+
+def old_option_error(old: str, new: str, why: str = "") -> TypeError:
+    return TypeError(f"--{old} is an old option name: it is now --{new} (docs/glossary.md)"
+                     + (f"; {why}" if why else ""))
 
 
 def canonical(name: str) -> str:
@@ -155,14 +172,50 @@ def _parse_value(field: dataclasses.Field, text: str):
     return base(text)
 
 
+def apply_loss_type(cfg: TrainConfig, value, given: dict) -> None:
+    """--loss_type with TRL's meaning: the aggregation (and the per-token loss of cispo and sapo). An
+    aggregation string is the old meaning of --loss_type: it raises naming --agg."""
+    from alignops.layout import AGG_MODES  # noqa: PLC0415
+
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        cfg.loss_type = None
+        return
+    if value in AGG_MODES:
+        raise TypeError(f"--loss_type {value} is the old meaning of --loss_type: the aggregation is now --agg "
+                        f"(--agg {value}); --loss_type takes TRL's loss types {sorted(TRL_LOSS_TYPES)} "
+                        "(docs/glossary.md)")
+    if value not in TRL_LOSS_TYPES:
+        raise ValueError(f"--loss_type {value!r} is not one of TRL's loss types the trainer runs "
+                         f"{sorted(TRL_LOSS_TYPES)}; for an aggregation use --agg, for a per-token loss --loss_method")
+    method, agg = TRL_LOSS_TYPES[value]
+    if "agg" in given and given["agg"] != agg:
+        raise ValueError(f"--loss_type {value} aggregates with {agg!r} (TRL's meaning) but --agg {given['agg']!r} "
+                         "was given too; give one")
+    if method is not None and "loss_method" in given and given["loss_method"] != method:
+        raise ValueError(f"--loss_type {value} is TRL's {method} loss but --loss_method {given['loss_method']!r} "
+                         "was given too; give one")
+    cfg.loss_type, cfg.agg = value, agg
+    if method is not None:
+        cfg.loss_method = method
+
+
 def apply_overrides(cfg: TrainConfig, overrides: dict) -> TrainConfig:
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for key in overrides:
+        old = key.replace("-", "_")
+        if old in OLD_OPTIONS:
+            raise old_option_error(old, *OLD_OPTIONS[old])
     for alias, (name, _) in VALUE_ALIASES.items():  # verl's kl_loss_type k3 and kl_estimator k3 differ: one of them
         keys = [k for k in overrides if k.replace("-", "_") == alias or canonical(k) == name]
         if len(keys) > 1:
             raise ValueError(f"{', '.join('--' + k for k in keys)} all set {name}; give one")
+    given = {canonical(k): v for k, v in overrides.items() if canonical(k) in ("agg", "loss_method")}
+    loss_type = None
     for key, value in overrides.items():
         alias = key.replace("-", "_")
+        if canonical(key) == "loss_type":
+            loss_type = (value,)  # applied last: it sets agg (and loss_method), checked against them
+            continue
         if alias in VALUE_ALIASES:
             name, translate = VALUE_ALIASES[alias]
             setattr(cfg, name, translate(value))
@@ -173,13 +226,14 @@ def apply_overrides(cfg: TrainConfig, overrides: dict) -> TrainConfig:
         if isinstance(value, str):
             value = _parse_value(fields[name], value)
         setattr(cfg, name, value)
-    if cfg.loss_type in TRL_LOSS_TYPES:
-        cfg.loss_type = TRL_LOSS_TYPES[cfg.loss_type]
+    if loss_type is not None:
+        apply_loss_type(cfg, loss_type[0], given)
     return cfg
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("trainer options (TRL names; verl/OpenRLHF aliases accepted)")
+    group = parser.add_argument_group("trainer options (the API's names, or TRL's GRPOConfig names where TRL has "
+                                      "the option; verl/OpenRLHF aliases accepted; docs/glossary.md)")
     for f in dataclasses.fields(TrainConfig):
         if f.name == "method":
             continue
@@ -188,6 +242,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"default: {default}" + (f"; aliases: {', '.join('--' + a for a in aliases)}" if aliases else "")
         group.add_argument(f"--{f.name}", *[f"--{a}" for a in aliases], dest=f.name, default=argparse.SUPPRESS,
                            help=help_text, metavar=type(default).__name__.upper() if default is not None else "X")
+    # the old names keep their own dest, so that apply_overrides raises naming the new one
+    for old, (new, _) in OLD_OPTIONS.items():
+        group.add_argument(f"--{old}", dest=old, default=argparse.SUPPRESS, metavar="X",
+                           help=f"old name of --{new} (raises; docs/glossary.md)")
     # verl's kl_loss_type keeps its own dest: its values are translated (apply_overrides)
     group.add_argument("--kl_loss_type", dest="kl_loss_type", default=argparse.SUPPRESS, metavar="STR",
                        help="verl's name and values for --kl_estimator: " + ", ".join(
@@ -211,9 +269,9 @@ def validate(cfg: TrainConfig, preset) -> None:
     if (preset.group_method or cfg.dynamic_sampling or cfg.min_valid_group_fraction > 0) and cfg.num_generations < 2:
         raise ValueError(f"method {preset.name!r} compares samples within a group: "
                          f"num_generations must be >= 2, got {cfg.num_generations}")
-    if cfg.beta < 0 or cfg.entropy_coeff < 0 or cfg.nll_coef < 0:
-        raise ValueError(f"beta, entropy_coeff and nll_coef must be >= 0, got {cfg.beta}, "
-                         f"{cfg.entropy_coeff}, {cfg.nll_coef}")
+    if cfg.beta < 0 or cfg.entropy_coef < 0 or cfg.nll_coef < 0:
+        raise ValueError(f"beta, entropy_coef and nll_coef must be >= 0, got {cfg.beta}, "
+                         f"{cfg.entropy_coef}, {cfg.nll_coef}")
     rows = cfg.num_prompts * cfg.num_generations
     if rows % (cfg.num_mini_batches * cfg.gradient_accumulation_steps):
         raise ValueError("num_prompts * num_generations must divide into num_mini_batches x "

@@ -25,7 +25,7 @@ def critic_agg(cfg) -> str:
     """The value loss's aggregation: the actor's mode (verl aggregates the critic with the actor's
     loss_agg_mode; ORZ averages per sequence, docs/methods.md §2.3), so orz's critic is
     seq-mean-token-mean like its actor, the token-mean presets' critics token-mean."""
-    return cfg.loss_type
+    return cfg.agg
 
 
 def critic_normalizer(cfg, mask: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ def critic_step(cfg, critic, critic_opt, batch: Batch, data: dict, mb: torch.Ten
         values = completion_values(critic, batch.select(micro))
         returns, mask = data["returns"][micro], data["mask"][micro]
         out = ao.value_loss(values, data["old_values"][micro], returns, mask,
-                            clip_range=cfg.cliprange_value, agg=agg, normalizer=normalizer,
+                            cliprange_value=cfg.cliprange_value, agg=agg, normalizer=normalizer,
                             max_len=cfg.max_completion_length)
         out.loss.backward()
         # vf_loss is this micro-batch's share of the step's loss (global normaliser): summed; the

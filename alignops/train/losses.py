@@ -23,7 +23,7 @@ def step_normalizers(cfg, data: dict) -> dict:
     micro-batching gives the same update as one big batch (docs/methods.md §00.2): `pg`, the
     aggregation's; `nll`, the tokens of correct completions (VAPO); `groups`, the mini-batch's
     whole groups (GVPO)."""
-    return {"pg": step_normalizer(cfg.loss_type, data["mask"], cfg.max_completion_length),
+    return {"pg": step_normalizer(cfg.agg, data["mask"], cfg.max_completion_length),
             "nll": (data["mask"] * data["correct"][:, None]).sum(),
             "groups": torch.tensor(float(data["mask"].shape[0] // cfg.num_generations))}
 
@@ -32,9 +32,9 @@ def loss_options(cfg, data: dict, norms: dict, overrides: dict) -> dict:
     o = {k: overrides.get(k, getattr(cfg, k)) for k in ("epsilon", "epsilon_high")}
     group = {"process_group": overrides["process_group"]} if "process_group" in overrides else {}
     return dict(**group, method=cfg.loss_method, temperature=cfg.temperature, clip_low=o["epsilon"],
-                clip_high=o["epsilon_high"], clip_ratio_c=cfg.delta, ref_logp=data.get("ref_logp"),
+                clip_high=o["epsilon_high"], clip_ratio_c=cfg.clip_ratio_c, ref_logp=data.get("ref_logp"),
                 kl_coef=0.0 if cfg.kl_in_reward else cfg.beta, kl_estimator=cfg.kl_estimator,
-                entropy_coef=cfg.entropy_coeff, agg=cfg.loss_type, normalizer=norms["pg"],
+                entropy_coef=cfg.entropy_coef, agg=cfg.agg, normalizer=norms["pg"],
                 max_len=cfg.max_completion_length, **cfg.loss_kwargs)
 
 
@@ -51,7 +51,7 @@ def _two_pass(cfg, head, data, opts: dict):
     """(logp, policy loss): fused token log-probs (with autograd), then ao.policy_loss, for losses
     that add a term of their own on the same log-probs."""
     temperature = opts.pop("temperature")
-    logp, entropy = head.token_logprobs(data["labels"], temperature=temperature, return_entropy=True,
+    logp, entropy = head.token_logprobs(data["labels"], temperature=temperature, compute_entropy=True,
                                         backend=cfg.backend)
     out = ao.policy_loss(logp, data.get("old_logp"), data["advantages"], data["mask"], entropy=entropy, **opts)
     return logp, out

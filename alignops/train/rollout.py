@@ -311,13 +311,13 @@ class HeadOutput:
     softcap: float | None = None
     logit_scale: float | None = None
 
-    def token_logprobs(self, labels, *, temperature: float, backend=None, return_entropy: bool = False):
+    def token_logprobs(self, labels, *, temperature: float, backend=None, compute_entropy: bool = False):
         """ao.token_logprobs of the logits: logp [B, T] (and the entropy), with autograd."""
         if self.logits is not None:
-            return ao.token_logprobs(self.logits, labels, temperature=temperature, return_entropy=return_entropy,
+            return ao.token_logprobs(self.logits, labels, temperature=temperature, compute_entropy=compute_entropy,
                                      backend=backend)
         return ao.fused_linear_token_logprobs(self.hidden, self.weight, labels, self.bias, temperature=temperature,
-                                              return_entropy=return_entropy, softcap=self.softcap,
+                                              compute_entropy=compute_entropy, softcap=self.softcap,
                                               logit_scale=self.logit_scale, backend=backend)
 
     def policy_loss(self, labels, old_logp, advantages, mask, *, terminal: bool = False,

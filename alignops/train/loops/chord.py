@@ -104,11 +104,11 @@ class CHORDLoop(DataLoop):
         advantages[~expert_mask] = ao.grpo_advantages(rewards.to(device), cfg.num_generations,
                                                       scale=cfg.scale_rewards)
         logp = self.run.token_logprobs(batch)
-        extra = {"max_len": cfg.max_completion_length} if cfg.loss_type == "seq-mean-token-sum-norm" else {}
+        extra = {"max_len": cfg.max_completion_length} if cfg.agg == "seq-mean-token-sum-norm" else {}
         return ao.chord_loss(logp, None, advantages, batch.completion_mask, expert_mask, mu,
                              sft_weighting=self.opts.sft_weighting, cutoff_prob=self.opts.cutoff_prob,
                              clip_low=0.2 if cfg.epsilon is None else cfg.epsilon, clip_high=cfg.epsilon_high,
-                             agg=cfg.loss_type, **extra)
+                             agg=cfg.agg, **extra)
 
     def step(self, step: int) -> dict:
         batch, expert_mask, rewards, reward_metrics = self.mixed_batch()

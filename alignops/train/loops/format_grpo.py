@@ -27,8 +27,8 @@ def grpo_loss(cfg, head, batch, rewards: torch.Tensor, mask: torch.Tensor, max_l
     lab = labels(batch).masked_fill(mask == 0, -100)
     return head.policy_loss(lab, None, advantages, mask, terminal=True, backend=cfg.backend,
                             method=cfg.loss_method, temperature=cfg.temperature, clip_low=cfg.epsilon,
-                            clip_high=cfg.epsilon_high, clip_ratio_c=cfg.delta, entropy_coef=cfg.entropy_coeff,
-                            agg=cfg.loss_type, max_len=max_len, **cfg.loss_kwargs)
+                            clip_high=cfg.epsilon_high, clip_ratio_c=cfg.clip_ratio_c, entropy_coef=cfg.entropy_coef,
+                            agg=cfg.agg, max_len=max_len, **cfg.loss_kwargs)
 
 
 class SelfReplay:
