@@ -35,8 +35,8 @@ from alignops.policy.loss import PolicyLossOutput
 from alignops.token_stats import TokenLogprobs
 
 
-def linear_source(hidden, weight, labels, bias, temperature, ignore_index, softcap, logit_scale, backend, chunk_size,
-                  validate_labels, vocab_process_group, vocab_start):
+def linear_source(hidden, weight, labels, *, bias, temperature, ignore_index, softcap, logit_scale, backend,
+                  chunk_size, validate_labels, vocab_process_group, vocab_start):
     """(the lm_head as a source of logits tiles, the pass's arguments), checked once."""
     check_head(hidden, weight, labels, bias)
     args = resolve(hidden, labels, weight.shape[0], temperature=temperature, ignore_index=ignore_index,
@@ -78,8 +78,10 @@ def fused_linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, 
         `TokenLogprobs(logp, entropy)`.
     """
     check_bool("compute_entropy", compute_entropy)
-    source, args = linear_source(hidden, weight, labels, bias, temperature, ignore_index, softcap, logit_scale,
-                                 backend, chunk_size, validate_labels, vocab_process_group, vocab_start)
+    source, args = linear_source(hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
+                                 softcap=softcap, logit_scale=logit_scale, backend=backend, chunk_size=chunk_size,
+                                 validate_labels=validate_labels, vocab_process_group=vocab_process_group,
+                                 vocab_start=vocab_start)
     logp, entropy = passes.token_stats(source, args, compute_entropy)
     return TokenLogprobs(logp, entropy) if compute_entropy else logp
 
@@ -103,8 +105,10 @@ def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old
     route works, grad_in_forward with the first-pass-and-recompute path.
     """
     check_bool("grad_in_forward", grad_in_forward)
-    source, args = linear_source(hidden, weight, labels, bias, temperature, ignore_index, softcap, logit_scale,
-                                 backend, chunk_size, validate_labels, vocab_process_group, vocab_start)
+    source, args = linear_source(hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
+                                 softcap=softcap, logit_scale=logit_scale, backend=backend, chunk_size=chunk_size,
+                                 validate_labels=validate_labels, vocab_process_group=vocab_process_group,
+                                 vocab_start=vocab_start)
     return policy_loss_over(source, args, old_logp, advantages, mask, method=method, compute_entropy=compute_entropy,
                             grad_in_forward=grad_in_forward, kwargs=kwargs)
 

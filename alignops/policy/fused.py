@@ -19,9 +19,8 @@ import torch
 from torch import Tensor
 
 from alignops._validate import check_bool, is_number
-from alignops.layout import POLICY_MASK_WEIGHTS, check_mask
+from alignops.layout import POLICY_MASK_WEIGHTS, check_mask, compute_dtype
 from alignops.logits import passes
-from alignops.logits.kernels import stat_rows
 from alignops.logits.sources import GivenLogits, LogitsArgs, check_logits_labels, resolve
 from alignops.policy import one_launch
 from alignops.policy.loss import PolicyCall, PolicyLossOutput, compute, policy_loss, prepare_call
@@ -121,15 +120,12 @@ def terminal_two_pass(source, args: LogitsArgs, call: PolicyCall, compute_entrop
 def terminal_one_launch(source, args: LogitsArgs, call: PolicyCall, compute_entropy: bool) -> PolicyLossOutput:
     """The method's per-token math inside the pass: one kernel launch per tile writes the tile's
     gradient, which the source turns into its inputs' at once."""
-    logp, entropy, loss_terms = stat_rows(args.labels.numel(), source.dtype, source.device)
-    run = one_launch.prepare(call, compute_entropy, logp.dtype)
-    pg_terms = torch.empty_like(logp)
+    run = one_launch.prepare(call, compute_entropy, compute_dtype(source.dtype))
     source.start_grads([x is not None and x.requires_grad for x in source.inputs])
     with torch.no_grad():
         for s, e, tile, deriv in source.tiles():
             g = source.grad_buffer(tile)
-            run.launch(tile, args.labels[s:e], s, e, args.temperature, args.ignore_index, args.backend, logp, entropy,
-                       loss_terms, pg_terms, g)
+            run.launch(tile, args.labels[s:e], s, e, args, g)
             source.take_grad(s, e, g, deriv)
-        loss, metrics = run.finish(logp, entropy, loss_terms, pg_terms, args.shape)
+        loss, metrics = run.finish(args.shape)
     return PolicyLossOutput(passes.precomputed(loss, source, source.grads()), metrics)

@@ -59,21 +59,24 @@ class OneLaunchCall:
     knobs: list
     flags: int
     compute_entropy: bool
+    outputs: tuple        # logp, entropy, loss_terms, pg_terms: [N] each, written by the launches
 
-    def launch(self, logits3, labels, s, e, temperature, ignore_index, backend, logp, entropy, loss_terms,
-               pg_terms, grad_logits) -> None:
-        """Rows s:e of the flat tokens, whose logits are `logits3` [1 or B, T, V]; writes the outputs' s:e."""
+    def launch(self, tile, labels, s, e, args, grad_logits) -> None:
+        """Rows s:e of the flat tokens, whose logits are `tile` [1 or B, T, V] (their labels `labels`),
+        with the pass's temperature, ignore_index and backend (`args`); writes the outputs' s:e."""
         if e <= s:
             return
         ins = [t[s:e] for t in self.tensors]
-        _backend.kernel("policy_loss_fused", backend)(
-            logits3, labels, *ins, *self.codes, self.knobs, self.flags, 1.0 / temperature, ignore_index,
-            self.compute_entropy, logp[s:e], entropy[s:e], loss_terms[s:e], pg_terms[s:e], grad_logits)
+        outs = [t[s:e] for t in self.outputs]
+        _backend.kernel("policy_loss_fused", args.backend)(
+            tile, labels, *ins, *self.codes, self.knobs, self.flags, 1.0 / args.temperature, args.ignore_index,
+            self.compute_entropy, *outs, grad_logits)
 
-    def finish(self, logp, entropy, loss_terms, pg_terms, shape) -> tuple[torch.Tensor, dict]:
+    def finish(self, shape) -> tuple[torch.Tensor, dict]:
         """(loss, metrics). The loss and pg_loss are the kernel's: each token's share of them (its
         weight (coef / normaliser) / row length included) summed in float64, so the order of the
         sum costs no digits. The other metrics come from torch on the kernel's logp and entropy: O(N)."""
+        logp, entropy, loss_terms, pg_terms = self.outputs
         loss = loss_terms.sum(dtype=torch.float64).to(self.dtype)
         pg = pg_terms.sum(dtype=torch.float64).to(self.dtype)
         return loss, metrics(self.call, logp.view(shape), entropy.view(shape) if self.compute_entropy else None, pg)
@@ -103,4 +106,5 @@ def prepare(call: PolicyCall, compute_entropy: bool, dtype: torch.dtype) -> OneL
                flat(call.rollout_is_weights) if call.rollout_is_weights is not None else adv, agg_norm, row_len,
                mask.reshape(-1).contiguous())
     codes = (kernel_abi.METHOD_CODES[call.method.one_launch.code], kernel_abi.KL_CODES[k.kl_estimator if kl_on else "none"])
-    return OneLaunchCall(call, dtype, tensors, codes, knobs, flags, compute_entropy)
+    outputs = tuple(torch.empty(n, dtype=dtype, device=mask.device) for _ in range(4))
+    return OneLaunchCall(call, dtype, tensors, codes, knobs, flags, compute_entropy, outputs)
