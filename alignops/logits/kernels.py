@@ -48,9 +48,10 @@ def stat_rows(n: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor, Tenso
 
 
 def stats_forward(logits3: Tensor, labels: Tensor, temperature: float, ignore_index: int, compute_entropy: bool,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(logp, lse, entropy) of every row of `logits3` [B, T, V] for flat int64 `labels`."""
-    logp, lse, entropy = stat_rows(labels.numel(), logits3.dtype, logits3.device)
+                  backend: str, out: tuple | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(logp, lse, entropy) of every row of `logits3` [B, T, V] for flat int64 `labels`, written into
+    `out` (three contiguous rows, e.g. one tile's slices of the call's rows) or into new rows."""
+    logp, lse, entropy = stat_rows(labels.numel(), logits3.dtype, logits3.device) if out is None else out
     if labels.numel():
         _backend.kernel("token_stats_fwd", backend)(logits3, labels, 1.0 / temperature, ignore_index,
                                                     compute_entropy, logp, lse, entropy)

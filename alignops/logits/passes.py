@@ -45,16 +45,13 @@ def forward_stats(source, args: LogitsArgs, compute_entropy: bool, check_finite:
     for s, e, tile, _ in source.tiles():
         if nonfinite is not None:
             nonfinite |= ~torch.isfinite(tile).all()
-        if s == 0 and e == labels.numel():  # one tile: its rows are the statistics
-            logp, lse, entropy = stats_forward(tile, labels, T, ignore_index, compute_entropy, backend)
-        else:
-            logp[s:e], lse[s:e], entropy[s:e] = stats_forward(tile, labels[s:e], T, ignore_index, compute_entropy,
-                                                              backend)
+        stats_forward(tile, labels[s:e], T, ignore_index, compute_entropy, backend,
+                      out=(logp[s:e], lse[s:e], entropy[s:e]))
     if shard is None:
         return Stats(logp, lse, entropy)
-    st = vocab_shard.merge(logp, lse, entropy, labels, owns, shard, args.labels, args.ignore_index,
-                              compute_entropy, validate_labels=args.validate_labels, nonfinite=nonfinite,
-                              name_logits="logits" if source.traceable else "hidden @ weight.T")
+    st = vocab_shard.merge(logp, lse, entropy, labels, owns, shard, args.labels, args.ignore_index, compute_entropy,
+                           validate_labels=args.validate_labels, nonfinite=nonfinite,
+                           name_logits="logits" if source.traceable else "hidden @ weight.T")
     return Stats(st.logp, st.lse, st.entropy, st)
 
 

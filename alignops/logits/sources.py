@@ -78,14 +78,19 @@ def _check_labels(labels, tokens: Tensor, tokens_name: str) -> None:
         raise ValueError(f"labels is on {labels.device} but {tokens_name} is on {tokens.device}")
 
 
+def _check_tokens(x, name: str, layouts: str) -> None:
+    """The logits or the hidden states: a floating tensor, [N, .] or [B, T, .]."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"{name} must be {layouts}, got shape {tuple(x.shape)}")
+
+
 def check_logits_labels(logits, labels) -> None:
     """Shapes, dtypes and devices of given logits and their labels."""
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"logits must be float32, float16, bfloat16 or float64, got {logits.dtype}")
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"logits must be [N, V] or [B, T, V], got shape {tuple(logits.shape)}")
+    _check_tokens(logits, "logits", "[N, V] or [B, T, V]")
     if logits.shape[-1] == 0:
         raise ValueError("logits has an empty vocabulary (V = 0)")
     _check_labels(labels, logits, "logits")
@@ -157,13 +162,9 @@ class GivenLogits:
 
 
 def check_head(hidden, weight, labels, bias) -> None:
-    for name, x in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if hidden.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"hidden must be float32, float16, bfloat16 or float64, got {hidden.dtype}")
-    if hidden.dim() not in (2, 3):
-        raise ValueError(f"hidden must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
+    _check_tokens(hidden, "hidden", "[N, H] or [B, T, H]")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"weight must be [V, H] with H = {hidden.shape[-1]} (the nn.Linear layout of lm_head), "
                          f"got shape {tuple(weight.shape)}")

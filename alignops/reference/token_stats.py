@@ -37,7 +37,10 @@ def token_stats_fwd(logits3, labels, inv_temperature, ignore_index, compute_entr
         lp, ls, en = token_stats(logits3.reshape(-1, logits3.shape[-1]), labels, 1.0 / inv_temperature, ignore_index)
     logp.copy_(lp)
     lse.copy_(ls)
-    entropy.copy_(en) if compute_entropy else entropy.zero_()
+    if compute_entropy:
+        entropy.copy_(en)
+    else:
+        entropy.zero_()
 
 
 def token_stats_bwd(logits3, labels, logp, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index,
