@@ -190,6 +190,61 @@ def oracle(method, logp, old, adv_tok, mask, *, agg="token-mean", clip_low=0.2, 
     return loss, grad, grad_h
 
 
+def bapo_rho(r, A, m, c_lo, c_hi):
+    """BAPO's positive share at bounds (c_lo, c_hi), paper form: the |A|-weighted ratio mass of the
+    positive tokens the upper bound lets through over that of both signs."""
+    sel = np.asarray(m, bool)
+    r, A = np.asarray(r, np.float64)[sel], np.asarray(A, np.float64)[sel]
+    sp = float(np.sum(np.where((A > 0) & (r <= c_hi), r * np.abs(A), 0.0)))
+    sm = float(np.sum(np.where((A < 0) & (r >= c_lo), r * np.abs(A), 0.0)))
+    return sp / (sp + sm) if sp + sm > 0 else 0.0
+
+
+def oracle_metrics(method, logp, old, adv_tok, mask, *, clip_low=0.2, clip_high=None, ref=None, kl_est="k3",
+                   ent=None, pg_loss=0.0, ecpo_delta=0.1, ratio_level="token", bapo_bounds=None):
+    """The metrics of docs/design.md ("token-weighted over masked-in tokens", 0 when there are none)
+    for [B, T] float64 numpy inputs: clip_ratio/low = r < 1 - clip_low with A < 0, clip_ratio/high =
+    r > 1 + clip_high with A > 0, region their sum, ratio/mean and ratio/max of the method's ratio
+    (ECPO's early-clipped one, GSPO's sequence ratio capped at e^10), approx_kl = mean(old - logp),
+    kl and entropy where given, pg_loss as passed (the oracle's loss without the KL and entropy)."""
+    logp, old, A = (np.asarray(x, np.float64) for x in (logp, old, adv_tok))
+    m = np.asarray(mask, bool)
+    n = max(int(m.sum()), 1)
+    ch = clip_low if clip_high is None else clip_high
+    d = np.clip(logp - old, -20, 20)
+    if method in ("gspo", "gspo-token") or (method == "ecpo" and ratio_level == "sequence"):
+        r = np.zeros_like(d)
+        for i in range(d.shape[0]):
+            if m[i].any():
+                dm = ((logp[i] - old[i]) if method != "ecpo" else d[i])[m[i]].mean()
+                cap = 10.0 if method != "ecpo" else math.log(1 + ch + ecpo_delta)
+                r[i] = math.exp(min(dm, cap))
+    elif method == "ecpo":
+        r = np.exp(np.minimum(d, math.log(1 + ch + ecpo_delta)))
+    else:
+        r = np.exp(d)
+
+    def mean(x):
+        return float(np.where(m, x, 0.0).sum() / n)
+    out = {"pg_loss": pg_loss, "ratio/mean": mean(r), "ratio/max": float(r[m].max()) if m.any() else 0.0,
+           "approx_kl": mean(old - logp)}
+    bounds = {"bapo": bapo_bounds, "reinforce": None, "gpg": None, "sapo": None}.get(method, (1 - clip_low, 1 + ch))
+    if bounds is not None:
+        low = ((r < bounds[0]) & (A < 0)).astype(np.float64)
+        high = ((r > bounds[1]) & (A > 0)).astype(np.float64)
+        out.update({"clip_ratio/low": mean(low), "clip_ratio/high": mean(high), "clip_ratio/region": mean(low + high)})
+    if ref is not None:
+        out["kl"] = mean(kl_value_grad(logp, np.asarray(ref, np.float64), kl_est)[0])
+    if ent is not None:
+        out["entropy"] = mean(np.asarray(ent, np.float64))
+    if method == "bapo":
+        out.update({"bapo/clip_low": bapo_bounds[0], "bapo/clip_high": bapo_bounds[1],
+                    "bapo/rho": bapo_rho(r, A, m, *bapo_bounds)})
+    if method == "gpg":
+        out["gpg/alpha"] = 1.0   # no groups given: alpha 1
+    return out
+
+
 # ============================================================================================
 # tests
 
@@ -197,13 +252,14 @@ import os  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hypothesis import given  # noqa: E402
+from hypothesis import example, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import alignops as ao  # noqa: E402
 from alignops.policy import METHODS, bapo_search, method_names  # noqa: E402
 from alignops.policy import AGG_MODES, KL_ESTIMATORS  # noqa: E402
 from alignops.policy.bapo import step_candidates  # noqa: E402
+from tests import policy_oracle  # noqa: E402
 from tests.conftest import device_backend_pairs  # noqa: E402
 
 PAIRS = device_backend_pairs()
@@ -273,20 +329,33 @@ def close(actual, expected, dtype, what, rounded_to=None):
     assert np.all(excess <= 0), f"{what}: max error {np.max(np.abs(actual - expected)):.3e} (scale {scale:.3g})"
 
 
-def run_both(method, data, dtype, *, agg, kl_est, kl_coef, ent_coef, clip_low=None, clip_high=None,
-             clip_ratio_c=None, normalizer=None, use_isw=False, ratio_level="token", extra=None):
-    """(alignops loss, dL/dlogp, dL/dH, metrics) and the oracle's (loss, dL/dlogp, dL/dH)."""
-    B, T = data["logp"].shape
-    name = "ecpo" if method == "ecpo-seq" else method
+def effective_clip(name, clip_low=None, clip_high=None, clip_ratio_c=None):
+    """(clip_low, clip_high, clip_ratio_c) that `name` runs with: the given ones over its defaults."""
     d_low, d_high, d_c = defaults_of(name)
     cl = d_low if clip_low is None else clip_low
     ch = (cl if d_high is None else d_high) if clip_high is None else clip_high
     cc = d_c if clip_ratio_c is None else clip_ratio_c
+    return cl, ch, cc
+
+
+def fed_old(name, logp, old, clip_low=None, clip_high=None, clip_ratio_c=None):
+    """The old log-probs run_both feeds `name` with: `old` nudged off that method's bounds."""
+    cl, ch, cc = effective_clip(name, clip_low, clip_high, clip_ratio_c)
     bounds = [1 - cl, 1 + ch] + ([cc] if cc else []) + ([1 + ch + 0.1] if name == "ecpo" else [])
     if name == "bapo":
         bounds = PAPER_CANDIDATES
+    return nudge_off_bounds(logp, old, bounds)
+
+
+def run_both(method, data, dtype, *, agg, kl_est, kl_coef, ent_coef, clip_low=None, clip_high=None,
+             clip_ratio_c=None, normalizer=None, use_isw=False, ratio_level="token", extra=None):
+    """(alignops loss, dL/dlogp, dL/dH, metrics), the oracle's (loss, dL/dlogp, dL/dH) and the
+    oracle's metrics (oracle_metrics)."""
+    B, T = data["logp"].shape
+    name = "ecpo" if method == "ecpo-seq" else method
+    cl, ch, cc = effective_clip(name, clip_low, clip_high, clip_ratio_c)
     data = dict(data)
-    data["old"] = nudge_off_bounds(data["logp"], data["old"], bounds)
+    data["old"] = fed_old(name, data["logp"], data["old"], clip_low, clip_high, clip_ratio_c)
     max_len = T + 3
     kw = dict(method=name, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, agg=agg,
               kl_estimator=kl_est, kl_coef=kl_coef, entropy_coef=ent_coef, normalizer=normalizer, **(extra or {}))
@@ -322,11 +391,45 @@ def run_both(method, data, dtype, *, agg, kl_est, kl_coef, ent_coef, clip_low=No
         assert out.metrics["bapo/clip_low"].item() == np.float32(okw["bapo_bounds"][0])
         assert out.metrics["bapo/clip_high"].item() == np.float32(okw["bapo_bounds"][1])
     expected = oracle(name, R["logp"], R["old"], adv_tok, data["mask"], **okw)
-    return (out.loss.item(), g_logp.double().numpy(), g_ent.double().numpy(), out.metrics), expected
+    pg_only = oracle(name, R["logp"], R["old"], adv_tok, data["mask"], **{**okw, "kl_coef": 0.0, "ent_coef": 0.0})
+    e_metrics = oracle_metrics(name, R["logp"], R["old"], adv_tok, data["mask"], clip_low=cl, clip_high=ch,
+                               ref=R["ref"], kl_est=kl_est, ent=R["ent"], pg_loss=pg_only[0],
+                               ecpo_delta=okw.get("ecpo_delta", 0.1), ratio_level=ratio_level,
+                               bapo_bounds=okw.get("bapo_bounds"))
+    return (out.loss.item(), g_logp.double().numpy(), g_ent.double().numpy(), out.metrics), expected, e_metrics
 
 
 # --------------------------------------------------------------------------------------------
 # loss and gradient of every method against the oracle
+
+
+# The covering draws: test_matches_float64_oracle always runs these explicit examples besides its
+# random small ones, and test_every_clip_branch_is_hit checks that they reach every branch.
+COVER = dict(seed=0, B=64, T=16, knobs=3)   # knobs=3: the dual clip 2.0 on the PPO surrogates
+COVER_EXAMPLES = [dict(COVER, agg="token-mean", kl_est="k3", kl_coef=0.04, ent_coef=0.01, token_adv=False,
+                       use_isw=True),
+                  dict(COVER, agg="seq-mean-token-mean", kl_est="low_var_kl", kl_coef=0.04, ent_coef=0.0,
+                       token_adv=True, use_isw=False)]
+
+
+def clip_knobs(name, knobs):
+    """The clip keywords test_matches_float64_oracle gives `name` for its `knobs` draw."""
+    clip = {}
+    if name in ("ppo", "grpo", "dapo", "ecpo", "gppo", "bapo") and knobs:
+        clip = [{}, dict(clip_low=0.1), dict(clip_low=0.3, clip_high=0.28), dict(clip_ratio_c=2.0)][knobs]
+        if name == "bapo":
+            clip = dict(clip_ratio_c=2.0) if knobs == 3 else {}
+    if name.startswith("gspo") and knobs >= 2:
+        clip = dict(clip_low=0.2)   # wide enough that some sequences are inside the bounds
+    return clip
+
+
+def with_examples(examples):
+    def wrap(f):
+        for ex in reversed(examples):
+            f = example(**ex)(f)
+        return f
+    return wrap
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -335,16 +438,13 @@ def run_both(method, data, dtype, *, agg, kl_est, kl_coef, ent_coef, clip_low=No
        agg=st.sampled_from(AGG_MODES), kl_est=st.sampled_from(KL_ESTIMATORS),
        kl_coef=st.sampled_from([0.0, 0.04]), ent_coef=st.sampled_from([0.0, 0.01]),
        token_adv=st.booleans(), use_isw=st.booleans(), knobs=st.integers(0, 3))
+@with_examples(COVER_EXAMPLES)
 def test_matches_float64_oracle(method, dtype, seed, B, T, agg, kl_est, kl_coef, ent_coef, token_adv, use_isw,
                                 knobs):
+    """Loss, both gradients and every metric against the float64 oracles, on random small batches
+    and on the covering examples (COVER)."""
     name = "ecpo" if method == "ecpo-seq" else method
-    clip = {}
-    if name in ("ppo", "grpo", "dapo", "ecpo", "gppo", "bapo") and knobs:
-        clip = [{}, dict(clip_low=0.1), dict(clip_low=0.3, clip_high=0.28), dict(clip_ratio_c=2.0)][knobs]
-        if name == "bapo":
-            clip = dict(clip_ratio_c=2.0) if knobs == 3 else {}
-    if name.startswith("gspo") and knobs >= 2:
-        clip = dict(clip_low=0.2)   # wide enough that some sequences are inside the bounds
+    clip = clip_knobs(name, knobs)
     extra = {}
     if name == "gppo" and knobs == 1:
         extra = dict(gppo_beta1=0.5, gppo_beta2=2.0)
@@ -354,27 +454,43 @@ def test_matches_float64_oracle(method, dtype, seed, B, T, agg, kl_est, kl_coef,
         extra = dict(sapo_tau_pos=0.5, sapo_tau_neg=2.0)
     spread = 0.4 if name.startswith("gspo") else 1.5
     data = make_batch(seed, B, T, spread=spread, token_adv=token_adv)
-    (loss, g, gh, metrics), (e_loss, e_g, e_gh) = run_both(
+    (loss, g, gh, metrics), (e_loss, e_g, e_gh), e_metrics = run_both(
         method, data, dtype, agg=agg, kl_est=kl_est, kl_coef=kl_coef, ent_coef=ent_coef, use_isw=use_isw,
         ratio_level="sequence" if method == "ecpo-seq" else "token", extra=extra, **clip)
     close(loss, e_loss, dtype, "loss")
     low = dtype if dtype in (torch.bfloat16, torch.float16) else None
     close(g, e_g, dtype, "dL/dlogp", rounded_to=low)
     close(gh, e_gh, dtype, "dL/dH", rounded_to=low)
+    assert set(metrics) == set(e_metrics), set(metrics) ^ set(e_metrics)
     for k, v in metrics.items():
         assert v.dtype == torch.float32 and v.dim() == 0 and not v.requires_grad, k
-        assert torch.isfinite(v), (k, v)
+        # metrics are float32 by contract: the fp32 bound whatever the inputs' dtype
+        close(v.item(), e_metrics[k], torch.float32, k)
 
 
-def test_every_clip_branch_is_hit():
-    """The random inputs above reach every branch: r below, inside and above the bounds, for both
-    advantage signs (otherwise the oracle comparison would prove little)."""
-    data = make_batch(0, 64, 16)
-    r = np.exp(data["logp"] - data["old"])
-    A = np.repeat(data["adv"][:, None], 16, 1)
-    for sign in (A > 0, A < 0):
-        assert np.any(sign & (r < 0.8)) and np.any(sign & (r > 1.2)) and np.any(sign & (r > 0.8) & (r < 1.2))
-        assert np.any(sign & (r > 3.0))
+@pytest.mark.parametrize("token_adv", [False, True])
+def test_every_clip_branch_is_hit(token_adv):
+    """The covering examples of test_matches_float64_oracle reach every branch on the inputs it
+    feeds the methods (old nudged off the bounds, masked-in tokens only): r below, inside and above
+    the bounds 0.8 / 1.2 / 1.28, and beyond the dual clip 2.0 it runs them with, for both advantage
+    signs (otherwise the oracle comparison would prove little)."""
+    ex = next(e for e in COVER_EXAMPLES if e["token_adv"] == token_adv)
+    B, T = ex["B"], ex["T"]
+    data = make_batch(ex["seed"], B, T, spread=1.5, token_adv=token_adv)
+    m = data["mask"]
+    A = data["adv"] if token_adv else np.repeat(data["adv"][:, None], T, 1)
+    for name in ("ppo", "grpo", "dapo", "gppo", "ecpo"):
+        clip = clip_knobs(name, ex["knobs"])
+        cl, ch, cc = effective_clip(name, **clip)
+        r = np.exp(data["logp"] - fed_old(name, data["logp"], data["old"], **clip))
+        lo, hi = 1 - cl, 1 + ch
+        for sign in (A > 0, A < 0):
+            s = sign & m
+            assert np.any(s & (r < lo)) and np.any(s & (r > lo) & (r < hi)) and np.any(s & (r > hi)), name
+            assert np.any(s & (r > 1.2) & (r < 1.28)) and np.any(s & (r > 1.28)), name
+            assert np.any(s & (r > (cc or 2.0))), name
+        if name in ("ppo", "grpo", "dapo", "gppo"):
+            assert cc == 2.0, name
 
 
 # GPPO, CISPO and ECPO deliberately differ from the derivative of their value (stop-gradients), so
@@ -944,6 +1060,29 @@ def assert_within_eager_error(out, g, e_out, e_g, logits, labels, old, ref, adv,
     assert g_err <= 2 * eager_g_err + 2e-5 * scale, (g_err, eager_g_err, scale)
 
 
+def assert_near_policy_oracle(o, loss, grad, metrics, labels, mask, old, adv, ref, dtype, what):
+    """grpo with FUSED_KW from fp32 math (bf16 or fp32 logits) against the float64 oracle `o`: loss and
+    pg_loss within 1e-5 of the aggregate of the terms' absolute values, the gradient within 1e-5 of
+    its largest entry or per-token coefficient (bf16: the fp32 gradient rounded once to bf16), the
+    metrics within the fp32 bound of oracle_metrics on the oracle's float64 log-probs."""
+    scale = o.scale.item()
+    for name, got, want in (("loss", loss, o.loss), ("pg_loss", metrics["pg_loss"], o.pg_loss)):
+        err = abs(got.double().item() - want.item())
+        assert err <= 1e-5 * scale + 1e-7, (what, name, got.item(), want.item(), err, scale)
+    gmax = max(o.grad.abs().max().item(), o.coef.item())
+    rtol = 2 ** -8 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(grad.double(), o.grad, rtol=rtol, atol=rtol * gmax, msg=what)
+    valid = (mask & (labels != -100)).numpy()
+    A = np.repeat(adv.double().numpy()[:, None], labels.shape[1], 1)
+    want = oracle_metrics("grpo", o.logp.numpy(), old.double().numpy(), A, valid, clip_low=0.2,
+                          ref=ref.double().numpy(), kl_est=FUSED_KW["kl_estimator"], ent=o.entropy.numpy(),
+                          pg_loss=o.pg_loss.item())
+    assert set(metrics) == set(want), (what, set(metrics) ^ set(want))
+    for k in want:
+        if k != "pg_loss":
+            close(metrics[k].item(), want[k], torch.float32, f"{what} {k}")
+
+
 @pytest.mark.parametrize("device,backend", [("cpu", "torch")] + PAIRS, ids=["cpu-torch"] + PAIR_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("option", ["default", "inplace_grad", "grad_in_forward", "both"])
@@ -964,6 +1103,14 @@ def test_fused_equals_policy_loss_of_token_logprobs(device, backend, dtype, opti
     out = ao.fused_policy_loss(buf, labels, old, adv, mask, method="grpo", ref_logp=ref, backend=backend,
                                **FUSED_KW, **kw)
     out.loss.backward()
+    # The expected value: float64 math from the formulas (tests/policy_oracle.py, no alignops code) on
+    # the same rounded logits and per-token inputs; both routes must be within the fp32 bound of it.
+    o = policy_oracle.policy_loss(logits.cpu(), labels.cpu(), old.cpu(), adv.cpu(), mask.cpu(), method="grpo",
+                                  ref_logp=ref.cpu(), **FUSED_KW)
+    for what, loss, grad, metrics in (("fused", out.loss, leaf.grad, out.metrics), ("eager", e.loss, e_g, e.metrics)):
+        assert_near_policy_oracle(o, loss.detach().cpu(), grad.cpu(), {k: v.cpu() for k, v in metrics.items()},
+                                  labels.cpu(), mask.cpu(), old.cpu(), adv.cpu(), ref.cpu(), dtype, what)
+    # Then the two routes against each other (the equivalence docs/design.md promises):
     # the one-launch kernel returns its own per-token loss terms summed in float64: a few fp32 ulp
     # from torch's fp32 reduction (tests/test_policy_epilogue.py checks both against float64)
     one_launch = backend in ("cpu", "triton") and kw["grad_in_forward"]
