@@ -25,6 +25,24 @@ def dpo_losses(pc, pr, rc, rr, beta, loss_type, eps=0.0, lc=None, lr=None):
     raise ValueError(loss_type)
 
 
+def log_sigmoid_wide(x):
+    """log sigmoid(x) for any float64 x: min(x, 0) - log(1 + e^-|x|) (no overflow at |x| = 2000)."""
+    return torch.clamp(x, max=0.0) - torch.log1p(torch.exp(-x.abs()))
+
+
+def dpo_losses_wide(pc, pr, rc, rr, beta, loss_type, eps=0.0):
+    """dpo_losses for margins far outside the moderate range (beta h = -2000), same formulas."""
+    pc, pr, rc, rr = (t.double() for t in (pc, pr, rc, rr))
+    x = beta * ((pc - rc) - (pr - rr))
+    if loss_type == "sigmoid":
+        return -(1 - eps) * log_sigmoid_wide(x) - eps * log_sigmoid_wide(-x)
+    if loss_type == "robust":
+        return (-(1 - eps) * log_sigmoid_wide(x) + eps * log_sigmoid_wide(-x)) / (1 - 2 * eps)
+    if loss_type == "hinge":
+        return torch.clamp(1 - x, min=0)
+    raise ValueError(loss_type)
+
+
 def orpo_loss(sw, sl, lw, ll, beta):
     """Response-only NLL (token mean over chosen responses) - beta * mean log sigmoid(log odds)."""
     sw, sl, lw, ll = sw.double(), sl.double(), lw.double(), ll.double()

@@ -128,9 +128,19 @@ def test_dpo_uses_logsigmoid_for_extreme_margins():
     out.loss.backward()
     torch.testing.assert_close(pc.grad, torch.tensor([-0.5]))
     assert not torch.isfinite(-torch.log(torch.sigmoid(torch.tensor(-2000.0))))
+    # cDPO, robust and hinge at the same margin: value and gradient against the float64 formulas
+    # (robust: 0.8 * 2000 / 0.6, hinge: 1 + 2000)
     for loss_type, eps in (("sigmoid", 0.2), ("robust", 0.2), ("hinge", 0.0)):
-        val = ao.dpo_loss(pc, pr, rc, rr, 0.5, loss_type, eps).loss
-        assert torch.isfinite(val)
+        x = pc.detach().clone().requires_grad_()
+        out = ao.dpo_loss(x, pr, rc, rr, 0.5, loss_type, eps)
+        out.loss.backward()
+        x64 = pc.detach().double().requires_grad_()
+        want = ref.dpo_losses_wide(x64, pr, rc, rr, 0.5, loss_type, eps).mean()
+        (want_grad,) = torch.autograd.grad(want, x64)
+        close(out.loss, want, loss_type)
+        close(x.grad, want_grad, f"{loss_type} d/dchosen")
+    assert ref.dpo_losses_wide(pc, pr, rc, rr, 0.5, "robust", 0.2).item() == pytest.approx(0.8 * 2000 / 0.6)
+    assert ref.dpo_losses_wide(pc, pr, rc, rr, 0.5, "hinge").item() == 2001.0
 
 
 def test_dpo_reference_free_and_normalizer():
