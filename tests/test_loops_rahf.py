@@ -44,8 +44,11 @@ def test_loss_is_exactly_zero_at_alpha_zero_with_a_fresh_lora(tmp_path, variant)
     prompts, responses = ["37+45=", "1+2=", "99+99="], ["82", "4", "198"]
     out, _ = loop.stage2_loss(prompts, responses)
     assert out.loss.item() == 0.0 and torch.all(out.losses == 0)
-    out.loss.backward()  # finite (zero) gradient at the starting point
-    assert all(torch.isfinite(p.grad).all() for p in loop.peft.parameters() if p.grad is not None)
+    out.loss.backward()  # a zero gradient at the starting point (every distance is 0: no direction)
+    grads = {n: p.grad for n, p in loop.peft.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads.values()), \
+        {n: g.abs().max().item() for n, g in grads.items() if g.any()}
     # the same loss is not zero once alpha > 0 (v != 0) or once the LoRA has moved
     loop.opts.alpha = 5.0
     assert loop.stage2_loss(prompts, responses)[0].loss.item() > 0
