@@ -9,8 +9,10 @@ The tokens are processed in chunks of `chunk_size` rows: a chunk's logits tile
 through the logits pass (alignops/logits/) on the chosen backend, and the tile is dropped.
 Backward recomputes each tile, turns it into dL/dz in place (the token_stats backward kernel)
 and accumulates `dhidden = g @ weight`, `dweight += g.T @ hidden` (fp32 accumulator) and
-`dbias += g.sum(0)`. Extra memory: one tile (plus its fp32 copy for half-precision inputs or a
-transform) and the fp32 dweight accumulator when the weight is not fp32.
+`dbias += g.sum(0)`. The tile is the GEMM's fp32 accumulator, never rounded to the inputs' bf16 or
+fp16 (as in verl's and Liger's kernels). Extra memory: one fp32 tile (on CPU, for half-precision
+inputs, also a 32 MB fp32 block of weight rows) and the fp32 dweight accumulator when the weight
+is not fp32.
 
 Terminal losses (`grad_in_forward=True`) take the gradients during forward, so nothing is saved:
 a token-local method on the cpu or triton backend runs the one-launch policy kernel on each tile
@@ -20,7 +22,8 @@ first pass and recomputes the tiles once (four GEMMs).
 Each function equals its logits path in value and gradient (dhidden, dweight, dbias):
     fused_linear_token_logprobs(h, W, y, ...)  == token_logprobs(transform(h @ W.T + b), y, ...)
     fused_linear_policy_loss(h, W, y, ...)     == fused_policy_loss(transform(h @ W.T + b), y, ...)
-with the tile computed in the hidden states' dtype, as the logits are (the transform in fp32).
+where, for bf16/fp16 inputs, the logits are the fp32 product (`h.float() @ W.float().T`): the
+fused path is more precise than logits materialised in bf16, not equal to them.
 """
 
 from __future__ import annotations

@@ -31,6 +31,8 @@ from alignops.logits.kernels import LOGITS_OPS, SUPPORTED_DTYPES, as_rows
 # (bench/results/fused_linear-cpu2.md, docs/benchmarks.md).
 TILE_BYTES = 64 << 20
 MIN_ROWS = 512
+# Bytes of the fp32 copy of a block of weight rows, where the GEMM cannot return fp32 (CPU).
+WIDEN_BYTES = 32 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,6 +191,15 @@ def chunk_rows(chunk_size, vocab: int) -> int:
     return chunk_size
 
 
+def operand_dtype(hidden: Tensor) -> torch.dtype:
+    """The lm_head GEMM's operand dtype: the hidden states', or autocast's where autocast is on for
+    their device and would cast fp32 operands (TRL's GRPOConfig(bf16=True) runs the head so)."""
+    device = hidden.device.type
+    if hidden.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
+
+
 class LinearHead:
     """The logits z = softcap * tanh((h @ W.T + b) * logit_scale / softcap), `chunk` rows at a time:
     each tile is computed, used and dropped, and recomputed for the backward. Gradients: dhidden
@@ -208,6 +219,10 @@ class LinearHead:
         self.shard = shard
         self.inputs = (hidden, weight, bias)
         self.dtype, self.device = hidden.dtype, hidden.device
+        # Fixed here, in forward: the backward recomputes the tiles outside any autocast region and
+        # must round the operands as the forward did, or its softmax would not match the saved lse.
+        self.operands = operand_dtype(hidden)
+        self._weight_operand = None
         self.dh = self.dw = self.db = None
 
     def tiles(self):
@@ -219,22 +234,50 @@ class LinearHead:
 
     def _tile(self, h: Tensor) -> tuple[Tensor, Tensor | float | None]:
         """The chunk's logits as [1, C, V] (unit stride over V) and dz_out/dz_raw (a tensor for
-        softcap, else the scale, None for no transform). Computed in the hidden states' dtype, as
-        the logits would be; a transform runs in fp32 on an fp32 copy."""
-        raw = torch.mm(h, self.weight.t())
+        softcap, else the scale, None for no transform). The tile is the GEMM's fp32 accumulator,
+        never rounded to bf16/fp16: rounding |z| ~ 10 to bf16 moves a log-prob by ~0.02, where
+        verl's, Liger's and CCE's kernels keep fp32 (fp64 inputs stay fp64)."""
+        raw = self._accumulate(h)
         if self.bias is not None:
             raw += self.bias
         if self.softcap is None and self.logit_scale is None:
             return raw.unsqueeze(0), None
-        z = raw.to(torch.promote_types(raw.dtype, torch.float32))
         scale = 1.0 if self.logit_scale is None else self.logit_scale
         if self.logit_scale is not None:
-            z.mul_(scale)
+            raw.mul_(scale)
         if self.softcap is None:
-            return z.unsqueeze(0), scale
-        t = torch.tanh(z / self.softcap)
+            return raw.unsqueeze(0), scale
+        t = torch.tanh(raw / self.softcap)
         deriv = (1.0 - t * t).mul_(scale)
         return (t.mul_(self.softcap)).unsqueeze(0), deriv
+
+    def _accumulate(self, h: Tensor) -> Tensor:
+        """h @ W.T with an fp32 (or fp64) result. CUDA's GEMM returns its fp32 accumulator for
+        bf16/fp16 operands (`out_dtype`); the CPU GEMM only rounds its result to the operands' dtype,
+        so there the operands are widened, the weight a block of vocabulary rows at a time (the
+        products of bf16/fp16 values are exact in fp32: only the summation order differs)."""
+        with torch.autocast(self.device.type, enabled=False):
+            if self.operands in (torch.float32, torch.float64):
+                return torch.mm(h, self.weight.t())
+            h = h.to(self.operands)
+            if h.device.type == "cuda":
+                return torch.mm(h, self.weight_operand().t(), out_dtype=torch.float32)
+            vocab = self.weight.shape[0]
+            out = torch.empty(h.shape[0], vocab, dtype=torch.float32, device=h.device)
+            h32 = h.float()
+            step = max(1024, WIDEN_BYTES // (4 * self.weight.shape[1]))
+            for v in range(0, vocab, step):
+                torch.mm(h32, self.weight[v:v + step].to(self.operands).float().t(), out=out[:, v:v + step])
+            return out
+
+    def weight_operand(self) -> Tensor:
+        """The weight in the operands' dtype: itself, or (under autocast) a copy kept for the call,
+        as autocast's own cast cache keeps one."""
+        if self.weight.dtype == self.operands:
+            return self.weight
+        if self._weight_operand is None:
+            self._weight_operand = self.weight.detach().to(self.operands)
+        return self._weight_operand
 
     def start_grads(self, want) -> None:
         """Accumulators for the inputs whose gradient is wanted (hidden, weight, bias): a frozen
@@ -253,15 +296,25 @@ class LinearHead:
         g = g_tile[0]
         if deriv is not None:
             g.mul_(deriv)  # the chain rule through the transform, in place
-        # the tile's gradient in the hidden states' dtype, as autograd would hand it to the GEMMs
-        g = g.to(self.h.dtype)
-        if self.dh is not None:
-            torch.mm(g, self.weight, out=self.dh[s:e])
-        if self.dw is not None:
-            gt, hc = (g, self.h[s:e]) if g.dtype == self.dw.dtype else (g.to(self.dw.dtype), self.h[s:e].to(self.dw.dtype))
-            self.dw.addmm_(gt.t(), hc)
         if self.db is not None:
             self.db += g.sum(0, dtype=self.db.dtype)
+        # dL/dz rounded to the operands' dtype, as autograd would hand it to the GEMMs
+        g = g.to(self.operands)
+        w, h = self.weight_operand(), self.h[s:e].to(self.operands)
+        with torch.autocast(self.device.type, enabled=False):
+            if self.dh is not None:
+                if self.dh.dtype == g.dtype:
+                    torch.mm(g, w, out=self.dh[s:e])
+                else:  # autocast: fp32 hidden states, bf16/fp16 GEMM
+                    self.dh[s:e] = torch.mm(g, w)
+            if self.dw is None:
+                pass
+            elif g.dtype == self.dw.dtype:
+                self.dw.addmm_(g.t(), h)
+            elif g.device.type == "cuda":  # bf16/fp16 operands, the fp32 accumulator
+                torch.addmm(self.dw, g.t(), h, out_dtype=torch.float32, out=self.dw)
+            else:
+                self.dw.addmm_(g.t().float(), h.float())
 
     def grads(self) -> tuple:
         vocab_shard.all_reduce_hidden_grad(self.dh, self.shard)
