@@ -223,6 +223,34 @@ def policy_loss(logits, labels, old_logp, advantages, mask=None, *, method="grpo
                         sensitivity.detach())
 
 
+def policy_loss_from_logp(logp, old_logp, advantages, mask, *, method="grpo", clip_low=None, clip_high=None,
+                          clip_ratio_c=None, agg=None, max_len=None, normalizer=None, ratio_log_clamp=20.0, **opts):
+    """(loss, dloss/dlogp, scale) in float64 of a token-level method (METHOD_FAMILY) on given `[B, T]`
+    log-probs, as policy_loss's arguments (no KL, entropy or IS weights); `scale` is the aggregate of
+    the terms' absolute values. Positions with mask == 0 count nowhere (whatever their log-probs)."""
+    family, d_low, d_high, d_dual, d_agg = METHOD_FAMILY[method]
+    opts = {**_OWN_DEFAULTS.get(method, {}), **opts}
+    clip_low = d_low if clip_low is None else clip_low
+    clip_high = (d_high if d_high is not None else clip_low) if clip_high is None else clip_high
+    dual = d_dual if clip_ratio_c is None else clip_ratio_c
+    agg = d_agg if agg is None else agg
+    x = logp.detach().to(torch.float64).requires_grad_()
+    valid = mask.detach().cpu() != 0
+    member = _rows(valid, None)
+    zero = torch.zeros((), dtype=torch.float64)
+    lp = torch.where(valid, x, zero)
+    adv = advantages.detach().to(torch.float64)
+    if adv.shape != valid.shape:
+        adv = (member.T @ adv).reshape(valid.shape)
+    adv = torch.where(valid, adv, zero)
+    old = lp.detach() if old_logp is None else torch.where(valid, old_logp.detach().to(torch.float64), zero)
+    phi = _phi(family, lp, old, adv, 1.0 - clip_low, 1.0 + clip_high, dual, ratio_log_clamp, opts)
+    loss = aggregate(phi, valid, member, agg, max_len, normalizer)
+    scale = aggregate(phi.detach().abs(), valid, member, agg, max_len, normalizer)
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss.detach(), grad, scale
+
+
 def sequence_logprobs(logits, labels, mask=None, *, temperature=1.0, cu_seqlens=None, ignore_index=IGNORE):
     """(x64 leaf, sums [B], means [B], lengths [B]) in float64; an empty row's mean is 0."""
     x = logits.detach().to(torch.float64).requires_grad_()
