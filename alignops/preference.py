@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignops._validate import check_choice, renamed_keywords
+from alignops._validate import check_bool, check_choice, renamed_keywords
 from alignops.layout import check_mask, inverse_normalizer
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
@@ -50,7 +50,15 @@ class PreferenceOutput:
 
 def log1mexp(x: Tensor) -> Tensor:
     """log(1 - exp(x)) for x <= 0, accurate everywhere: log1p(-exp(x)) below -ln 2 and
-    log(-expm1(x)) above (Maechler 2012); each branch loses digits in the other's range."""
+    log(-expm1(x)) above (Maechler 2012); each branch loses digits in the other's range.
+    `x` is a floating-point tensor; x > 0 is an error on CPU tensors (checked where it is free, like
+    labels and masks) and NaN on GPU ones."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and bool((x > 0).any()):
+        raise ValueError(f"x must be <= 0 (log(1 - exp(x)) is undefined above 0), found {x[x > 0][0].item()}")
     # Each branch is evaluated on an input that keeps it finite, so the branch that where() drops
     # cannot send inf/NaN into the gradient.
     far = x < -_LN2
@@ -101,6 +109,10 @@ def _lengths(lengths, like, name):
         raise TypeError(f"{name} must be a torch.Tensor [B], got {type(lengths).__name__}")
     if lengths.shape != like.shape:
         raise ValueError(f"{name} shape {tuple(lengths.shape)} must be [B] = {tuple(like.shape)}")
+    if lengths.device != like.device:
+        raise ValueError(f"{name} is on {lengths.device} but the log-probs are on {like.device}")
+    if lengths.device.type == "cpu" and not torch.compiler.is_compiling() and bool((lengths < 0).any()):
+        raise ValueError(f"{name} must be >= 0 (token counts), found {lengths[lengths < 0][0].item()}")
     # An empty response has S = 0; dividing by max(L, 1) keeps its mean 0 instead of 0/0.
     return lengths.to(device=like.device, dtype=like.dtype).clamp_min(1)
 
@@ -408,8 +420,11 @@ def rahf_loss(lora_hidden: HiddenStates, base_hidden: HiddenStates, direction: H
             raise ValueError(f"{name} is on {t.device} but lora_hidden is on {h.device}")
     if not h.dtype.is_floating_point:
         raise TypeError(f"lora_hidden must be floating point, got {h.dtype}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a finite float, got {type(alpha).__name__}")
+    if not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite float, got {alpha!r}")
+    check_bool("count_padding", count_padding)
     n_layers, batch, seq, _ = h.shape
     valid = check_mask(mask, (batch, seq), h.device, validate=validate_mask,
                        weights="rahf_loss takes no per-token weights")

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from alignops import layout
-from alignops._validate import check_choice, renamed_keywords
+from alignops._validate import check_bool, check_choice, is_number, renamed_keywords
 from alignops.layout import check_cu_seqlens, check_mask
 from alignops.logits.sources import check_logits_labels
 from alignops.token_stats import token_logprobs
@@ -171,6 +171,9 @@ def iw_sft_weights(seq_logp_q: Tensor, seq_logp_ref: Tensor, clip=(0.0, 10.0),
     if seq_logp_q.shape != seq_logp_ref.shape or seq_logp_q.dim() != 1:
         raise ValueError(f"seq_logp_q {tuple(seq_logp_q.shape)} and seq_logp_ref "
                          f"{tuple(seq_logp_ref.shape)} must both be [B]")
+    if seq_logp_ref.device != seq_logp_q.device:
+        raise ValueError(f"seq_logp_ref is on {seq_logp_ref.device} but seq_logp_q is on {seq_logp_q.device}")
+    check_bool("self_normalize", self_normalize)
     dtype = layout.compute_dtype(seq_logp_q.dtype)
     log_w = (seq_logp_q.detach().to(dtype) - seq_logp_ref.detach().to(dtype))
     w = torch.exp(log_w.clamp(-IW_LOG_CLAMP, IW_LOG_CLAMP))
@@ -178,12 +181,17 @@ def iw_sft_weights(seq_logp_q: Tensor, seq_logp_ref: Tensor, clip=(0.0, 10.0),
         if not (isinstance(clip, (tuple, list)) and len(clip) == 2):
             raise TypeError(f"clip must be a (low, high) pair or None, got {clip!r}")
         low, high = clip
+        for bound in (low, high):
+            if bound is not None and not is_number(bound):
+                raise TypeError(f"clip must hold numbers (or None for no bound), got {clip!r}")
+            if bound is not None and math.isnan(bound):
+                raise ValueError(f"clip must not hold NaN, got {clip!r}")
         if low is not None and high is not None and low > high:
             raise ValueError(f"clip must have low <= high, got {clip}")
         w = w.clamp(min=low, max=high)
     if self_normalize:
         rows = (torch.ones_like(w, dtype=torch.bool) if valid_rows is None
-                else check_mask(valid_rows, name="valid_rows"))
+                else check_mask(valid_rows, device=w.device, name="valid_rows"))
         if rows.shape != w.shape:
             raise ValueError(f"valid_rows shape {tuple(rows.shape)} must be {tuple(w.shape)}")
         count = rows.sum().to(dtype)
@@ -358,6 +366,7 @@ def chord_loss(logp: Tensor, old_logp: Optional[Tensor], advantages: Tensor, mas
     """
     if not isinstance(logp, Tensor):
         raise TypeError(f"logp must be a torch.Tensor, got {type(logp).__name__}")
+    check_choice("sft_weighting", sft_weighting, SFT_WEIGHTINGS)
     if isinstance(mu, Tensor):
         if mu.numel() != 1:
             raise ValueError(f"mu must be a scalar, got shape {tuple(mu.shape)}")

@@ -32,6 +32,20 @@ def _resolve(backend: str | None, device: torch.device) -> str:
     return _backend.resolve_backend(backend, device, supported=_ADVANTAGE_BACKENDS, what="the advantage ops")
 
 
+def _same_device(x: Tensor, device, name: str, other: str = "the rewards") -> Tensor:
+    if x.device != torch.device(device):
+        raise ValueError(f"{name} is on {x.device} but {other} are on {device}")
+    return x
+
+
+def _check_nonnegative(x: Tensor, name: str) -> None:
+    """Values >= 0 (NaN passes), checked on CPU tensors only, like masks (no device synchronisation)."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    if bool((x < 0).any()):
+        raise ValueError(f"{name} must be >= 0, found {x[x < 0][0].item()}")
+
+
 def _check_finite(x: Tensor, name: str, allow_nan: bool) -> None:
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return  # a data-dependent check would synchronise the device

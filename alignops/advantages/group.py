@@ -16,7 +16,7 @@ from torch import Tensor
 from alignops import _backend, layout
 from alignops._validate import check_choice, check_float
 from alignops.advantages._common import (_check_finite, _float_tensor, _local_moments, _resolve, _rewards,
-                                         _tensor, _var)
+                                         _same_device, _tensor, _var)
 from alignops.distributed import all_reduce_sum, merge_moments
 
 _MODE = {"center": 0, "scale": 1, "rloo": 2}
@@ -231,7 +231,7 @@ def seed_grpo_advantages(rewards: Tensor, semantic_entropy: Tensor, group_size: 
     std_eps = check_float("std_eps", std_eps, lo=0.0, lo_open=False)
     r = _rewards(rewards)
     groups = _groups(r.numel(), r.device, group_size, group_ids, num_groups)
-    se = _float_tensor(semantic_entropy, "semantic_entropy").to(r.dtype)
+    se = _same_device(_float_tensor(semantic_entropy, "semantic_entropy"), r.device, "semantic_entropy").to(r.dtype)
     if se.shape == (groups.num_groups,):
         se_rows = se[groups.index]
     elif se.shape == (r.numel(),):
@@ -277,7 +277,7 @@ def remax_advantages(rewards: Tensor, greedy_rewards: Tensor, mask: Tensor | Non
     `[B]` rewards give `[B]`; token rewards `[B, T]` with `mask` give the return-to-go minus the
     baseline at every valid token (0 elsewhere), like verl."""
     r = _float_tensor(rewards, "rewards")
-    b = _float_tensor(greedy_rewards, "greedy_rewards").to(r.dtype)
+    b = _same_device(_float_tensor(greedy_rewards, "greedy_rewards"), r.device, "greedy_rewards").to(r.dtype)
     if b.dim() != 1 or b.shape[0] != r.shape[0]:
         raise ValueError(f"greedy_rewards must be [B] with B={r.shape[0]}, got shape {tuple(b.shape)}")
     _check_finite(b, "greedy_rewards", allow_nan=False)

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from alignops import layout
 from alignops._validate import check_choice, check_float, renamed_keywords
-from alignops.advantages._common import _float_tensor, _local_moments, _rewards, _tensor, _var
+from alignops.advantages._common import (_check_nonnegative, _float_tensor, _local_moments, _rewards,
+                                         _same_device, _tensor, _var)
 from alignops.advantages.group import _groups, _run_groups, group_stats
 from alignops.distributed import all_reduce_sum, merge_moments
 
@@ -67,12 +68,14 @@ def dler_advantages(rewards: Tensor, group_size: int | None = None, *, group_ids
             m = _tensor(mask, "mask")
             if m.dim() != 2 or m.shape[0] != r.numel():
                 raise ValueError(f"mask must be [B, T] with B={r.numel()}, got shape {tuple(m.shape)}")
-            w = layout.check_mask(m, name="mask", validate=validate_mask,
+            w = layout.check_mask(m, device=r.device, name="mask", validate=validate_mask,
                                   weights="per-row token counts go in lengths= [B]").sum(-1).double()
         else:
             w = _float_tensor(lengths, "lengths").double()
             if w.shape != r.shape:
                 raise ValueError(f"lengths must be [B]={r.numel()}, got shape {tuple(w.shape)}")
+            _same_device(w, r.device, "lengths")
+            _check_nonnegative(w, "lengths")
     else:
         w = torch.ones(r.numel(), dtype=torch.float64, device=r.device)
     valid = ~torch.isnan(r)
@@ -101,15 +104,17 @@ def awpo_advantages(outcome_rewards: Tensor, reasoning_rewards: Tensor, group_si
     mean global over `process_group` (symmetric: pass it as clip_low, clip_high defaults to it). The
     default constants are ours (the paper's are unverified); set them explicitly for a paper reproduction. A row is unscorable if either reward is NaN."""
     for name, val in (("r_out_max", r_out_max), ("alpha_base", alpha_base), ("alpha_prio", alpha_prio),
-                      ("tau_low", tau_low), ("tau_high", tau_high)):
+                      ("tau_low", tau_low)):
         check_float(name, val)
+    check_float("tau_high", tau_high, lo=tau_low, lo_open=False)
     eps_mix = check_float("eps_mix", eps_mix, lo=0.0, lo_open=False)
     clip_low_min = check_float("clip_low_min", clip_low_min, lo=0.0, lo_open=False)
     clip_low_max = check_float("clip_low_max", clip_low_max, lo=clip_low_min, lo_open=False)
     std_eps = check_float("std_eps", std_eps, lo=0.0, lo_open=False)
     ratio_eps = check_float("ratio_eps", ratio_eps, lo=0.0, lo_open=False)
     r_out = _rewards(outcome_rewards, "outcome_rewards")
-    r_rsn = _rewards(reasoning_rewards, "reasoning_rewards").to(r_out.dtype)
+    r_rsn = _same_device(_rewards(reasoning_rewards, "reasoning_rewards"), r_out.device, "reasoning_rewards",
+                         "outcome_rewards").to(r_out.dtype)
     if r_rsn.shape != r_out.shape:
         raise ValueError(f"reasoning_rewards shape {tuple(r_rsn.shape)} does not match outcome_rewards "
                          f"{tuple(r_out.shape)}")
@@ -146,6 +151,8 @@ def dapo_overlong_penalty(lengths: Tensor, max_length: int, cache_length: int,
         raise ValueError(f"cache_length must lie in (0, max_length={max_length}], got {cache_length}")
     penalty_factor = check_float("penalty_factor", penalty_factor, lo=0.0, lo_open=False)
     L = _float_tensor(lengths, "lengths").double()
+    if L.dim() != 1:
+        raise ValueError(f"lengths must be [B], got shape {tuple(L.shape)}")
     excess = (L - (max_length - cache_length)) / cache_length
     return (-penalty_factor * excess.clamp(0, 1)).float()
 

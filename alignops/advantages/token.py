@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from alignops import _backend, layout
-from alignops._validate import check_choice, check_float, renamed_keywords
-from alignops.advantages._common import (_check_finite, _float_tensor, _resolve, _rewards, _tensor,
+from alignops._validate import check_bool, check_choice, check_float, renamed_keywords
+from alignops.advantages._common import (_check_finite, _float_tensor, _resolve, _rewards, _same_device, _tensor,
                                          _var)
 from alignops.advantages.group import _groups, _run_groups
 from alignops.distributed import merge_moments
@@ -93,6 +93,11 @@ def masked_mean(x: Tensor, mask: Tensor | None = None, dim: int | None = None, *
         if process_group is not None:
             raise ValueError("process_group reduces the whole batch; it cannot be combined with dim")
         xf = _float_tensor(x, "x")
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"dim must be an int or None, got {type(dim).__name__}")
+        if not -max(xf.dim(), 1) <= dim < max(xf.dim(), 1):
+            raise ValueError(f"dim must lie in [{-max(xf.dim(), 1)}, {max(xf.dim(), 1)}) for x of shape "
+                             f"{tuple(xf.shape)}, got {dim}")
         m = layout.token_mask(mask, xf.shape, xf.device, validate=validate_mask)
         s = torch.where(m, xf, 0.0).sum(dim)
         return s / m.sum(dim).clamp_min(1).to(xf.dtype)
@@ -104,6 +109,7 @@ def masked_var(x: Tensor, mask: Tensor | None = None, *, unbiased: bool = True, 
                backend: str | None = None, validate_mask: bool | None = None) -> Tensor:
     """Variance of x over mask (global over `process_group`); unbiased (x N/(N-1), verl) or biased
     (OpenRLHF). Fewer than two values (one for biased) give 0."""
+    check_bool("unbiased", unbiased)
     xf, m = _flat_float(x, mask, "x", validate_mask)
     n, _, m2 = _moments(xf, m, process_group, backend)
     return _var(n, m2, unbiased).to(xf.dtype)
@@ -145,6 +151,7 @@ def masked_whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True
     all-reduce of (sum, sum of squares, count) when `process_group` is given, one apply pass.
     """
     eps = _whiten_args(var, var_eps, var_eps_mode)
+    check_bool("shift_mean", shift_mean)
     xf = _float_tensor(x, "x")
     xflat, m = _flat_float(xf, mask, "x", validate_mask)
     return _whiten_flat(xflat, m, shift_mean, var, eps, var_eps_mode, process_group, backend).view(xf.shape)
@@ -199,6 +206,7 @@ def gae_advantages(token_rewards: Tensor, values: Tensor, mask: Tensor | None = 
     r, v = r.to(dtype), v.to(dtype)
     gamma = check_float("gamma", gamma, lo=0.0, hi=1.0, lo_open=False)
     eps = _whiten_args(var, var_eps, var_eps_mode)
+    check_bool("whiten", whiten)
     tok = _tokens(r, mask, cu_seqlens, "token_rewards", validate_mask)
     adv, ret = _gae_flat(r, v, tok, gamma, lam, critic_lam, backend)
     if whiten:
@@ -239,11 +247,12 @@ def token_level_rewards(scores: Tensor, mask: Tensor | None = None, *, cu_seqlen
     if kl is not None:
         like = _float_tensor(kl, "kl")
     elif mask is not None:
-        like = torch.empty(_tensor(mask, "mask").shape, dtype=s.dtype, device=s.device)
+        like = torch.empty(_tensor(mask, "mask").shape, dtype=s.dtype, device=mask.device)
     elif shape is not None:
         like = torch.empty(tuple(shape), dtype=s.dtype, device=s.device)
     else:
         raise ValueError("token_level_rewards needs the token layout: mask, kl or shape")
+    _same_device(s, like.device, "scores", "the tokens")
     tok = _tokens(like, mask, cu_seqlens, "kl" if kl is not None else "mask", validate_mask)
     if tok.num_rows != s.numel():
         raise ValueError(f"scores has {s.numel()} rows but the token layout has {tok.num_rows}")
@@ -271,6 +280,7 @@ def kl_penalized_scores(scores: Tensor, old_logp: Tensor, ref_logp: Tensor, mask
     """TRL RLOO's sequence-level KL in the reward: R - kl_coef * sum_t mask * (old_logp - ref_logp)."""
     s = _rewards(scores, "scores")
     kl = k1_penalty(old_logp, ref_logp, mask, validate_mask=validate_mask)
+    _same_device(s, kl.device, "scores", "the tokens")
     tok = _tokens(kl, mask, cu_seqlens, "old_logp", False)  # values checked by k1_penalty
     if tok.num_rows != s.numel():
         raise ValueError(f"scores has {s.numel()} rows but the token layout has {tok.num_rows}")
@@ -293,11 +303,12 @@ def _reinforce_pp(scores: Tensor, mask, cu_seqlens, old_logp, ref_logp, kl_coef,
     else:
         kl = None
         if mask is not None:
-            like = torch.empty(_tensor(mask, "mask").shape, dtype=scores.dtype, device=scores.device)
+            like = torch.empty(_tensor(mask, "mask").shape, dtype=scores.dtype, device=mask.device)
         elif shape is not None:
             like = torch.empty(tuple(shape), dtype=scores.dtype, device=scores.device)
         else:
             raise ValueError("give mask (or shape, or old_logp/ref_logp) for the token layout")
+    _same_device(scores, like.device, "scores", "the tokens")
     tok = _tokens(like, mask, cu_seqlens, "mask", validate_mask)
     if tok.num_rows != scores.numel():
         raise ValueError(f"scores has {scores.numel()} rows but the token layout has {tok.num_rows}")
@@ -337,6 +348,9 @@ def reinforce_pp_baseline_advantages(scores: Tensor, mask: Tensor | None = None,
     R - mean_g as the score (no std), optional k1 KL in the reward, gamma = 1, then global
     token-level whitening. NaN scores get 0 before whitening (they are left out of mean_g)."""
     s = _rewards(scores, "scores")
+    tokens = mask if mask is not None else old_logp
+    if isinstance(tokens, Tensor):  # before the group pass, which runs on the scores' device
+        _same_device(s, tokens.device, "scores", "the tokens")
     groups = _groups(s.numel(), s.device, group_size, group_ids, num_groups)
     centered, _ = _run_groups(s, groups, "center", 0.0, singleton, backend)
     return _reinforce_pp(centered, mask, cu_seqlens, old_logp, ref_logp, kl_coef, 1.0, var, var_eps, var_eps_mode,
