@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import threading
 import warnings
 from typing import Callable
 
@@ -40,17 +41,40 @@ class BackendUnavailableError(RuntimeError):
 _c_module = None
 _c_error: str | None = None
 _cpu_error: str | None = None
-_c_tried = False
+_c_tried = False  # set last, once _c_module and the errors hold their final values
+# Threads entering their first op together: one imports alignops._C, the others wait for its
+# outcome (with _c_tried set first, they read "no module, no error" meanwhile, so a named cpu
+# backend raised BackendUnavailableError(None) and the automatic choice picked cpu over a broken
+# library; tests/test_threads.py).
+_c_lock = threading.Lock()
 
 ISA_LEVELS = ("default", "avx2", "avx512")
 
 
 def load_c():
     """Import alignops._C once. Returns the module or None; never raises."""
-    global _c_module, _c_error, _cpu_error, _c_tried
     if _c_tried:
         return _c_module
-    _c_tried = True
+    # dynamo cannot trace a lock: while it traces a first call the import goes unlocked (Python's
+    # import lock still serialises the import itself, and a racing thread writes the same values)
+    if torch.compiler.is_compiling():
+        return _load_c_once()
+    with _c_lock:
+        return _load_c_once()
+
+
+def _load_c_once():
+    global _c_tried
+    if _c_tried:
+        return _c_module
+    try:
+        return _import_c()
+    finally:
+        _c_tried = True
+
+
+def _import_c():
+    global _c_module, _c_error, _cpu_error
     rebuild = "rebuild it with `pip install -e . --no-build-isolation` (or `make build`)"
     try:
         from alignops import _C  # noqa: PLC0415 - registers torch.ops.alignops_C.*
@@ -70,7 +94,7 @@ def load_c():
     requested = _C.CPU_ISA_REQUESTED
     if _C.CPU_ISA and requested in ISA_LEVELS and ISA_LEVELS.index(requested) > ISA_LEVELS.index(_C.CPU_ISA):
         warnings.warn(f"alignops: ALIGNOPS_CPU_ISA={requested} can only lower the level; this CPU runs "
-                      f"{_C.CPU_ISA} (torch reports {_C.TORCH_CPU_CAPABILITY})", RuntimeWarning, stacklevel=2)
+                      f"{_C.CPU_ISA} (torch reports {_C.TORCH_CPU_CAPABILITY})", RuntimeWarning, stacklevel=4)
     return _C
 
 
@@ -152,12 +176,7 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
 
 
 def available_backends(device: torch.device | str) -> list[str]:
-    if not isinstance(device, (torch.device, str)):
-        raise TypeError(f"device must be a torch.device or a device string, got {type(device).__name__}")
-    try:
-        device = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"device must name a torch device type (e.g. 'cpu', 'cuda:0'), got {device!r}") from e
+    device = torch.device(device)
     return [b for b in BACKENDS if why_unavailable(b, device) is None]
 
 
