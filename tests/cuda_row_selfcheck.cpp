@@ -8,7 +8,9 @@
 //   - NaN logits poison the row, -inf logits contribute nothing;
 //   - the in-place backward (gradient buffer = logits buffer) equals the out-of-place one bit for
 //     bit, and both match float64 math.
+#include <climits>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -215,6 +217,45 @@ static std::vector<float> make_row(int64_t V, const std::string& pattern, std::m
   return x;
 }
 
+// The launch grid and the row offsets past 2^31 elements (int64 throughout; the same functions the
+// kernels call). Offsets are compared with 128-bit arithmetic.
+static int check_grid_and_offsets() {
+  int cases = 0;
+  const int64_t ns[] = {1, 2, 1000, kMaxBlocks - 1, kMaxBlocks, kMaxBlocks + 1, 3 * kMaxBlocks + 5,
+                        (1LL << 31) - 1, 1LL << 31, 1LL << 40};
+  for (int64_t N : ns) {
+    const int64_t g = grid_for(N);
+    CHECK(g >= 1 && g <= kMaxBlocks && g <= 2147483647LL && g == std::min(N, kMaxBlocks), "grid_for(%lld) = %lld",
+          (long long)N, (long long)g);
+    ++cases;
+  }
+  // The kernels' loop (row = block; row < N; row += grid) visits every row once when N > grid.
+  const int64_t N = 2 * kMaxBlocks + 12345;
+  std::vector<uint8_t> seen(N, 0);
+  const int64_t g = grid_for(N);
+  for (int64_t block = 0; block < g; ++block)
+    for (int64_t row = block; row < N; row += g) ++seen[row];
+  CHECK(std::all_of(seen.begin(), seen.end(), [](uint8_t c) { return c == 1; }), "grid-stride rows not once each");
+  ++cases;
+  struct View { int64_t T, stride_b, stride_t, row; };
+  const int64_t V = 151936;
+  const View views[] = {
+      {16384, 16384 * V, V, 14135},            // [1, N, V]: the first row that starts past 2^31
+      {16384, 16384 * V, V, 16383},
+      {5000, 5000 * V + 64, V, 3 * 5000 + 7},  // [B, T, V] with padded batch stride
+      {3, (1LL << 31) + 12345, V, 5},          // a batch stride alone past 2^31
+      {1, 3 * V, 3 * V, 5000},                 // [N, 1, V] view of every third row
+      {7, 1LL << 33, 1LL << 30, 7 * 3 + 6},    // strides of a sliced view of a huge buffer
+  };
+  for (const View& w : views) {
+    const __int128 want = (__int128)(w.row / w.T) * w.stride_b + (__int128)(w.row % w.T) * w.stride_t;
+    const int64_t got = row_offset(w.row, w.T, w.stride_b, w.stride_t);
+    CHECK((__int128)got == want && want > INT32_MAX, "row_offset(%lld) = %lld", (long long)w.row, (long long)got);
+    ++cases;
+  }
+  return cases;
+}
+
 int main() {
   std::mt19937_64 rng(20240611);
   const int64_t vocabs[] = {1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 257, 1031, 4099, 129920, 151936};
@@ -246,6 +287,7 @@ int main() {
   CHECK(mixed.head == 100 && mixed.nvec == 0 && mixed.tail == 100, "mixed alignment must be all scalar");
   const RowSplit odd = split_row(4096 + 1, 4096 + 1, 100, 2);
   CHECK(odd.nvec == 0, "an address that is not a multiple of the element size must be all scalar");
+  cases += check_grid_and_offsets();
   std::printf("%d cases, %d failures\n", cases, failures);
   return failures == 0 ? 0 : 1;
 }

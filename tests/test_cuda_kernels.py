@@ -282,7 +282,8 @@ def test_int64_offsets_large_batch(cuda_backend):
     x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
     labels = torch.randint(0, v, (n,), device="cuda")
     labels[::5] = -100
-    rows = torch.tensor([0, 1, n // 2, 14132, 14133, n - 2, n - 1], device="cuda")  # 14133 * V > 2^31
+    # row 14134 straddles element 2^31 (14134 * V < 2^31 < 14135 * V); 14135 is the first row past it
+    rows = torch.tensor([0, 1, n // 2, 14134, 14135, n - 2, n - 1], device="cuda")
     assert int(rows.max()) * v > 2**31
     labels[rows] = torch.tensor([5, v - 1, 77, 0, v - 1, 1234, v - 2], device="cuda")
     x[rows, labels[rows]] += 30  # peaked rows: a wrong offset would miss the peak

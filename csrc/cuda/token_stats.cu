@@ -34,7 +34,8 @@ using cuda_row::RowSplit;
 using Stats = SoftmaxStats<float>;
 
 // Far below the 2^31 - 1 limit of grid x; rows beyond it are looped over by the same blocks.
-constexpr int64_t kMaxBlocks = 65535LL * 8;
+using cuda_row::grid_for;
+using cuda_row::row_offset;
 
 // ---- element types: scalar conversion and 16-byte vector load/store -----------------------------
 
@@ -115,11 +116,6 @@ struct Unroll {
 
 // ---- row access -----------------------------------------------------------------------------------
 
-template <typename scalar_t>
-__device__ __forceinline__ int64_t row_offset(int64_t row, int64_t T, int64_t stride_b, int64_t stride_t) {
-  return (row / T) * stride_b + (row % T) * stride_t;
-}
-
 // Forward reads only: the read-only path (ld.global.nc) is safe because forward never writes logits.
 template <typename scalar_t>
 struct ReadOnlyRow {
@@ -199,7 +195,7 @@ token_stats_fwd_kernel(const scalar_t* __restrict__ logits, int64_t N, int64_t T
       if (threadIdx.x == 0) logp_out[row] = lse_out[row] = entropy_out[row] = 0.f;
       continue;  // block-uniform, and no shared memory was touched
     }
-    const scalar_t* x = logits + row_offset<scalar_t>(row, T, stride_b, stride_t);
+    const scalar_t* x = logits + row_offset(row, T, stride_b, stride_t);
     const bool label_in_row = label >= 0 && label < V;  // else logp is NaN, and x[label] never read
     // Issued before the row loop so that its latency hides under the row instead of following it.
     float x_label = 0.f;
@@ -234,8 +230,8 @@ token_stats_bwd_kernel(const scalar_t* logits, int64_t N, int64_t T, int64_t V, 
   constexpr int kUnroll = Unroll<scalar_t>::value;
   for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
     const int64_t label = labels[row];
-    scalar_t* g = grad_logits + row_offset<scalar_t>(row, T, grad_stride_b, grad_stride_t);
-    const scalar_t* x = logits + row_offset<scalar_t>(row, T, stride_b, stride_t);
+    scalar_t* g = grad_logits + row_offset(row, T, grad_stride_b, grad_stride_t);
+    const scalar_t* x = logits + row_offset(row, T, stride_b, stride_t);
     const uint64_t gaddr = reinterpret_cast<uint64_t>(g);
     if (label == ignore_index || label < 0 || label >= V) {
       const RowSplit sp = cuda_row::split_row(gaddr, gaddr, V, sizeof(scalar_t));
@@ -266,8 +262,6 @@ int block_size_for(int64_t V) {
   if (nvec <= 512 * 8) return 512;
   return 1024;
 }
-
-int grid_for(int64_t N) { return static_cast<int>(N < kMaxBlocks ? N : kMaxBlocks); }
 
 template <typename scalar_t>
 cudaError_t launch_fwd(const void* logits, int64_t B, int64_t T, int64_t V, int64_t stride_b, int64_t stride_t,

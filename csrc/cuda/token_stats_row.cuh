@@ -19,6 +19,18 @@ namespace cuda_row {
 
 constexpr int kVecBytes = 16;
 
+// The grid: one block per row, at most kMaxBlocks blocks, each looping over rows block, block +
+// grid, ... (grid x allows 2^31 - 1 blocks; a launch far below that keeps every index in range).
+constexpr int64_t kMaxBlocks = 65535LL * 8;
+
+inline int grid_for(int64_t N) { return static_cast<int>(N < kMaxBlocks ? N : kMaxBlocks); }
+
+// Element offset of row `row` of a [B, T, V] view with strides (stride_b, stride_t, 1), in int64:
+// N * V passes 2^31 at N = 14134, V = 151936, and a view's row stride alone can pass it.
+ALIGNOPS_HD int64_t row_offset(int64_t row, int64_t T, int64_t stride_b, int64_t stride_t) {
+  return (row / T) * stride_b + (row % T) * stride_t;
+}
+
 // Device pass only: the host compiler (also under nvcc) would warn about an unknown pragma.
 #if defined(__CUDA_ARCH__)
 #define ALIGNOPS_UNROLL _Pragma("unroll")
