@@ -9,8 +9,10 @@ Layouts: `[B, T, V]` logits with `[B, T]` labels, or packed `[N, V]` with `[N]` 
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -223,32 +225,122 @@ def policy_loss(logits, labels, old_logp, advantages, mask=None, *, method="grpo
                         sensitivity.detach())
 
 
-def policy_loss_from_logp(logp, old_logp, advantages, mask, *, method="grpo", clip_low=None, clip_high=None,
-                          clip_ratio_c=None, agg=None, max_len=None, normalizer=None, ratio_log_clamp=20.0, **opts):
-    """(loss, dloss/dlogp, scale) in float64 of a token-level method (METHOD_FAMILY) on given `[B, T]`
-    log-probs, as policy_loss's arguments (no KL, entropy or IS weights); `scale` is the aggregate of
-    the terms' absolute values. Positions with mask == 0 count nowhere (whatever their log-probs)."""
-    family, d_low, d_high, d_dual, d_agg = METHOD_FAMILY[method]
+def policy_loss_graph(logp, old_logp, advantages, mask, *, method="grpo", clip_low=None, clip_high=None,
+                      clip_ratio_c=None, agg=None, max_len=None, normalizer=None, ratio_log_clamp=20.0,
+                      ref_logp=None, kl_coef=0.0, kl_estimator="k3", bapo_bounds=None, absolute=False, **opts):
+    """The float64 loss of policy_loss's arguments on given `[B, T]` log-probs, differentiable w.r.t.
+    `logp` (no entropy or IS weights): the token-level methods of METHOD_FAMILY, GSPO (sequence ratio
+    exp(mean log-ratio) capped at e^10; gspo-token: sg(s) exp(logp - sg(logp))) and BAPO (PPO with
+    absolute bounds `bapo_bounds`, else the paper search's over this call's tokens). Positions with
+    mask == 0 count nowhere (whatever their log-probs). absolute=True: the same aggregation of the
+    terms' absolute values."""
+    if method in ("gspo", "gspo-token"):
+        family, d_low, d_high, d_dual, d_agg = "gspo", 3e-4, 4e-4, None, "seq-mean-token-mean"
+    elif method == "bapo":
+        family, d_low, d_high, d_dual, d_agg = "clip", 0.2, None, None, "token-mean"
+    else:
+        family, d_low, d_high, d_dual, d_agg = METHOD_FAMILY[method]
     opts = {**_OWN_DEFAULTS.get(method, {}), **opts}
     clip_low = d_low if clip_low is None else clip_low
     clip_high = (d_high if d_high is not None else clip_low) if clip_high is None else clip_high
     dual = d_dual if clip_ratio_c is None else clip_ratio_c
     agg = d_agg if agg is None else agg
-    x = logp.detach().to(torch.float64).requires_grad_()
+    low, high = 1.0 - clip_low, 1.0 + clip_high
     valid = mask.detach().cpu() != 0
     member = _rows(valid, None)
     zero = torch.zeros((), dtype=torch.float64)
-    lp = torch.where(valid, x, zero)
+    lp = torch.where(valid, logp.to(torch.float64), zero)
     adv = advantages.detach().to(torch.float64)
     if adv.shape != valid.shape:
         adv = (member.T @ adv).reshape(valid.shape)
     adv = torch.where(valid, adv, zero)
     old = lp.detach() if old_logp is None else torch.where(valid, old_logp.detach().to(torch.float64), zero)
-    phi = _phi(family, lp, old, adv, 1.0 - clip_low, 1.0 + clip_high, dual, ratio_log_clamp, opts)
-    loss = aggregate(phi, valid, member, agg, max_len, normalizer)
-    scale = aggregate(phi.detach().abs(), valid, member, agg, max_len, normalizer)
+    if family == "gspo":
+        lengths = member @ valid.reshape(-1).to(torch.float64)
+        seq = (member @ (lp - old).reshape(-1)) / lengths.clamp(min=1)
+        log_s = (member.T @ seq).reshape(valid.shape)
+        if method == "gspo-token":
+            log_s = log_s.detach() + (lp - lp.detach())
+        if ratio_log_clamp is not None:
+            log_s = log_s.clamp(max=10.0)
+        s = torch.exp(log_s)
+        phi = torch.maximum(-adv * s, -adv * s.clamp(low, high))
+        if dual is not None:
+            phi = torch.where(adv < 0, torch.minimum(phi, -dual * adv), phi)
+    else:
+        if method == "bapo":
+            if bapo_bounds is None:
+                d = (lp.detach() - old) if ratio_log_clamp is None else \
+                    (lp.detach() - old).clamp(-ratio_log_clamp, ratio_log_clamp)
+                bapo_bounds = bapo_search_loop(torch.exp(d).numpy(), adv.numpy(), valid.numpy())
+            low, high = bapo_bounds
+        phi = _phi(family, lp, old, adv, low, high, dual, ratio_log_clamp, opts)
+    size = torch.abs if absolute else (lambda t: t)
+    loss = aggregate(size(phi), valid, member, agg, max_len, normalizer)
+    if kl_coef:
+        ref = torch.where(valid, ref_logp.detach().to(torch.float64), zero)
+        kl = size(kl_value(lp, ref, kl_estimator))
+        loss = loss + kl_coef * aggregate(kl, valid, member, agg, max_len, normalizer)
+    return loss
+
+
+def policy_loss_from_logp(logp, old_logp, advantages, mask, **kw):
+    """(loss, dloss/dlogp, scale) in float64 of policy_loss_graph; `scale` is the aggregate of the
+    terms' absolute values (the size float32 rounding is relative to)."""
+    x = logp.detach().to(torch.float64).requires_grad_()
+    loss = policy_loss_graph(x, old_logp, advantages, mask, **kw)
     (grad,) = torch.autograd.grad(loss, x)
+    scale = policy_loss_graph(x.detach(), old_logp, advantages, mask, absolute=True, **kw)
     return loss.detach(), grad, scale
+
+
+def bapo_search_loop(r, A, m, mode="paper", target=None, low_range=None, high_range=None,
+                     low_step=None, high_step=None):
+    """The bound search as the literal loop of Algorithm 1 (paper) / the official recipe."""
+    official = mode == "official_code"
+    target = target if target is not None else (1.0 if official else 0.4)
+    a_lo, b_lo = low_range or ((0.6, 0.8) if official else (0.6, 0.9))
+    a_hi, b_hi = high_range or ((1.2, 2.0) if official else (1.2, 3.0))
+    d_lo = low_step or (0.05 if official else 0.02)
+    d_hi = high_step or 0.05
+    D = lambda x: Decimal(repr(float(x)))  # noqa: E731
+    sel = m.astype(bool)
+    r, A = r[sel].astype(np.float64), A[sel].astype(np.float64)
+
+    def stat(c_lo, c_hi):
+        if not official:
+            sp = float(np.sum(np.where((A > 0) & (r <= c_hi), r * np.abs(A), 0.0)))
+            sm = float(np.sum(np.where((A < 0) & (r >= c_lo), r * np.abs(A), 0.0)))
+            return sp / (sp + sm) if sp + sm > 0 else 0.0
+        sp = float(np.sum(np.where(A >= 0, np.minimum(r, c_hi) * A, 0.0)))
+        sm = float(np.sum(np.where(A < 0, np.maximum(r, c_lo) * -A, 0.0)))
+        return math.inf if sm <= 0 else sp / (sm + 1e-8)
+
+    if not official:
+        n_lo = n_hi = 0
+        if not np.any(A != 0):
+            return float(D(a_lo)), float(D(a_hi))
+        rho = stat(float(D(a_lo)), float(D(a_hi)))
+        while rho < target and D(a_lo) + (n_lo + 1) * D(d_lo) <= D(b_lo):
+            if D(a_hi) + (n_hi + 1) * D(d_hi) <= D(b_hi):
+                n_hi += 1
+            else:
+                n_lo += 1
+            rho = stat(float(D(a_lo) + n_lo * D(d_lo)), float(D(a_hi) + n_hi * D(d_hi)))
+        return float(D(a_lo) + n_lo * D(d_lo)), float(D(a_hi) + n_hi * D(d_hi))
+    lo, hi = D(a_lo), D(a_hi)
+    if not np.any(A != 0):
+        return float(lo), float(hi)
+    rho = stat(float(lo), float(hi))
+    while rho < target and lo < D(b_lo):
+        lo = min(lo + D(d_lo), D(b_lo))
+        rho = stat(float(lo), float(hi))
+    while rho < target and hi < D(b_hi):
+        hi = min(hi + D(d_hi), D(b_hi))
+        rho = stat(float(lo), float(hi))
+    return float(lo), float(hi)
+
+
 
 
 def sequence_logprobs(logits, labels, mask=None, *, temperature=1.0, cu_seqlens=None, ignore_index=IGNORE):

@@ -102,10 +102,13 @@ def test_only_logp_asked_gives_no_entropy_gradient_path():
     res = ao_trl.AlignopsChunkedLogProb().apply(h, weight, b, targets, 1.0, 32, None, 1.0, ("log_probs",))
     assert res[1:] == (None, None, None, None)
     res[0].sum().backward()
-    want = TRLChunkedLogProb.apply(hidden.clone().requires_grad_(), weight, b, targets, 1.0, 32, None, 1.0,
-                                   ("log_probs",))
+    h_trl = hidden.clone().requires_grad_()
+    want = TRLChunkedLogProb.apply(h_trl, weight, b, targets, 1.0, 32, None, 1.0, ("log_probs",))
+    want[0].sum().backward()
     torch.testing.assert_close(res[0], want[0], rtol=2e-5, atol=2e-5)
-    assert h.grad is not None and torch.isfinite(h.grad).all()
+    # the gradient of the log-probs alone, as TRL's own function gives it
+    assert h.grad is not None and h_trl.grad.abs().max() > 1e-3
+    torch.testing.assert_close(h.grad, h_trl.grad, rtol=2e-5, atol=2e-5)
 
 
 def test_use_alignops_installs_and_restores():
@@ -368,29 +371,34 @@ def test_alignops_trainer_refuses_what_it_cannot_reproduce(tiny_model, tmp_path,
 
 
 def _reference_method_trainer(method, method_kwargs):
-    """GRPOTrainer whose loss is ao.policy_loss (alignops's plain-torch loss from log-probs) on TRL's own per-token
-    log-probs (TRL's chunked lm_head), with TRL's normaliser written out here for dapo and grpo."""
-    import alignops as ao
+    """GRPOTrainer whose loss is the method's float64 formula (tests/policy_oracle.py, which shares no code with
+    alignops) on TRL's own per-token log-probs (TRL's chunked lm_head), with TRL's normaliser written out here for
+    dapo and grpo and TRL's k3 KL term (beta) where the case has one."""
     from trl import GRPOTrainer
+
+    from tests import policy_oracle
 
     class Reference(GRPOTrainer):
         def _compute_loss(self, model, inputs):
             completion_ids = inputs["completion_ids"]
             input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
             attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-            logp, entropy, _ = self._get_per_token_logps_and_entropies(model, input_ids, attention_mask,
-                                                                       completion_ids.size(1), compute_entropy=True)
+            logp, _, _ = self._get_per_token_logps_and_entropies(model, input_ids, attention_mask,
+                                                                 completion_ids.size(1), compute_entropy=True)
             mask = inputs["completion_mask"]
             ga = self.current_gradient_accumulation_steps
             if self.loss_type == "dapo":
                 agg = "token-mean"
-                norm = inputs["num_items_in_batch"].clamp(min=1.0) * ga / self.args.steps_per_generation
+                norm = float(inputs["num_items_in_batch"].clamp(min=1.0)) * ga / self.args.steps_per_generation
             else:
                 assert self.loss_type == "grpo"
-                agg, norm = "seq-mean-token-mean", mask.shape[0] * ga
-            kl = {} if self.beta == 0 else dict(ref_logp=inputs["ref_per_token_logps"], kl_coef=self.beta)
-            return ao.policy_loss(logp, inputs.get("old_per_token_logps"), inputs["advantages"], mask,
-                                  method=method, agg=agg, normalizer=norm, **kl, **method_kwargs).loss
+                agg, norm = "seq-mean-token-mean", float(mask.shape[0] * ga)
+            kl = {} if self.beta == 0 else dict(ref_logp=inputs["ref_per_token_logps"], kl_coef=self.beta,
+                                                 kl_estimator="k3")
+            loss = policy_oracle.policy_loss_graph(logp, inputs.get("old_per_token_logps"), inputs["advantages"],
+                                                   mask, method=method, agg=agg, normalizer=norm, **kl,
+                                                   **method_kwargs)
+            return loss.to(logp.dtype)
 
     return Reference
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import zlib
-from decimal import Decimal
 
 import numpy as np
+
+# the BAPO search as a literal loop (tests/test_fuzz.py imports it from here)
+from tests.policy_oracle import bapo_search_loop  # noqa: E402
 
 
 def ppo_value_weight(r, A, lo, hi, dual=None):
@@ -39,53 +41,6 @@ def kl_value_grad(logp, ref, est):
         g = np.where((np.abs(u) > 20) | (k > 10) | (k < -10), 0.0, -np.expm1(uc))
         return np.clip(k, -10, 10), g
     raise AssertionError(est)
-
-
-def bapo_search_loop(r, A, m, mode="paper", target=None, low_range=None, high_range=None,
-                     low_step=None, high_step=None):
-    """The bound search as the literal loop of Algorithm 1 (paper) / the official recipe."""
-    official = mode == "official_code"
-    target = target if target is not None else (1.0 if official else 0.4)
-    a_lo, b_lo = low_range or ((0.6, 0.8) if official else (0.6, 0.9))
-    a_hi, b_hi = high_range or ((1.2, 2.0) if official else (1.2, 3.0))
-    d_lo = low_step or (0.05 if official else 0.02)
-    d_hi = high_step or 0.05
-    D = lambda x: Decimal(repr(float(x)))  # noqa: E731
-    sel = m.astype(bool)
-    r, A = r[sel].astype(np.float64), A[sel].astype(np.float64)
-
-    def stat(c_lo, c_hi):
-        if not official:
-            sp = float(np.sum(np.where((A > 0) & (r <= c_hi), r * np.abs(A), 0.0)))
-            sm = float(np.sum(np.where((A < 0) & (r >= c_lo), r * np.abs(A), 0.0)))
-            return sp / (sp + sm) if sp + sm > 0 else 0.0
-        sp = float(np.sum(np.where(A >= 0, np.minimum(r, c_hi) * A, 0.0)))
-        sm = float(np.sum(np.where(A < 0, np.maximum(r, c_lo) * -A, 0.0)))
-        return math.inf if sm <= 0 else sp / (sm + 1e-8)
-
-    if not official:
-        n_lo = n_hi = 0
-        if not np.any(A != 0):
-            return float(D(a_lo)), float(D(a_hi))
-        rho = stat(float(D(a_lo)), float(D(a_hi)))
-        while rho < target and D(a_lo) + (n_lo + 1) * D(d_lo) <= D(b_lo):
-            if D(a_hi) + (n_hi + 1) * D(d_hi) <= D(b_hi):
-                n_hi += 1
-            else:
-                n_lo += 1
-            rho = stat(float(D(a_lo) + n_lo * D(d_lo)), float(D(a_hi) + n_hi * D(d_hi)))
-        return float(D(a_lo) + n_lo * D(d_lo)), float(D(a_hi) + n_hi * D(d_hi))
-    lo, hi = D(a_lo), D(a_hi)
-    if not np.any(A != 0):
-        return float(lo), float(hi)
-    rho = stat(float(lo), float(hi))
-    while rho < target and lo < D(b_lo):
-        lo = min(lo + D(d_lo), D(b_lo))
-        rho = stat(float(lo), float(hi))
-    while rho < target and hi < D(b_hi):
-        hi = min(hi + D(d_hi), D(b_hi))
-        rho = stat(float(lo), float(hi))
-    return float(lo), float(hi)
 
 
 def oracle(method, logp, old, adv_tok, mask, *, agg="token-mean", clip_low=0.2, clip_high=None,
