@@ -205,8 +205,11 @@ def test_gradcheck_float64(backend, use):
 def test_empty_and_all_ignored(device, backend):
     x = torch.randn(0, 11, device=device, requires_grad=True)
     lp = ao.token_logprobs(x, torch.zeros(0, dtype=torch.long, device=device), backend=backend)
-    assert lp.shape == (0,)
+    assert lp.shape == (0,) and lp.dtype == torch.float32 and lp.requires_grad
     lp.sum().backward()
+    # the gradient reaches the (empty) logits: their shape, dtype and device, all zero
+    assert x.grad is not None and x.grad.shape == (0, 11) and x.grad.dtype == x.dtype
+    assert x.grad.device == x.device and torch.equal(x.grad, torch.zeros_like(x))
     x = torch.randn(3, 11, device=device, requires_grad=True)
     lp, en = ao.token_logprobs(x, torch.full((3,), -100, device=device), compute_entropy=True, backend=backend)
     assert (lp == 0).all() and (en == 0).all()
