@@ -23,7 +23,6 @@ for the op, and its results brought back to CPU for the oracle.
 from __future__ import annotations
 
 import importlib
-import math
 
 import pytest
 import torch
@@ -358,14 +357,22 @@ def test_bad_input_names_the_argument():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_everything_masked_is_zero(backend):
+def test_everything_masked_is_zero(backend, monkeypatch):
+    """Nothing masked in, on the one-launch route (its kernel launched): loss, gradient and every
+    metric exactly 0."""
     logits, labels, old, ref, adv, mask, isw = make_case(2, 3, 17, seed=4)
-    dev = device_of(backend)
-    x = logits.to(dev).clone().requires_grad_()
-    out = ao.fused_policy_loss(x, labels.to(dev), old.to(dev), adv.to(dev), torch.zeros_like(mask).to(dev),
-                               backend=backend, grad_in_forward=True, method="grpo", ref_logp=ref.to(dev),
-                               kl_coef=0.1, entropy_coef=0.01)
-    out.loss.backward()
-    assert out.loss.item() == 0.0
-    assert not x.grad.any()
-    assert all(math.isfinite(v.item()) for v in out.metrics.values())
+    real = _backend.kernel("policy_loss_fused", backend)
+    launches = []
+
+    def counted(*args):
+        launches.append(1)
+        return real(*args)
+    monkeypatch.setitem(_backend._KERNEL_CACHE, ("policy_loss_fused", backend), counted)
+    loss, grad, metrics, ran = run(logits, labels, old, adv, torch.zeros_like(mask), backend=backend,
+                                   one_launch=True, monkeypatch=monkeypatch, method="grpo", ref_logp=ref,
+                                   kl_coef=0.1, entropy_coef=0.01)
+    assert ran and launches, (ran, len(launches))
+    assert loss.item() == 0.0
+    assert not grad.any()
+    assert {"pg_loss", "kl", "entropy", "approx_kl", "ratio/mean", "ratio/max"} <= set(metrics)
+    assert all(v.item() == 0.0 for v in metrics.values()), metrics
