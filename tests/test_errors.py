@@ -422,9 +422,7 @@ BAD: list[Bad] = [
         VE, "logit_scale"),
     row("fused_linear_token_logprobs", "option", "backend='cuda' on CPU tensors", lambda v: dict(backend="cuda"),
         BUE, "backend"),
-    # A ValueError, not the TypeError of the other wrong-type rows (alignops/logits/sources.py); it names the
-    # argument and what it must be.
-    row("fused_linear_token_logprobs", "option", "chunk_size=1.5", lambda v: dict(chunk_size=1.5), VE, "chunk_size"),
+    row("fused_linear_token_logprobs", "option", "chunk_size=1.5", lambda v: dict(chunk_size=1.5), TE, "chunk_size"),
 
     # ---- fused_linear_policy_loss
     row("fused_linear_policy_loss", "shape", "hidden 1-d", lambda v: dict(hidden=_f(H)), VE, "hidden"),

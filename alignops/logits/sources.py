@@ -186,7 +186,9 @@ def check_head(hidden, weight, labels, bias) -> None:
 def chunk_rows(chunk_size, vocab: int) -> int:
     if chunk_size is None:
         return max(MIN_ROWS, min(4096, TILE_BYTES // (4 * vocab) // 16 * 16))
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     return chunk_size
 
