@@ -6,11 +6,13 @@ import json
 import os
 import random
 import signal
+import statistics
 
 import pytest
 import torch
 
 from alignops.train import checkpoint as ckpt
+from alignops.train import trainer as trainer_module
 from alignops.train.config import TrainConfig, apply_overrides
 from alignops.train.presets import PRESETS, make_config
 from alignops.train.rollout import generate
@@ -37,18 +39,44 @@ def varied_rewards(monkeypatch):
 
 
 @pytest.mark.parametrize("method", sorted(m for m, p in PRESETS.items() if not p.loop))  # loops: test_loops*.py
-def test_every_preset_runs_and_updates(method, tmp_path, varied_rewards):
+def test_every_preset_runs_and_updates(method, tmp_path, varied_rewards, monkeypatch):
     # DLER scores truncated completions 0 and most 3-token micro completions are truncated: about 1 group
     # in 6 has differing rewards, so its 10 rounds (20 groups) miss the 2 it needs for ~1 seed in 9
     cfg = micro(method, tmp_path, **({"max_num_gen_batches": 40} if method == "dler" else {}))
     task, tok, policy = setup(cfg)
     before = copy.deepcopy(policy.state_dict())
+    # each step's rollout, as the trainer hands it to its metrics (the library's function still runs)
+    seen = []
+    real_metrics = trainer_module.rollout_metrics
+    monkeypatch.setattr(trainer_module, "rollout_metrics",
+                        lambda rollout, *a, **k: seen.append(rollout) or real_metrics(rollout, *a, **k))
     result = train(cfg)
     rows = [r for r in result["log"] if "loss" in r]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     trl_names = {"reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
                  "completions/clipped_ratio", "grad_norm"} | ({"entropy"} if method != "gvpo" else set())
     assert trl_names <= set(rows[0]), trl_names - set(rows[0])
+    # the logged reward metrics are those of the step's completions, recomputed here from their text
+    # (the parity reward above; DLER's truncated completions score its truncation_reward)
+    assert len(seen) == 2
+    G = cfg.num_generations
+    for step, (row, rollout) in enumerate(zip(rows, seen)):
+        truncated = rollout.batch.truncated.tolist()
+        parity = [float(len(text) % 2) for text in rollout.texts]
+        rewards = [cfg.truncation_reward if cfg.truncation_reward is not None and cut else r
+                   for r, cut in zip(parity, truncated)]
+        groups = [rewards[i:i + G] for i in range(0, len(rewards), G)]
+        assert len(rewards) == cfg.num_prompts * G and all(len(g) == G for g in groups), (step, len(rewards))
+        want = {"reward": statistics.fmean(rewards), "reward_std": statistics.stdev(rewards),
+                "frac_reward_zero_std": sum(len(set(g)) == 1 for g in groups) / len(groups),
+                "accuracy": statistics.fmean(parity), "completions/clipped_ratio": statistics.fmean(truncated)}
+        for k, v in want.items():
+            assert row[k] == pytest.approx(v, abs=2e-6), (method, step, k, row[k], v)
+    # what the run wrote: the metric log as returned, and a checkpoint of step 2 of this method
+    with open(os.path.join(cfg.resolved_output_dir(), "metrics.jsonl")) as f:
+        assert [json.loads(line) for line in f if line.strip()] == result["log"]
+    state = ckpt.load_json(os.path.join(cfg.resolved_output_dir(), ckpt.CHECKPOINT_SUBDIR, "state.json"))
+    assert state["step"] == 2 and state["config"]["method"] == method
     _, _, after = setup(cfg)
     ckpt.load_model_weights(cfg.resolved_output_dir(), after)
     changed = any(not torch.equal(before[k], v) for k, v in after.state_dict().items())
