@@ -14,19 +14,28 @@ def token_stats(logits: Tensor, labels: Tensor, temperature: float = 1.0, ignore
     Positions whose label is ignore_index hold 0 in all three outputs and get no gradient.
     """
     valid = labels != ignore_index
-    z = logits.to(compute_dtype(logits.dtype)) / temperature
+    x = logits.to(compute_dtype(logits.dtype))
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
     # Ignored rows are zeroed first so that whatever they hold (an all -inf row, NaN) cannot
     # reach their gradient: 0 * NaN would survive the final where().
-    z = torch.where(valid.unsqueeze(-1), z, torch.zeros((), dtype=z.dtype, device=z.device))
-    lse = torch.logsumexp(z, dim=-1)
+    x = torch.where(valid.unsqueeze(-1), x, zero)
+    # The row's largest logit is taken off before the temperature divides, as the kernels do:
+    # x - max is exact near the max, while x / T first would round every logit by ulp(|x| / T)
+    # (logits ~ 1000: ~1e-4 in log-probs, entropies and gradients in fp32). Log-softmax is
+    # shift-invariant, so the (detached) shift changes no value and no gradient.
+    m = x.detach().amax(dim=-1, keepdim=True) if x.shape[-1] else x.new_zeros((*x.shape[:-1], 1))
+    m = torch.where(torch.isfinite(m), m, zero)
+    z = (x - m) / temperature
+    lse = torch.logsumexp(z, dim=-1) + m.squeeze(-1) / temperature
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
     # log_softmax, not z_y - lse: for logp near 0 that difference of two numbers ~lse keeps only
     # ulp(lse) of absolute precision (the kernels likewise take (x_y - max) / T - log s).
-    logp = torch.log_softmax(z, dim=-1).gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-    p = torch.softmax(z, dim=-1)
-    # A logit of -inf has p = 0; replacing it by 0 keeps p*z (and its gradient) finite.
-    z_finite = torch.where(torch.isneginf(z), torch.zeros_like(z), z)
-    entropy = lse - (p * z_finite).sum(-1)
+    log_p = torch.log_softmax(z, dim=-1)
+    logp = log_p.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    p = log_p.exp()
+    # -sum p log p, not lse - sum p z (which cancels two numbers ~ max |z|). A logit of -inf has
+    # p = 0 and log p = -inf: that term is 0, and its gradient stays finite.
+    entropy = -(p * torch.where(p > 0, log_p, zero)).sum(-1)
     zero = torch.zeros_like(logp)
     return torch.where(valid, logp, zero), torch.where(valid, lse, zero), torch.where(valid, entropy, zero)
 
@@ -51,13 +60,15 @@ def token_stats_bwd(logits3, labels, logp, lse, entropy, grad_logp, grad_entropy
     where z_y or logp is not finite; so the same code serves a vocabulary shard, whose statistics
     (lse, the label's logp) are the whole vocabulary's (alignops/logits/vocab_shard.py)."""
     dtype = compute_dtype(logits3.dtype)
-    z = logits3.reshape(-1, logits3.shape[-1]).to(dtype) * inv_temperature
+    x = logits3.reshape(-1, logits3.shape[-1]).to(dtype)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
-    zy = z.gather(-1, safe)
+    xy = x.gather(-1, safe)
     lp = logp.unsqueeze(-1)
-    via_label = torch.isfinite(zy) & torch.isfinite(lp)
-    log_p = torch.where(via_label, (z - zy) + lp, z - lse.unsqueeze(-1))
+    via_label = torch.isfinite(xy) & torch.isfinite(lp)
+    # (x_v - x_y) / T: the logits' difference first (exact near the label's logit), then the
+    # temperature; x_v / T - x_y / T would round both by ulp(|x| / T)
+    log_p = torch.where(via_label, (x - xy) * inv_temperature + lp, x * inv_temperature - lse.unsqueeze(-1))
     p = log_p.exp()
     a = grad_logp.unsqueeze(-1)
     g = -a * p
