@@ -2,6 +2,7 @@
 
     python -m bench.bench_tile_precision                 # CPU: N=1024 H=896 V=151936, T=1.5, 3 rounds
     python -m bench.bench_tile_precision --size N=64,H=64,V=1000 --rounds 1   # toy case
+    python -m bench.bench_tile_precision --device cuda --size N=4096,H=896,V=151936   # bench/gpu.sh
 
 Two tiles, alternated in one process (A B A B ...; the table gives each one's median and the ratio):
   fp32 tile   today's LinearHead: the GEMM's fp32 accumulator is the tile (CPU: operands widened a
@@ -57,11 +58,14 @@ def main(argv=None):
     hidden = (torch.rand(N, H, generator=g) - 0.5).bfloat16()
     weight = (torch.rand(V, H, generator=g) - 0.5).bfloat16()
     labels = torch.randint(0, V, (N,), generator=g)
-    z = hidden.double() @ weight.double().T / T
-    lsm = torch.log_softmax(z, -1)
-    want_lp, want_ent = lsm.gather(-1, labels[:, None])[:, 0], -(lsm.exp() * lsm).sum(-1)
-    del z, lsm
     hidden, weight, labels = hidden.to(args.device), weight.to(args.device), labels.to(args.device)
+    want_lp, want_ent = [], []
+    for s in range(0, N, 1024):  # float64 on the device, 1024 rows at a time
+        lsm = torch.log_softmax(hidden[s:s + 1024].double() @ weight.double().T / T, -1)
+        want_lp.append(lsm.gather(-1, labels[s:s + 1024, None])[:, 0].cpu())
+        want_ent.append(-(lsm.exp() * lsm).sum(-1).cpu())
+        del lsm
+    want_lp, want_ent = torch.cat(want_lp), torch.cat(want_ent)
 
     tiles = {"fp32 tile": sources.LinearHead, "bf16 tile": _RoundedTile}
     times = {k: [] for k in tiles}

@@ -18,7 +18,8 @@
 #   tests-gpu    the op test files, GPU tests included, backends cpu,triton,cuda required
 #                (ALIGNOPS_REQUIRE_BACKENDS), pytest-xdist -n 8 when present, no -x -> tests-gpu.log
 #   bench:*      token_logprobs and fused GRPO (policy_loss) with the copy floor (dst.copy_(logits)
-#                in the same process: %_of_copy), fused lm_head against the bare GEMMs; Liger and
+#                in the same process: %_of_copy), fused lm_head against the bare GEMMs, its bf16 tile
+#                (fp32 accumulator against rounded: time, error vs float64); Liger and
 #                TRL rows where they import -> bench.log, tables
 #   ddp          2 ranks of the reference trainer under torchrun (nccl), only with 2+ GPUs (dry run:
 #                gloo on CPU) -> tests-rest.log
@@ -65,10 +66,10 @@ if [ "$DRY" = 1 ]; then
   # caps in seconds
   CAP_ENV=60 CAP_BUILD=900 CAP_GPU_TESTS=90 CAP_BENCH=60 CAP_DDP=60 CAP_REST=60
   BENCH_ARGS=(--device cpu --isa here --reps 1)   # in this process, as on the GPU
-  SIZE_LP=N=64,V=1000 SIZE_PL=N=64,V=1000,T=32 SIZE_FL=N=64,H=64,V=1000
+  SIZE_LP=N=64,V=1000 SIZE_PL=N=64,V=1000,T=32 SIZE_FL=N=64,H=64,V=1000 SIZE_TILE=N=64,H=64,V=1000
   SKIP_LP=compile SKIP_FL='*compiled*'
   TEST_SELECT=(-k test_value_loss)                 # collect every op file, run one small one
-  DDP_DEVICE=cpu
+  DDP_DEVICE=cpu BENCH_DEVICE=cpu
 else
   unset TRITON_INTERPRET
   export ALIGNOPS_TEST_GPU=1
@@ -80,10 +81,11 @@ else
   BENCH_ARGS=(--device cuda)
   # the headline shapes: N=8192 tokens (32 x 256), Qwen's vocabulary, H=4096; bf16
   SIZE_LP=N=8192,V=151936 SIZE_PL=N=8192,V=151936,T=256 SIZE_FL=N=8192,H=4096,V=151936
+  SIZE_TILE=N=4096,H=896,V=151936
   # torch.compile of the eager paths costs a minute of compiling: left out; Liger's compiled loss stays
   SKIP_LP=compile SKIP_FL=''
   TEST_SELECT=()
-  DDP_DEVICE=cuda
+  DDP_DEVICE=cuda BENCH_DEVICE=cuda
 fi
 DEADLINE=$((SECONDS + BUDGET))
 
@@ -259,6 +261,9 @@ run_step bench:policy_loss "$CAP_BENCH" "$OUT/bench.log" \
   "$PY" -m bench.bench_policy_loss "${BENCH_ARGS[@]}" --size "$SIZE_PL" --skip-impls "$SKIP_LP" --out-dir "$TABLES"
 run_step bench:fused_linear "$CAP_BENCH" "$OUT/bench.log" \
   "$PY" -m bench.bench_fused_linear "${BENCH_ARGS[@]}" --size "$SIZE_FL" --skip-impls "$SKIP_FL" --out-dir "$TABLES"
+run_step bench:tile_precision "$CAP_BENCH" "$OUT/bench.log" \
+  "$PY" -m bench.bench_tile_precision --device "$BENCH_DEVICE" --size "$SIZE_TILE" --rounds 3 \
+  --out "$TABLES/fused_linear-bf16-tile.md"
 
 # ---------------------------------------------------------------------------------------- ddp
 # the reference trainer's micro config of tests/test_trainer_ddp.py, 2 ranks, 2 steps
