@@ -8,25 +8,30 @@ from torch import Tensor
 from alignops.layout import compute_dtype
 
 
-def token_stats(logits: Tensor, labels: Tensor, temperature: float = 1.0, ignore_index: int = -100):
+def token_stats(logits: Tensor, labels: Tensor, temperature: float = 1.0, ignore_index: int = -100, *,
+                inv_temperature: float | None = None):
     """Returns (logp, lse, entropy) per position, in fp32 (fp64 for fp64 logits), with autograd.
 
     Positions whose label is ignore_index hold 0 in all three outputs and get no gradient.
+    The logits are multiplied by `inv_temperature` (default 1 / temperature), as the backward does:
+    its log p_v = (x_v - x_y) * (1/T) + logp_y then cancels the forward's rounding exactly at the
+    row's max even when logp_y is large (a division here and a product there left ~ulp(logp_y)).
     """
+    inv = 1.0 / temperature if inv_temperature is None else inv_temperature
     valid = labels != ignore_index
     x = logits.to(compute_dtype(logits.dtype))
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     # Ignored rows are zeroed first so that whatever they hold (an all -inf row, NaN) cannot
     # reach their gradient: 0 * NaN would survive the final where().
     x = torch.where(valid.unsqueeze(-1), x, zero)
-    # The row's largest logit is taken off before the temperature divides, as the kernels do:
+    # The row's largest logit is taken off before the temperature scales, as the kernels do:
     # x - max is exact near the max, while x / T first would round every logit by ulp(|x| / T)
     # (logits ~ 1000: ~1e-4 in log-probs, entropies and gradients in fp32). Log-softmax is
     # shift-invariant, so the (detached) shift changes no value and no gradient.
     m = x.detach().amax(dim=-1, keepdim=True) if x.shape[-1] else x.new_zeros((*x.shape[:-1], 1))
     m = torch.where(torch.isfinite(m), m, zero)
-    z = (x - m) / temperature
-    lse = torch.logsumexp(z, dim=-1) + m.squeeze(-1) / temperature
+    z = (x - m) * inv
+    lse = torch.logsumexp(z, dim=-1) + m.squeeze(-1) * inv
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
     # log_softmax, not z_y - lse: for logp near 0 that difference of two numbers ~lse keeps only
     # ulp(lse) of absolute precision (the kernels likewise take (x_y - max) / T - log s).
@@ -43,7 +48,8 @@ def token_stats(logits: Tensor, labels: Tensor, temperature: float = 1.0, ignore
 def token_stats_fwd(logits3, labels, inv_temperature, ignore_index, compute_entropy, logp, lse, entropy):
     """The kernel contract of token_stats_fwd (alignops/logits/kernels.py) on the torch backend."""
     with torch.no_grad():
-        lp, ls, en = token_stats(logits3.reshape(-1, logits3.shape[-1]), labels, 1.0 / inv_temperature, ignore_index)
+        lp, ls, en = token_stats(logits3.reshape(-1, logits3.shape[-1]), labels, ignore_index=ignore_index,
+                                 inv_temperature=inv_temperature)
     logp.copy_(lp)
     lse.copy_(ls)
     if compute_entropy:
