@@ -268,6 +268,10 @@ LOSS_CASES = {
                            num_iterations=2, learning_rate=2.0, epsilon=3e-4, epsilon_high=4e-4),
     "dapo-ga2-entropy-beta": dict(loss_type="dapo", gradient_accumulation_steps=2, entropy_coef=0.05, beta=0.05,
                                   use_bias_correction_kl=False),
+    "vespo-2iter": dict(loss_type="vespo", num_iterations=2, learning_rate=2.0),
+    "vespo-ga2-2iter-beta-params": dict(loss_type="vespo", gradient_accumulation_steps=2, num_iterations=2, beta=0.04,
+                                        learning_rate=2.0, vespo_k_pos=1.0, vespo_lambda_pos=1.5, vespo_k_neg=0.5,
+                                        vespo_lambda_neg=4.0),
 }
 
 
@@ -303,7 +307,8 @@ def test_use_alignops_gives_stock_trl_run(tiny_model, tmp_path, case):
 
 
 # every metric stock _compute_loss logs
-LOSS_METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+LOSS_METRICS = ("kl", "entropy", "vespo/phi_seq_mean", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                "clip_ratio/region_mean",
                 "clip_ratio/low_min", "clip_ratio/high_max", "cispo_clip_ratio", "policy_loss", "entropy_coef")
 
 
@@ -338,6 +343,8 @@ def test_alignops_trainer_gives_stock_trl_run(tiny_model, tmp_path, case):
         assert any(w["clip_ratio/region_mean"] > 0 for w in want.logs), "the second iteration never clipped"
     if overrides["loss_type"] == "cispo":
         assert any(w["cispo_clip_ratio"] > 0 for w in want.logs), "the ratio cap never bit"
+    if overrides["loss_type"] == "vespo":
+        assert any(abs(w["vespo/phi_seq_mean"] - 1.0) > 1e-3 for w in want.logs), "the gate never left g(1) = 1"
 
 
 @pytest.mark.parametrize("case", ["grpo-beta-2iter-T0.8", "dapo-ga2-entropy-beta"])
@@ -351,7 +358,6 @@ def test_alignops_trainer_on_labelled_rows_only(tiny_model, tmp_path, compact_ro
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (dict(loss_type="vespo"), "loss_type='vespo'"),
     (dict(top_entropy_quantile=0.5), "top_entropy_quantile"),
     (dict(delta=1.5), "delta"),
     (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),

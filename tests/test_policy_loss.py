@@ -46,7 +46,8 @@ def kl_value_grad(logp, ref, est):
 def oracle(method, logp, old, adv_tok, mask, *, agg="token-mean", clip_low=0.2, clip_high=None,
            clip_ratio_c=None, ref=None, kl_coef=0.0, kl_est="k3", ent=None, ent_coef=0.0,
            normalizer=None, max_len=None, is_w=None, ecpo_delta=0.1, ratio_level="token",
-           beta1=1.0, beta2=1.0, alpha=1.0, bapo_bounds=None, tau_pos=1.0, tau_neg=1.05):
+           beta1=1.0, beta2=1.0, alpha=1.0, bapo_bounds=None, tau_pos=1.0, tau_neg=1.05,
+           vespo=(2.0, 3.0, 3.0, 2.0)):
     """Returns (loss, dL/dlogp, dL/dH) for [B, T] float64 numpy inputs."""
     logp, old, A = (np.asarray(x, np.float64) for x in (logp, old, adv_tok))
     m = np.asarray(mask, bool)
@@ -92,6 +93,9 @@ def oracle(method, logp, old, adv_tok, mask, *, agg="token-mean", clip_low=0.2, 
         tau = np.where(A > 0, tau_pos, tau_neg)
         sig = 1.0 / (1.0 + np.exp(-tau * (r - 1.0)))
         phi, grad_tok = -(4.0 / tau) * sig * A, -4.0 * sig * (1.0 - sig) * r * A * in_clamp
+    elif method == "vespo":
+        gate = vespo_gate(d, A, m, vespo)
+        phi, grad_tok = -gate * A * logp, -gate * A
     elif method in ("gspo", "gspo-token") or method == "ecpo":
         grad_tok = None
     else:
@@ -145,6 +149,17 @@ def oracle(method, logp, old, adv_tok, mask, *, agg="token-mean", clip_low=0.2, 
     return loss, grad, grad_h
 
 
+def vespo_gate(d, A, m, params):
+    """VESPO's detached gate per token (docs/methods.md §2.34): the row's log-weight is the sum of its
+    (+-20 clamped) token log-ratios clamped to [log 1e-8, 20]; g(w) = exp(lam + k log w - lam w) with
+    (k, lam) = (k_pos, lam_pos) where A >= 0, else (k_neg, lam_neg)."""
+    k_pos, lam_pos, k_neg, lam_neg = params
+    log_w = np.clip(np.where(m, d, 0.0).sum(1, keepdims=True), math.log(1e-8), 20.0)
+    k = np.where(A >= 0, k_pos, k_neg)
+    lam = np.where(A >= 0, lam_pos, lam_neg)
+    return np.exp(lam + k * log_w - lam * np.exp(log_w))
+
+
 def bapo_rho(r, A, m, c_lo, c_hi):
     """BAPO's positive share at bounds (c_lo, c_hi), paper form: the |A|-weighted ratio mass of the
     positive tokens the upper bound lets through over that of both signs."""
@@ -156,7 +171,8 @@ def bapo_rho(r, A, m, c_lo, c_hi):
 
 
 def oracle_metrics(method, logp, old, adv_tok, mask, *, clip_low=0.2, clip_high=None, ref=None, kl_est="k3",
-                   ent=None, pg_loss=0.0, ecpo_delta=0.1, ratio_level="token", bapo_bounds=None):
+                   ent=None, pg_loss=0.0, ecpo_delta=0.1, ratio_level="token", bapo_bounds=None,
+                   vespo=(2.0, 3.0, 3.0, 2.0)):
     """The metrics of docs/design.md ("token-weighted over masked-in tokens", 0 when there are none)
     for [B, T] float64 numpy inputs: clip_ratio/low = r < 1 - clip_low with A < 0, clip_ratio/high =
     r > 1 + clip_high with A > 0, region their sum, ratio/mean and ratio/max of the method's ratio
@@ -183,7 +199,8 @@ def oracle_metrics(method, logp, old, adv_tok, mask, *, clip_low=0.2, clip_high=
         return float(np.where(m, x, 0.0).sum() / n)
     out = {"pg_loss": pg_loss, "ratio/mean": mean(r), "ratio/max": float(r[m].max()) if m.any() else 0.0,
            "approx_kl": mean(old - logp)}
-    bounds = {"bapo": bapo_bounds, "reinforce": None, "gpg": None, "sapo": None}.get(method, (1 - clip_low, 1 + ch))
+    bounds = {"bapo": bapo_bounds, "reinforce": None, "gpg": None, "sapo": None, "vespo": None}.get(
+        method, (1 - clip_low, 1 + ch))
     if bounds is not None:
         low = ((r < bounds[0]) & (A < 0)).astype(np.float64)
         high = ((r > bounds[1]) & (A > 0)).astype(np.float64)
@@ -197,6 +214,12 @@ def oracle_metrics(method, logp, old, adv_tok, mask, *, clip_low=0.2, clip_high=
                     "bapo/rho": bapo_rho(r, A, m, *bapo_bounds)})
     if method == "gpg":
         out["gpg/alpha"] = 1.0   # no groups given: alpha 1
+    if method == "vespo":
+        # TRL's vespo/phi_seq_mean: the mean over the non-empty rows of the row's gate
+        gate = vespo_gate(d, A, m, vespo)
+        L = m.sum(1)
+        per_row = np.where(m, gate, 0.0).sum(1)[L > 0] / L[L > 0]
+        out["vespo/phi_seq_mean"] = float(per_row.mean()) if per_row.size else 0.0
     return out
 
 
@@ -339,6 +362,9 @@ def run_both(method, data, dtype, *, agg, kl_est, kl_coef, ent_coef, clip_low=No
         okw.update(ecpo_delta=extra["ecpo_delta"])
     if extra and "sapo_tau_pos" in extra:
         okw.update(tau_pos=extra["sapo_tau_pos"], tau_neg=extra["sapo_tau_neg"])
+    if extra and "vespo_k_pos" in extra:
+        okw.update(vespo=tuple(extra[k] for k in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+                                                   "vespo_lambda_neg")))
     if name == "bapo":
         okw["bapo_bounds"] = bapo_search_loop(np.exp(np.clip(R["logp"] - R["old"], -20, 20)), adv_tok,
                                               data["mask"])
@@ -350,7 +376,7 @@ def run_both(method, data, dtype, *, agg, kl_est, kl_coef, ent_coef, clip_low=No
     e_metrics = oracle_metrics(name, R["logp"], R["old"], adv_tok, data["mask"], clip_low=cl, clip_high=ch,
                                ref=R["ref"], kl_est=kl_est, ent=R["ent"], pg_loss=pg_only[0],
                                ecpo_delta=okw.get("ecpo_delta", 0.1), ratio_level=ratio_level,
-                               bapo_bounds=okw.get("bapo_bounds"))
+                               bapo_bounds=okw.get("bapo_bounds"), vespo=okw.get("vespo", (2.0, 3.0, 3.0, 2.0)))
     return (out.loss.item(), g_logp.double().numpy(), g_ent.double().numpy(), out.metrics), expected, e_metrics
 
 
@@ -407,7 +433,9 @@ def test_matches_float64_oracle(method, dtype, seed, B, T, agg, kl_est, kl_coef,
         extra = dict(ecpo_delta=0.3)
     if name == "sapo" and knobs == 1:
         extra = dict(sapo_tau_pos=0.5, sapo_tau_neg=2.0)
-    spread = 0.4 if name.startswith("gspo") else 1.5
+    if name == "vespo" and knobs == 1:
+        extra = dict(vespo_k_pos=0.5, vespo_lambda_pos=1.0, vespo_k_neg=1.0, vespo_lambda_neg=0.5)
+    spread = 0.4 if name.startswith("gspo") or name == "vespo" else 1.5
     data = make_batch(seed, B, T, spread=spread, token_adv=token_adv)
     (loss, g, gh, metrics), (e_loss, e_g, e_gh), e_metrics = run_both(
         method, data, dtype, agg=agg, kl_est=kl_est, kl_coef=kl_coef, ent_coef=ent_coef, use_isw=use_isw,

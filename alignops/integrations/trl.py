@@ -218,6 +218,8 @@ TRL_LOSSES = {
     "luspo": ("ppo", "gspo", "token-mean"),
     "cispo": ("cispo", None, "token-mean"),
     "sapo": ("sapo", None, "seq-mean-token-mean"),
+    # VESPO weighs by the sequence's own importance weight whatever importance_sampling_level says
+    "vespo": ("vespo", "vespo", "token-mean"),
 }
 # the keywords of policy_loss that alignops_method_kwargs may set besides the method's own options
 SHARED_KNOBS = ("clip_low", "clip_high", "clip_ratio_c", "kl_estimator", "ratio_log_clamp")
@@ -389,6 +391,10 @@ def _unsupported(args, loss_type: str) -> str | None:
     if args.entropy_coef != 0.0 and TRL_LOSSES.get(loss_type, ("", "", "token-mean"))[2] != "token-mean":
         return (f"entropy_coef with loss_type={loss_type!r}: TRL's bonus is a token mean, its policy term a mean of "
                 "sequence means, and alignops aggregates both alike")
+    if args.alignops_method is None and loss_type == "vespo" and args.use_vllm \
+            and args.vllm_importance_sampling_correction:
+        return ("loss_type='vespo' with vllm_importance_sampling_correction (TRL folds the rollout's importance ratio "
+                "into VESPO's sequence weight; alignops's rollout_is_weights multiply the loss)")
     if args.alignops_method is None and loss_type == "cispo" and (args.epsilon_high or args.epsilon) <= 1.0:
         return ("loss_type='cispo' with epsilon_high <= 1 (the ratio cap; alignops's cispo needs a cap above 1, "
                 "ScaleRL uses 5.0)")
@@ -451,6 +457,9 @@ class AlignopsGRPOTrainer(GRPOTrainer):
         if method == "sapo":
             return {"method": "sapo", "sapo_tau_pos": self.args.sapo_temperature_pos,
                     "sapo_tau_neg": self.args.sapo_temperature_neg, "ratio_log_clamp": None}
+        if method == "vespo":  # TRL clamps VESPO's token log-ratios at +-20, as alignops does by default
+            return {"method": "vespo", **{k: getattr(self.args, k) for k in ("vespo_k_pos", "vespo_lambda_pos",
+                                                                           "vespo_k_neg", "vespo_lambda_neg")}}
         return {"method": method, "clip_low": self.epsilon_low, "clip_high": self.epsilon_high,
                 "ratio_log_clamp": None}
 
@@ -539,6 +548,10 @@ class AlignopsGRPOTrainer(GRPOTrainer):
         elif self.args.alignops_method is None and self.loss_type == "cispo":
             self._metrics[mode]["cispo_clip_ratio"].append(self._global_mean(metrics["clip_ratio/high"] * count,
                                                                              count))
+        elif self.args.alignops_method is None and self.loss_type == "vespo":
+            rows = (mask.sum(-1) > 0).sum()
+            self._metrics[mode]["vespo/phi_seq_mean"].append(
+                self._global_mean(metrics["vespo/phi_seq_mean"] * rows, rows))
         elif self.args.alignops_method is not None:
             for name in ("low", "high", "region"):
                 if f"clip_ratio/{name}" in metrics:

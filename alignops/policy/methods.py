@@ -188,6 +188,49 @@ register_method("gspo-token", lambda t: gspo_token_loss(t, token_form=True),
 
 
 # --------------------------------------------------------------------------------------------
+# VESPO (sequence weights: no one-launch form)
+
+# log(1e-8): the floor of VESPO's sequence log-weight (its reference implementation and TRL's)
+VESPO_LOG_W_MIN = math.log(1e-8)
+VESPO_LOG_W_MAX = 20.0
+
+
+def vespo_token_loss(t: TokenInputs, k_pos: float, lambda_pos: float, k_neg: float, lambda_neg: float) -> TokenLoss:
+    """VESPO (docs/methods.md §2.34): phi = -sg(g(w)) * A * logp with the sequence weight
+    w = exp(clamp(sum_t log r_t, log 1e-8, 20)) and the Gamma gate g(w) = e^lambda w^k e^(-lambda w)
+    (g(1) = 1), k and lambda by the sign of A (A >= 0: the _pos pair)."""
+    d = log_ratio(t.logp, t.old_logp, t.ratio_log_clamp).detach()
+    log_w = t.rows.to_tokens(t.rows.row_sum(d).clamp(VESPO_LOG_W_MIN, VESPO_LOG_W_MAX))
+    nonneg = t.adv >= 0
+    k = torch.where(nonneg, t.adv.new_tensor(k_pos), t.adv.new_tensor(k_neg))
+    lam = torch.where(nonneg, t.adv.new_tensor(lambda_pos), t.adv.new_tensor(lambda_neg))
+    gate = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    phi = -gate * t.adv * t.logp
+    # TRL's vespo/phi_seq_mean, the gate's mean over the rows; empty rows never count (TRL counts
+    # them with the gate g(1) = 1)
+    lengths = t.rows.lengths(t.mask, gate.dtype)
+    nonempty = lengths > 0
+    per_row = t.rows.row_sum(torch.where(t.mask, gate, 0.0)) / lengths.clamp(min=1)
+    mean = per_row.sum() / nonempty.sum().clamp(min=1)
+    return TokenLoss(phi, torch.exp(d), None, None, {"vespo/phi_seq_mean": mean})
+
+
+def _check_vespo(opts):
+    out = {k: check_float(k, opts[k], lo=0.0, lo_open=False) for k in ("vespo_k_pos", "vespo_k_neg")}
+    out.update({k: check_float(k, opts[k], lo=0.0) for k in ("vespo_lambda_pos", "vespo_lambda_neg")})
+    return {**opts, **out}
+
+
+register_method("vespo", lambda t, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg:
+                vespo_token_loss(t, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg),
+                options={"vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0},
+                validate=_check_vespo,
+                examples=({}, {"vespo_k_pos": 0.5, "vespo_lambda_pos": 1.0, "vespo_k_neg": 1.0,
+                               "vespo_lambda_neg": 0.5}),
+                doc="smooth sequence-level Gamma gate of the importance weight instead of a clip (TRL 2.0/3.0, 3.0/2.0)")
+
+
+# --------------------------------------------------------------------------------------------
 # REINFORCE and GPG
 
 def reinforce_token_loss(t: TokenInputs, scale: Tensor | float = 1.0) -> TokenLoss:
