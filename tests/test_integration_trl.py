@@ -372,6 +372,16 @@ def test_alignops_trainer_refuses_what_it_cannot_reproduce(tiny_model, tmp_path,
                **overrides)
 
 
+def test_vespo_with_vllm_importance_correction_is_refused():
+    """TRL folds vLLM's importance ratio into VESPO's sequence weight, where alignops would multiply the loss by it
+    (no vLLM here: the config is judged as the trainer judges it at construction)."""
+    kw = dict(output_dir="unused", loss_type="vespo", use_vllm=True, report_to=[], use_cpu=True, bf16=False)
+    why = ao_trl._unsupported(ao_trl.AlignopsGRPOConfig(**kw), "vespo")
+    assert why is not None and "vllm_importance_sampling_correction" in why
+    off = ao_trl.AlignopsGRPOConfig(**kw, vllm_importance_sampling_correction=False)
+    assert ao_trl._unsupported(off, "vespo") is None
+
+
 # --------------------------------------------------------------------------------------------
 # alignops_method: the methods only alignops has, inside TRL's normalisation
 
