@@ -47,7 +47,7 @@ def oracle(method, logp, old, adv_tok, mask, *, agg="token-mean", clip_low=0.2, 
            clip_ratio_c=None, ref=None, kl_coef=0.0, kl_est="k3", ent=None, ent_coef=0.0,
            normalizer=None, max_len=None, is_w=None, ecpo_delta=0.1, ratio_level="token",
            beta1=1.0, beta2=1.0, alpha=1.0, bapo_bounds=None, tau_pos=1.0, tau_neg=1.05,
-           vespo=(2.0, 3.0, 3.0, 2.0)):
+           vespo=(2.0, 3.0, 3.0, 2.0), dppo_is_cap=20.0):
     """Returns (loss, dL/dlogp, dL/dH) for [B, T] float64 numpy inputs."""
     logp, old, A = (np.asarray(x, np.float64) for x in (logp, old, adv_tok))
     m = np.asarray(mask, bool)
@@ -96,10 +96,17 @@ def oracle(method, logp, old, adv_tok, mask, *, agg="token-mean", clip_low=0.2, 
     elif method == "vespo":
         gate = vespo_gate(d, A, m, vespo)
         phi, grad_tok = -gate * A * logp, -gate * A
+    elif method in ("dppo_tv", "dppo_kl"):
+        w = np.minimum(r, dppo_is_cap) * dppo_inside(method, logp, old, A, clip_low, ch)
+        phi, grad_tok = -w * A * logp, -w * A
+    elif method == "geo_mean":
+        grad_tok = None
     elif method in ("gspo", "gspo-token") or method == "ecpo":
         grad_tok = None
     else:
         raise AssertionError(method)
+    if method == "geo_mean":
+        phi, s_row, live = gmpo_parts(logp, old, A, m, clip_low, ch)
 
     # aggregation weights a_t (docs/methods.md §1.6); empty rows never counted
     nonempty = int((L > 0).sum())
@@ -117,6 +124,12 @@ def oracle(method, logp, old, adv_tok, mask, *, agg="token-mean", clip_low=0.2, 
     isw = np.ones((B, T)) if is_w is None else np.asarray(is_w, np.float64)
     if grad_tok is not None:
         grad = a * isw * grad_tok
+    elif method == "geo_mean":
+        # phi_t = -mean(A) s_i on every token of row i; d s_i / d logp_t = s_i live_t / L_i
+        for i in range(B):
+            if L[i]:
+                abar = A[i][m[i]].sum() / L[i]
+                grad[i] = m[i] * (-abar * s_row[i] / L[i]) * live[i] * (a[i] * isw[i]).sum()
     else:
         # sequence ratios: phi_t depends on every token of its row through the row's mean log-ratio
         for i in range(B):
@@ -149,6 +162,33 @@ def oracle(method, logp, old, adv_tok, mask, *, agg="token-mean", clip_low=0.2, 
     return loss, grad, grad_h
 
 
+def dppo_inside(method, logp, old, A, low, high):
+    """DPPO's trust region (docs/methods.md §2.35): 1 where the sampled token's probability stayed
+    within the divergence bound on the side its advantage pushes (A > 0: high, else low)."""
+    p, po = np.exp(logp), np.exp(old)
+    if method == "dppo_tv":
+        inside = np.where(A > 0, p - po <= high, p - po >= -low)
+    else:
+        with np.errstate(invalid="ignore"):  # the batches' old log-probs may exceed 0: NaN compares False
+            kl = po * (old - logp) + (1 - po) * np.log((1 - po + 1e-8) / (1 - p + 1e-8))
+        inside = np.where(A > 0, (kl <= high) | (p <= po), (kl <= low) | (p >= po))
+    return inside.astype(np.float64)
+
+
+def gmpo_parts(logp, old, A, m, low, high):
+    """GMPO (docs/methods.md §2.36): (phi per token, s per row, live per token) where s_i is the
+    exp of the row mean of sgn(A) min(sgn(A) d, sgn(A) clip(d, -low, high)) and live_t = 1 where that
+    term moves with logp_t (A = 0 contributes 0 and never moves)."""
+    d = logp - old
+    sg = np.sign(A)
+    dmin = sg * np.minimum(sg * d, sg * np.clip(d, -low, high))
+    live = np.where(sg > 0, d <= high, np.where(sg < 0, d >= -low, False)).astype(np.float64)
+    L = np.maximum(m.sum(1), 1)
+    s = np.exp(np.where(m, dmin, 0.0).sum(1) / L)
+    abar = np.where(m, A, 0.0).sum(1) / L
+    return np.repeat((-abar * s)[:, None], d.shape[1], 1), s, live
+
+
 def vespo_gate(d, A, m, params):
     """VESPO's detached gate per token (docs/methods.md §2.34): the row's log-weight is the sum of its
     (+-20 clamped) token log-ratios clamped to [log 1e-8, 20]; g(w) = exp(lam + k log w - lam w) with
@@ -172,7 +212,7 @@ def bapo_rho(r, A, m, c_lo, c_hi):
 
 def oracle_metrics(method, logp, old, adv_tok, mask, *, clip_low=0.2, clip_high=None, ref=None, kl_est="k3",
                    ent=None, pg_loss=0.0, ecpo_delta=0.1, ratio_level="token", bapo_bounds=None,
-                   vespo=(2.0, 3.0, 3.0, 2.0)):
+                   vespo=(2.0, 3.0, 3.0, 2.0), dppo_is_cap=20.0):
     """The metrics of docs/design.md ("token-weighted over masked-in tokens", 0 when there are none)
     for [B, T] float64 numpy inputs: clip_ratio/low = r < 1 - clip_low with A < 0, clip_ratio/high =
     r > 1 + clip_high with A > 0, region their sum, ratio/mean and ratio/max of the method's ratio
@@ -192,6 +232,8 @@ def oracle_metrics(method, logp, old, adv_tok, mask, *, clip_low=0.2, clip_high=
                 r[i] = math.exp(min(dm, cap))
     elif method == "ecpo":
         r = np.exp(np.minimum(d, math.log(1 + ch + ecpo_delta)))
+    elif method == "geo_mean":
+        r = np.repeat(gmpo_parts(logp, old, A, m, clip_low, ch)[1][:, None], d.shape[1], 1)
     else:
         r = np.exp(d)
 
@@ -199,8 +241,8 @@ def oracle_metrics(method, logp, old, adv_tok, mask, *, clip_low=0.2, clip_high=
         return float(np.where(m, x, 0.0).sum() / n)
     out = {"pg_loss": pg_loss, "ratio/mean": mean(r), "ratio/max": float(r[m].max()) if m.any() else 0.0,
            "approx_kl": mean(old - logp)}
-    bounds = {"bapo": bapo_bounds, "reinforce": None, "gpg": None, "sapo": None, "vespo": None}.get(
-        method, (1 - clip_low, 1 + ch))
+    bounds = {"bapo": bapo_bounds, "reinforce": None, "gpg": None, "sapo": None, "vespo": None, "dppo_tv": None,
+              "dppo_kl": None, "geo_mean": None}.get(method, (1 - clip_low, 1 + ch))
     if bounds is not None:
         low = ((r < bounds[0]) & (A < 0)).astype(np.float64)
         high = ((r > bounds[1]) & (A > 0)).astype(np.float64)
@@ -214,6 +256,12 @@ def oracle_metrics(method, logp, old, adv_tok, mask, *, clip_low=0.2, clip_high=
                     "bapo/rho": bapo_rho(r, A, m, *bapo_bounds)})
     if method == "gpg":
         out["gpg/alpha"] = 1.0   # no groups given: alpha 1
+    if method in ("dppo_tv", "dppo_kl"):
+        inside = dppo_inside(method, logp, old, A, clip_low, ch) > 0
+        out.update({"dppo/outside": mean(~inside), "dppo/truncated": mean(inside & (r > dppo_is_cap))})
+    if method == "geo_mean":
+        clipped = (logp - old != np.clip(logp - old, -clip_low, ch))
+        out.update({"gmpo/clipped_pos": mean(clipped & (A > 0)), "gmpo/clipped_neg": mean(clipped & (A < 0))})
     if method == "vespo":
         # TRL's vespo/phi_seq_mean: the mean over the non-empty rows of the row's gate
         gate = vespo_gate(d, A, m, vespo)
@@ -362,6 +410,8 @@ def run_both(method, data, dtype, *, agg, kl_est, kl_coef, ent_coef, clip_low=No
         okw.update(ecpo_delta=extra["ecpo_delta"])
     if extra and "sapo_tau_pos" in extra:
         okw.update(tau_pos=extra["sapo_tau_pos"], tau_neg=extra["sapo_tau_neg"])
+    if extra and "dppo_is_cap" in extra:
+        okw["dppo_is_cap"] = extra["dppo_is_cap"]
     if extra and "vespo_k_pos" in extra:
         okw.update(vespo=tuple(extra[k] for k in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
                                                    "vespo_lambda_neg")))
@@ -376,7 +426,8 @@ def run_both(method, data, dtype, *, agg, kl_est, kl_coef, ent_coef, clip_low=No
     e_metrics = oracle_metrics(name, R["logp"], R["old"], adv_tok, data["mask"], clip_low=cl, clip_high=ch,
                                ref=R["ref"], kl_est=kl_est, ent=R["ent"], pg_loss=pg_only[0],
                                ecpo_delta=okw.get("ecpo_delta", 0.1), ratio_level=ratio_level,
-                               bapo_bounds=okw.get("bapo_bounds"), vespo=okw.get("vespo", (2.0, 3.0, 3.0, 2.0)))
+                               bapo_bounds=okw.get("bapo_bounds"), vespo=okw.get("vespo", (2.0, 3.0, 3.0, 2.0)),
+                               dppo_is_cap=okw.get("dppo_is_cap", 20.0))
     return (out.loss.item(), g_logp.double().numpy(), g_ent.double().numpy(), out.metrics), expected, e_metrics
 
 
@@ -433,6 +484,10 @@ def test_matches_float64_oracle(method, dtype, seed, B, T, agg, kl_est, kl_coef,
         extra = dict(ecpo_delta=0.3)
     if name == "sapo" and knobs == 1:
         extra = dict(sapo_tau_pos=0.5, sapo_tau_neg=2.0)
+    if name in ("dppo_tv", "dppo_kl") and knobs == 1:
+        extra = dict(dppo_is_cap=1.5)
+    if name in ("dppo_tv", "dppo_kl", "geo_mean") and knobs >= 2:
+        clip = dict(clip_low=0.05, clip_high=0.1)
     if name == "vespo" and knobs == 1:
         extra = dict(vespo_k_pos=0.5, vespo_lambda_pos=1.0, vespo_k_neg=1.0, vespo_lambda_neg=0.5)
     spread = 0.4 if name.startswith("gspo") or name == "vespo" else 1.5

@@ -231,6 +231,72 @@ register_method("vespo", lambda t, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, v
 
 
 # --------------------------------------------------------------------------------------------
+# DPPO (a divergence trust region instead of a ratio clip)
+
+# 1 - p is floored as verl's dppo_kl floors it, so a token with p = 1 has a finite binary KL
+_DPPO_EPS = 1e-8
+
+
+def dppo_token_loss(t: TokenInputs, divergence: str, is_cap: float) -> TokenLoss:
+    """DPPO (docs/methods.md §2.35): -sg(min(r, C)) * A * logp on the tokens whose sampled-token
+    probability stayed inside the trust region, 0 elsewhere. The region is bounded on the side the
+    advantage pushes: for A > 0, TV p - p_old <= clip_high (binary KL <= clip_high or p <= p_old); for
+    A <= 0, p - p_old >= -clip_low (binary KL <= clip_low or p >= p_old)."""
+    ratio = torch.exp(log_ratio(t.logp, t.old_logp, t.ratio_log_clamp)).detach()
+    lp = t.logp.detach()
+    p, p_old = torch.exp(lp), torch.exp(t.old_logp)
+    up = t.adv > 0
+    if divergence == "tv":
+        inside = torch.where(up, p - p_old <= t.clip_high, p - p_old >= -t.clip_low)
+    else:
+        kl = p_old * (t.old_logp - lp) + (1.0 - p_old) * torch.log((1.0 - p_old + _DPPO_EPS) / (1.0 - p + _DPPO_EPS))
+        inside = torch.where(up, (kl <= t.clip_high) | (p <= p_old), (kl <= t.clip_low) | (p >= p_old))
+    weight = ratio.clamp(max=is_cap) * inside
+    n = t.mask.sum().clamp(min=1)
+    metrics = {"dppo/outside": (t.mask & ~inside).sum() / n,
+               "dppo/truncated": (t.mask & inside & (ratio > is_cap)).sum() / n}
+    return TokenLoss(-weight * t.adv * t.logp, ratio, None, None, metrics)
+
+
+def _check_dppo(opts):
+    return {**opts, "dppo_is_cap": check_float("dppo_is_cap", opts["dppo_is_cap"], lo=0.0)}
+
+
+for _name, _divergence in (("dppo_tv", "tv"), ("dppo_kl", "kl")):
+    register_method(_name, lambda t, dppo_is_cap, _d=_divergence: dppo_token_loss(t, _d, dppo_is_cap),
+                    options={"dppo_is_cap": 20.0}, validate=_check_dppo,
+                    examples=({}, {"clip_low": 0.05, "clip_high": 0.1, "dppo_is_cap": 1.5}),
+                    doc=f"DPPO-Binary-{_divergence.upper()}: -sg(min(r, C)) A logp inside a {_divergence} trust region "
+                        "of the sampled token's probability (clip_low/high: the divergence bounds)")
+
+
+# --------------------------------------------------------------------------------------------
+# GMPO (geometric-mean sequence ratio)
+
+def gmpo_token_loss(t: TokenInputs) -> TokenLoss:
+    """GMPO (docs/methods.md §2.36): the sequence ratio is the geometric mean of the token ratios,
+    each log-ratio clipped to [-clip_low, clip_high] on the side the advantage's sign pushes (the
+    PPO min in log space), s_i = exp(mean_t sgn(A) min(sgn(A) d, sgn(A) clip(d))); phi = -mean_t(A) s_i
+    on every token of the row (summed per row by seq-mean-token-mean: -mean(A) s_i per sequence)."""
+    d = t.logp - t.old_logp
+    sign = torch.sign(t.adv)
+    d_min = sign * torch.minimum(sign * d, sign * d.clamp(-t.clip_low, t.clip_high))
+    length = t.rows.lengths(t.mask, d.dtype).clamp(min=1)
+    ratio = t.rows.to_tokens(torch.exp(t.rows.row_sum(d_min) / length))
+    adv = t.rows.to_tokens(t.rows.row_sum(t.adv) / length)
+    clipped = t.mask & (d.detach() != d.detach().clamp(-t.clip_low, t.clip_high))
+    n = t.mask.sum().clamp(min=1)
+    metrics = {"gmpo/clipped_pos": (clipped & (t.adv > 0)).sum() / n,
+               "gmpo/clipped_neg": (clipped & (t.adv < 0)).sum() / n}
+    return TokenLoss(-adv * ratio, ratio.detach(), None, None, metrics)
+
+
+register_method("geo_mean", lambda t: gmpo_token_loss(t), defaults={"agg": "seq-mean-token-mean"},
+                examples=({}, {"clip_low": 0.4, "clip_high": 0.4}),
+                doc="GMPO: geometric-mean sequence ratio with per-token log-space clipping (verl geo_mean)")
+
+
+# --------------------------------------------------------------------------------------------
 # REINFORCE and GPG
 
 def reinforce_token_loss(t: TokenInputs, scale: Tensor | float = 1.0) -> TokenLoss:
