@@ -12,6 +12,7 @@ from alignops.policy import PolicyLossOutput, ValueLossOutput, fused_policy_loss
 from alignops.fused_linear import (fused_linear_policy_loss, fused_linear_sequence_logprobs,
                                    fused_linear_sft_loss, fused_linear_token_logprobs)
 from alignops.preference import PreferenceOutput, dpo_loss, gvpo_loss, log1mexp, orpo_loss, rahf_loss
+from alignops.rollout_correction import RolloutCorrection, rollout_correction
 from alignops.sft import (SequenceLogprobs, SFTOutput, chord_loss, chord_mu_schedule, iw_sft_weights,
                           sequence_logprobs, sft_loss)
 
@@ -23,4 +24,5 @@ __all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "token_l
            "policy_loss", "fused_policy_loss", "value_loss", "PolicyLossOutput", "ValueLossOutput",
            "fused_linear_token_logprobs", "fused_linear_policy_loss", "fused_linear_sequence_logprobs",
            "fused_linear_sft_loss"]
+__all__ += ["rollout_correction", "RolloutCorrection"]
 __all__ += advantages.__all__

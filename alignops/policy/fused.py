@@ -95,7 +95,8 @@ def policy_loss_over(source, args: LogitsArgs, old_logp, advantages, mask, *, me
                            entropy=entropy if compute_entropy else None, **kwargs)
     call = prepare_call(args.labels.view(args.shape), old_logp, advantages, mask, method=method,
                         has_entropy=compute_entropy, **kwargs)
-    if one_launch.kernel_applies(call, args.backend, args.named, args.shard is not None):
+    # an on-policy rollout_logp route needs the pass's log-probs before its weights exist: two passes
+    if call.rollout is None and one_launch.kernel_applies(call, args.backend, args.named, args.shard is not None):
         return terminal_one_launch(source, args, call, compute_entropy)
     return terminal_two_pass(source, args, call, compute_entropy)
 

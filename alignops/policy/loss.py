@@ -19,6 +19,7 @@ from torch import Tensor
 from alignops import layout
 from alignops.policy import math as pmath
 from alignops.policy.registry import Method, SharedKnobs, get_method, resolve_options, resolve_shared
+from alignops.rollout_correction import check_route_options, correct
 
 
 @dataclasses.dataclass
@@ -41,6 +42,10 @@ class PolicyCall:
     old_logp: Tensor | None
     ref_logp: Tensor | None
     rollout_is_weights: Tensor | None
+    # rollout_logp= route (docs/methods.md §1.15): (rollout_logp, checked options) until the weights
+    # and the mask are computed from it (resolve_rollout); the correction's metrics join the loss's
+    rollout: tuple | None = None
+    extra_metrics: dict = dataclasses.field(default_factory=dict)
 
     def norm(self, dtype) -> Tensor:
         if self.normalizer is None:
@@ -51,11 +56,13 @@ class PolicyCall:
 def prepare_call(like: Tensor, old_logp, advantages, mask, *, method, clip_low=None, clip_high=None,
                  clip_ratio_c=None, ref_logp=None, kl_coef=0.0, kl_estimator="k3", has_entropy=False,
                  entropy_coef=0.0, agg=None, normalizer=None, max_len=None, rollout_is_weights=None,
-                 ratio_log_clamp=20.0, cu_seqlens=None, validate_mask=None, **method_options) -> PolicyCall:
+                 ratio_log_clamp=20.0, cu_seqlens=None, validate_mask=None, rollout_logp=None,
+                 rollout_correction=None, **method_options) -> PolicyCall:
     """Checks every argument against the token tensor `like` (logp, or the labels) and resolves the
     method's defaults, once per call; see policy_loss for the arguments. Every keyword that is not
     one of the shared ones above is the method's own option (an unknown one raises, naming the
-    method)."""
+    method). With `rollout_logp` and `old_logp` the rollout correction is computed here; with
+    `rollout_logp` alone (on-policy) it waits for the current log-probs (resolve_rollout)."""
     m = get_method(method)
     rows = layout.token_layout("logp", like, cu_seqlens)
     opts = resolve_options(m, method_options)
@@ -66,12 +73,37 @@ def prepare_call(like: Tensor, old_logp, advantages, mask, *, method, clip_low=N
     normalizer = layout.check_normalizer(normalizer, like.device)
     mask = layout.token_mask(mask, like.shape, like.device, validate=validate_mask,
                              weights=layout.POLICY_MASK_WEIGHTS)
-    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("rollout_is_weights", rollout_is_weights)):
+    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("rollout_is_weights", rollout_is_weights),
+                    ("rollout_logp", rollout_logp)):
         layout.check_like(name, x, like)
+    rollout = None
+    if rollout_logp is not None:
+        if rollout_is_weights is not None:
+            raise ValueError("pass rollout_logp (the weights are computed from it) or rollout_is_weights, not both")
+        rollout = (rollout_logp, check_route_options(rollout_correction))
+    elif rollout_correction is not None:
+        raise ValueError("rollout_correction was given without rollout_logp (the log-probs it corrects for)")
     advantages = layout.per_token("advantages", advantages, like, rows)
     if m.check_rows is not None:
         m.check_rows(opts, rows)
-    return PolicyCall(m, opts, knobs, normalizer, mask, rows, advantages, old_logp, ref_logp, rollout_is_weights)
+    call = PolicyCall(m, opts, knobs, normalizer, mask, rows, advantages, old_logp, ref_logp, rollout_is_weights,
+                      rollout)
+    return resolve_rollout(call, None)
+
+
+def resolve_rollout(call: PolicyCall, logp: Tensor | None) -> PolicyCall:
+    """The call with the rollout_logp route computed: the weights and the mask of rollout_correction
+    on (old_logp, or the current logp when on-policy; rollout_logp; the call's mask), its metrics
+    kept for the loss's. Unchanged when there is no route, or (logp None) while on-policy."""
+    if call.rollout is None:
+        return call
+    trainer = call.old_logp if call.old_logp is not None else logp
+    if trainer is None:
+        return call
+    rollout_logp, opts = call.rollout
+    out = correct(trainer, rollout_logp, call.mask, call.rows, opts)
+    return dataclasses.replace(call, mask=out.mask, rollout_is_weights=out.rollout_is_weights, rollout=None,
+                               extra_metrics=out.metrics)
 
 
 def _token_terms(call: PolicyCall, logp: Tensor):
@@ -88,6 +120,7 @@ def _token_terms(call: PolicyCall, logp: Tensor):
 
 def compute(call: PolicyCall, logp: Tensor, entropy: Tensor | None = None) -> PolicyLossOutput:
     """The loss of a prepared call, with autograd, and its metrics."""
+    call = resolve_rollout(call, logp.detach())
     k, mask, rows = call.knobs, call.mask, call.rows
     dtype, logp_c, old_c, adv_c, tl = _token_terms(call, logp)
     phi = tl.phi
@@ -111,6 +144,7 @@ def compute(call: PolicyCall, logp: Tensor, entropy: Tensor | None = None) -> Po
 def metrics(call: PolicyCall, logp: Tensor, entropy: Tensor | None, pg_loss: Tensor) -> dict[str, Tensor]:
     """The metrics of a prepared call whose loss was computed elsewhere (the one-launch kernel):
     O(N) torch on its log-probs and entropy, no autograd."""
+    call = resolve_rollout(call, logp.detach())
     with torch.no_grad():
         dtype, logp_c, old_c, adv_c, tl = _token_terms(call, logp)
         kl = None if call.ref_logp is None else pmath.kl_penalty(
@@ -130,6 +164,7 @@ def _metrics(call, pg_loss, logp_c, old_c, adv_c, tl, kl, ent) -> dict[str, Tens
         out.update(pmath.ratio_metrics(tl, adv_c, mask))
         out["approx_kl"] = layout.token_mean(old_c - logp_c.detach(), mask)
         out.update(tl.metrics)
+    out.update(call.extra_metrics)
     return pmath.finalize_metrics(out)
 
 
@@ -140,6 +175,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask:
                 agg: str | None = None, normalizer=None, max_len: int | None = None,
                 rollout_is_weights: Tensor | None = None, ratio_log_clamp: float | None = 20.0,
                 cu_seqlens: Tensor | None = None, validate_mask: bool | None = None,
+                rollout_logp: Tensor | None = None, rollout_correction: dict | None = None,
                 **method_options) -> PolicyLossOutput:
     """Policy-gradient loss from per-token log-probs (pure PyTorch; composable, compile-traceable).
 
@@ -161,6 +197,12 @@ def policy_loss(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask:
             global non-empty row count, or B'_glob * max_len); None = computed from this call's mask.
         max_len: the constant C of seq-mean-token-sum-norm.
         rollout_is_weights: detached per-token weights multiplied into the policy term (truncated IS).
+        rollout_logp, rollout_correction: the inference engine's log-probs of the tokens (like
+            `logp`) and a dict of `ao.rollout_correction`'s options (level, mode, threshold, rejection,
+            batch_normalize, ratio_log_clamp, process_group; None = its defaults, token-level TIS
+            at 2.0): the loss computes `rollout_correction(old_logp or sg(logp), rollout_logp, mask,
+            ...)`, uses its weights as `rollout_is_weights` and its mask as the mask, and adds its
+            `rollout_corr/...` metrics (docs/methods.md §1.15). Not with `rollout_is_weights`.
         ratio_log_clamp: log-ratios are clamped to +-this before exp (None disables; GSPO: +10 above).
         cu_seqlens: `[B + 1]` row offsets of the packed layout.
         validate_mask: check that a non-bool mask holds only 0 and 1; default: only for CPU
@@ -180,6 +222,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask:
                         clip_ratio_c=clip_ratio_c, ref_logp=ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator,
                         has_entropy=entropy is not None, entropy_coef=entropy_coef, agg=agg, normalizer=normalizer,
                         max_len=max_len, rollout_is_weights=rollout_is_weights, ratio_log_clamp=ratio_log_clamp,
-                        cu_seqlens=cu_seqlens, validate_mask=validate_mask, **method_options)
+                        cu_seqlens=cu_seqlens, validate_mask=validate_mask, rollout_logp=rollout_logp,
+                        rollout_correction=rollout_correction, **method_options)
     layout.check_like("entropy", entropy, logp)
     return compute(call, logp, entropy)
