@@ -27,7 +27,7 @@ TEST_ENV := ALIGNOPS_REQUIRE_BACKENDS=auto ALIGNOPS_REQUIRE_INTEGRATIONS=1
 PYTEST_JOBS ?= 2
 
 .PHONY: all demo test test-all test-fast op-tests rest-tests cuda-check gpu-compile-check gpu-compile-check-full \
-        gpu-dry-run wheel wheel-check bench bench-extras learning build env clean abi integrations
+        gpu-dry-run wheel wheel-check bench bench-extras learning build env clean abi integrations fuzz
 
 all: test
 
@@ -136,6 +136,14 @@ test: build integrations cuda-check gpu-compile-check
 	$(MAKE) --no-print-directory op-tests
 	$(MAKE) --no-print-directory rest-tests
 	$(MAKE) --no-print-directory gpu-dry-run
+
+# tests/test_fuzz.py's harness over the whole logits surface for longer than make test gives it
+# (FUZZ_EXAMPLES drawn cases; ~10 a second here); a failure is saved in .hypothesis/ and replayed
+# first next time: keep it as an @example on the test, saying what it found.
+FUZZ_EXAMPLES ?= 3000
+fuzz: build
+	ALIGNOPS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(TEST_ENV) $(PY) -m pytest tests/test_fuzz.py -n 0 -p no:cacheprovider \
+	  --hypothesis-show-statistics
 
 # make test plus the tests marked slow (large shapes)
 test-all: test
