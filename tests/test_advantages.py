@@ -792,3 +792,413 @@ def test_two_gloo_ranks_equal_one_process():
             else:  # global statistics: identical on every rank
                 want_k = want
             torch.testing.assert_close(part, want_k, rtol=1e-12, atol=1e-12, msg=f"{key} rank {k}")
+
+
+# --------------------------------------------------------------------------------------------
+# OPO, GRPO pass@k, GDPO, the optimal token baseline (docs/methods.md §2.40-§2.43): float64
+# oracles from the formulas there, plain Python loops
+
+
+def _groups_of(group_of):
+    groups = {}
+    for i, g in enumerate(group_of):
+        groups.setdefault(g, []).append(i)
+    return groups
+
+
+def oracle_opo(rewards, group_of, lengths, singleton):
+    """A_i = R_i - sum_j L_j R_j / sum_j L_j over the group's scorable rows (§2.40)."""
+    adv = [0.0] * len(rewards)
+    for rows in _groups_of(group_of).values():
+        ok = [i for i in rows if not math.isnan(rewards[i])]
+        for i in ok:
+            if len(ok) == 1:
+                adv[i] = rewards[i] if singleton == "raw" else 0.0
+                continue
+            total = sum(lengths[j] for j in ok)
+            if total > 0:
+                b = sum(lengths[j] * rewards[j] for j in ok) / total
+            else:  # no scorable row has a token: the plain mean
+                b = sum(rewards[j] for j in ok) / len(ok)
+            same = max(rewards[j] for j in ok) == min(rewards[j] for j in ok)
+            adv[i] = 0.0 if same else rewards[i] - b
+    return adv
+
+
+def oracle_passk(rewards, group_of, scale, eps, singleton):
+    """A_i = max_j R_j - max_{j != i} R_j (leave-one-out pass@k with k = the group), / (std_g + eps)
+    with scale="group" (§2.41)."""
+    adv = [0.0] * len(rewards)
+    for rows in _groups_of(group_of).values():
+        ok = [i for i in rows if not math.isnan(rewards[i])]
+        vals = [rewards[i] for i in ok]
+        k = len(vals)
+        if k == 1:
+            adv[ok[0]] = vals[0] if singleton == "raw" else 0.0
+            continue
+        mean = sum(vals) / k if k else 0.0
+        std = math.sqrt(sum((x - mean) ** 2 for x in vals) / (k - 1)) if k > 1 else 0.0
+        for n, i in enumerate(ok):
+            a = max(vals) - max(vals[:n] + vals[n + 1:])
+            adv[i] = a / (std + eps) if (scale == "group" and a != 0) else a
+    return adv
+
+
+def oracle_weighted_whiten(x, w, unbiased, eps, eps_mode):
+    """(x - mean) / sqrt(var (+) eps) with per-row weights w (token counts); N = sum w <= 1 or a zero
+    denominator centre only (§2.42, masked_whiten's rule on the broadcast tokens)."""
+    n = sum(w)
+    mean = sum(a * b for a, b in zip(x, w)) / n if n > 0 else 0.0
+    m2 = sum(b * (a - mean) ** 2 for a, b in zip(x, w))
+    d = (n - 1) if unbiased else n
+    var = m2 / d if d > 0 else 0.0
+    den = var + eps if eps_mode == "add_inside" else max(var, eps)
+    inv = 1 / math.sqrt(den) if (n > 1 and den > 0) else 1.0
+    return [(a - mean) * inv for a in x]
+
+
+def oracle_gdpo(rewards, group_of, weights, lengths, scale, eps, singleton, var, var_eps, eps_mode):
+    """sum_k w_k GRPO_k (each component normalised in its group on its own), then whitened over the
+    batch, token-weighted by `lengths` (row-weighted when None); rows with every component NaN are
+    left out and get 0 (§2.42)."""
+    b, k = len(rewards), len(rewards[0])
+    total = [0.0] * b
+    for j in range(k):
+        col, _ = oracle_group([row[j] for row in rewards], group_of, "scale" if scale == "group" else "center",
+                              eps, singleton)
+        total = [t + weights[j] * a for t, a in zip(total, col)]
+    scorable = [not all(math.isnan(x) for x in row) for row in rewards]
+    w = [(1.0 if lengths is None else lengths[i]) if scorable[i] else 0.0 for i in range(b)]
+    out = oracle_weighted_whiten(total, w, var == "unbiased", var_eps, eps_mode)
+    return [o if s else 0.0 for o, s in zip(out, scorable)], total, w
+
+
+def oracle_otb(r, old, s2, rho, m, group_of, align, zero_tail, eps, singleton):
+    """A_t = G_t - B_{g,t} (§2.43): G the return-to-go over valid tokens, W_t the running sum of
+    max(1 - 2 exp(old) + s2, 0) rho^2 over valid tokens, B = (sum G W + eps Gbar) / (sum W + eps)
+    over the group's rows valid at index t (column, or k-th valid token); zero tail: B = 0 where one
+    row of a group with two or more rows with tokens reaches t; a group with one such row follows
+    `singleton`. Returns (advantages, returns) as [B][T] lists."""
+    b, t = len(r), len(r[0])
+    ret = [[0.0] * t for _ in range(b)]
+    cum = [[0.0] * t for _ in range(b)]
+    at = [dict() for _ in range(b)]  # index -> column
+    for i in range(b):
+        run = 0.0
+        for c in range(t - 1, -1, -1):
+            if m[i][c]:
+                run += r[i][c]
+                ret[i][c] = run
+        acc, k = 0.0, 0
+        for c in range(t):
+            if m[i][c]:
+                w = max(1 - 2 * math.exp(old[i][c]) + s2[i][c], 0.0) * (1.0 if rho is None else rho[i][c] ** 2)
+                acc += w
+                cum[i][c] = acc
+                at[i][c if align == "position" else k] = c
+                k += 1
+    adv = [[0.0] * t for _ in range(b)]
+    for rows in _groups_of(group_of).values():
+        members = [i for i in rows if at[i]]
+        for idx in range(t):
+            here = [i for i in members if idx in at[i]]
+            if not here:
+                continue
+            gs = [ret[i][at[i][idx]] for i in here]
+            ws = [cum[i][at[i][idx]] for i in here]
+            if len(members) == 1:
+                base = 0.0 if singleton == "raw" else gs[0]
+            elif zero_tail and len(here) == 1:
+                base = 0.0
+            else:
+                gbar = gs[0] if max(gs) == min(gs) else sum(gs) / len(gs)
+                den = sum(ws) + eps
+                base = (sum(g * w for g, w in zip(gs, ws)) + eps * gbar) / den if den > 0 else gbar
+            for i, g in zip(here, gs):
+                adv[i][at[i][idx]] = g - base
+    return adv, ret
+
+
+@st.composite
+def rows_with_lengths(draw):
+    rewards, ids = draw(grouped_rewards(max_groups=8, max_size=12))
+    lengths = draw(st.lists(st.integers(0, 30), min_size=len(rewards), max_size=len(rewards)))
+    if draw(st.booleans()):  # a group whose rows have no token at all
+        lengths = [0 if g == ids[0] else n for n, g in zip(lengths, ids)]
+    return rewards, ids, lengths
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=rows_with_lengths(), dtype=st.sampled_from([torch.float32, torch.float64]),
+       singleton=st.sampled_from(["zero", "raw"]), as_mask=st.booleans())
+@example(data=([0.11, 0.11, 0.11, 2.0, 1.0], [4, 4, 4, 9, 9], [3, 1, 7, 0, 0]), dtype=torch.float32,
+         singleton="zero", as_mask=True)
+def test_opo_matches_oracle(backend, data, dtype, singleton, as_mask):
+    rewards, ids, lengths = data
+    r = torch.tensor(rewards, dtype=dtype)
+    want = oracle_opo(r.double().tolist(), ids, lengths, singleton)
+    L = torch.tensor(lengths)
+    kw = dict(mask=(torch.arange(31) < L[:, None])) if as_mask else dict(lengths=L.to(dtype))
+    dev = device_of(backend)
+    kw = {k: v.to(dev) for k, v in kw.items()}
+    out = ao.opo_advantages(r.to(dev), group_ids=torch.tensor(ids).to(dev), singleton=singleton, backend=backend,
+                            **kw)
+    assert out.dtype == dtype
+    assert_close_scale(out, want, dtype, "opo")
+    # equal rewards (and NaN rows) give exactly 0, not rounding noise
+    for i, a in enumerate(want):
+        if a == 0.0:
+            assert out[i].item() == 0.0, (i, out[i].item())
+
+
+def test_opo_worked_vectors():
+    # b = (1*1 + 3*0) / 4 = 0.25 with lengths [1, 3]: A = [0.75, -0.25]; equal lengths: RLOO's centring
+    r = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    out = ao.opo_advantages(r, 2, lengths=torch.tensor([1, 3, 2, 2]))
+    assert out.tolist() == [0.75, -0.25, 0.5, -0.5]
+    with pytest.raises(ValueError, match="single scorable reward"):
+        ao.opo_advantages(r, 1, lengths=torch.ones(4))
+    assert ao.opo_advantages(r, 1, lengths=torch.ones(4), singleton="raw").tolist() == r.tolist()
+    with pytest.raises(ValueError, match="exactly one of mask"):
+        ao.opo_advantages(r, 2)
+    with pytest.raises(ValueError, match="lengths must be >= 0"):
+        ao.opo_advantages(r, 2, lengths=torch.tensor([1.0, -1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"mask must be \[B, T\]"):
+        ao.opo_advantages(r, 2, mask=torch.ones(3, 5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=grouped_rewards(max_groups=8, max_size=12), dtype=st.sampled_from([torch.float32, torch.float64]),
+       scale=st.sampled_from(["group", "none"]), singleton=st.sampled_from(["zero", "raw"]))
+@example(data=([1.0, 1.0, 0.0, 0.3, 0.3, 0.3], [0, 0, 0, 1, 1, 1]), dtype=torch.float64, scale="group",
+         singleton="zero")
+def test_grpo_passk_matches_oracle(backend, data, dtype, scale, singleton):
+    rewards, ids = data
+    r = torch.tensor(rewards, dtype=dtype)
+    want = oracle_passk(r.double().tolist(), ids, scale, 1e-6, singleton)
+    dev = device_of(backend)
+    out = ao.grpo_passk_advantages(r.to(dev), group_ids=torch.tensor(ids).to(dev), scale=scale, singleton=singleton,
+                                   backend=backend)
+    assert out.dtype == dtype
+    assert_close_scale(out, want, dtype, "grpo_passk")
+    for i, a in enumerate(want):  # every row but a group's unique best gets exactly 0
+        if a == 0.0:
+            assert out[i].item() == 0.0, (i, out[i].item())
+
+
+def test_grpo_passk_worked_vectors():
+    r = torch.tensor([0.2, 0.9, 0.9, 0.5, 1.0, 0.0], dtype=torch.float64)
+    # group 0: a tied maximum -> all 0; group 1: only the best row, R_max - R_second = 1.0 - 0.5
+    assert ao.grpo_passk_advantages(r, 3, scale="none").tolist() == [0.0, 0.0, 0.0, 0.0, 0.5, 0.0]
+    # std of [0.5, 1, 0] is 0.5 (unbiased)
+    assert ao.grpo_passk_advantages(r, 3)[4].item() == pytest.approx(0.5 / (0.5 + 1e-6), rel=1e-12)
+    with pytest.raises(ValueError, match="single scorable reward"):
+        ao.grpo_passk_advantages(r, 1)
+    with pytest.raises(ValueError, match="scale must be one of"):
+        ao.grpo_passk_advantages(r, 3, scale="batch")
+    with pytest.raises(ValueError, match="std_eps must be >= 0"):
+        ao.grpo_passk_advantages(r, 3, std_eps=-1.0)
+
+
+@st.composite
+def multi_rewards(draw):
+    sizes = draw(st.lists(st.integers(1, 8), min_size=1, max_size=6))
+    k = draw(st.integers(1, 3))
+    b = sum(sizes)
+    cols = []
+    for _ in range(k):
+        kind = draw(st.sampled_from(["binary", "normal", "constant", "shifted"]))
+        col = []
+        for _ in range(b):
+            x = draw(st.floats(-3, 3, allow_nan=False, allow_infinity=False, width=32))
+            col.append({"binary": float(x > 0), "normal": x, "constant": 0.1, "shifted": 1000 + x}[kind])
+        if draw(st.booleans()):
+            for i in draw(st.lists(st.integers(0, b - 1), max_size=max(1, b // 4))):
+                col[i] = NAN
+        cols.append(col)
+    rewards = [[cols[j][i] for j in range(k)] for i in range(b)]
+    group_of = [g for g, s in enumerate(sizes) for _ in range(s)]
+    perm = draw(st.permutations(range(b)))
+    rewards, ids = [rewards[p] for p in perm], [5 * group_of[p] + 1 for p in perm]
+    weights = draw(st.sampled_from([None, [0.5, 2.0, 1.0][:k]]))
+    lengths = draw(st.sampled_from([None, "mask", "lengths"]))
+    lens = draw(st.lists(st.integers(0, 9), min_size=b, max_size=b))
+    return rewards, ids, weights, lengths, lens
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=multi_rewards(), dtype=st.sampled_from([torch.float32, torch.float64]),
+       scale=st.sampled_from(["group", "none"]), singleton=st.sampled_from(["zero", "raw"]),
+       var=st.sampled_from(["unbiased", "biased"]), eps_mode=st.sampled_from(["add_inside", "floor"]))
+@example(data=([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], [0, 0, 1, 1], None, "mask", [3, 1, 0, 2]),
+         dtype=torch.float32, scale="group", singleton="zero", var="unbiased", eps_mode="add_inside")
+def test_gdpo_matches_oracle(backend, data, dtype, scale, singleton, var, eps_mode):
+    rewards, ids, weights, how, lens = data
+    r = torch.tensor(rewards, dtype=dtype)
+    rd = r.double().tolist()
+    lengths = None if how is None else [float(x) for x in lens]
+    want, total, w = oracle_gdpo(rd, ids, [1.0] * r.shape[1] if weights is None else weights, lengths, scale, 1e-6,
+                                 singleton, var, 1e-8, eps_mode)
+    dev = device_of(backend)
+    kw = {}
+    if how == "mask":
+        kw["mask"] = (torch.arange(10) < torch.tensor(lens)[:, None]).to(dev)
+    elif how == "lengths":
+        kw["lengths"] = torch.tensor(lens).to(dev)
+    out = ao.gdpo_advantages(r.to(dev), group_ids=torch.tensor(ids).to(dev), weights=weights, scale=scale,
+                             singleton=singleton, var=var, var_eps_mode=eps_mode, backend=backend, **kw)
+    assert out.dtype == dtype and out.shape == (r.shape[0],)
+    # the whitening amplifies the float64 rounding of x - mean by |x| / spread (as masked_whiten's test)
+    n = sum(w)
+    mean = sum(a * b for a, b in zip(total, w)) / n if n > 0 else 0.0
+    spread = math.sqrt(sum(b * (a - mean) ** 2 for a, b in zip(total, w)) / n) if n > 0 else 0.0
+    cond = max((abs(a) for a, b in zip(total, w) if b > 0), default=0.0) / spread * 1e-5 if spread > 0 else 1.0
+    assert_close_scale(out, want, dtype, "gdpo", cond=cond)
+    if all(a == 0.0 for a in total):  # every component's rewards equal within its groups: exactly 0
+        assert (out == 0).all()
+
+
+def test_gdpo_worked_vectors():
+    # one component: GRPO's advantages, then whitened (row-weighted here, as no mask is given)
+    r = torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 0], dtype=torch.float64)
+    grpo = ao.grpo_advantages(r, 4)
+    want = (grpo - grpo.mean()) / (grpo.var() + 1e-8).sqrt()
+    torch.testing.assert_close(ao.gdpo_advantages(r, 4), want, rtol=1e-12, atol=1e-12)
+    # two components normalised apart: [1, 0] and [10, 0] rewards weigh the same, where GRPO on the
+    # summed reward [11, 0] would not tell them from [1, 0] alone
+    two = torch.tensor([[1.0, 10.0], [0.0, 0.0], [1.0, 0.0], [0.0, 10.0]], dtype=torch.float64)
+    a = ao.gdpo_advantages(two, 2)
+    assert a[0].item() == pytest.approx(-a[1].item()) and a[2].item() == pytest.approx(-a[3].item())
+    # rows 2, 3: +-0.5 / (0.707 + eps) from one component, -+5 / (7.07 + eps) from the other: 0 up to eps
+    assert a[0].item() > 0 and a[2].item() == pytest.approx(0.0, abs=1e-5)
+    # equal rewards everywhere: exactly 0
+    assert ao.gdpo_advantages(torch.full((6, 2), 0.3), 3).tolist() == [0.0] * 6
+    with pytest.raises(ValueError, match="weights must hold one weight per reward component"):
+        ao.gdpo_advantages(two, 2, weights=[1.0])
+    with pytest.raises(ValueError, match=r"rewards must be \[B, K\]"):
+        ao.gdpo_advantages(torch.zeros(2, 2, 2), 2)
+    with pytest.raises(ValueError, match="at least one component"):
+        ao.gdpo_advantages(torch.zeros(4, 0), 2)
+    with pytest.raises(ValueError, match="weights contains NaN"):
+        ao.gdpo_advantages(two, 2, weights=[1.0, NAN])
+    with pytest.raises(ValueError, match="not both"):
+        ao.gdpo_advantages(two, 2, mask=torch.ones(4, 3), lengths=torch.ones(4))
+    with pytest.raises(ValueError, match="var_eps_mode must be one of"):
+        ao.gdpo_advantages(two, 2, var_eps_mode="outside")
+    with pytest.raises(TypeError, match="'var_eps'"):
+        ao.gdpo_advantages(two, 2, eps=1e-8)
+
+
+@st.composite
+def otb_inputs(draw):
+    b = draw(st.integers(1, 10))
+    t = draw(st.integers(1, 8))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    ids = draw(st.lists(st.integers(0, 3), min_size=b, max_size=b))
+    m = torch.rand(b, t, generator=gen) < draw(st.sampled_from([0.6, 1.0]))
+    if draw(st.booleans()):  # right padding only
+        m = torch.arange(t) < torch.randint(0, t + 1, (b, 1), generator=gen)
+    kind = draw(st.sampled_from(["outcome", "dense", "equal"]))
+    if kind == "equal":  # every row of a group gets the same reward on each of its last tokens
+        r = torch.zeros(b, t, dtype=torch.float64)
+        for i in range(b):
+            valid = m[i].nonzero()
+            if len(valid):
+                r[i, valid[-1]] = 0.11 * (1 + ids[i])  # inexact in binary: a mean by sum / n would round
+    else:
+        r = torch.randn(b, t, generator=gen, dtype=torch.float64)
+        if kind == "outcome":
+            r = torch.where(torch.arange(t) == t - 1, r, 0.0)
+    pi = torch.rand(b, t, generator=gen, dtype=torch.float64)
+    pi = torch.where(torch.rand(b, t, generator=gen) < 0.2, 1.0, pi)  # deterministic tokens: w = 0
+    old = pi.log()
+    s2 = pi ** 2 + torch.rand(b, t, generator=gen, dtype=torch.float64) * (1 - pi) ** 2  # a distribution's sum p^2
+    rho = torch.rand(b, t, generator=gen, dtype=torch.float64) * 2 if draw(st.booleans()) else None
+    return r, old, s2, rho, m, ids, kind
+
+
+@given(data=otb_inputs(), dtype=st.sampled_from([torch.float32, torch.float64]),
+       align=st.sampled_from(["position", "valid"]), zero_tail=st.booleans(),
+       eps=st.sampled_from([1e-8, 0.0, 0.5]), singleton=st.sampled_from(["zero", "raw"]))
+def test_optimal_token_baseline_matches_oracle(data, dtype, align, zero_tail, eps, singleton):
+    r, old, s2, rho, m, ids, kind = data
+    r, old, s2 = r.to(dtype), old.to(dtype), s2.to(dtype)
+    rho = None if rho is None else rho.to(dtype)
+    want, want_ret = oracle_otb(r.double().tolist(), old.double().tolist(), s2.double().tolist(),
+                                None if rho is None else rho.double().tolist(), m.tolist(), ids, align, zero_tail,
+                                eps, singleton)
+    out = ao.optimal_token_baseline_advantages(r, old, s2, m, group_ids=torch.tensor(ids), rollout_is_weights=rho,
+                                               align=align, zero_tail=zero_tail, eps=eps, singleton=singleton)
+    assert out.advantages.dtype == dtype and out.returns.dtype == dtype
+    assert_close_scale(out.advantages, want, dtype, "otb advantages")
+    assert_close_scale(out.returns, want_ret, dtype, "otb returns")
+    assert (out.advantages[~m] == 0).all() and (out.returns[~m] == 0).all()
+    if kind == "equal" and not zero_tail and singleton == "zero":
+        # every row of a group has the same return at every index: exactly 0, not eps-sized
+        assert (out.advantages == 0).all(), out.advantages
+
+
+def test_optimal_token_baseline_worked_vectors():
+    # two rows, outcome 1 and 0, every token with w = 1 - 2 pi + sum pi^2 = 0.5 (pi = 0.5, sum pi^2 = 0.5):
+    # W_t = 0.5 (t + 1) is the same for both, so B_t = 1/2 and A = +-1/2 (eps aside)
+    r = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    old = torch.full((2, 3), math.log(0.5), dtype=torch.float64)
+    s2 = torch.full((2, 3), 0.5, dtype=torch.float64)
+    out = ao.optimal_token_baseline_advantages(r, old, s2, None, 2, eps=0.0)
+    assert out.advantages.tolist() == [[0.5] * 3, [-0.5] * 3]
+    assert out.returns.tolist() == [[1.0] * 3, [0.0] * 3]
+    # row 0 longer than row 1: its tail has no peer; with zero_tail its baseline there is 0 (A = G)
+    m = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    a = ao.optimal_token_baseline_advantages(r, old, s2, m, 2, eps=0.0).advantages
+    assert a.tolist() == [[0.5, 1.0, 1.0], [-0.5, 0.0, 0.0]]
+    a = ao.optimal_token_baseline_advantages(r, old, s2, m, 2, eps=0.0, zero_tail=False).advantages
+    assert a.tolist() == [[0.5, 0.0, 0.0], [-0.5, 0.0, 0.0]]
+    # rollout IS weights scale w by rho^2: rho = [2, 1] weighs row 0 four times -> B = 4/5
+    rho = torch.tensor([[2.0] * 3, [1.0] * 3], dtype=torch.float64)
+    a = ao.optimal_token_baseline_advantages(r, old, s2, None, 2, eps=0.0, rollout_is_weights=rho).advantages
+    torch.testing.assert_close(a, torch.tensor([[0.2] * 3, [-0.8] * 3], dtype=torch.float64))
+    # a masked span: align="position" compares columns, align="valid" the k-th valid tokens
+    m = torch.tensor([[1, 0, 1], [1, 1, 0]])
+    r2 = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    pos = ao.optimal_token_baseline_advantages(r2, old, s2, m, 2, eps=0.0).advantages
+    val = ao.optimal_token_baseline_advantages(r2, old, s2, m, 2, eps=0.0, align="valid").advantages
+    assert pos.tolist() == [[0.5, 0.0, 1.0], [-0.5, 0.0, 0.0]]  # column 1 and 2 have one row each
+    assert val.tolist() == [[0.5, 0.0, 0.5], [-0.5, -0.5, 0.0]]
+    # ten equal returns of 0.11 (their sum / 10 is 0.10999999999999999): exactly 0, not rounding noise
+    tens = torch.zeros(10, 4, dtype=torch.float64)
+    tens[:, -1] = 0.11
+    g10 = torch.Generator().manual_seed(3)
+    p10 = torch.rand(10, 4, generator=g10, dtype=torch.float64)
+    a = ao.optimal_token_baseline_advantages(tens, p10.log(), p10 ** 2 + (1 - p10) ** 2 / 3, None, 10).advantages
+    assert (a == 0).all(), a
+    # all tokens deterministic (W = 0): the plain mean at every index, never 0 / eps
+    one = torch.zeros(2, 3, dtype=torch.float64)
+    a = ao.optimal_token_baseline_advantages(r, one, torch.ones(2, 3, dtype=torch.float64), None, 2).advantages
+    assert a.tolist() == [[0.5] * 3, [-0.5] * 3]
+
+
+def test_optimal_token_baseline_bad_input():
+    r, old, s2 = torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3)
+    with pytest.raises(ValueError, match="single row with valid tokens"):
+        ao.optimal_token_baseline_advantages(r, old, s2, torch.tensor([[1, 1, 0], [0, 0, 0]]), 2)
+    with pytest.raises(ValueError, match="align must be one of"):
+        ao.optimal_token_baseline_advantages(r, old, s2, None, 2, align="turn")
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        ao.optimal_token_baseline_advantages(r, old, s2, None, 2, eps=-1.0)
+    with pytest.raises(TypeError, match="zero_tail must be a bool"):
+        ao.optimal_token_baseline_advantages(r, old, s2, None, 2, zero_tail=1)
+    with pytest.raises(ValueError, match="sum_pi_squared shape"):
+        ao.optimal_token_baseline_advantages(r, old, torch.ones(2, 4), None, 2)
+    with pytest.raises(ValueError, match=r"token_rewards must be \[B, T\]"):
+        ao.optimal_token_baseline_advantages(torch.zeros(6), torch.zeros(6), torch.ones(6), None, 2)
+    with pytest.raises(ValueError, match="sum_pi_squared must be >= 0"):
+        ao.optimal_token_baseline_advantages(r, old, -s2, None, 2)
+    with pytest.raises(ValueError, match="old_logp contains NaN"):
+        ao.optimal_token_baseline_advantages(r, torch.full((2, 3), NAN), s2, None, 2)
+    # NaN where the mask is 0 is never read
+    out = ao.optimal_token_baseline_advantages(r, torch.tensor([[0.0, 0, NAN]] * 2), s2, torch.tensor([[1, 1, 0]] * 2),
+                                               2)
+    assert torch.isfinite(out.advantages).all()
+    with pytest.raises(ValueError, match="rollout_is_weights shape"):
+        ao.optimal_token_baseline_advantages(r, old, s2, None, 2, rollout_is_weights=torch.ones(3))

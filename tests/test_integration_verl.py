@@ -905,3 +905,242 @@ def test_register_is_idempotent():
     names = aov.register()
     assert dict(core_algos.ADV_ESTIMATOR_REGISTRY) == before
     assert set(names["policy_losses"]) <= set(core_algos.POLICY_LOSS_REGISTRY)
+
+
+# --------------------------------------------------------------------------------------------
+# advantage estimators: opo, grpo_passk, gdpo, optimal_token_baseline, tir_optimal_token_baseline
+
+
+def with_singleton(rewards, mask, uid, score=0.7):
+    """outcome_batch plus a prompt with a single response (its score on its last valid token)."""
+    row = torch.zeros(1, T)
+    row[0, 4] = score
+    m = (torch.arange(T) < 5).float().unsqueeze(0)
+    return torch.cat([rewards, row]), torch.cat([mask, m]), np.append(uid, np.array(["solo"], dtype=object))
+
+
+def test_opo_equals_verl():
+    rewards, mask, uid = with_singleton(*outcome_batch(5))
+    cfg = AlgoConfig()
+    ref = core_algos.get_adv_estimator_fn("opo")(token_level_rewards=rewards, response_mask=mask, index=uid, config=cfg)
+    got = core_algos.get_adv_estimator_fn("alignops_opo")(token_level_rewards=rewards, response_mask=mask, index=uid,
+                                                          config=cfg)
+    assert_pair(got, ref)
+    assert (got[0][-1, :5] == 0.7).all()  # the prompt with one response keeps its score (baseline 0), as in verl
+
+
+def test_opo_differences_from_verl():
+    """A prompt whose responses have no valid token: verl's baseline is 0 / 0, and its NaN reaches every
+    position of those rows (NaN * 0 = NaN); alignops uses the plain mean, and masked positions hold 0."""
+    rewards, mask, uid = outcome_batch(5)
+    mask[torch.from_numpy(uid == "p2")] = 0
+    rewards = rewards * mask
+    ref, _ = core_algos.compute_opo_outcome_advantage(rewards, mask, uid)
+    got, _ = aov.opo(rewards, mask, uid)
+    assert torch.isnan(ref[torch.from_numpy(uid == "p2")]).all()
+    assert torch.isfinite(got).all() and (got[mask == 0] == 0).all()
+    keep = torch.from_numpy(uid != "p2")
+    torch.testing.assert_close(got[keep], ref[keep])
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_grpo_passk_equals_verl(norm):
+    rewards, mask, uid = outcome_batch(6)
+    cfg = AlgoConfig(norm_adv_by_std_in_grpo=norm)
+    ref = core_algos.get_adv_estimator_fn("grpo_passk")(token_level_rewards=rewards, response_mask=mask, index=uid,
+                                                        config=cfg)
+    got = core_algos.get_adv_estimator_fn("alignops_grpo_passk")(token_level_rewards=rewards, response_mask=mask,
+                                                                 index=uid, config=cfg)
+    assert_pair(got, ref)
+    # one non-zero row in each group of distinct rewards (p2's rewards are equal: none there)
+    assert int((got[0].abs().sum(-1) > 0).sum()) == 3
+    # a prompt with one response is an error in both
+    one = with_singleton(rewards, mask, uid)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        core_algos.compute_grpo_passk_outcome_advantage(*one, config=cfg)
+    with pytest.raises(ValueError, match="single scorable reward"):
+        aov.grpo_passk(*one, config=cfg)
+
+
+def test_grpo_passk_without_config():
+    """verl's grpo_passk asserts a config and reads norm_adv_by_std_in_grpo from it only (its own
+    argument is ignored); alignops_grpo_passk takes the argument when there is no config."""
+    rewards, mask, uid = outcome_batch(6)
+    with pytest.raises(AssertionError):
+        core_algos.compute_grpo_passk_outcome_advantage(rewards, mask, uid)
+    ref = core_algos.compute_grpo_passk_outcome_advantage(rewards, mask, uid,
+                                                          config=AlgoConfig(norm_adv_by_std_in_grpo=False))
+    assert_pair(aov.grpo_passk(rewards, mask, uid, norm_adv_by_std_in_grpo=False), ref)
+
+
+def gdpo_batch(seed=7):
+    """outcome_batch with two reward components per row in non_tensor_batch, as compute_score returns
+    them, and the prompts / attention_mask verl's gdpo reads the response lengths from."""
+    rewards, mask, uid = outcome_batch(seed)
+    g = torch.Generator().manual_seed(seed)
+    n = len(uid)
+    acc = (torch.rand(n, generator=g) > 0.5).double().numpy()
+    fmt = torch.rand(n, generator=g).double().numpy().round(1)
+    acc[uid == "p2"] = 1.0                                   # a component equal within a group
+    batch = {"prompts": torch.zeros(n, 3, dtype=torch.long),
+             "attention_mask": torch.cat([torch.ones(n, 3), mask], -1).long()}
+    return rewards, mask, uid, {"uid": uid, "acc": acc, "fmt": fmt}, batch
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 0.5]])
+def test_gdpo_equals_verl(weights):
+    rewards, mask, uid, ntb, batch = gdpo_batch()
+    cfg = AlgoConfig(gdpo_reward_keys=["acc", "fmt"], gdpo_reward_weights=weights)
+    kw = dict(token_level_rewards=rewards, response_mask=mask, index=uid, config=cfg, non_tensor_batch=ntb,
+              batch=batch)
+    ref = core_algos.get_adv_estimator_fn("gdpo")(**kw)
+    got = core_algos.get_adv_estimator_fn("alignops_gdpo")(**kw)
+    assert_pair(got, ref)
+    # without gdpo_reward_keys the one component is the row's reward: GRPO, then whitened
+    cfg1 = AlgoConfig()
+    ref1 = core_algos.get_adv_estimator_fn("gdpo")(token_level_rewards=rewards, response_mask=mask, index=uid,
+                                                   config=cfg1)
+    got1 = core_algos.get_adv_estimator_fn("alignops_gdpo")(token_level_rewards=rewards, response_mask=mask,
+                                                            index=uid, config=cfg1)
+    assert_pair(got1, ref1)
+
+
+def test_gdpo_differences_from_verl():
+    """verl's gdpo ignores algorithm.norm_adv_by_std_in_grpo (it hands its own argument, default True, to
+    its GRPO), and with gdpo_reward_keys set but no non_tensor_batch it silently falls back to the one
+    summed reward; alignops_gdpo reads the config and refuses the second case (verl 0.9.1's
+    compute_advantage passes non_tensor_batch only to the estimator named "gdpo")."""
+    rewards, mask, uid, ntb, batch = gdpo_batch()
+    off = AlgoConfig(gdpo_reward_keys=["acc", "fmt"], norm_adv_by_std_in_grpo=False)
+    kw = dict(token_level_rewards=rewards, response_mask=mask, index=uid, non_tensor_batch=ntb, batch=batch)
+    verl_default = core_algos.compute_gdpo_outcome_advantage(config=off, **kw)
+    verl_off = core_algos.compute_gdpo_outcome_advantage(config=off, norm_adv_by_std_in_grpo=False, **kw)
+    got = aov.gdpo(config=off, **kw)
+    assert_pair(got, verl_off)
+    assert (got[0] - verl_default[0]).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="non_tensor_batch"):
+        aov.gdpo(rewards, mask, uid, config=off)
+    fallback = core_algos.compute_gdpo_outcome_advantage(rewards, mask, uid, config=off)
+    assert_pair(aov.gdpo(rewards, mask, uid), fallback)
+    with pytest.raises(ValueError, match="'speed'"):
+        aov.gdpo(rewards, mask, uid, config=AlgoConfig(gdpo_reward_keys=["acc", "speed"]), non_tensor_batch=ntb,
+                 batch=batch)
+
+
+# uids of with_singleton(outcome_batch()): p0 rows 2, 6, 10, 13; p1 rows 1, 4, 8, 12; p2 rows 5, 7, 11;
+# p3 rows 0, 3, 9; solo row 14. p0's longest row (2) is unique (a zero tail from its 5th token on), p1,
+# p2 and p3 have two rows of their longest length, row 4 is empty.
+OTB_LENGTHS = [9, 6, 9, 7, 0, 4, 3, 7, 2, 9, 5, 7, 6, 1, 5]
+
+
+def otb_batch(seed=8, holes=False, dtype=torch.float32):
+    """Token rewards (an outcome plus a small per-token term) and old_log_probs / sum_pi_squared of a
+    distribution (sum pi^2 >= pi^2). holes: masked spans inside rows 0, 3 and 10 (tool outputs)."""
+    _, _, uid = with_singleton(*outcome_batch(seed))
+    g = torch.Generator().manual_seed(seed)
+    n = len(uid)
+    lengths = torch.tensor(OTB_LENGTHS)
+    mask = (torch.arange(T)[None] < lengths[:, None]).to(dtype)
+    if holes:
+        mask[0, 2:4] = mask[3, 2:4] = mask[10, 1:3] = 0
+    rewards = (0.02 * torch.randn(n, T, generator=g, dtype=dtype)) * mask
+    last = torch.arange(n)[lengths > 0]
+    rewards[last, lengths[last] - 1] += torch.randn(len(last), generator=g, dtype=dtype)
+    pi = torch.rand(n, T, generator=g, dtype=dtype) * 0.9 + 0.05
+    s2 = pi ** 2 + torch.rand(n, T, generator=g, dtype=dtype) * (1 - pi) ** 2
+    return rewards, mask, uid, pi.log(), s2
+
+
+@pytest.mark.parametrize("zero_tail", [True, False])
+@pytest.mark.parametrize("is_weights", [False, True])
+@pytest.mark.parametrize("name,holes", [("optimal_token_baseline", False), ("tir_optimal_token_baseline", False),
+                                        ("tir_optimal_token_baseline", True)])
+def test_optimal_token_baseline_equals_verl(name, holes, is_weights, zero_tail):
+    rewards, mask, uid, old, s2 = otb_batch(holes=holes)
+    rho = torch.rand(rewards.shape, generator=torch.Generator().manual_seed(9)) * 2 if is_weights else None
+    kw = dict(token_level_rewards=rewards, response_mask=mask, index=uid, old_log_probs=old, sum_pi_squared=s2,
+              rollout_is_weights=rho, handle_zero_tail=zero_tail)
+    ref = core_algos.get_adv_estimator_fn(name)(**kw)
+    got = core_algos.get_adv_estimator_fn("alignops_" + name)(config=AlgoConfig(), **kw)
+    # verl's returns carry the return-to-go across masked positions; alignops writes 0 there
+    assert_pair(got, ref, mask)
+    assert (got[0][mask == 0] == 0).all() and (got[1][mask == 0] == 0).all()
+    assert torch.equal(got[0][14], got[1][14])  # the prompt with one response: no baseline, A = G
+    if zero_tail:  # p0's row 2 alone beyond p0's second-longest row (5 tokens): baseline 0 there
+        assert torch.equal(got[0][2, 5:], got[1][2, 5:])
+
+
+def test_optimal_token_baseline_with_masked_spans_equals_verl_without_zero_tail():
+    rewards, mask, uid, old, s2 = otb_batch(holes=True)
+    kw = dict(token_level_rewards=rewards, response_mask=mask, index=uid, old_log_probs=old, sum_pi_squared=s2,
+              handle_zero_tail=False)
+    assert_pair(aov.optimal_token_baseline(**kw), core_algos.compute_optimal_token_baseline_advantage(**kw), mask)
+
+
+def test_optimal_token_baseline_differences_from_verl():
+    """Where alignops departs from verl on purpose (docs/methods.md §2.43)."""
+    otb = core_algos.compute_optimal_token_baseline_advantage
+    tir = core_algos.compute_multi_turn_optimal_token_baseline_advantage
+    # 1. The zero tail of optimal_token_baseline with masked spans: verl zeroes the unique longest row's
+    # baseline from the column equal to the second-longest row's token count, alignops where that row is
+    # the only one of its group valid at the column. p0: row 10 (5 columns, 1-2 masked: 3 tokens) is
+    # valid at columns 3 and 4 beside row 2; p3: row 0 (9 columns, 7 tokens) is valid at columns 7
+    # and 8 beside row 9, while at columns 2 and 3 row 9 is alone (rows 0 and 3 masked there).
+    rewards, mask, uid, old, s2 = otb_batch(holes=True)
+    kw = dict(token_level_rewards=rewards, response_mask=mask, index=uid, old_log_probs=old, sum_pi_squared=s2)
+    ref, ref_ret = otb(**kw)
+    got, ret = aov.optimal_token_baseline(**kw)
+    verl_zero, ours_zero = torch.zeros_like(mask, dtype=torch.bool), torch.zeros_like(mask, dtype=torch.bool)
+    verl_zero[2, 3:5] = verl_zero[9, 7:9] = ours_zero[9, 2:4] = True
+    assert torch.equal(ref[verl_zero], ref_ret[verl_zero]) and (got[verl_zero] - ret[verl_zero]).abs().min() > 1e-3
+    assert torch.equal(got[ours_zero], ret[ours_zero]) and (ref[ours_zero] - ret[ours_zero]).abs().min() > 1e-3
+    same = ~verl_zero & ~ours_zero & (mask > 0)
+    torch.testing.assert_close(got[same], ref[same])
+    # 2. An index where every row of the group has W = 0 (deterministic tokens, pi = 1, sum pi^2 = 1):
+    # verl's baseline is 0 / (0 + eps) = 0, alignops's the plain mean of the returns there.
+    rewards, mask, uid, old, s2 = otb_batch()
+    p1 = torch.from_numpy(uid == "p1")
+    old[p1, 0], s2[p1, 0] = 0.0, 1.0
+    kw = dict(token_level_rewards=rewards, response_mask=mask, index=uid, old_log_probs=old, sum_pi_squared=s2)
+    ref, _ = otb(**kw)
+    got, ret = aov.optimal_token_baseline(**kw)
+    rows = torch.nonzero(p1 & (mask[:, 0] > 0)).flatten()
+    torch.testing.assert_close(ref[rows, 0], ret[rows, 0])
+    torch.testing.assert_close(got[rows, 0], ret[rows, 0] - ret[rows, 0].mean())
+    # 3. Equal returns in a group: verl leaves G eps / (sum W + eps), alignops exactly 0 (float64 here,
+    # where verl's eps = 1e-8 is not lost in the rounding)
+    rewards, mask, uid, old, s2 = otb_batch(dtype=torch.float64)
+    rewards = torch.where(mask > 0, 0.0, rewards)
+    rewards[torch.arange(len(uid)), (mask.sum(-1).long() - 1).clamp_min(0)] = 0.3 * mask.amax(-1)
+    kw = dict(token_level_rewards=rewards, response_mask=mask, index=uid, old_log_probs=old, sum_pi_squared=s2,
+              handle_zero_tail=False)
+    ref, _ = otb(**kw)
+    got, _ = aov.optimal_token_baseline(**kw)
+    group = torch.from_numpy(uid != "solo").unsqueeze(-1) & (mask > 0)
+    assert (got[group] == 0).all() and (ref[group] != 0).any() and ref[group].abs().max() < 1e-7
+    # 4. A group with one row that has tokens and one empty row, without the zero tail: verl's
+    # optimal_token_baseline counts the empty row (two rows: A = G eps / (W + eps), ~0), its
+    # tir_optimal_token_baseline does not (one row: A = G); alignops counts rows with tokens in both.
+    r = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    kw = dict(token_level_rewards=r, response_mask=m, index=np.array(["a", "a"], dtype=object),
+              old_log_probs=torch.full((2, 3), -0.7), sum_pi_squared=torch.full((2, 3), 0.4), handle_zero_tail=False)
+    assert otb(**kw)[0].abs().max() < 1e-6
+    assert torch.equal(tir(**kw)[0], r.flip(-1).cumsum(-1).flip(-1) * m)
+    for fn in (aov.optimal_token_baseline, aov.tir_optimal_token_baseline):
+        assert torch.equal(fn(**kw)[0], tir(**kw)[0])
+
+
+def test_new_estimator_bad_input_is_named():
+    rewards, mask, uid, old, s2 = otb_batch()
+    for fn in (aov.optimal_token_baseline, aov.tir_optimal_token_baseline):
+        with pytest.raises(ValueError, match="old_log_probs and sum_pi_squared"):
+            fn(rewards, mask, uid, config=AlgoConfig())
+        with pytest.raises(ValueError, match="index"):
+            fn(rewards, mask, None, old_log_probs=old, sum_pi_squared=s2)
+    with pytest.raises(ValueError, match="response_mask"):
+        aov.opo(rewards, mask[:, :-1], uid)
+    with pytest.raises(ValueError, match="index"):
+        aov.grpo_passk(rewards, mask, uid[:-1], config=AlgoConfig())
+    with pytest.raises(ValueError, match="gdpo_reward_keys"):
+        aov.gdpo(rewards, mask, uid, config=AlgoConfig(), non_tensor_batch={"uid": uid}, batch={})

@@ -1,10 +1,11 @@
 """Advantage estimators and normalisation: rewards in, detached advantages out.
 
 One file a family: group.py (group statistics and the estimators built on them: GRPO, RLOO,
-GVPO, GPG, SEED-GRPO, ReMax, semantic entropy), token.py (masked statistics and whitening, GAE,
-VAPO's lambda, k1 KL-in-reward, token rewards, REINFORCE++), shaping.py (DLER, AWPO, DAPO's
-overlong penalty and dynamic sampling), kl_control.py (the KL controllers); _common.py holds the
-argument handling they share. Everything public is re-exported here.
+GVPO, GPG, SEED-GRPO, ReMax, OPO, GRPO pass@k, semantic entropy), token.py (masked statistics and
+whitening, GAE, VAPO's lambda, k1 KL-in-reward, token rewards, REINFORCE++, the optimal token
+baseline), shaping.py (DLER, AWPO, GDPO, DAPO's overlong penalty and dynamic sampling), kl_control.py
+(the KL controllers); _common.py holds the argument handling they share. Everything public is
+re-exported here.
 
 Every estimator follows docs/methods.md (section 00 wins): group std unbiased with eps outside the root
 (default 1e-6); a group whose scorable rewards are all equal gets advantage exactly 0; singleton
@@ -55,14 +56,17 @@ from __future__ import annotations
 
 from alignops.advantages._common import _resolve  # noqa: F401 - the advantage ops' backend choice
 from alignops.advantages.group import (GroupAdvantages, GroupStats, gpg_advantages, group_stats,
-                                       grpo_advantages, gvpo_centered_rewards, remax_advantages,
-                                       rloo_advantages, seed_grpo_advantages, semantic_entropy)
+                                       grpo_advantages, grpo_passk_advantages, gvpo_centered_rewards,
+                                       opo_advantages, remax_advantages, rloo_advantages, seed_grpo_advantages,
+                                       semantic_entropy)
 from alignops.advantages.kl_control import AdaptiveKLController, FixedKLController
 from alignops.advantages.shaping import (AWPOAdvantages, DynamicSampling, awpo_advantages,
-                                         dapo_overlong_penalty, dler_advantages, dynamic_sampling_mask)
+                                         dapo_overlong_penalty, dler_advantages, dynamic_sampling_mask,
+                                         gdpo_advantages)
 from alignops.advantages.token import (AdvantagesReturns, gae_advantages, k1_penalty, kl_penalized_scores,
-                                       masked_mean, masked_var, masked_whiten, reinforce_pp_advantages,
-                                       reinforce_pp_baseline_advantages, token_level_rewards, vapo_lambda)
+                                       masked_mean, masked_var, masked_whiten, optimal_token_baseline_advantages,
+                                       reinforce_pp_advantages, reinforce_pp_baseline_advantages,
+                                       token_level_rewards, vapo_lambda)
 
 __all__ = [
     "GroupStats", "GroupAdvantages", "AdvantagesReturns", "AWPOAdvantages", "DynamicSampling",
@@ -71,5 +75,6 @@ __all__ = [
     "masked_mean", "masked_var", "masked_whiten", "gae_advantages", "vapo_lambda", "k1_penalty",
     "token_level_rewards", "kl_penalized_scores", "reinforce_pp_advantages",
     "reinforce_pp_baseline_advantages", "dler_advantages", "awpo_advantages", "dapo_overlong_penalty",
+    "opo_advantages", "grpo_passk_advantages", "gdpo_advantages", "optimal_token_baseline_advantages",
     "FixedKLController", "AdaptiveKLController",
 ]

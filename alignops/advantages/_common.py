@@ -63,6 +63,30 @@ def _rewards(rewards, name="rewards") -> Tensor:
     return r.contiguous()
 
 
+def _row_lengths(mask, lengths, num_rows: int, device, validate_mask, required: bool) -> Tensor | None:
+    """Per-row token counts as float64 [B]: `mask` [B, T] (bool or 0/1) summed, or `lengths` [B]
+    (any non-negative per-row weights); exactly one of them, or neither when not `required` (None)."""
+    if mask is None and lengths is None:
+        if required:
+            raise ValueError("give exactly one of mask [B, T] or lengths [B] (the rows' token counts)")
+        return None
+    if mask is not None and lengths is not None:
+        raise ValueError("give exactly one of mask [B, T] or lengths [B], not both")
+    if mask is not None:
+        m = _tensor(mask, "mask")
+        if m.dim() != 2 or m.shape[0] != num_rows:
+            raise ValueError(f"mask must be [B, T] with B={num_rows}, got shape {tuple(m.shape)}")
+        return layout.check_mask(m, device=device, name="mask", validate=validate_mask,
+                                 weights="per-row token counts go in lengths= [B]").sum(-1).double()
+    w = _float_tensor(lengths, "lengths").double()
+    if w.shape != (num_rows,):
+        raise ValueError(f"lengths must be [B]={num_rows}, got shape {tuple(w.shape)}")
+    _same_device(w, device, "lengths")
+    _check_finite(w, "lengths", allow_nan=False)
+    _check_nonnegative(w, "lengths")
+    return w
+
+
 # --------------------------------------------------------------------------------------------
 # batch moments (merged over ranks with alignops.distributed.merge_moments)
 

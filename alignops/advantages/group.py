@@ -1,5 +1,5 @@
 """Group estimators: statistics of the rollouts of one prompt (GRPO, RLOO, GVPO, GPG, SEED-GRPO,
-ReMax) and the group machinery the other families build on.
+ReMax, OPO, GRPO pass@k) and the group machinery the other families build on.
 
 Groups are `group_size=G` consecutive rows or `group_ids=[B]` (see alignops.advantages); the
 statistics come from the `group_advantages` kernel in one pass with no Python loop over groups.
@@ -16,7 +16,7 @@ from torch import Tensor
 from alignops import _backend, layout
 from alignops._validate import check_choice, check_float
 from alignops.advantages._common import (_check_finite, _float_tensor, _local_moments, _resolve, _rewards,
-                                         _same_device, _tensor, _var)
+                                         _row_lengths, _same_device, _tensor, _var)
 from alignops.distributed import all_reduce_sum, merge_moments
 
 _MODE = {"center": 0, "scale": 1, "rloo": 2}
@@ -216,6 +216,63 @@ def gpg_advantages(rewards: Tensor, group_size: int | None = None, *, group_ids:
     adv = (adv.double() * alpha).to(r.dtype)
     alpha = alpha.to(r.dtype)
     return _with_stats(adv, stats, alpha=alpha) if return_stats else adv
+
+
+def opo_advantages(rewards: Tensor, group_size: int | None = None, *, group_ids: Tensor | None = None,
+                   num_groups: int | None = None, mask: Tensor | None = None, lengths: Tensor | None = None,
+                   singleton: str = "error", backend: str | None = None,
+                   validate_mask: bool | None = None) -> Tensor:
+    """OPO (docs/methods.md §2.40; verl `opo`): R_i - b_g with the length-weighted baseline
+    b_g = sum_j L_j R_j / sum_j L_j over the group's scorable rows, L the rows' token counts
+    (`mask` [B, T] summed, or `lengths` [B]). Equal rewards give exactly 0; a group whose scorable
+    rows have no tokens at all takes the plain mean; NaN rewards are left out and get 0; a group
+    with one scorable reward follows `singleton` (verl: "raw", A = R). Returns `[B]`."""
+    r = _rewards(rewards)
+    groups = _groups(r.numel(), r.device, group_size, group_ids, num_groups)
+    length = _row_lengths(mask, lengths, r.numel(), r.device, validate_mask, required=True)
+    centered, stats = _run_groups(r, groups, "center", 0.0, singleton, backend)
+    g = groups.index
+    valid = ~torch.isnan(r)
+    rd = torch.where(valid, r.double(), 0.0)
+    w = torch.where(valid, length, 0.0)
+    zeros = torch.zeros(groups.num_groups, dtype=torch.float64, device=r.device)
+    num = zeros.index_add(0, g, w * rd)
+    den = zeros.index_add(0, g, w)
+    plain = zeros.index_add(0, g, rd) / stats.count.clamp_min(1)  # float64, where no scorable row has a token
+    baseline = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), plain)
+    adv = torch.where(valid & ~stats.zero_variance[g], rd - baseline[g], 0.0)
+    adv = torch.where(stats.count[g] == 1, centered.double(), adv)
+    return adv.to(r.dtype)
+
+
+def grpo_passk_advantages(rewards: Tensor, group_size: int | None = None, *, group_ids: Tensor | None = None,
+                          num_groups: int | None = None, scale: str = "group", std_eps: float = 1e-6,
+                          singleton: str = "error", backend: str | None = None) -> Tensor:
+    """GRPO pass@k with k = the group size (docs/methods.md §2.41; verl `grpo_passk`): the
+    leave-one-out advantage of max_j R_j, A_i = max_j R_j - max_{j != i} R_j. Only a group's
+    unique best row gets a non-zero advantage, R_max - R_second; a tied maximum gives 0 to all.
+    scale="group" divides by std_g + std_eps (unbiased std of the group's scorable rewards, verl
+    `norm_adv_by_std_in_grpo=True`), "none" does not. NaN rewards are left out and get 0; a group
+    with one scorable reward follows `singleton` (verl raises). Returns `[B]`."""
+    check_choice("scale", scale, ("group", "none"))
+    std_eps = check_float("std_eps", std_eps, lo=0.0, lo_open=False)
+    r = _rewards(rewards)
+    groups = _groups(r.numel(), r.device, group_size, group_ids, num_groups)
+    centered, stats = _run_groups(r, groups, "center", 0.0, singleton, backend)
+    g, p = groups.index, groups.num_groups
+    valid = ~torch.isnan(r)
+    x = torch.where(valid, r.double(), -torch.inf)
+    lowest = torch.full((p,), -torch.inf, dtype=torch.float64, device=r.device)
+    top = lowest.scatter_reduce(0, g, x, "amax")
+    is_top = valid & (x == top[g])
+    n_top = torch.zeros(p, dtype=torch.int64, device=r.device).index_add_(0, g, is_top.long())
+    second = lowest.scatter_reduce(0, g, torch.where(is_top, -torch.inf, x), "amax")
+    best = is_top & (n_top[g] == 1) & (stats.count[g] >= 2)  # then `second` is a finite reward
+    adv = torch.where(best, top[g] - torch.where(best, second[g], 0.0), 0.0)
+    if scale == "group":  # adv != 0 only where the group's rewards differ, so std_g > 0 there
+        adv = torch.where(adv != 0, adv / (stats.std.double()[g] + std_eps), 0.0)
+    adv = torch.where(stats.count[g] == 1, centered.double(), adv)
+    return adv.to(r.dtype)
 
 
 def seed_grpo_advantages(rewards: Tensor, semantic_entropy: Tensor, group_size: int | None = None, *,

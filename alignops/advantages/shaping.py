@@ -1,5 +1,6 @@
 """Reward shaping and sampling: DLER's batch-wise normalisation, AWPO's gated mix of outcome and
-reasoning rewards, DAPO's overlong penalty and dynamic sampling.
+reasoning rewards, GDPO's decoupled normalisation of several rewards, DAPO's overlong penalty and
+dynamic sampling.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from torch import Tensor
 
 from alignops import layout
 from alignops._validate import check_choice, check_float, renamed_keywords
-from alignops.advantages._common import (_check_nonnegative, _float_tensor, _local_moments, _rewards,
-                                         _same_device, _tensor, _var)
+from alignops.advantages._common import (_check_finite, _check_nonnegative, _float_tensor, _local_moments,
+                                         _rewards, _row_lengths, _same_device, _tensor, _var)
 from alignops.advantages.group import _groups, _run_groups, group_stats
+from alignops.advantages.token import _WHITEN_RENAMES, _whiten_args
 from alignops.distributed import all_reduce_sum, merge_moments
 
 class AWPOAdvantages(NamedTuple):
@@ -137,6 +139,64 @@ def awpo_advantages(outcome_rewards: Tensor, reasoning_rewards: Tensor, group_si
     mean_gate = gate_sum / n_groups.clamp_min(1)
     clip_low = (clip_low_min + (1 - mean_gate) * (clip_low_max - clip_low_min)).to(r_out.dtype)
     return AWPOAdvantages(adv, gate, difficulty, ratio, clip_low)
+
+
+@renamed_keywords(**_WHITEN_RENAMES)
+def gdpo_advantages(rewards: Tensor, group_size: int | None = None, *, group_ids: Tensor | None = None,
+                    num_groups: int | None = None, weights=None, mask: Tensor | None = None,
+                    lengths: Tensor | None = None, scale: str = "group", std_eps: float = 1e-6,
+                    singleton: str = "error", var: str = "unbiased", var_eps: float = 1e-8,
+                    var_eps_mode: str = "add_inside", process_group=None, backend: str | None = None,
+                    validate_mask: bool | None = None) -> Tensor:
+    """GDPO (docs/methods.md §2.42; verl `gdpo`): every reward component is group-normalised on its
+    own, as GRPO (`scale="group"`: (R_k - mean_g) / (std_g + std_eps); "none": R_k - mean_g), the
+    results are summed with `weights` [K] (default 1 each), and the sum is whitened over the batch
+    like `masked_whiten` (verl's defaults: unbiased variance, rsqrt(var + var_eps)).
+
+    `rewards` is `[B, K]` (one column a reward component) or `[B]` (one component). The whitening is
+    token-weighted with `mask` [B, T] or `lengths` [B] (verl's: each row counts once per valid
+    token), row-weighted when neither is given; global over `process_group`. A NaN component is left
+    out of that component's statistics and adds 0; a row whose components are all NaN is left out
+    of the whitening and gets 0. Fewer than two weighted values, or zero spread, centre only.
+    Returns `[B]`."""
+    check_choice("scale", scale, ("group", "none"))
+    std_eps = check_float("std_eps", std_eps, lo=0.0, lo_open=False)
+    eps = _whiten_args(var, var_eps, var_eps_mode)
+    r = _float_tensor(rewards, "rewards")
+    if r.dim() == 1:
+        r = r.unsqueeze(-1)
+    if r.dim() != 2:
+        raise ValueError(f"rewards must be [B, K] (K reward components) or [B], got shape {tuple(r.shape)}")
+    b, k = r.shape
+    if k == 0:
+        raise ValueError("rewards must have at least one component (K >= 1), got shape (B, 0)")
+    _check_finite(r, "rewards", allow_nan=True)
+    if weights is None:
+        w = torch.ones(k, dtype=torch.float64, device=r.device)
+    else:
+        w = _float_tensor(weights if isinstance(weights, Tensor) else torch.tensor(weights, dtype=torch.float64),
+                          "weights").double().to(r.device)
+        if w.shape != (k,):
+            raise ValueError(f"weights must hold one weight per reward component (K={k}), got shape "
+                             f"{tuple(w.shape)}")
+        _check_finite(w, "weights", allow_nan=False)
+    length = _row_lengths(mask, lengths, b, r.device, validate_mask, required=False)
+    groups = _groups(b, r.device, group_size, group_ids, num_groups)
+    total = torch.zeros(b, dtype=torch.float64, device=r.device)
+    for j in range(k):
+        # in float64: the sum is whitened, which would amplify each component's fp32 rounding
+        adv, _ = _run_groups(r[:, j].double().contiguous(), groups, "scale" if scale == "group" else "center",
+                             std_eps, singleton, backend)
+        total = total + w[j] * adv
+    scorable = ~torch.isnan(r).all(-1)
+    weight = torch.where(scorable, torch.ones_like(total) if length is None else length, 0.0)
+    n, mean, m2 = merge_moments(_local_moments(total, weight), process_group)
+    v = _var(n, m2, var == "unbiased")
+    denom = v + eps if var_eps_mode == "add_inside" else v.clamp_min(eps)
+    # N <= 1 or no spread at all (denom 0 needs var_eps = 0): centre only, as masked_whiten's N <= 1
+    inv = torch.where((n > 1) & (denom > 0), torch.rsqrt(torch.where(denom > 0, denom, 1.0)), 1.0)
+    out = torch.where(scorable, (total - mean) * inv, 0.0)
+    return out.to(r.dtype)
 
 
 def dapo_overlong_penalty(lengths: Tensor, max_length: int, cache_length: int,

@@ -1,5 +1,5 @@
 """Token-level estimators: masked statistics and whitening, GAE (and VAPO's lambda), the k1
-KL-in-reward terms, token rewards and REINFORCE++.
+KL-in-reward terms, token rewards, REINFORCE++ and the optimal token baseline (OTB).
 
 Token tensors are `[B, T]` with a mask, or packed `[N]` with `cu_seqlens=[B+1]` (and an optional
 `[N]` mask): alignops.layout. Masks are bool or 0/1; any other value is an error, checked on CPU
@@ -17,8 +17,8 @@ from torch import Tensor
 
 from alignops import _backend, layout
 from alignops._validate import check_bool, check_choice, check_float, renamed_keywords
-from alignops.advantages._common import (_check_finite, _float_tensor, _resolve, _rewards, _same_device, _tensor,
-                                         _var)
+from alignops.advantages._common import (_check_finite, _check_nonnegative, _float_tensor, _resolve, _rewards,
+                                         _same_device, _tensor, _var)
 from alignops.advantages.group import _groups, _run_groups
 from alignops.distributed import merge_moments
 
@@ -355,3 +355,87 @@ def reinforce_pp_baseline_advantages(scores: Tensor, mask: Tensor | None = None,
     centered, _ = _run_groups(s, groups, "center", 0.0, singleton, backend)
     return _reinforce_pp(centered, mask, cu_seqlens, old_logp, ref_logp, kl_coef, 1.0, var, var_eps, var_eps_mode,
                          process_group, backend, shape, validate_mask)
+
+
+def optimal_token_baseline_advantages(token_rewards: Tensor, old_logp: Tensor, sum_pi_squared: Tensor,
+                                      mask: Tensor | None = None, group_size: int | None = None, *,
+                                      group_ids: Tensor | None = None, num_groups: int | None = None,
+                                      rollout_is_weights: Tensor | None = None, align: str = "position",
+                                      zero_tail: bool = True, eps: float = 1e-8, singleton: str = "error",
+                                      validate_mask: bool | None = None) -> AdvantagesReturns:
+    """The optimal token baseline (docs/methods.md §2.43; verl `optimal_token_baseline` and, with
+    align="valid", `tir_optimal_token_baseline`): A_t = G_t - B_{g,t}, one baseline per group and
+    token index.
+
+    G_t is the return-to-go over the row's valid tokens (gamma = 1). Per token
+    w_t = max(1 - 2 exp(old_logp_t) + sum_pi_squared_t, 0) * rho_t^2 (rho = `rollout_is_weights`,
+    default 1), W_t its sum over the row's valid tokens up to t, and
+    B_{g,t} = (sum_j G_j W_j + eps * Gbar) / (sum_j W_j + eps) over the rows j of the group valid at
+    index t, Gbar their plain mean (equal returns give exactly 0; eps pulls towards Gbar, not 0).
+    align="position": index t is the padded column; "valid": the row's k-th valid token (multi-turn
+    responses whose tool tokens are masked). `zero_tail`: where a single row of a group of two or
+    more reaches index t, its baseline there is 0. A group with one row that has tokens follows
+    `singleton` ("raw": no baseline, A = G, verl's). `[B, T]` inputs; returns (advantages, returns),
+    both 0 at masked positions."""
+    check_choice("align", align, ("position", "valid"))
+    check_bool("zero_tail", zero_tail)
+    check_choice("singleton", singleton, ("error", "zero", "raw"))
+    eps = check_float("eps", eps, lo=0.0, lo_open=False)
+    r = _float_tensor(token_rewards, "token_rewards")
+    if r.dim() != 2:
+        raise ValueError(f"token_rewards must be [B, T], got shape {tuple(r.shape)}")
+    old = _same(old_logp, r, "old_logp")
+    s2 = _same(sum_pi_squared, r, "sum_pi_squared")
+    rho = None if rollout_is_weights is None else _same(rollout_is_weights, r, "rollout_is_weights")
+    inputs = [r, old, s2] + ([] if rho is None else [rho])
+    dtype = torch.float64 if any(x.dtype == torch.float64 for x in inputs) else torch.float32
+    m = layout.token_mask(mask, r.shape, r.device, validate=validate_mask)
+    for x, name in zip(inputs, ("token_rewards", "old_logp", "sum_pi_squared", "rollout_is_weights")):
+        _check_finite(torch.where(m, x, 0.0), name, allow_nan=False)  # masked positions are never read
+    _check_nonnegative(torch.where(m, s2, 0.0), "sum_pi_squared")
+    b, t = r.shape
+    groups = _groups(b, r.device, group_size, group_ids, num_groups)
+    g, p = groups.index, groups.num_groups
+    ret = torch.where(m, r.double(), 0.0).flip(-1).cumsum(-1).flip(-1)
+    w = (1 - 2 * old.double().exp() + s2.double()).clamp_min(0)  # ||e_y - pi||^2 >= 0; the clamp absorbs rounding
+    if rho is not None:
+        w = w * rho.double() ** 2
+    cum_w = torch.where(m, w, 0.0).cumsum(-1)
+    if align == "valid":  # compact each row: its k-th valid token goes to column k
+        rows, cols = m.nonzero(as_tuple=True)
+        k = (m.long().cumsum(-1) - 1)[rows, cols]
+        rc = torch.zeros(b, t, dtype=torch.float64, device=r.device)
+        wc = torch.zeros_like(rc)
+        mc = torch.zeros_like(m)
+        rc[rows, k], wc[rows, k], mc[rows, k] = ret[rows, cols], cum_w[rows, cols], True
+    else:
+        rc, wc, mc = ret, cum_w, m
+    zeros = torch.zeros(p, t, dtype=torch.float64, device=r.device)
+    idx = g.unsqueeze(-1).expand(b, t)
+    n = zeros.index_add(0, g, mc.double())
+    sum_w = zeros.index_add(0, g, torch.where(mc, wc, 0.0))
+    hi = torch.full_like(zeros, -torch.inf).scatter_reduce(0, idx, torch.where(mc, rc, -torch.inf), "amax")
+    lo = torch.full_like(zeros, torch.inf).scatter_reduce(0, idx, torch.where(mc, rc, torch.inf), "amin")
+    mean = torch.where(hi == lo, hi, zeros.index_add(0, g, torch.where(mc, rc, 0.0)) / n.clamp_min(1))
+    dev = zeros.index_add(0, g, torch.where(mc, (rc - mean[g]) * wc, 0.0))
+    den = sum_w + eps
+    base = mean + torch.where(den > 0, dev / torch.where(den > 0, den, 1.0), 0.0)
+    members = torch.zeros(p, dtype=torch.float64, device=r.device).index_add_(0, g, m.any(-1).double())
+    if singleton == "error" and p and bool((members == 1).any()):
+        gi = int(torch.nonzero(members == 1)[0, 0])
+        raise ValueError(f"group {gi} has a single row with valid tokens, so its baseline is undefined; pass "
+                         "singleton='zero' (advantage 0) or singleton='raw' (advantage = return, verl's), "
+                         "or fix the grouping")
+    if zero_tail:
+        base = torch.where((n == 1) & (members >= 2).unsqueeze(-1), 0.0, base)
+    adv_c = rc - base[g]
+    alone = (members[g] == 1).unsqueeze(-1)
+    if singleton != "error":
+        adv_c = torch.where(alone, rc if singleton == "raw" else 0.0, adv_c)
+    if align == "valid":
+        adv = torch.zeros_like(rc)
+        adv[rows, cols] = adv_c[rows, k]
+    else:
+        adv = adv_c
+    adv = torch.where(m, adv, 0.0)
+    return AdvantagesReturns(adv.to(dtype), torch.where(m, ret, 0.0).to(dtype))

@@ -6,7 +6,7 @@ when `verl` itself is imported (in the driver and in every Ray worker), and the 
 `alignops_<method>` policy losses and `alignops_<estimator>` advantage estimators:
 
     actor_rollout_ref.actor.policy_loss.loss_mode=alignops_dapo   # any ao.policy.registry method
-    algorithm.adv_estimator=alignops_grpo                         # grpo, rloo, gpg, remax, ...
+    algorithm.adv_estimator=alignops_grpo                         # grpo, rloo, gpg, remax, opo, gdpo, ...
 
 `alignops_<method>` is that method, with its own defaults: a verl field the loss reads
 (clip_ratio_low/high, clip_ratio_c, loss_agg_mode) that is at verl's default counts as unset, and the
@@ -383,9 +383,118 @@ def gae(token_level_rewards: Tensor, values: Tensor | None = None, response_mask
     return out.advantages.to(token_level_rewards.dtype), out.returns.to(token_level_rewards.dtype)
 
 
+def opo(token_level_rewards: Tensor, response_mask: Tensor, index=None, epsilon: float = 1e-6, config=None,
+        **kwargs) -> tuple[Tensor, Tensor]:
+    """verl `opo`: R minus the group's length-weighted mean reward, sum_j L_j R_j / sum_j L_j
+    (L = the rows' valid tokens). A prompt with one response keeps its raw score."""
+    scores = _scores(token_level_rewards, response_mask)
+    gid, p = _group_ids(index, scores.shape[0], scores.device)
+    adv = ao.opo_advantages(scores, group_ids=gid, num_groups=p, mask=response_mask, singleton="raw")
+    adv = _per_token(adv, token_level_rewards, response_mask)
+    return adv, adv
+
+
+def grpo_passk(token_level_rewards: Tensor, response_mask: Tensor, index=None, epsilon: float = 1e-6,
+               norm_adv_by_std_in_grpo: bool = True, config=None, **kwargs) -> tuple[Tensor, Tensor]:
+    """verl `grpo_passk`: only the best row of each group gets an advantage, R_max - R_second,
+    divided by std_g + epsilon unless algorithm.norm_adv_by_std_in_grpo is False (the config wins
+    over the argument, as in verl). A prompt with one response is an error, as in verl."""
+    norm = _cfg_get(config, "norm_adv_by_std_in_grpo", norm_adv_by_std_in_grpo)
+    scores = _scores(token_level_rewards, response_mask)
+    gid, p = _group_ids(index, scores.shape[0], scores.device)
+    adv = ao.grpo_passk_advantages(scores, group_ids=gid, num_groups=p, scale="group" if norm else "none",
+                                   std_eps=epsilon)
+    adv = _per_token(adv, token_level_rewards, response_mask)
+    return adv, adv
+
+
+def _gdpo_components(non_tensor_batch, keys, device, dtype) -> Tensor:
+    if non_tensor_batch is None:
+        raise ValueError("algorithm.gdpo_reward_keys is set but non_tensor_batch (where the reward components "
+                         "are) was not passed: verl 0.9.1's compute_advantage passes it only to the estimator "
+                         "named exactly 'gdpo', not to 'alignops_gdpo'; call alignops_gdpo with "
+                         "non_tensor_batch=data.non_tensor_batch, or leave gdpo_reward_keys unset (one reward)")
+    cols = []
+    for key in keys:
+        if key not in non_tensor_batch:
+            raise ValueError(f"gdpo_reward_keys names {key!r}, which is not in non_tensor_batch "
+                             f"(keys: {sorted(non_tensor_batch)}); compute_score must return it")
+        cols.append(torch.as_tensor(np.asarray(non_tensor_batch[key], dtype=np.float64).reshape(-1)))
+    return torch.stack(cols, -1).to(device=device, dtype=dtype)
+
+
+def gdpo(token_level_rewards: Tensor, response_mask: Tensor, index=None, epsilon: float = 1e-6,
+         norm_adv_by_std_in_grpo: bool = True, config=None, non_tensor_batch=None, batch=None,
+         **kwargs) -> tuple[Tensor, Tensor]:
+    """verl `gdpo`: each reward component of algorithm.gdpo_reward_keys (read from
+    non_tensor_batch, one value per row) group-normalised as GRPO, summed with
+    algorithm.gdpo_reward_weights (default 1 each), then whitened over the valid tokens. Without
+    gdpo_reward_keys the one component is the row's total reward. algorithm.norm_adv_by_std_in_grpo
+    is read from the config (verl's gdpo ignores it). A prompt with one response keeps its raw
+    component scores."""
+    norm = _cfg_get(config, "norm_adv_by_std_in_grpo", norm_adv_by_std_in_grpo)
+    scores = _scores(token_level_rewards, response_mask)
+    gid, p = _group_ids(index, scores.shape[0], scores.device)
+    keys = _cfg_get(config, "gdpo_reward_keys")
+    weights = None
+    if keys:
+        rewards = _gdpo_components(non_tensor_batch, list(keys), scores.device, scores.dtype)
+        weights = _cfg_get(config, "gdpo_reward_weights")
+        weights = None if weights is None else [float(x) for x in weights]
+    elif non_tensor_batch is not None and batch is not None and config is not None:
+        raise ValueError("GDPO needs algorithm.gdpo_reward_keys, the reward component keys compute_score returns "
+                         "(e.g. ['format_reward', 'accuracy_reward']), as verl's gdpo asserts")
+    else:
+        rewards = scores
+    adv = ao.gdpo_advantages(rewards, group_ids=gid, num_groups=p, weights=weights, mask=response_mask,
+                             scale="group" if norm else "none", std_eps=epsilon, singleton="raw")
+    adv = _per_token(adv, token_level_rewards, response_mask)
+    return adv, adv
+
+
+def _optimal_token_baseline(align: str, name: str, token_level_rewards: Tensor, response_mask: Tensor, index,
+                            old_log_probs, sum_pi_squared, rollout_is_weights, handle_zero_tail: bool,
+                            epsilon: float) -> tuple[Tensor, Tensor]:
+    if old_log_probs is None or sum_pi_squared is None:
+        raise ValueError(f"old_log_probs and sum_pi_squared (actor.calculate_sum_pi_squared=True) are required by "
+                         f"{name}; verl 0.9.1's compute_advantage passes them only to its built-in '{name}' "
+                         f"estimator, not to 'alignops_{name}'")
+    if not isinstance(token_level_rewards, Tensor) or token_level_rewards.dim() != 2:
+        raise ValueError("token_level_rewards must be a [B, T] tensor")
+    gid, p = _group_ids(index, token_level_rewards.shape[0], token_level_rewards.device)
+    out = ao.optimal_token_baseline_advantages(token_level_rewards, old_log_probs, sum_pi_squared, response_mask,
+                                               group_ids=gid, num_groups=p, rollout_is_weights=rollout_is_weights,
+                                               align=align, zero_tail=bool(handle_zero_tail), eps=float(epsilon),
+                                               singleton="raw")
+    return out.advantages.to(token_level_rewards.dtype), out.returns.to(token_level_rewards.dtype)
+
+
+def optimal_token_baseline(token_level_rewards: Tensor, response_mask: Tensor, index=None,
+                           old_log_probs: Tensor | None = None, sum_pi_squared: Tensor | None = None,
+                           rollout_is_weights: Tensor | None = None, handle_zero_tail: bool = True,
+                           epsilon: float = 1e-8, config=None, **kwargs) -> tuple[Tensor, Tensor]:
+    """verl `optimal_token_baseline`: return-to-go minus the group's per-position baseline
+    sum G W / sum W (W: the cumulative 1 - 2 pi + sum pi^2, times rollout_is_weights^2), index t the
+    padded column. A prompt with one response keeps its returns."""
+    return _optimal_token_baseline("position", "optimal_token_baseline", token_level_rewards, response_mask, index,
+                                   old_log_probs, sum_pi_squared, rollout_is_weights, handle_zero_tail, epsilon)
+
+
+def tir_optimal_token_baseline(token_level_rewards: Tensor, response_mask: Tensor, index=None,
+                               old_log_probs: Tensor | None = None, sum_pi_squared: Tensor | None = None,
+                               rollout_is_weights: Tensor | None = None, handle_zero_tail: bool = True,
+                               epsilon: float = 1e-8, config=None, **kwargs) -> tuple[Tensor, Tensor]:
+    """verl `tir_optimal_token_baseline`: optimal_token_baseline with index t the row's t-th valid
+    token (tool-integrated, multi-turn responses whose observation tokens are masked)."""
+    return _optimal_token_baseline("valid", "tir_optimal_token_baseline", token_level_rewards, response_mask, index,
+                                   old_log_probs, sum_pi_squared, rollout_is_weights, handle_zero_tail, epsilon)
+
+
 ADVANTAGE_ESTIMATORS: dict[str, Callable] = {
     "grpo": grpo, "rloo": rloo, "gpg": gpg, "reinforce_plus_plus": reinforce_plus_plus,
     "reinforce_plus_plus_baseline": reinforce_plus_plus_baseline, "remax": remax, "gae": gae,
+    "opo": opo, "grpo_passk": grpo_passk, "gdpo": gdpo, "optimal_token_baseline": optimal_token_baseline,
+    "tir_optimal_token_baseline": tir_optimal_token_baseline,
 }
 
 
