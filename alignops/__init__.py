@@ -11,7 +11,9 @@ from alignops.advantages import *  # noqa: F403 - the estimators listed in advan
 from alignops.policy import PolicyLossOutput, ValueLossOutput, fused_policy_loss, policy_loss, value_loss
 from alignops.fused_linear import (fused_linear_policy_loss, fused_linear_sequence_logprobs,
                                    fused_linear_sft_loss, fused_linear_token_logprobs)
-from alignops.preference import PreferenceOutput, dpo_loss, gvpo_loss, log1mexp, orpo_loss, rahf_loss
+from alignops.preference import (PreferenceOutput, cpo_loss, dpo_loss, fused_linear_cpo_loss, fused_linear_kto_loss,
+                                 fused_linear_simpo_loss, gvpo_loss, kto_loss, log1mexp, orpo_loss, rahf_loss,
+                                 simpo_loss)
 from alignops.rollout_correction import RolloutCorrection, rollout_correction
 from alignops.sft import (SequenceLogprobs, SFTOutput, chord_loss, chord_mu_schedule, iw_sft_weights,
                           sequence_logprobs, sft_loss)
@@ -23,6 +25,7 @@ __all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "token_l
            "chord_mu_schedule", "dpo_loss", "orpo_loss", "gvpo_loss", "rahf_loss", "PreferenceOutput", "log1mexp",
            "policy_loss", "fused_policy_loss", "value_loss", "PolicyLossOutput", "ValueLossOutput",
            "fused_linear_token_logprobs", "fused_linear_policy_loss", "fused_linear_sequence_logprobs",
-           "fused_linear_sft_loss"]
+           "fused_linear_sft_loss", "simpo_loss", "cpo_loss", "kto_loss", "fused_linear_simpo_loss",
+           "fused_linear_cpo_loss", "fused_linear_kto_loss"]
 __all__ += ["rollout_correction", "RolloutCorrection"]
 __all__ += advantages.__all__

@@ -1,15 +1,20 @@
-"""Pairwise preference losses (DPO, IPO, cDPO, robust DPO, ORPO), GVPO and RAHF.
+"""Pairwise preference losses (DPO, IPO, cDPO, robust DPO, ORPO, SimPO, CPO), KTO, GVPO and RAHF.
 
 These are `[B]`-sized math on sequence log-probs (or, for RAHF, on hidden states): the expensive
 pass over the logits is `alignops.sequence_logprobs`, fused on every backend. Everything is
 computed in fp32 (fp64 for fp64 inputs) whatever the input dtype (docs/methods.md R3), with
 `logsigmoid`, never `log(sigmoid)` (3.3).
 
+SimPO, CPO and KTO also come straight from hidden states and the lm_head weight
+(`fused_linear_simpo_loss`, `fused_linear_cpo_loss`, `fused_linear_kto_loss`): one
+`fused_linear_sequence_logprobs` pass, so the `[N, V]` logits never exist.
+
 Metric names follow TRL: `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`,
 `rewards/margins`, `logps/chosen`, `logps/rejected` (+ ORPO's `nll_loss`, `log_odds_ratio`,
-`log_odds_chosen`).
+`log_odds_chosen`; SimPO's and CPO's `nll_loss`; KTO's `kl`).
 
-docs/methods.md 2.14 (GVPO), 2.22 (DPO family), 2.23 (ORPO), 2.26 (RAHF), 3.3.
+docs/methods.md 2.14 (GVPO), 2.22 (DPO family), 2.23 (ORPO), 2.26 (RAHF), 2.37 (SimPO), 2.38 (CPO),
+2.39 (KTO), 3.3.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignops._validate import check_bool, check_choice, renamed_keywords
+from alignops._validate import check_bool, check_choice, check_float, renamed_keywords
+from alignops.fused_linear import fused_linear_sequence_logprobs
 from alignops.layout import check_mask, inverse_normalizer
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 GVPO_AGG_MODES = ("mean", "sum")
 # docs/methods.md 2.23: P = exp(mean logp) -> 1 sends log(1 - P) to -inf; the odds use mean logp <= this.
 ORPO_LOGP_CLAMP = -1e-6
@@ -266,6 +273,334 @@ def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen
         "log_odds_chosen": _mean(log_odds),
     }
     return PreferenceOutput(loss, losses, metrics, chosen_rewards, rejected_rewards)
+
+
+# --------------------------------------------------------------------------------------------
+# SimPO and CPO (reference-free pairs; TRL's CPOTrainer), KTO (unpaired)
+
+
+def _check_smoothing(label_smoothing) -> float:
+    return check_float("label_smoothing", label_smoothing, lo=0.0, lo_open=False, hi=0.5)
+
+
+def _check_simpo_options(beta, simpo_gamma, label_smoothing, cpo_alpha):
+    return (_check_positive(beta, "beta"), check_float("simpo_gamma", simpo_gamma, lo=0.0, lo_open=False),
+            _check_smoothing(label_smoothing), check_float("cpo_alpha", cpo_alpha, lo=0.0, lo_open=False))
+
+
+def _check_cpo_options(beta, label_smoothing, cpo_alpha):
+    return (_check_positive(beta, "beta"), _check_smoothing(label_smoothing),
+            check_float("cpo_alpha", cpo_alpha, lo=0.0, lo_open=False))
+
+
+def _check_kto_options(beta, desirable_weight, undesirable_weight, loss_type):
+    check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
+    return (_check_positive(beta, "beta"),
+            check_float("desirable_weight", desirable_weight, lo=0.0, lo_open=False),
+            check_float("undesirable_weight", undesirable_weight, lo=0.0, lo_open=False))
+
+
+def _smoothed_pair_losses(x: Tensor, eps: float) -> Tensor:
+    """-(1 - eps) logsig(x) - eps logsig(-x): the sigmoid pair loss, with cDPO's label smoothing."""
+    losses = -F.logsigmoid(x)
+    if eps:
+        losses = (1.0 - eps) * losses - eps * F.logsigmoid(-x)
+    return losses
+
+
+def _chosen_nll(sw: Tensor, chosen_lengths: Optional[Tensor], nll_normalizer) -> Tensor:
+    """Token-mean NLL of the chosen responses, -sum S_w / sum L_w (nll_normalizer overrides the count)."""
+    if chosen_lengths is None:
+        tokens = torch.zeros((), dtype=sw.dtype, device=sw.device)
+    else:
+        tokens = chosen_lengths.to(device=sw.device, dtype=sw.dtype).sum()
+    return -sw.sum() * inverse_normalizer(nll_normalizer, tokens, "nll_normalizer")
+
+
+def _pair_metrics(chosen_rewards, rejected_rewards, logps_w, logps_l, nll) -> dict:
+    return {
+        "rewards/chosen": _mean(chosen_rewards),
+        "rewards/rejected": _mean(rejected_rewards),
+        "rewards/accuracies": _mean((chosen_rewards > rejected_rewards).float()),
+        "rewards/margins": _mean(chosen_rewards - rejected_rewards),
+        "logps/chosen": _mean(logps_w),
+        "logps/rejected": _mean(logps_l),
+        "nll_loss": torch.zeros((), dtype=torch.float32, device=logps_w.device) if nll is None
+        else nll.detach().float(),
+    }
+
+
+def simpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor,
+               rejected_lengths: Tensor, beta: float = 0.1, simpo_gamma: float = 0.5, label_smoothing: float = 0.0,
+               *, cpo_alpha: float = 0.0, nll_normalizer=None, normalizer=None) -> PreferenceOutput:
+    """SimPO (docs/methods.md 2.37): reference-free, on length-averaged log-probs, with a target margin.
+
+    Inputs are **summed** response log-probs and response lengths per pair (e.g.
+    `sequence_logprobs(..., return_lengths=True)`); with the means `Sw~ = S_w / L_w`, `Sl~ = S_l / L_l`
+    (an empty response, L = 0, has mean 0):
+
+        x = beta (Sw~ - Sl~) - simpo_gamma
+        per pair  -(1 - eps) logsig(x) - eps logsig(-x)        (eps = label_smoothing, 0 <= eps <= 0.5)
+
+    `simpo_gamma` is the margin gamma itself (TRL's `simpo_gamma`, Liger's `gamma`; the SimPO code's
+    `gamma_beta_ratio` is simpo_gamma / beta). `cpo_alpha` > 0 adds cpo_alpha x the token-mean NLL of
+    the chosen responses, `-sum S_w / sum L_w` (CPO-SimPO; `nll_normalizer` overrides the token
+    count): 0 by default, the paper's SimPO, where TRL's CPOConfig defaults to 1.0 (TRL's docs: pure
+    SimPO is `cpo_alpha=0`). The pair term is summed over pairs / normalizer (default: pairs).
+    Metrics: TRL's names, rewards = beta * mean log-prob, logps/* the means, nll_loss.
+    """
+    _check_vector(policy_chosen_logps, "policy_chosen_logps")
+    _check_vector(policy_rejected_logps, "policy_rejected_logps", policy_chosen_logps, "policy_chosen_logps")
+    if chosen_lengths is None or rejected_lengths is None:
+        raise ValueError("chosen_lengths and rejected_lengths are required (SimPO's reward is the length-averaged "
+                         "log-prob)")
+    beta, gamma, eps, cpo_alpha = _check_simpo_options(beta, simpo_gamma, label_smoothing, cpo_alpha)
+    dtype = _float_dtype(policy_chosen_logps, policy_rejected_logps)
+    sw, sl = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    mean_w = sw / _lengths(chosen_lengths, sw, "chosen_lengths")
+    mean_l = sl / _lengths(rejected_lengths, sw, "rejected_lengths")
+    losses = _smoothed_pair_losses(beta * (mean_w - mean_l) - gamma, eps)
+    inv_pairs = inverse_normalizer(normalizer, torch.tensor(float(sw.numel()), dtype=dtype, device=sw.device))
+    loss = losses.sum() * inv_pairs
+    nll = _chosen_nll(sw, chosen_lengths, nll_normalizer)
+    if cpo_alpha:
+        loss = loss + cpo_alpha * nll
+    chosen_rewards, rejected_rewards = (beta * mean_w).detach(), (beta * mean_l).detach()
+    return PreferenceOutput(loss, losses, _pair_metrics(chosen_rewards, rejected_rewards, mean_w, mean_l, nll),
+                            chosen_rewards, rejected_rewards)
+
+
+def cpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, beta: float = 0.1,
+             label_smoothing: float = 0.0, *, cpo_alpha: float = 1.0, chosen_lengths: Optional[Tensor] = None,
+             nll_normalizer=None, normalizer=None) -> PreferenceOutput:
+    """CPO (docs/methods.md 2.38): reference-free DPO on summed log-probs plus an NLL (behaviour
+    cloning) term on the chosen responses:
+
+        per pair  -(1 - eps) logsig(beta (S_w - S_l)) - eps logsig(-beta (S_w - S_l))
+        L = sum(per pair) / normalizer + cpo_alpha * (-sum S_w / sum L_w)
+
+    `S_*` are **summed** response log-probs (`sequence_logprobs`); the NLL is the token mean over the
+    chosen responses, so `chosen_lengths` is required when cpo_alpha != 0 (or `nll_normalizer`, the
+    token count, e.g. the step's global one). Defaults are TRL's CPOConfig (beta 0.1, cpo_alpha 1.0,
+    label_smoothing 0, 0 <= eps <= 0.5). TRL's `loss_type="hinge"` / `"ipo"` of CPOTrainer are
+    `dpo_loss` without reference (`ref_*=None`, loss_type "hinge" / "ipo" with the lengths) plus the
+    same NLL. Metrics: TRL's names (rewards = beta * S), nll_loss (0 without lengths).
+    """
+    _check_vector(policy_chosen_logps, "policy_chosen_logps")
+    _check_vector(policy_rejected_logps, "policy_rejected_logps", policy_chosen_logps, "policy_chosen_logps")
+    beta, eps, cpo_alpha = _check_cpo_options(beta, label_smoothing, cpo_alpha)
+    dtype = _float_dtype(policy_chosen_logps, policy_rejected_logps)
+    sw, sl = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    if chosen_lengths is not None:
+        _lengths(chosen_lengths, sw, "chosen_lengths")
+    if cpo_alpha and chosen_lengths is None and nll_normalizer is None:
+        raise ValueError("cpo_alpha != 0 needs chosen_lengths (the NLL term is the token mean over the chosen "
+                         "responses) or nll_normalizer; pass cpo_alpha=0.0 for no NLL term")
+    losses = _smoothed_pair_losses(beta * (sw - sl), eps)
+    inv_pairs = inverse_normalizer(normalizer, torch.tensor(float(sw.numel()), dtype=dtype, device=sw.device))
+    loss = losses.sum() * inv_pairs
+    nll = None
+    if chosen_lengths is not None or nll_normalizer is not None:
+        nll = _chosen_nll(sw, chosen_lengths, nll_normalizer)
+        if cpo_alpha:
+            loss = loss + cpo_alpha * nll
+    chosen_rewards, rejected_rewards = (beta * sw).detach(), (beta * sl).detach()
+    return PreferenceOutput(loss, losses, _pair_metrics(chosen_rewards, rejected_rewards, sw, sl, nll),
+                            chosen_rewards, rejected_rewards)
+
+
+def _kto_reference_point(kl, policy_kl_logps, ref_kl_logps, loss_type, like: Tensor, dtype) -> Tensor:
+    """z0: max(0, kl) or max(0, mean(policy_kl_logps - ref_kl_logps)), detached; 0 for apo_zero_unpaired."""
+    pair = policy_kl_logps is not None or ref_kl_logps is not None
+    if loss_type == "apo_zero_unpaired":
+        if kl is not None or pair:
+            raise ValueError("kl, policy_kl_logps and ref_kl_logps do not apply to loss_type='apo_zero_unpaired' "
+                             "(it has no KL reference point)")
+        return torch.zeros((), dtype=dtype, device=like.device)
+    if kl is not None and pair:
+        raise ValueError("give kl or policy_kl_logps and ref_kl_logps, not both")
+    if pair:
+        if policy_kl_logps is None or ref_kl_logps is None:
+            raise ValueError("policy_kl_logps and ref_kl_logps must both be given (or neither)")
+        _check_vector(policy_kl_logps, "policy_kl_logps")
+        _check_vector(ref_kl_logps, "ref_kl_logps", policy_kl_logps, "policy_kl_logps")
+        if policy_kl_logps.device != like.device:
+            raise ValueError(f"policy_kl_logps is on {policy_kl_logps.device} but policy_logps is on {like.device}")
+        diff = policy_kl_logps.detach().to(dtype) - ref_kl_logps.detach().to(dtype)
+        z0 = diff.sum() / max(diff.numel(), 1)
+    elif kl is not None:
+        if isinstance(kl, Tensor):
+            if not kl.dtype.is_floating_point:
+                raise TypeError(f"kl must be a float or a floating-point scalar tensor, got {kl.dtype}")
+            if kl.numel() != 1:
+                raise ValueError(f"kl must be a scalar, got shape {tuple(kl.shape)}")
+            if kl.device != like.device:
+                raise ValueError(f"kl is on {kl.device} but policy_logps is on {like.device}")
+            z0 = kl.detach().reshape(()).to(dtype)
+        else:
+            z0 = torch.tensor(check_float("kl", kl), dtype=dtype, device=like.device)
+    else:
+        raise ValueError("loss_type='kto' needs its KL reference point: kl= (the batch's estimate, e.g. the global "
+                         "mean over ranks; kl=0.0 for none) or policy_kl_logps= and ref_kl_logps= (summed log-probs "
+                         "of mismatched prompt/completion pairs)")
+    return z0.clamp_min(0.0)
+
+
+def kto_loss(policy_logps: Tensor, ref_logps: Optional[Tensor], desirable: Tensor, beta: float = 0.1, *,
+             kl=None, policy_kl_logps: Optional[Tensor] = None, ref_kl_logps: Optional[Tensor] = None,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0, loss_type: str = "kto",
+             normalizer=None) -> PreferenceOutput:
+    """KTO (docs/methods.md 2.39): unpaired examples, each desirable or undesirable. With the summed
+    log-ratio `r = S - S_ref` (`ref_logps=None`: reference-free, r = S) and the reference point z0:
+
+        desirable    lambda_D * (1 - sigmoid(beta (r - z0)))
+        undesirable  lambda_U * (1 - sigmoid(beta (z0 - r)))
+
+    computed as sigmoid(-x), not 1 - sigmoid(x). z0 is the KL term, detached and clamped at 0: either
+    `kl=` (a float or scalar tensor: the caller's estimate, e.g. averaged over ranks as TRL does), or
+    `policy_kl_logps` / `ref_kl_logps` ([M] summed log-probs of mismatched prompt/completion pairs,
+    TRL's `KL_completion_ids`), whose mean difference it is. One of the two is required; kl=0.0 is
+    no reference point. `loss_type="apo_zero_unpaired"` (TRL): lambda_D (1 - sigmoid(beta r)) and
+    lambda_U sigmoid(beta r), without z0. `desirable`: [B] bool (or 0/1), True = desirable (TRL's
+    `label`). lambda_D = `desirable_weight`, lambda_U = `undesirable_weight` (TRL's names, default 1).
+    `losses` are per example (weighted, in input order); `loss` = their sum / normalizer (default:
+    the number of examples, TRL's mean). Metrics (TRL's names, means over each label's examples, 0
+    for none): kl (z0), rewards/chosen, rewards/rejected (beta r), rewards/margins, logps/chosen,
+    logps/rejected. chosen_rewards / rejected_rewards are None: KTO has no pairs.
+    """
+    _check_vector(policy_logps, "policy_logps")
+    if ref_logps is not None:
+        _check_vector(ref_logps, "ref_logps", policy_logps, "policy_logps")
+    if not isinstance(desirable, Tensor):
+        raise TypeError(f"desirable must be a torch.Tensor [B] (bool), got {type(desirable).__name__}")
+    if desirable.shape != policy_logps.shape:
+        raise ValueError(f"desirable shape {tuple(desirable.shape)} does not match policy_logps shape "
+                         f"{tuple(policy_logps.shape)}")
+    if desirable.device != policy_logps.device:
+        raise ValueError(f"desirable is on {desirable.device} but policy_logps is on {policy_logps.device}")
+    good = check_mask(desirable, name="desirable", weights="desirable_weight and undesirable_weight weigh the "
+                                                           "two labels")
+    beta, w_good, w_bad = _check_kto_options(beta, desirable_weight, undesirable_weight, loss_type)
+    tensors = [policy_logps] + ([ref_logps] if ref_logps is not None else [])
+    dtype = _float_dtype(*tensors)
+    s = policy_logps.to(dtype)
+    z0 = _kto_reference_point(kl, policy_kl_logps, ref_kl_logps, loss_type, policy_logps, dtype)
+    r = s if ref_logps is None else s - ref_logps.detach().to(dtype)
+    if loss_type == "kto":
+        gain, loss_bad = torch.sigmoid(-beta * (r - z0)), torch.sigmoid(-beta * (z0 - r))
+    else:
+        gain, loss_bad = torch.sigmoid(-beta * r), torch.sigmoid(beta * r)
+    losses = torch.where(good, w_good * gain, w_bad * loss_bad)
+    inv = inverse_normalizer(normalizer, torch.tensor(float(s.numel()), dtype=dtype, device=s.device))
+    loss = losses.sum() * inv
+
+    with torch.no_grad():
+        bad = ~good
+        n_good, n_bad = good.sum().float(), bad.sum().float()
+
+        def label_mean(x, m, n):
+            return torch.where(m, x.float(), torch.zeros((), device=x.device)).sum() / n.clamp_min(1.0)
+
+        rewards = (beta * r).detach()
+        r_good, r_bad = label_mean(rewards, good, n_good), label_mean(rewards, bad, n_bad)
+        both = (n_good > 0) & (n_bad > 0)
+        metrics = {
+            "kl": z0.detach().float(),
+            "rewards/chosen": r_good,
+            "rewards/rejected": r_bad,
+            "rewards/margins": torch.where(both, r_good - r_bad, torch.zeros_like(r_good)),
+            "logps/chosen": label_mean(s.detach(), good, n_good),
+            "logps/rejected": label_mean(s.detach(), bad, n_bad),
+        }
+    return PreferenceOutput(loss, losses, metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# SimPO, CPO and KTO from hidden states and the lm_head weight (no [N, V] logits)
+
+
+def _fused_sums(hidden, weight, labels, mask, bias, cu_seqlens, temperature, ignore_index, softcap, logit_scale,
+                backend, chunk_size, vocab_process_group, vocab_start):
+    """(summed log-probs [R], response lengths [R]) of the R rows, one fused pass."""
+    return fused_linear_sequence_logprobs(hidden, weight, labels, mask, "sum", bias=bias, cu_seqlens=cu_seqlens,
+                                          temperature=temperature, ignore_index=ignore_index, softcap=softcap,
+                                          logit_scale=logit_scale, return_lengths=True, backend=backend,
+                                          chunk_size=chunk_size, vocab_process_group=vocab_process_group,
+                                          vocab_start=vocab_start)
+
+
+def _split_pairs(sums: Tensor, lengths: Tensor):
+    rows = sums.shape[0]
+    if rows % 2:
+        raise ValueError(f"hidden must hold 2B rows, the B chosen rows then the B rejected rows; got {rows} rows")
+    b = rows // 2
+    return sums[:b], sums[b:], lengths[:b], lengths[b:]
+
+
+def fused_linear_simpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Optional[Tensor] = None,
+                            beta: float = 0.1, simpo_gamma: float = 0.5, label_smoothing: float = 0.0, *,
+                            cpo_alpha: float = 0.0, bias: Optional[Tensor] = None,
+                            cu_seqlens: Optional[Tensor] = None, temperature: float = 1.0, ignore_index: int = -100,
+                            softcap: Optional[float] = None, logit_scale: Optional[float] = None,
+                            backend: Optional[str] = None, chunk_size: Optional[int] = None,
+                            vocab_process_group=None, vocab_start: Optional[int] = None, nll_normalizer=None,
+                            normalizer=None) -> PreferenceOutput:
+    """simpo_loss of the logits `hidden @ weight.T + bias`, without forming them.
+
+    `hidden` `[2B, T, H]` (or packed `[N, H]` with `cu_seqlens` of 2B rows): the B chosen rows, then
+    the B rejected rows (Liger's layout); `labels` like hidden without H, response tokens only
+    (`ignore_index` elsewhere; `mask=None` means `labels != ignore_index`). One
+    `fused_linear_sequence_logprobs` pass gives the sums and lengths; the head's keywords are its
+    own. Value and gradients (hidden, weight, bias) equal `simpo_loss(sequence_logprobs(hidden @
+    weight.T + bias, ...))`.
+    """
+    _check_simpo_options(beta, simpo_gamma, label_smoothing, cpo_alpha)
+    sw, sl, lw, ll = _split_pairs(*_fused_sums(hidden, weight, labels, mask, bias, cu_seqlens, temperature,
+                                               ignore_index, softcap, logit_scale, backend, chunk_size,
+                                               vocab_process_group, vocab_start))
+    return simpo_loss(sw, sl, lw, ll, beta, simpo_gamma, label_smoothing, cpo_alpha=cpo_alpha,
+                      nll_normalizer=nll_normalizer, normalizer=normalizer)
+
+
+def fused_linear_cpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Optional[Tensor] = None,
+                          beta: float = 0.1, label_smoothing: float = 0.0, *, cpo_alpha: float = 1.0,
+                          bias: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+                          temperature: float = 1.0, ignore_index: int = -100, softcap: Optional[float] = None,
+                          logit_scale: Optional[float] = None, backend: Optional[str] = None,
+                          chunk_size: Optional[int] = None, vocab_process_group=None,
+                          vocab_start: Optional[int] = None, nll_normalizer=None,
+                          normalizer=None) -> PreferenceOutput:
+    """cpo_loss of the logits `hidden @ weight.T + bias`, without forming them: `hidden` holds the B
+    chosen rows then the B rejected rows, as fused_linear_simpo_loss; the NLL term's token count is
+    the chosen rows' (the lengths come from the same pass)."""
+    _check_cpo_options(beta, label_smoothing, cpo_alpha)
+    sw, sl, lw, _ = _split_pairs(*_fused_sums(hidden, weight, labels, mask, bias, cu_seqlens, temperature,
+                                              ignore_index, softcap, logit_scale, backend, chunk_size,
+                                              vocab_process_group, vocab_start))
+    return cpo_loss(sw, sl, beta, label_smoothing, cpo_alpha=cpo_alpha, chosen_lengths=lw,
+                    nll_normalizer=nll_normalizer, normalizer=normalizer)
+
+
+def fused_linear_kto_loss(hidden: Tensor, weight: Tensor, labels: Tensor, desirable: Tensor,
+                          ref_logps: Optional[Tensor], mask: Optional[Tensor] = None, beta: float = 0.1, *,
+                          kl=None, policy_kl_logps: Optional[Tensor] = None, ref_kl_logps: Optional[Tensor] = None,
+                          desirable_weight: float = 1.0, undesirable_weight: float = 1.0, loss_type: str = "kto",
+                          bias: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+                          temperature: float = 1.0, ignore_index: int = -100, softcap: Optional[float] = None,
+                          logit_scale: Optional[float] = None, backend: Optional[str] = None,
+                          chunk_size: Optional[int] = None, vocab_process_group=None,
+                          vocab_start: Optional[int] = None, normalizer=None) -> PreferenceOutput:
+    """kto_loss of the logits `hidden @ weight.T + bias`, without forming them: `hidden` `[B, T, H]`
+    (or packed with `cu_seqlens`), one example a row; `ref_logps` `[B]` the reference's summed
+    log-probs (precomputed, e.g. `fused_linear_sequence_logprobs` of the reference under no_grad;
+    None: reference-free). The KL reference point is `kl=` or `policy_kl_logps` / `ref_kl_logps`,
+    as kto_loss (detached: compute the mismatched pairs' policy log-probs under no_grad)."""
+    _check_kto_options(beta, desirable_weight, undesirable_weight, loss_type)
+    s, _ = _fused_sums(hidden, weight, labels, mask, bias, cu_seqlens, temperature, ignore_index, softcap,
+                       logit_scale, backend, chunk_size, vocab_process_group, vocab_start)
+    return kto_loss(s, ref_logps, desirable, beta, kl=kl, policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps,
+                    desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, loss_type=loss_type,
+                    normalizer=normalizer)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Float64 eager oracles for alignops.preference, written from the formulas of docs/methods.md 2.14,
-2.22, 2.23 and 2.26 in their plainest form (log of sigmoid, log(1 - P), loops over groups and
-positions): accurate in float64 for the moderate inputs the tests feed them."""
+2.22, 2.23, 2.26, 2.37 (SimPO), 2.38 (CPO) and 2.39 (KTO) in their plainest form (log of sigmoid,
+log(1 - P), 1 - sigmoid, loops over groups, examples and positions): accurate in float64 for the
+moderate inputs the tests feed them."""
 
 from __future__ import annotations
 
@@ -81,3 +82,50 @@ def rahf_loss(lora_layers, base_layers, dir_layers, mask, alpha, count_padding=F
             count = h.shape[0] * h.shape[1]
         per_layer.append(total / count if count else total * 0)
     return torch.stack(per_layer).mean()
+
+
+def _smoothed(x, eps):
+    log_sig = lambda t: torch.log(1 / (1 + torch.exp(-t)))  # noqa: E731
+    return -(1 - eps) * log_sig(x) - eps * log_sig(-x)
+
+
+def simpo_loss(sw, sl, lw, ll, beta, gamma, eps=0.0, alpha=0.0):
+    """(loss, per-pair losses): mean over pairs of the smoothed -log sigmoid(beta (mean_w - mean_l) - gamma),
+    means S / max(L, 1), plus alpha * the chosen token-mean NLL."""
+    sw, sl = sw.double(), sl.double()
+    lw, ll = lw.double(), ll.double()
+    mean_w = sw / torch.where(lw > 0, lw, torch.ones_like(lw))
+    mean_l = sl / torch.where(ll > 0, ll, torch.ones_like(ll))
+    losses = _smoothed(beta * (mean_w - mean_l) - gamma, eps)
+    loss = losses.mean()
+    if alpha:
+        loss = loss + alpha * (-sw.sum() / lw.sum())
+    return loss, losses
+
+
+def cpo_loss(sw, sl, lw, beta, eps=0.0, alpha=1.0):
+    """(loss, per-pair losses): mean of the smoothed -log sigmoid(beta (S_w - S_l)) + alpha * chosen NLL."""
+    sw, sl = sw.double(), sl.double()
+    losses = _smoothed(beta * (sw - sl), eps)
+    loss = losses.mean()
+    if alpha:
+        loss = loss + alpha * (-sw.sum() / lw.double().sum())
+    return loss, losses
+
+
+def kto_losses(s, s_ref, desirable, beta, z0, w_good=1.0, w_bad=1.0, loss_type="kto"):
+    """Per-example KTO losses, one example at a time: lambda (1 - sigmoid(...)) as the paper writes it."""
+    out = []
+    for i in range(s.shape[0]):
+        r = s[i].double() - (0.0 if s_ref is None else s_ref[i].double())
+        if loss_type == "kto":
+            v = torch.sigmoid(beta * (r - z0)) if desirable[i] else torch.sigmoid(beta * (z0 - r))
+            out.append((w_good if desirable[i] else w_bad) * (1 - v))
+        else:  # apo_zero_unpaired
+            out.append(w_good * (1 - torch.sigmoid(beta * r)) if desirable[i] else w_bad * torch.sigmoid(beta * r))
+    return torch.stack(out) if out else s.double()[:0]
+
+
+def kto_reference_point(policy_kl, ref_kl):
+    """z0 = max(0, mean(policy_kl - ref_kl)) (TRL: the mismatched pairs' mean, clamped at 0)."""
+    return max(0.0, float((policy_kl.double() - ref_kl.double()).mean()))
