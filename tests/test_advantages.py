@@ -1120,16 +1120,17 @@ def otb_inputs(draw):
 
 @given(data=otb_inputs(), dtype=st.sampled_from([torch.float32, torch.float64]),
        align=st.sampled_from(["position", "valid"]), zero_tail=st.booleans(),
-       eps=st.sampled_from([1e-8, 0.0, 0.5]), singleton=st.sampled_from(["zero", "raw"]))
-def test_optimal_token_baseline_matches_oracle(data, dtype, align, zero_tail, eps, singleton):
+       weight_eps=st.sampled_from([1e-8, 0.0, 0.5]), singleton=st.sampled_from(["zero", "raw"]))
+def test_optimal_token_baseline_matches_oracle(data, dtype, align, zero_tail, weight_eps, singleton):
     r, old, s2, rho, m, ids, kind = data
     r, old, s2 = r.to(dtype), old.to(dtype), s2.to(dtype)
     rho = None if rho is None else rho.to(dtype)
     want, want_ret = oracle_otb(r.double().tolist(), old.double().tolist(), s2.double().tolist(),
                                 None if rho is None else rho.double().tolist(), m.tolist(), ids, align, zero_tail,
-                                eps, singleton)
+                                weight_eps, singleton)
     out = ao.optimal_token_baseline_advantages(r, old, s2, m, group_ids=torch.tensor(ids), rollout_is_weights=rho,
-                                               align=align, zero_tail=zero_tail, eps=eps, singleton=singleton)
+                                               align=align, zero_tail=zero_tail, weight_eps=weight_eps,
+                                               singleton=singleton)
     assert out.advantages.dtype == dtype and out.returns.dtype == dtype
     assert_close_scale(out.advantages, want, dtype, "otb advantages")
     assert_close_scale(out.returns, want_ret, dtype, "otb returns")
@@ -1145,24 +1146,24 @@ def test_optimal_token_baseline_worked_vectors():
     r = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
     old = torch.full((2, 3), math.log(0.5), dtype=torch.float64)
     s2 = torch.full((2, 3), 0.5, dtype=torch.float64)
-    out = ao.optimal_token_baseline_advantages(r, old, s2, None, 2, eps=0.0)
+    out = ao.optimal_token_baseline_advantages(r, old, s2, None, 2, weight_eps=0.0)
     assert out.advantages.tolist() == [[0.5] * 3, [-0.5] * 3]
     assert out.returns.tolist() == [[1.0] * 3, [0.0] * 3]
     # row 0 longer than row 1: its tail has no peer; with zero_tail its baseline there is 0 (A = G)
     m = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    a = ao.optimal_token_baseline_advantages(r, old, s2, m, 2, eps=0.0).advantages
+    a = ao.optimal_token_baseline_advantages(r, old, s2, m, 2, weight_eps=0.0).advantages
     assert a.tolist() == [[0.5, 1.0, 1.0], [-0.5, 0.0, 0.0]]
-    a = ao.optimal_token_baseline_advantages(r, old, s2, m, 2, eps=0.0, zero_tail=False).advantages
+    a = ao.optimal_token_baseline_advantages(r, old, s2, m, 2, weight_eps=0.0, zero_tail=False).advantages
     assert a.tolist() == [[0.5, 0.0, 0.0], [-0.5, 0.0, 0.0]]
     # rollout IS weights scale w by rho^2: rho = [2, 1] weighs row 0 four times -> B = 4/5
     rho = torch.tensor([[2.0] * 3, [1.0] * 3], dtype=torch.float64)
-    a = ao.optimal_token_baseline_advantages(r, old, s2, None, 2, eps=0.0, rollout_is_weights=rho).advantages
+    a = ao.optimal_token_baseline_advantages(r, old, s2, None, 2, weight_eps=0.0, rollout_is_weights=rho).advantages
     torch.testing.assert_close(a, torch.tensor([[0.2] * 3, [-0.8] * 3], dtype=torch.float64))
     # a masked span: align="position" compares columns, align="valid" the k-th valid tokens
     m = torch.tensor([[1, 0, 1], [1, 1, 0]])
     r2 = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
-    pos = ao.optimal_token_baseline_advantages(r2, old, s2, m, 2, eps=0.0).advantages
-    val = ao.optimal_token_baseline_advantages(r2, old, s2, m, 2, eps=0.0, align="valid").advantages
+    pos = ao.optimal_token_baseline_advantages(r2, old, s2, m, 2, weight_eps=0.0).advantages
+    val = ao.optimal_token_baseline_advantages(r2, old, s2, m, 2, weight_eps=0.0, align="valid").advantages
     assert pos.tolist() == [[0.5, 0.0, 1.0], [-0.5, 0.0, 0.0]]  # column 1 and 2 have one row each
     assert val.tolist() == [[0.5, 0.0, 0.5], [-0.5, -0.5, 0.0]]
     # ten equal returns of 0.11 (their sum / 10 is 0.10999999999999999): exactly 0, not rounding noise
@@ -1184,8 +1185,8 @@ def test_optimal_token_baseline_bad_input():
         ao.optimal_token_baseline_advantages(r, old, s2, torch.tensor([[1, 1, 0], [0, 0, 0]]), 2)
     with pytest.raises(ValueError, match="align must be one of"):
         ao.optimal_token_baseline_advantages(r, old, s2, None, 2, align="turn")
-    with pytest.raises(ValueError, match="eps must be >= 0"):
-        ao.optimal_token_baseline_advantages(r, old, s2, None, 2, eps=-1.0)
+    with pytest.raises(ValueError, match="weight_eps must be >= 0"):
+        ao.optimal_token_baseline_advantages(r, old, s2, None, 2, weight_eps=-1.0)
     with pytest.raises(TypeError, match="zero_tail must be a bool"):
         ao.optimal_token_baseline_advantages(r, old, s2, None, 2, zero_tail=1)
     with pytest.raises(ValueError, match="sum_pi_squared shape"):

@@ -361,7 +361,7 @@ def optimal_token_baseline_advantages(token_rewards: Tensor, old_logp: Tensor, s
                                       mask: Tensor | None = None, group_size: int | None = None, *,
                                       group_ids: Tensor | None = None, num_groups: int | None = None,
                                       rollout_is_weights: Tensor | None = None, align: str = "position",
-                                      zero_tail: bool = True, eps: float = 1e-8, singleton: str = "error",
+                                      zero_tail: bool = True, weight_eps: float = 1e-8, singleton: str = "error",
                                       validate_mask: bool | None = None) -> AdvantagesReturns:
     """The optimal token baseline (docs/methods.md §2.43; verl `optimal_token_baseline` and, with
     align="valid", `tir_optimal_token_baseline`): A_t = G_t - B_{g,t}, one baseline per group and
@@ -370,8 +370,9 @@ def optimal_token_baseline_advantages(token_rewards: Tensor, old_logp: Tensor, s
     G_t is the return-to-go over the row's valid tokens (gamma = 1). Per token
     w_t = max(1 - 2 exp(old_logp_t) + sum_pi_squared_t, 0) * rho_t^2 (rho = `rollout_is_weights`,
     default 1), W_t its sum over the row's valid tokens up to t, and
-    B_{g,t} = (sum_j G_j W_j + eps * Gbar) / (sum_j W_j + eps) over the rows j of the group valid at
-    index t, Gbar their plain mean (equal returns give exactly 0; eps pulls towards Gbar, not 0).
+    B_{g,t} = (sum_j G_j W_j + weight_eps * Gbar) / (sum_j W_j + weight_eps) over the rows j of the group
+    valid at index t, Gbar their plain mean (equal returns give exactly 0; weight_eps pulls towards Gbar,
+    not 0).
     align="position": index t is the padded column; "valid": the row's k-th valid token (multi-turn
     responses whose tool tokens are masked). `zero_tail`: where a single row of a group of two or
     more reaches index t, its baseline there is 0. A group with one row that has tokens follows
@@ -380,7 +381,7 @@ def optimal_token_baseline_advantages(token_rewards: Tensor, old_logp: Tensor, s
     check_choice("align", align, ("position", "valid"))
     check_bool("zero_tail", zero_tail)
     check_choice("singleton", singleton, ("error", "zero", "raw"))
-    eps = check_float("eps", eps, lo=0.0, lo_open=False)
+    eps = check_float("weight_eps", weight_eps, lo=0.0, lo_open=False)
     r = _float_tensor(token_rewards, "token_rewards")
     if r.dim() != 2:
         raise ValueError(f"token_rewards must be [B, T], got shape {tuple(r.shape)}")

@@ -464,7 +464,7 @@ def _optimal_token_baseline(align: str, name: str, token_level_rewards: Tensor, 
     gid, p = _group_ids(index, token_level_rewards.shape[0], token_level_rewards.device)
     out = ao.optimal_token_baseline_advantages(token_level_rewards, old_log_probs, sum_pi_squared, response_mask,
                                                group_ids=gid, num_groups=p, rollout_is_weights=rollout_is_weights,
-                                               align=align, zero_tail=bool(handle_zero_tail), eps=float(epsilon),
+                                               align=align, zero_tail=bool(handle_zero_tail), weight_eps=float(epsilon),
                                                singleton="raw")
     return out.advantages.to(token_level_rewards.dtype), out.returns.to(token_level_rewards.dtype)
 
