@@ -176,7 +176,12 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
 
 
 def available_backends(device: torch.device | str) -> list[str]:
-    device = torch.device(device)
+    if not isinstance(device, (torch.device, str)):
+        raise TypeError(f"device must be a torch.device or a device string, got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device must name a torch device type (e.g. 'cpu', 'cuda:0'), got {device!r}") from e
     return [b for b in BACKENDS if why_unavailable(b, device) is None]
 
 

@@ -164,9 +164,7 @@ def _policy_options(draw, method, rows):
     elif draw(st.booleans()):
         o["compute_entropy"] = True
     clamp = draw(st.sampled_from(["default", "default", None, 1.0, 0.5]))
-    # geo_mean ignores ratio_log_clamp (docs/methods.md 00.3 clamps every log-ratio): pinned by the
-    # xfail @example below; drop this exception with that mark once it is fixed
-    if clamp != "default" and method != "geo_mean":
+    if clamp != "default":
         o["ratio_log_clamp"] = clamp
     if draw(st.booleans()):
         o["rollout_is_weights"] = True
@@ -1213,13 +1211,10 @@ def backends_for(inp: Inputs) -> list[str]:
 @example(case=Case(op="linear_token", layout="shifted", dtype="float32", B=3, T=5, V=7, H=3, temperature=0.3,
                    pattern="peaked", ignore="last", entropy=True, bias=True, logit_scale=1.7, frozen_weight=True,
                    seed=16604155))
-# --- library bugs the fuzzer found and that are not fixed here ---
+# geo_mean (GMPO) took d = logp - old_logp without ratio_log_clamp: with ratio_log_clamp=0.5 and d = -1 on
+# the side the clip does not bound, the loss was -e^-1 instead of -e^-0.5
 @example(case=Case(op="policy", layout="padded", dtype="float32", B=1, T=1, V=5, method="geo_mean",
-                   options=(("ratio_log_clamp", 0.5),), spread=1.5, seed=13)).xfail(
-    reason="geo_mean (GMPO) takes d = logp - old_logp without ratio_log_clamp, where docs/methods.md 00.3 "
-           "clamps every log-ratio before exp: with ratio_log_clamp=0.5 and d = -1 on the side the clip "
-           "does not bound, the loss is -e^-1 instead of -e^-0.5 (alignops/policy/methods.py, gmpo_token_loss)",
-    raises=AssertionError)
+                   options=(("ratio_log_clamp", 0.5),), spread=1.5, seed=13))
 # --- the harness's own mistakes, kept so they stay fixed ---
 # packed, rows (0, 2): two rows, two tokens, so [B] advantages are also [N] and the library takes
 # them per token (a tensor shaped like the log-probs); the first oracle broadcast them per row

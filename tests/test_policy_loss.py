@@ -179,14 +179,14 @@ def gmpo_parts(logp, old, A, m, low, high):
     """GMPO (docs/methods.md §2.36): (phi per token, s per row, live per token) where s_i is the
     exp of the row mean of sgn(A) min(sgn(A) d, sgn(A) clip(d, -low, high)) and live_t = 1 where that
     term moves with logp_t (A = 0 contributes 0 and never moves)."""
-    d = logp - old
+    d = np.clip(logp - old, -20, 20)   # the +-20 clamp of every method (docs/methods.md §1.4)
     sg = np.sign(A)
     dmin = sg * np.minimum(sg * d, sg * np.clip(d, -low, high))
-    live = np.where(sg > 0, d <= high, np.where(sg < 0, d >= -low, False)).astype(np.float64)
+    live = np.where(sg > 0, d <= high, np.where(sg < 0, d >= -low, False)) & (np.abs(logp - old) <= 20)
     L = np.maximum(m.sum(1), 1)
     s = np.exp(np.where(m, dmin, 0.0).sum(1) / L)
     abar = np.where(m, A, 0.0).sum(1) / L
-    return np.repeat((-abar * s)[:, None], d.shape[1], 1), s, live
+    return np.repeat((-abar * s)[:, None], d.shape[1], 1), s, live.astype(np.float64)
 
 
 def vespo_gate(d, A, m, params):

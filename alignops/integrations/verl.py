@@ -222,6 +222,12 @@ def policy_loss_kwargs(method: str, config, loss_agg_mode: str, response_mask: T
     if method in DUAL_CLIP_METHODS:
         c = _from_verl(method, "clip_ratio_c", "clip_ratio_c", _cfg_get(config, "clip_ratio_c"))
         kwargs["clip_ratio_c"] = VERL_DEFAULTS["clip_ratio_c"] if c is None else c
+    if method in ("dppo_tv", "dppo_kl"):
+        # verl's DPPO reads clip_ratio_c as its truncated-IS cap: at verl's default (3.0) the method's own
+        # 20 applies (the cap verl's code falls back to and the paper recommends large)
+        c = _cfg_get(config, "clip_ratio_c")
+        if c is not None and c != VERL_DEFAULTS["clip_ratio_c"]:
+            kwargs["dppo_is_cap"] = c
     if method == "sapo":  # alignops's defaults are verl's (1.0, 1.05)
         kwargs["sapo_tau_pos"] = _cfg_get(config, "tau_pos", 1.0)
         kwargs["sapo_tau_neg"] = _cfg_get(config, "tau_neg", 1.05)
@@ -237,6 +243,9 @@ def verl_metrics(method: str, metrics: Mapping[str, Tensor]) -> dict[str, float]
         out["actor/ppo_kl"] = float(metrics["approx_kl"])
     if method in CLIPFRAC_METHODS and "clip_ratio/region" in metrics:
         out["actor/pg_clipfrac"] = float(metrics["clip_ratio/region"])
+    if "dppo/outside" in metrics:  # verl's DPPO: the share outside the trust region, and of the truncated
+        out["actor/pg_clipfrac"] = float(metrics["dppo/outside"])
+        out["actor/pg_clipfrac_lower"] = float(metrics["dppo/truncated"])
     return out
 
 

@@ -278,7 +278,7 @@ def gmpo_token_loss(t: TokenInputs) -> TokenLoss:
     each log-ratio clipped to [-clip_low, clip_high] on the side the advantage's sign pushes (the
     PPO min in log space), s_i = exp(mean_t sgn(A) min(sgn(A) d, sgn(A) clip(d))); phi = -mean_t(A) s_i
     on every token of the row (summed per row by seq-mean-token-mean: -mean(A) s_i per sequence)."""
-    d = t.logp - t.old_logp
+    d = log_ratio(t.logp, t.old_logp, t.ratio_log_clamp)  # +-20 as every method (verl's geo_mean: none)
     sign = torch.sign(t.adv)
     d_min = sign * torch.minimum(sign * d, sign * d.clamp(-t.clip_low, t.clip_high))
     length = t.rows.lengths(t.mask, d.dtype).clamp(min=1)
