@@ -1200,14 +1200,16 @@ def backends_for(inp: Inputs) -> list[str]:
                    pattern="shifted_up", ignore="last", ignore_index=-1, mask="ones", method="gpg",
                    options=(("agg", "seq-mean-token-mean"), ("clip_low", 0.3), ("ratio_log_clamp", 0.5)),
                    spread=1.5, token_adv=True, route="inplace_grad", seed=79200))
-# CISPO's gradient on logits ~ +1000 (the same two causes): 1.3e-5 off where 5.6e-6 was allowed
+# CISPO's gradient on logits ~ +1000: 1.3e-5 off where 5.6e-6 was allowed; the torch backend's logp
+# error (above) moved CISPO's stop-gradient weight clip(r), which the first bound, differentiating
+# the oracle by autograd, did not see (it now differences the objective's coefficients numerically)
 @example(case=Case(op="policy", layout="padded", dtype="float32", B=3, T=4, V=1031, temperature=1.3,
                    pattern="shifted_up", ignore="row", garbage=True, method="cispo",
                    options=(("agg", "token-mean"), ("clip_high", 0.5), ("clip_low", 0.1), ("entropy_coef", -0.02),
                             ("normalizer", 3.0), ("ratio_log_clamp", 0.5)), seed=8927))
-# the torch backend's forward divided by T and its backward multiplied by 1/T: log p_v rebuilt from
-# a label with logp ~ -360 missed 0 at the row's max by ulp(360), and dH/dlogits was 1e-4 off
-# (fused lm_head, peaked logits, logit_scale 1.7, T = 0.3; cpu and triton exact)
+# after the first of those fixes the torch backend's forward divided by T and its backward multiplied
+# by 1/T: log p_v rebuilt from a label with logp ~ -360 missed 0 at the row's max by ulp(360), and
+# dlogits was 1e-4 off (fused lm_head, peaked logits, logit_scale 1.7, T = 0.3; cpu and triton exact)
 @example(case=Case(op="linear_token", layout="shifted", dtype="float32", B=3, T=5, V=7, H=3, temperature=0.3,
                    pattern="peaked", ignore="last", entropy=True, bias=True, logit_scale=1.7, frozen_weight=True,
                    seed=16604155))
