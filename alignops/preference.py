@@ -128,6 +128,17 @@ def _lengths(lengths, like, name):
 # DPO family
 
 
+def _reward_metrics(chosen_rewards, rejected_rewards, logps_w, logps_l) -> dict:
+    return {
+        "rewards/chosen": _mean(chosen_rewards),
+        "rewards/rejected": _mean(rejected_rewards),
+        "rewards/accuracies": _mean((chosen_rewards > rejected_rewards).float()),
+        "rewards/margins": _mean(chosen_rewards - rejected_rewards),
+        "logps/chosen": _mean(logps_w),
+        "logps/rejected": _mean(logps_l),
+    }
+
+
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
              ref_chosen_logps: Optional[Tensor] = None, ref_rejected_logps: Optional[Tensor] = None,
              beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0, *,
@@ -200,15 +211,8 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     loss = losses.sum() * inv_norm
     chosen_rewards = (beta * chosen_ratio).detach()
     rejected_rewards = (beta * rejected_ratio).detach()
-    metrics = {
-        "rewards/chosen": _mean(chosen_rewards),
-        "rewards/rejected": _mean(rejected_rewards),
-        "rewards/accuracies": _mean((chosen_rewards > rejected_rewards).float()),
-        "rewards/margins": _mean(chosen_rewards - rejected_rewards),
-        "logps/chosen": _mean(pc),
-        "logps/rejected": _mean(pr),
-    }
-    return PreferenceOutput(loss, losses, metrics, chosen_rewards, rejected_rewards)
+    return PreferenceOutput(loss, losses, _reward_metrics(chosen_rewards, rejected_rewards, pc, pr), chosen_rewards,
+                            rejected_rewards)
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,16 +322,9 @@ def _chosen_nll(sw: Tensor, chosen_lengths: Optional[Tensor], nll_normalizer) ->
 
 
 def _pair_metrics(chosen_rewards, rejected_rewards, logps_w, logps_l, nll) -> dict:
-    return {
-        "rewards/chosen": _mean(chosen_rewards),
-        "rewards/rejected": _mean(rejected_rewards),
-        "rewards/accuracies": _mean((chosen_rewards > rejected_rewards).float()),
-        "rewards/margins": _mean(chosen_rewards - rejected_rewards),
-        "logps/chosen": _mean(logps_w),
-        "logps/rejected": _mean(logps_l),
-        "nll_loss": torch.zeros((), dtype=torch.float32, device=logps_w.device) if nll is None
-        else nll.detach().float(),
-    }
+    return {**_reward_metrics(chosen_rewards, rejected_rewards, logps_w, logps_l),
+            "nll_loss": torch.zeros((), dtype=torch.float32, device=logps_w.device) if nll is None
+            else nll.detach().float()}
 
 
 def simpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor,

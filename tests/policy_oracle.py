@@ -159,6 +159,16 @@ def _phi(family, lp, old, adv, low, high, dual, ratio_log_clamp, opts):
     raise ValueError(family)
 
 
+def _knobs(defaults, method, opts, clip_low, clip_high, clip_ratio_c, agg):
+    """(family, options, clip_low, clip_high, dual clip, agg): the given ones over the method's
+    (family, clip_low, clip_high, dual clip, agg) defaults and its own options' defaults."""
+    family, d_low, d_high, d_dual, d_agg = defaults
+    clip_low = d_low if clip_low is None else clip_low
+    clip_high = (d_high if d_high is not None else clip_low) if clip_high is None else clip_high
+    return (family, {**_OWN_DEFAULTS.get(method, {}), **opts}, clip_low, clip_high,
+            d_dual if clip_ratio_c is None else clip_ratio_c, d_agg if agg is None else agg)
+
+
 def policy_loss(logits, labels, old_logp, advantages, mask=None, *, method="grpo", temperature=1.0,
                 clip_low=None, clip_high=None, clip_ratio_c=None, ref_logp=None, kl_coef=0.0,
                 kl_estimator="k3", entropy_coef=0.0, agg=None, max_len=None, normalizer=None,
@@ -168,12 +178,8 @@ def policy_loss(logits, labels, old_logp, advantages, mask=None, *, method="grpo
     fused_policy_loss's arguments; `scale` is the aggregate of the terms' absolute values, `coef`
     the largest per-token |dL/dlogp| + |dL/dH|.
     `advantages` per sequence [B] or per token; `old_logp=None` is on-policy."""
-    family, d_low, d_high, d_dual, d_agg = METHOD_FAMILY[method]
-    opts = {**_OWN_DEFAULTS.get(method, {}), **opts}
-    clip_low = d_low if clip_low is None else clip_low
-    clip_high = (d_high if d_high is not None else clip_low) if clip_high is None else clip_high
-    dual = d_dual if clip_ratio_c is None else clip_ratio_c
-    agg = d_agg if agg is None else agg
+    family, opts, clip_low, clip_high, dual, agg = _knobs(METHOD_FAMILY[method], method, opts, clip_low, clip_high,
+                                                          clip_ratio_c, agg)
     low, high = 1.0 - clip_low, 1.0 + clip_high
 
     x = logits.detach().to(torch.float64).requires_grad_()
@@ -235,16 +241,13 @@ def policy_loss_graph(logp, old_logp, advantages, mask, *, method="grpo", clip_l
     mask == 0 count nowhere (whatever their log-probs). absolute=True: the same aggregation of the
     terms' absolute values."""
     if method in ("gspo", "gspo-token"):
-        family, d_low, d_high, d_dual, d_agg = "gspo", 3e-4, 4e-4, None, "seq-mean-token-mean"
+        defaults = ("gspo", 3e-4, 4e-4, None, "seq-mean-token-mean")
     elif method == "bapo":
-        family, d_low, d_high, d_dual, d_agg = "clip", 0.2, None, None, "token-mean"
+        defaults = ("clip", 0.2, None, None, "token-mean")
     else:
-        family, d_low, d_high, d_dual, d_agg = METHOD_FAMILY[method]
-    opts = {**_OWN_DEFAULTS.get(method, {}), **opts}
-    clip_low = d_low if clip_low is None else clip_low
-    clip_high = (d_high if d_high is not None else clip_low) if clip_high is None else clip_high
-    dual = d_dual if clip_ratio_c is None else clip_ratio_c
-    agg = d_agg if agg is None else agg
+        defaults = METHOD_FAMILY[method]
+    family, opts, clip_low, clip_high, dual, agg = _knobs(defaults, method, opts, clip_low, clip_high, clip_ratio_c,
+                                                          agg)
     low, high = 1.0 - clip_low, 1.0 + clip_high
     valid = mask.detach().cpu() != 0
     member = _rows(valid, None)
