@@ -50,7 +50,7 @@ ignored and masked positions give exactly 0 and get exactly 0 gradient, an empty
 log-prob is exactly 0, an all-masked batch or a zero normaliser gives a loss of exactly 0 with
 zero gradients, N = 0 gives empty outputs and empty gradients.
 
-`make test` runs BOUNDED_EXAMPLES examples (about 35 s here); `make fuzz` runs FUZZ_EXAMPLES
+`make test` runs BOUNDED_EXAMPLES examples, the same ones every run (about 35 s here); `make fuzz` runs FUZZ_EXAMPLES
 (ALIGNOPS_FUZZ_EXAMPLES) of them with hypothesis's database, which replays a failure first the
 next time. Every failure the fuzzer ever found is kept as an @example on the test, with what it
 found.
@@ -1001,6 +1001,12 @@ def reference(inp: Inputs) -> Reference:
         lp_e, ent_e = logits_pass(logits_of(inp, inp.storages, values_dtype), labels, inp.counted, T)
     lp_err = 2 * (lp_e.double() - lp.detach()).abs() + 4 * eps * (1 + lp.detach().abs())
     ent_err = 2 * (ent_e.double() - ent.detach()).abs() + 4 * eps * (1 + ent.detach().abs())
+    if inp.dtype == torch.float64:
+        # the oracle computes in fp64 too, so its own error counts: its sum of V exponentials errs up to
+        # gamma_V of the sum (Higham 3.1), which eager may happen to share bit for bit and a kernel not
+        g = case.V * eps / (1 - case.V * eps)
+        lp_err = lp_err + g * (1 + lp.detach().abs())
+        ent_err = ent_err + g * (1 + ent.detach().abs())
     e_leaves = [None if s is None else s.detach().clone().requires_grad_() for s in inp.storages]
     lp_g, ent_g = logits_pass(logits_of(inp, e_leaves, inp.dtype), labels, inp.counted, T)
     torch.autograd.backward([lp_g, ent_g], [a.detach().to(inp.dtype), b.detach().to(inp.dtype)])
@@ -1188,7 +1194,9 @@ def backends_for(inp: Inputs) -> list[str]:
 # the harness
 
 
-@settings(max_examples=EXAMPLES, deadline=None,
+# make test draws the same BOUNDED_EXAMPLES every run (a gate must not fail by the draw's luck);
+# make fuzz draws new ones each time and keeps what fails in hypothesis's database
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("ALIGNOPS_FUZZ_EXAMPLES"),
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 @given(case=cases())
 # --- library bugs the fuzzer found (fixed in alignops/reference/token_stats.py) ---
@@ -1224,6 +1232,10 @@ def backends_for(inp: Inputs) -> list[str]:
 @example(case=Case(op="policy", layout="padded", dtype="float32", B=1, T=1, V=5, method="geo_mean",
                    options=(("ratio_log_clamp", 0.5),), spread=1.5, seed=13))
 # --- the harness's own mistakes, kept so they stay fixed ---
+# fp64, peaked (logp ~ -2e-15): the cpu kernel's online sum erred 6 ulp of 1 where eager fp64 matched the
+# oracle bit for bit, and the bound was eager's error (0) + 4 eps; the oracle's own fp64 sum error now counts
+@example(case=Case(op="linear_sft", layout="padded", dtype="float64", B=1, T=1, V=127, H=1, temperature=1.3,
+                   pattern="peaked", options=(("weighting", "none"),), spread=0.7, seed=0))
 # packed, rows (0, 2): two rows, two tokens, so [B] advantages are also [N] and the library takes
 # them per token (a tensor shaped like the log-probs); the first oracle broadcast them per row
 @example(case=Case(op="linear_policy", layout="packed", dtype="float64", B=2, T=2, lengths=(0, 2), V=3, H=16,
