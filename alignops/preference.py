@@ -356,15 +356,8 @@ def simpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chose
     sw, sl = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
     mean_w = sw / _lengths(chosen_lengths, sw, "chosen_lengths")
     mean_l = sl / _lengths(rejected_lengths, sw, "rejected_lengths")
-    losses = _smoothed_pair_losses(beta * (mean_w - mean_l) - gamma, eps)
-    inv_pairs = inverse_normalizer(normalizer, torch.tensor(float(sw.numel()), dtype=dtype, device=sw.device))
-    loss = losses.sum() * inv_pairs
     nll = _chosen_nll(sw, chosen_lengths, nll_normalizer)
-    if cpo_alpha:
-        loss = loss + cpo_alpha * nll
-    chosen_rewards, rejected_rewards = (beta * mean_w).detach(), (beta * mean_l).detach()
-    return PreferenceOutput(loss, losses, _pair_metrics(chosen_rewards, rejected_rewards, mean_w, mean_l, nll),
-                            chosen_rewards, rejected_rewards)
+    return _reference_free_output(beta, mean_w, mean_l, gamma, eps, normalizer, nll, cpo_alpha)
 
 
 def cpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, beta: float = 0.1,
@@ -393,16 +386,21 @@ def cpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, beta: f
     if cpo_alpha and chosen_lengths is None and nll_normalizer is None:
         raise ValueError("cpo_alpha != 0 needs chosen_lengths (the NLL term is the token mean over the chosen "
                          "responses) or nll_normalizer; pass cpo_alpha=0.0 for no NLL term")
-    losses = _smoothed_pair_losses(beta * (sw - sl), eps)
-    inv_pairs = inverse_normalizer(normalizer, torch.tensor(float(sw.numel()), dtype=dtype, device=sw.device))
-    loss = losses.sum() * inv_pairs
-    nll = None
-    if chosen_lengths is not None or nll_normalizer is not None:
-        nll = _chosen_nll(sw, chosen_lengths, nll_normalizer)
-        if cpo_alpha:
-            loss = loss + cpo_alpha * nll
-    chosen_rewards, rejected_rewards = (beta * sw).detach(), (beta * sl).detach()
-    return PreferenceOutput(loss, losses, _pair_metrics(chosen_rewards, rejected_rewards, sw, sl, nll),
+    has_nll = chosen_lengths is not None or nll_normalizer is not None
+    nll = _chosen_nll(sw, chosen_lengths, nll_normalizer) if has_nll else None
+    return _reference_free_output(beta, sw, sl, 0.0, eps, normalizer, nll, cpo_alpha)
+
+
+def _reference_free_output(beta, logps_w, logps_l, margin, eps, normalizer, nll, cpo_alpha) -> PreferenceOutput:
+    """SimPO's and CPO's shared tail: the smoothed sigmoid loss of beta (logps_w - logps_l) - margin
+    summed over pairs / normalizer (default: pairs), plus cpo_alpha x the chosen NLL where given."""
+    losses = _smoothed_pair_losses(beta * (logps_w - logps_l) - margin, eps)
+    pairs = torch.tensor(float(logps_w.numel()), dtype=logps_w.dtype, device=logps_w.device)
+    loss = losses.sum() * inverse_normalizer(normalizer, pairs)
+    if nll is not None and cpo_alpha:
+        loss = loss + cpo_alpha * nll
+    chosen_rewards, rejected_rewards = (beta * logps_w).detach(), (beta * logps_l).detach()
+    return PreferenceOutput(loss, losses, _pair_metrics(chosen_rewards, rejected_rewards, logps_w, logps_l, nll),
                             chosen_rewards, rejected_rewards)
 
 
