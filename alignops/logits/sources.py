@@ -302,13 +302,14 @@ class LinearHead:
             self.db += g.sum(0, dtype=self.db.dtype)
         # dL/dz rounded to the operands' dtype, as autograd would hand it to the GEMMs
         g = g.to(self.operands)
-        w, h = self.weight_operand(), self.h[s:e].to(self.operands)
         with torch.autocast(self.device.type, enabled=False):
             if self.dh is not None:
+                w = self.weight_operand()
                 if self.dh.dtype == g.dtype:
                     torch.mm(g, w, out=self.dh[s:e])
                 else:  # autocast: fp32 hidden states, bf16/fp16 GEMM
                     self.dh[s:e] = torch.mm(g, w)
+            h = None if self.dw is None else self.h[s:e].to(self.operands)
             if self.dw is None:
                 pass
             elif g.dtype == self.dw.dtype:
