@@ -262,12 +262,12 @@ def _check_dppo(opts):
     return {**opts, "dppo_is_cap": check_float("dppo_is_cap", opts["dppo_is_cap"], lo=0.0)}
 
 
-for _name, _divergence in (("dppo_tv", "tv"), ("dppo_kl", "kl")):
-    register_method(_name, lambda t, dppo_is_cap, _d=_divergence: dppo_token_loss(t, _d, dppo_is_cap),
-                    options={"dppo_is_cap": 20.0}, validate=_check_dppo,
-                    examples=({}, {"clip_low": 0.05, "clip_high": 0.1, "dppo_is_cap": 1.5}),
-                    doc=f"DPPO-Binary-{_divergence.upper()}: -sg(min(r, C)) A logp inside a {_divergence} trust region "
-                        "of the sampled token's probability (clip_low/high: the divergence bounds)")
+_DPPO = dict(options={"dppo_is_cap": 20.0}, validate=_check_dppo,
+             examples=({}, {"clip_low": 0.05, "clip_high": 0.1, "dppo_is_cap": 1.5}))
+register_method("dppo_tv", lambda t, dppo_is_cap: dppo_token_loss(t, "tv", dppo_is_cap), **_DPPO,
+                doc="-sg(min(r, C)) A logp inside a TV region of the sampled token's probability (clip_low/high)")
+register_method("dppo_kl", lambda t, dppo_is_cap: dppo_token_loss(t, "kl", dppo_is_cap), **_DPPO,
+                doc="-sg(min(r, C)) A logp inside a binary-KL region of the token's probability (clip_low/high)")
 
 
 # --------------------------------------------------------------------------------------------
