@@ -14,6 +14,7 @@ from alignops.fused_linear import (fused_linear_policy_loss, fused_linear_sequen
 from alignops.preference import (PreferenceOutput, cpo_loss, dpo_loss, fused_linear_cpo_loss, fused_linear_kto_loss,
                                  fused_linear_simpo_loss, gvpo_loss, kto_loss, log1mexp, orpo_loss, rahf_loss,
                                  simpo_loss)
+from alignops.distill import DistillOutput, distill_loss, fused_linear_distill_loss
 from alignops.rollout_correction import RolloutCorrection, rollout_correction
 from alignops.sft import (SequenceLogprobs, SFTOutput, chord_loss, chord_mu_schedule, iw_sft_weights,
                           sequence_logprobs, sft_loss)
@@ -28,4 +29,5 @@ __all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "token_l
            "fused_linear_sft_loss", "simpo_loss", "cpo_loss", "kto_loss", "fused_linear_simpo_loss",
            "fused_linear_cpo_loss", "fused_linear_kto_loss"]
 __all__ += ["rollout_correction", "RolloutCorrection"]
+__all__ += ["distill_loss", "fused_linear_distill_loss", "DistillOutput"]
 __all__ += advantages.__all__

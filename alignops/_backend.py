@@ -337,6 +337,12 @@ for _op in ("group_advantages", "masked_moments", "whiten_apply", "gae_scan"):
     register_kernel(_op, "cpu", _c_op(f"{_op}_cpu"))
     register_kernel(_op, "triton", _triton_fn("advantages", _op))
 
+# Distillation (contract: alignops/distill.py). No cuda kernel: triton on CUDA tensors.
+for _op in ("distill_fwd", "distill_bwd"):
+    register_kernel(_op, "torch", _torch_ref("distill", _op))
+    register_kernel(_op, "cpu", _c_op(f"{_op}_cpu"))
+    register_kernel(_op, "triton", _triton_fn("distill", _op))
+
 # One-launch policy loss (contract: alignops/policy/one_launch.py).
 register_kernel("policy_loss_fused", "cpu", _c_op("policy_loss_fused_cpu"))
 register_kernel("policy_loss_fused", "triton", _triton_fn("policy_loss", "policy_loss_fused"))
