@@ -465,3 +465,122 @@ register_method("bapo", _bapo_loss,
                          "bapo_bounds": None, "process_group": None},
                 validate=_check_bapo, examples=({}, {"bapo_mode": "official_code"}),
                 doc="PPO with absolute bounds searched per call (bapo_mode='paper'|'official_code')")
+
+
+# --------------------------------------------------------------------------------------------
+# Clip-Cov and KL-Cov (the entropy-mechanism paper): tokens picked by their covariance between
+# advantage and log-prob over the call's tokens, so no one-launch form
+
+def token_covariance(t: TokenInputs) -> Tensor:
+    """(A_t - mean A)(logp_t - mean logp), the means over the call's masked-in tokens, detached, in the
+    compute dtype (fp32, fp64 for fp64 inputs) from the inputs' rounded values (docs/methods.md §2.44).
+    Masked-out tokens hold 0 (their inputs are sanitised to 0); callers mask them out."""
+    lp = t.logp.detach()
+    n = t.mask.sum().clamp(min=1).to(lp.dtype)
+    return (t.adv - t.adv.sum() / n) * (lp - lp.sum() / n)
+
+
+def clip_cov_token_loss(t: TokenInputs, cov_ratio: float, lb: float, ub: float, seed: int | None) -> TokenLoss:
+    """Clip-Cov (docs/methods.md §2.44): PPO's clipped surrogate (dual clip if clip_ratio_c is set), with
+    max(int(cov_ratio * N), 1) tokens drawn uniformly at random among the masked-in tokens the PPO clip
+    left alone whose covariance lies in (lb, ub) taken out of the loss (phi = 0, no gradient)."""
+    ratio = torch.exp(log_ratio(t.logp, t.old_logp, t.ratio_log_clamp))
+    low, high = 1.0 - t.clip_low, 1.0 + t.clip_high
+    r = ratio.detach()
+    ppo_clipped = -t.adv * r.clamp(low, high) > -t.adv * r
+    cov = token_covariance(t)
+    candidate = (t.mask & ~ppo_clipped & (cov > lb) & (cov < ub)).reshape(-1)
+    n_tokens = int(t.mask.sum())          # the count on the host, as verl (one synchronisation)
+    n_clip = max(int(cov_ratio * n_tokens), 1)
+    idx = candidate.nonzero().squeeze(1)  # row-major: row, then position (the packed order)
+    drop = torch.zeros_like(candidate)
+    if idx.numel():
+        # the CPU generator, as verl: torch's default one (seed None) or a private one seeded per call;
+        # no draw at all when nothing is a candidate (so the default generator advances as verl's)
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        perm = torch.randperm(idx.numel(), generator=gen)[:n_clip]
+        drop[idx[perm.to(idx.device)]] = True
+    drop = drop.view_as(t.mask)
+    phi = clipped_surrogate(ratio, t.adv, low, high, t.clip_ratio_c)
+    phi = torch.where(drop, torch.zeros((), dtype=phi.dtype, device=phi.device), phi)
+    n = t.mask.sum().clamp(min=1)
+    return TokenLoss(phi, r, low, high, {"clip_cov/clipped": drop.sum() / n})
+
+
+def _check_clip_cov(opts):
+    out = {"clip_cov_ratio": check_float("clip_cov_ratio", opts["clip_cov_ratio"], lo=0.0, hi=1.0),
+           "clip_cov_lb": check_float("clip_cov_lb", opts["clip_cov_lb"]),
+           "clip_cov_ub": check_float("clip_cov_ub", opts["clip_cov_ub"])}
+    if out["clip_cov_lb"] > out["clip_cov_ub"]:
+        raise ValueError(f"clip_cov_lb must be <= clip_cov_ub, got clip_cov_lb={out['clip_cov_lb']}, "
+                         f"clip_cov_ub={out['clip_cov_ub']}")
+    seed = opts["clip_cov_seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"clip_cov_seed must be None (torch's default generator) or an int >= 0, got {seed!r}")
+    return {**opts, **out}
+
+
+register_method("clip_cov", lambda t, clip_cov_ratio, clip_cov_lb, clip_cov_ub, clip_cov_seed:
+                clip_cov_token_loss(t, clip_cov_ratio, clip_cov_lb, clip_cov_ub, clip_cov_seed),
+                options={"clip_cov_ratio": 2e-4, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0, "clip_cov_seed": None},
+                validate=_check_clip_cov,
+                examples=({"clip_cov_seed": 0},
+                          {"clip_cov_ratio": 0.3, "clip_cov_lb": -0.5, "clip_cov_ub": 0.5, "clip_cov_seed": 3}),
+                doc="PPO clip; a random share clip_cov_ratio of the tokens with covariance in (lb, ub) "
+                    "leaves the loss (verl clip_cov)")
+
+
+def kl_cov_token_loss(t: TokenInputs, cov_ratio: float, coef: float) -> TokenLoss:
+    """KL-Cov (docs/methods.md §2.44): phi = -r A, plus coef |logp - old_logp| on the max(int(cov_ratio * N), 1)
+    masked-in tokens of largest covariance; among equal covariances the earlier token (row-major, the
+    packed order) is taken. No clip. The count and the ranks stay on the device."""
+    d = t.logp - t.old_logp
+    ratio = torch.exp(log_ratio(t.logp, t.old_logp, t.ratio_log_clamp))
+    cov = torch.where(t.mask, token_covariance(t), -math.inf).reshape(-1)
+    order = torch.sort(cov, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    n = t.mask.sum()
+    k = torch.floor(n.to(torch.float64) * cov_ratio).clamp(min=1)   # verl's max(1, int(N * ratio)), N > 0
+    selected = (rank.view_as(t.mask) < k) & t.mask
+    penalty = torch.where(selected, coef * d.abs(), torch.zeros((), dtype=d.dtype, device=d.device))
+    phi = -ratio * t.adv + penalty
+    nn = n.clamp(min=1)
+    metrics = {"kl_cov/selected": selected.sum() / nn,
+               "kl_cov/abs_kl": torch.where(t.mask, d.detach().abs(), 0.0).sum() / nn}
+    return TokenLoss(phi, ratio.detach(), None, None, metrics)
+
+
+def _check_kl_cov(opts):
+    return {**opts, "kl_cov_ratio": check_float("kl_cov_ratio", opts["kl_cov_ratio"], lo=0.0, hi=1.0),
+            "kl_cov_coef": check_float("kl_cov_coef", opts["kl_cov_coef"], lo=0.0, lo_open=False)}
+
+
+register_method("kl_cov", lambda t, kl_cov_ratio, kl_cov_coef: kl_cov_token_loss(t, kl_cov_ratio, kl_cov_coef),
+                options={"kl_cov_ratio": 2e-4, "kl_cov_coef": 0.1}, validate=_check_kl_cov,
+                examples=({}, {"kl_cov_ratio": 0.3, "kl_cov_coef": 1.0}),
+                doc="-r A, plus kl_cov_coef |log r| on the share kl_cov_ratio of tokens of largest covariance "
+                    "(verl kl_cov)")
+
+
+# --------------------------------------------------------------------------------------------
+# DRO (verl's dro: the policy gradient with a quadratic log-ratio penalty)
+
+def dro_token_loss(t: TokenInputs, beta: float) -> TokenLoss:
+    """verl's DRO (docs/methods.md §2.45): phi = -A logp + (beta / 2) (logp - old_logp)^2. No exp, so the
+    penalty's log-ratio is not clamped (the ratio metrics' is)."""
+    d = t.logp - t.old_logp
+    ratio = torch.exp(log_ratio(t.logp, t.old_logp, t.ratio_log_clamp)).detach()
+    return TokenLoss(-t.adv * t.logp + 0.5 * beta * d * d, ratio, None, None)
+
+
+def _check_dro(opts):
+    if opts["dro_beta"] is None:
+        raise ValueError("method='dro' needs dro_beta > 0, the weight of its quadratic log-ratio penalty "
+                         "(no default, as in verl, whose policy_loss.dro_beta is required)")
+    return {**opts, "dro_beta": check_float("dro_beta", opts["dro_beta"], lo=0.0)}
+
+
+register_method("dro", lambda t, dro_beta: dro_token_loss(t, dro_beta), options={"dro_beta": None},
+                validate=_check_dro, examples=({"dro_beta": 0.1}, {"dro_beta": 2.0}),
+                doc="-A logp + dro_beta/2 (log r)^2; dro_beta required (verl dro)")
