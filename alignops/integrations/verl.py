@@ -231,8 +231,32 @@ def policy_loss_kwargs(method: str, config, loss_agg_mode: str, response_mask: T
     if method == "sapo":  # alignops's defaults are verl's (1.0, 1.05)
         kwargs["sapo_tau_pos"] = _cfg_get(config, "tau_pos", 1.0)
         kwargs["sapo_tau_neg"] = _cfg_get(config, "tau_neg", 1.05)
+    kwargs.update(_policy_loss_fields(method, _cfg_get(config, "policy_loss"), options))
     kwargs.update(options)
     return kwargs
+
+
+# verl's PolicyLossConfig fields of the methods that read them: alignops option <- (verl field, the fallback
+# verl's loss uses when the field is None). alignops's own defaults are verl's PolicyLossConfig defaults.
+POLICY_LOSS_FIELDS = {
+    "clip_cov": {"clip_cov_ratio": ("clip_cov_ratio", 2e-4), "clip_cov_lb": ("clip_cov_lb", 1.0),
+                 "clip_cov_ub": ("clip_cov_ub", 5.0)},
+    "kl_cov": {"kl_cov_ratio": ("kl_cov_ratio", 2e-4), "kl_cov_coef": ("ppo_kl_coef", 1.0)},
+    "dro": {"dro_beta": ("dro_beta", None)},
+}
+
+
+def _policy_loss_fields(method: str, policy_loss, options: Mapping) -> dict:
+    """The method's options read from verl's policy_loss node (clip_cov_*, kl_cov_ratio, ppo_kl_coef,
+    dro_beta), as verl's own clip_cov / kl_cov / dro read them."""
+    out = {}
+    for option, (field, fallback) in POLICY_LOSS_FIELDS.get(method, {}).items():
+        value = _cfg_get(policy_loss, field)
+        out[option] = fallback if value is None else value
+    if method == "dro" and out["dro_beta"] is None and options.get("dro_beta") is None:
+        raise ValueError("alignops_dro needs actor.policy_loss.dro_beta > 0 (the weight of DRO's quadratic "
+                         "log-ratio penalty), which has no default, as verl's own dro requires it")
+    return out
 
 
 def verl_metrics(method: str, metrics: Mapping[str, Tensor]) -> dict[str, float]:
@@ -246,6 +270,12 @@ def verl_metrics(method: str, metrics: Mapping[str, Tensor]) -> dict[str, float]
     if "dppo/outside" in metrics:  # verl's DPPO: the share outside the trust region, and of the truncated
         out["actor/pg_clipfrac"] = float(metrics["dppo/outside"])
         out["actor/pg_clipfrac_lower"] = float(metrics["dppo/truncated"])
+    if "clip_cov/clipped" in metrics:  # verl's clip_cov: the share of the tokens its covariance rule took out
+        out["actor/pg_clipfrac"] = float(metrics["clip_cov/clipped"])
+    if "kl_cov/abs_kl" in metrics:  # verl's kl_cov reports mean |log r| as its ppo_kl
+        out["actor/ppo_kl"] = float(metrics["kl_cov/abs_kl"])
+    # the rollout correction's metrics also under verl's own names (verl's bypass_mode returns them so)
+    out.update({k: float(v) for k, v in metrics.items() if k.startswith("rollout_corr/")})
     return out
 
 
@@ -264,6 +294,9 @@ def policy_loss_fn(method: str) -> Callable:
                 loss_agg_mode: str = "token-mean", config=None,
                 rollout_is_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
         kwargs = policy_loss_kwargs(method, config, loss_agg_mode, response_mask)
+        rc = bypass_config(config)
+        if rc is not None:   # verl's bypass mode: old_log_prob holds the rollout engine's log-probs
+            return bypass_loss(method, rc, old_log_prob, log_prob, advantages, response_mask, kwargs)
         out = ao.policy_loss(log_prob, old_log_prob, advantages, response_mask, method=method,
                              rollout_is_weights=rollout_is_weights, **kwargs)
         return out.loss, verl_metrics(method, out.metrics)
@@ -272,6 +305,183 @@ def policy_loss_fn(method: str) -> Callable:
     loss_fn.__doc__ = f"alignops method {method!r} as a verl policy loss (alignops.integrations.verl)."
     _POLICY_LOSS_FNS[method] = loss_fn
     return loss_fn
+
+
+# --------------------------------------------------------------------------------------------
+# rollout correction: verl's bypass mode through alignops's rollout_logp= route (docs/methods.md §1.15)
+
+BYPASS_ENV = "ALIGNOPS_VERL_BYPASS_MODE"
+BYPASS_LOSS_TYPES = {"ppo_clip": "ppo", "reinforce": "reinforce"}
+_RS_CRITERIA = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3", "seq_mean_k1",
+                "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")
+
+
+def _number(what: str, text) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number, got {text!r}") from None
+
+
+def rollout_correction_options(rollout_correction) -> dict:
+    """verl's RolloutCorrectionConfig (algorithm.rollout_correction, a dataclass, DictConfig or dict) as
+    the options of ao.rollout_correction / policy_loss's `rollout_correction=`:
+
+        rollout_is ("token" | "sequence" | None)      -> level
+        rollout_is_threshold 2.0 (a float: truncate)   -> threshold=2.0, mode="truncate"
+        rollout_is_threshold "0.5_5.0" (IcePop)         -> threshold=(0.5, 5.0), mode="mask"
+        rollout_is_batch_normalize                     -> batch_normalize
+        rollout_rs "a,b" with rollout_rs_threshold "x,y" (one value: shared by all; a k1's "lo_hi" or one
+        number u, the ratio bounds (1/u, u))          -> rejection={"a": x, "b": y}
+
+    Each unknown or malformed value is an error naming verl's field."""
+    if rollout_correction is None:
+        raise ValueError("rollout_correction is None: verl's rollout correction config is needed")
+    level = _cfg_get(rollout_correction, "rollout_is")
+    if level not in ("token", "sequence", None):
+        raise ValueError(f"rollout_correction.rollout_is must be 'token', 'sequence' or None, got {level!r}")
+    spec = _cfg_get(rollout_correction, "rollout_is_threshold", 2.0)
+    if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
+        raise TypeError(f"rollout_correction.rollout_is_threshold must be a float or a 'lower_upper' string, "
+                        f"got {spec!r}")
+    mode, threshold = "truncate", spec
+    if isinstance(spec, str):
+        if "_" in spec:
+            lo, hi = spec.strip().split("_", 1)
+            mode = "mask"
+            threshold = (_number("rollout_correction.rollout_is_threshold (lower)", lo),
+                         _number("rollout_correction.rollout_is_threshold (upper)", hi))
+        else:
+            threshold = _number("rollout_correction.rollout_is_threshold", spec)
+    opts = {"level": level, "mode": mode, "threshold": float(threshold) if mode == "truncate" else threshold,
+            "batch_normalize": bool(_cfg_get(rollout_correction, "rollout_is_batch_normalize", False))}
+    rs = _cfg_get(rollout_correction, "rollout_rs")
+    if rs is not None:
+        names = list(dict.fromkeys(part.strip() for part in str(rs).split(",") if part.strip()))
+        bad = [n for n in names if n not in _RS_CRITERIA]
+        if not names or bad:
+            raise ValueError(f"rollout_correction.rollout_rs names unknown criteria {bad or [rs]}; "
+                             f"verl's criteria: {_RS_CRITERIA}")
+        raw = _cfg_get(rollout_correction, "rollout_rs_threshold")
+        if raw is None:
+            raise ValueError("rollout_correction.rollout_rs_threshold is required with rollout_rs")
+        specs = [str(raw)] if isinstance(raw, (int, float)) else [p.strip() for p in str(raw).split(",") if p.strip()]
+        if len(specs) not in (1, len(names)):
+            raise ValueError(f"rollout_correction.rollout_rs_threshold must give one value, or one per criterion "
+                             f"of rollout_rs ({len(names)}), got {raw!r}")
+        specs = specs * len(names) if len(specs) == 1 else specs
+        rejection = {}
+        for name, text in zip(names, specs):
+            what = f"rollout_correction.rollout_rs_threshold for {name!r}"
+            if name.endswith("k1") and "_" in text:
+                lo, hi = text.split("_", 1)
+                rejection[name] = (_number(what, lo), _number(what, hi))
+            elif "_" in text:
+                raise ValueError(f"{what} takes one upper bound (no 'lower_upper'), got {text!r}")
+            else:
+                rejection[name] = _number(what, text)
+        opts["rejection"] = rejection
+    return opts
+
+
+def bypass_config(config):
+    """verl's rollout correction config when verl runs its bypass mode (algorithm.rollout_correction.bypass_mode:
+    verl's apply_bypass_mode puts it at actor.policy_loss.rollout_correction and old_log_prob is then the
+    rollout engine's log-probs), else None."""
+    rc = _cfg_get(_cfg_get(config, "policy_loss"), "rollout_correction")
+    return rc if rc is not None and bool(_cfg_get(rc, "bypass_mode", False)) else None
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    m = mask.to(torch.bool)
+    return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum() / m.sum().clamp(min=1)
+
+
+def bypass_loss(method: str, rollout_correction, rollout_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
+                response_mask: Tensor, kwargs: dict) -> tuple[Tensor, dict[str, Any]]:
+    """alignops `method` in verl's bypass mode (old_log_prob = the rollout log-probs), as verl's bypass_mode
+    treats its two losses, by rollout_correction.loss_type:
+
+    - "ppo_clip": the method against the rollout policy (old_logp = rollout_log_prob), on the mask that
+      ao.rollout_correction(sg(logp), rollout_log_prob) leaves after rejection; its IS weights are not
+      applied (the ratio is already pi / pi_rollout), only reported;
+    - "reinforce": the method on-policy (old_logp None) with the rollout_logp= route: the weights and
+      the rejection mask of ao.rollout_correction(sg(logp), rollout_log_prob).
+
+    `rollout_correction` is verl's RolloutCorrectionConfig; verl's rollout_is_weights argument is not used
+    in bypass mode (verl's ignores it too)."""
+    opts = rollout_correction_options(rollout_correction)
+    loss_type = _cfg_get(rollout_correction, "loss_type", "ppo_clip")
+    if loss_type not in BYPASS_LOSS_TYPES:
+        raise ValueError(f"rollout_correction.loss_type must be one of {sorted(BYPASS_LOSS_TYPES)}, got {loss_type!r}")
+    if loss_type == "ppo_clip":
+        with torch.no_grad():
+            rc = ao.rollout_correction(log_prob.detach(), rollout_log_prob, response_mask, **opts)
+        out = ao.policy_loss(log_prob, rollout_log_prob, advantages, rc.mask, method=method, **kwargs)
+        metrics = verl_metrics(method, {**out.metrics, **rc.metrics})
+        kept = rc.mask
+    else:
+        out = ao.policy_loss(log_prob, None, advantages, response_mask, method=method, rollout_logp=rollout_log_prob,
+                             rollout_correction=opts, **kwargs)
+        metrics = verl_metrics(method, out.metrics)
+        with torch.no_grad():   # the route's mask, for verl's ppo_kl (pi_rollout against pi over the kept tokens)
+            kept = ao.rollout_correction(log_prob.detach(), rollout_log_prob, response_mask, level=None,
+                                         rejection=opts.get("rejection")).mask
+    with torch.no_grad():
+        metrics["actor/ppo_kl"] = float(_masked_mean((rollout_log_prob - log_prob.detach()).float(), kept))
+    return out.loss, metrics
+
+
+def bypass_mode_loss_fn(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                        loss_agg_mode: str = "token-mean", config=None,
+                        rollout_is_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
+    """verl's `bypass_mode` loss through alignops (registered as `alignops_bypass_mode`): loss_type
+    "ppo_clip" is alignops's ppo (verl's vanilla: clip_ratio_low/high, dual clip clip_ratio_c) and
+    "reinforce" alignops's reinforce, each as bypass_loss runs it, aggregated by loss_agg_mode as given
+    (verl's bypass passes it to both). policy_loss.rollout_correction is required, as in verl."""
+    if config is None:
+        raise ValueError("config must be verl's actor config (ActorConfig or its DictConfig), got None")
+    rc = _cfg_get(_cfg_get(config, "policy_loss"), "rollout_correction")
+    if rc is None:
+        raise ValueError("alignops_bypass_mode needs actor.policy_loss.rollout_correction (verl's "
+                         "apply_bypass_mode puts algorithm.rollout_correction there)")
+    loss_type = _cfg_get(rc, "loss_type", "ppo_clip")
+    if loss_type not in BYPASS_LOSS_TYPES:
+        raise ValueError(f"rollout_correction.loss_type must be one of {sorted(BYPASS_LOSS_TYPES)}, got {loss_type!r}")
+    method = BYPASS_LOSS_TYPES[loss_type]
+    kwargs = policy_loss_kwargs(method, config, loss_agg_mode, response_mask)
+    if "agg" not in alignops_options(config):   # verl's loss_agg_mode as given, even at verl's default
+        kwargs.pop("max_len", None)
+        kwargs.update(aggregation(loss_agg_mode, response_mask, _cfg_get(config, "global_batch_info")))
+    return bypass_loss(method, rc, old_log_prob, log_prob, advantages, response_mask, kwargs)
+
+
+_BYPASS_ORIGINAL: dict[str, Callable] = {}
+
+
+def install_bypass_mode() -> None:
+    """verl's trainer sets policy_loss.loss_mode="bypass_mode" itself whenever
+    algorithm.rollout_correction.bypass_mode=True (rollout_corr_helper.apply_bypass_mode), so no
+    alignops_<name> can be chosen there: this puts alignops_bypass_mode under verl's name "bypass_mode"
+    (ALIGNOPS_VERL_BYPASS_MODE=1 in the workers' environment does it at import)."""
+    from verl.trainer.ppo import core_algos  # noqa: PLC0415
+
+    current = core_algos.POLICY_LOSS_REGISTRY.get("bypass_mode")
+    if current is not bypass_mode_loss_fn:
+        _BYPASS_ORIGINAL.setdefault("bypass_mode", current)
+    core_algos.register_policy_loss("bypass_mode")(bypass_mode_loss_fn)
+
+
+def uninstall_bypass_mode() -> None:
+    """Puts verl's own bypass_mode back."""
+    from verl.trainer.ppo import core_algos  # noqa: PLC0415
+
+    if "bypass_mode" in _BYPASS_ORIGINAL:
+        original = _BYPASS_ORIGINAL.pop("bypass_mode")
+        if original is None:
+            core_algos.POLICY_LOSS_REGISTRY.pop("bypass_mode", None)
+        else:
+            core_algos.register_policy_loss("bypass_mode")(original)
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,6 +730,8 @@ def register() -> dict[str, list[str]]:
     for method in method_names():
         core_algos.register_policy_loss(PREFIX + method)(policy_loss_fn(method))
         losses.append(PREFIX + method)
+    core_algos.register_policy_loss(PREFIX + "bypass_mode")(bypass_mode_loss_fn)
+    losses.append(PREFIX + "bypass_mode")
     estimators = []
     for name, fn in ADVANTAGE_ESTIMATORS.items():
         core_algos.register_adv_est(PREFIX + name)(fn)
@@ -665,3 +877,5 @@ def uninstall_fused_forward() -> None:
 register()
 if os.environ.get(FUSED_FORWARD_ENV, "0").strip().lower() in ("1", "true", "yes"):
     install_fused_forward()
+if os.environ.get(BYPASS_ENV, "0").strip().lower() in ("1", "true", "yes"):
+    install_bypass_mode()
