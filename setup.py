@@ -30,7 +30,7 @@ except ImportError:
                  "torch, downloaded for the build, and the extension would not load in yours).")
     torch = None
 # Bumped whenever the C++ op signatures change, so a stale _C is detected at import.
-C_ABI_VERSION = 3
+C_ABI_VERSION = 4
 
 
 # The CPU kernels (csrc/cpu/) are compiled once per level into alignops/_cpu_<isa>*.so, and

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
-C_ABI_VERSION = 3  # must equal C_ABI_VERSION in setup.py
+C_ABI_VERSION = 4  # must equal C_ABI_VERSION in setup.py
 
 
 class BackendUnavailableError(RuntimeError):

@@ -192,6 +192,45 @@ void gae_scan_cpu(const at::Tensor& rewards, const at::Tensor& values, const at:
 
 }  // namespace
 
+void check_distill_rows(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& valid,
+                        const at::Tensor& stats) {
+  for (const at::Tensor* t : {&student, &teacher}) {
+    TORCH_CHECK(t->dim() == 3 && t->stride(2) == 1, "alignops_C: distill rows must be [B, T, V] with unit stride over V");
+  }
+  TORCH_CHECK(teacher.sizes() == student.sizes() && teacher.scalar_type() == student.scalar_type(),
+              "alignops_C: teacher rows must match the student's shape and dtype");
+  const int64_t n = student.size(0) * student.size(1);
+  TORCH_CHECK(valid.scalar_type() == at::kBool && valid.is_contiguous() && valid.numel() == n,
+              "alignops_C: valid must be contiguous bool [B*T]");
+  const auto acc = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(stats.scalar_type() == acc && stats.is_contiguous() && stats.numel() == 5 * n,
+              "alignops_C: distill stats must be contiguous [B*T, 5] of the accumulation dtype");
+}
+
+void distill_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& valid,
+                     double inv_temperature, int64_t divergence, double beta, const at::Tensor& loss,
+                     const at::Tensor& stats) {
+  check_distill_rows(student, teacher, valid, stats);
+  TORCH_CHECK(loss.scalar_type() == stats.scalar_type() && loss.is_contiguous() && loss.numel() == valid.numel(),
+              "alignops_C: distill loss must be contiguous [B*T] of the accumulation dtype");
+  alignops::cpu_kernels().distill_fwd(student, teacher, valid, inv_temperature, divergence, beta, loss, stats);
+}
+
+void distill_bwd_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& valid,
+                     const at::Tensor& stats, const at::Tensor& grad_loss, double inv_temperature,
+                     int64_t divergence, double beta, const at::Tensor& grad_student) {
+  check_distill_rows(student, teacher, valid, stats);
+  TORCH_CHECK(grad_loss.scalar_type() == stats.scalar_type() && grad_loss.is_contiguous() &&
+                  grad_loss.numel() == valid.numel(),
+              "alignops_C: distill grad_loss must be contiguous [B*T] of the accumulation dtype");
+  TORCH_CHECK(grad_student.sizes() == student.sizes() && grad_student.scalar_type() == student.scalar_type() &&
+                  grad_student.stride(2) == 1,
+              "alignops_C: grad_student must be [B, T, V] of the student's dtype with unit stride over V");
+  advise_huge_pages(grad_student);
+  alignops::cpu_kernels().distill_bwd(student, teacher, valid, stats, grad_loss, inv_temperature, divergence, beta,
+                                      grad_student);
+}
+
 TORCH_LIBRARY(alignops_C, m) {
   m.def("group_advantages_cpu(Tensor rewards, Tensor order, Tensor offsets, int mode, float std_eps, "
         "bool singleton_raw, Tensor(a!) adv, Tensor(b!) count, Tensor(c!) mean, Tensor(d!) std) -> ()",
@@ -214,6 +253,10 @@ TORCH_LIBRARY(alignops_C, m) {
         "float inv_temperature, int ignore_index, bool compute_entropy, Tensor(a!) logp, Tensor(b!) entropy, "
         "Tensor(c!) loss_terms, Tensor(d!) pg_terms, Tensor(e!) grad_logits) -> ()",
         &policy_loss_fused_cpu);
+  m.def("distill_fwd_cpu(Tensor student, Tensor teacher, Tensor valid, float inv_temperature, int divergence, "
+        "float beta, Tensor(a!) loss, Tensor(b!) stats) -> ()", &distill_fwd_cpu);
+  m.def("distill_bwd_cpu(Tensor student, Tensor teacher, Tensor valid, Tensor stats, Tensor grad_loss, "
+        "float inv_temperature, int divergence, float beta, Tensor(a!) grad_student) -> ()", &distill_bwd_cpu);
 #ifdef ALIGNOPS_WITH_CUDA
   m.def("token_stats_fwd_cuda(Tensor logits, Tensor labels, float inv_temperature, int ignore_index, "
         "bool compute_entropy, Tensor(a!) logp, Tensor(b!) lse, Tensor(c!) entropy, int stream) -> ()",

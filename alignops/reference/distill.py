@@ -24,24 +24,25 @@ def _row_log_probs(x: Tensor, inv_temperature: float) -> tuple[Tensor, Tensor, T
     return z - log_s, m.squeeze(-1), log_s.squeeze(-1)
 
 
-def _terms(ls: Tensor, lt: Tensor, divergence: int, beta: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Per element: the loss term, q = p_s * dL/dp_s, and p_s. A term whose probability is 0
-    contributes exactly 0 (never 0 * inf)."""
+def _terms(ls: Tensor, lt: Tensor, divergence: int, beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per element: the loss term, p_s, p_t and h = dL/dp_s (0 where p_s = 0; unused by forward KL).
+    A term whose probability is 0 contributes exactly 0 (never 0 * inf)."""
     ps, pt = ls.exp(), lt.exp()
     zero = torch.zeros((), dtype=ls.dtype, device=ls.device)
     if divergence == FORWARD_KL:
-        term = torch.where(pt > 0, pt * (lt - ls), zero)
-        q = -pt
-    elif divergence == REVERSE_KL:
-        term = torch.where(ps > 0, ps * (ls - lt), zero)
-        q = term
-    else:
-        lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
-        ts = torch.where(ps > 0, ps * (ls - lm), zero)
-        tt = torch.where(pt > 0, pt * (lt - lm), zero)
-        term = beta * tt + (1.0 - beta) * ts
-        q = (1.0 - beta) * ts
-    return term, q, ps
+        return torch.where(pt > 0, pt * (lt - ls), zero), ps, pt, torch.zeros_like(ls)
+    if divergence == REVERSE_KL:
+        h = torch.where(ps > 0, ls - lt, zero)
+        return ps * h, ps, pt, h
+    lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
+    h = torch.where(ps > 0, (1.0 - beta) * (ls - lm), zero)
+    return beta * torch.where(pt > 0, pt * (lt - lm), zero) + ps * h, ps, pt, h
+
+
+def _grad(divergence: int, ps: Tensor, pt: Tensor, h: Tensor, dot: Tensor) -> Tensor:
+    """dL/dz: p_s - p_t for forward KL, p_s (h - sum p_s h) otherwise (not a difference of two
+    products of p_s, which cancels for the largest p_s)."""
+    return ps - pt if divergence == FORWARD_KL else ps * (h - dot)
 
 
 def _steps(n: int, vocab: int):
@@ -60,8 +61,8 @@ def distill_fwd(student: Tensor, teacher: Tensor, valid: Tensor, inv_temperature
         xt = torch.where(v, xt_all[s:e].to(acc), 0.0)
         ls, ms, log_ss = _row_log_probs(xs, inv_temperature)
         lt, mt, log_st = _row_log_probs(xt, inv_temperature)
-        term, q, _ = _terms(ls, lt, divergence, beta)
-        dot = torch.full_like(ms, -1.0) if divergence == FORWARD_KL else q.sum(-1)
+        term, ps, _, h = _terms(ls, lt, divergence, beta)
+        dot = torch.full_like(ms, -1.0) if divergence == FORWARD_KL else (ps * h).sum(-1)
         keep = valid[s:e]
         loss[s:e] = torch.where(keep, term.sum(-1), 0.0)
         stats[s:e] = torch.where(keep.unsqueeze(-1), torch.stack([ms, log_ss, mt, log_st, dot], -1), 0.0)
@@ -79,6 +80,6 @@ def distill_bwd(student: Tensor, teacher: Tensor, valid: Tensor, stats: Tensor, 
         xt = torch.where(v, xt_all[s:e].to(acc), 0.0)
         ls = (xs - ms.unsqueeze(-1)) * inv_temperature - log_ss.unsqueeze(-1)
         lt = (xt - mt.unsqueeze(-1)) * inv_temperature - log_st.unsqueeze(-1)
-        _, q, ps = _terms(ls, lt, divergence, beta)
-        g = (q - ps * dot.unsqueeze(-1)) * (grad_loss[s:e] * inv_temperature).unsqueeze(-1)
+        _, ps, pt, h = _terms(ls, lt, divergence, beta)
+        g = _grad(divergence, ps, pt, h, dot.unsqueeze(-1)) * (grad_loss[s:e] * inv_temperature).unsqueeze(-1)
         g_all[s:e] = torch.where(v, g, 0.0).to(g_all.dtype)

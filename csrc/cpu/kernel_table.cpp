@@ -19,6 +19,8 @@ const alignops::cpu::KernelTable kTable = {
     &alignops::cpu::whiten_apply,
     &alignops::cpu::gae_scan,
     &alignops::cpu::policy_loss_fused,
+    &alignops::cpu::distill_fwd,
+    &alignops::cpu::distill_bwd,
 };
 }  // namespace
 

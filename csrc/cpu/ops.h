@@ -45,9 +45,17 @@ void policy_loss_fused(const at::Tensor& logits, const at::Tensor& labels, const
                        const at::Tensor& entropy, const at::Tensor& loss_terms, const at::Tensor& pg_terms,
                        const at::Tensor& grad_logits);
 
+// Distillation (csrc/cpu/distill.cpp). Contract: alignops/distill.py.
+void distill_fwd(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& valid,
+                 double inv_temperature, int64_t divergence, double beta, const at::Tensor& loss,
+                 const at::Tensor& stats);
+void distill_bwd(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& valid,
+                 const at::Tensor& stats, const at::Tensor& grad_loss, double inv_temperature, int64_t divergence,
+                 double beta, const at::Tensor& grad_student);
+
 // Bumped whenever a signature above or the table below changes; _C refuses a library whose
 // table version differs (a stale build).
-constexpr int kKernelTableVersion = 1;
+constexpr int kKernelTableVersion = 2;
 
 struct KernelTable {
   int version;
@@ -59,6 +67,8 @@ struct KernelTable {
   decltype(&::alignops::cpu::whiten_apply) whiten_apply;
   decltype(&::alignops::cpu::gae_scan) gae_scan;
   decltype(&::alignops::cpu::policy_loss_fused) policy_loss_fused;
+  decltype(&::alignops::cpu::distill_fwd) distill_fwd;
+  decltype(&::alignops::cpu::distill_bwd) distill_bwd;
 };
 
 }  // namespace alignops::cpu
