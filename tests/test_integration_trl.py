@@ -383,6 +383,197 @@ def test_vespo_with_vllm_importance_correction_is_refused():
 
 
 # --------------------------------------------------------------------------------------------
+# vLLM's importance-sampling correction: AlignopsGRPOTrainer through the rollout_logp route
+
+
+def _trl_is_weights(old, rollout, mask, mode, clip_min, clip_max):
+    """TRL 1.16's vLLM importance-sampling ratio written out in float64 (its formula, not its code): per token, or
+    per sequence (the product), truncated to [clip_min, clip_max] or zeroed outside it; a NaN rollout log-prob
+    counts as no difference. Returned per token ([B, T]), 0 outside the mask."""
+    old, rollout, m = old.double(), rollout.double(), mask.double()
+    diff = torch.nan_to_num((old - rollout) * m, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True).expand_as(old)
+    ratio = torch.exp(diff)
+    low = -float("inf") if clip_min is None else clip_min
+    high = float("inf") if clip_max is None else clip_max
+    if mode.endswith("truncate"):
+        ratio = ratio.clamp(min=low, max=high)
+    else:
+        ratio = torch.where((ratio < low) | (ratio > high), 0.0, ratio)
+    return ratio * m
+
+
+@pytest.mark.parametrize("mode", sorted(ao_trl.TRL_IS_MODES))
+@pytest.mark.parametrize("clips", [(None, 3.0), (0.5, 2.0), (None, None)], ids=["defaults", "both", "none"])
+def test_trl_rollout_correction_gives_trls_weights(mode, clips):
+    import alignops as ao
+
+    if mode.endswith("truncate") and clips == (None, None):
+        with pytest.raises(ValueError, match="vllm_importance_sampling_clip_max"):
+            ao_trl.trl_rollout_correction(mode, *clips)
+        return
+    g = torch.Generator().manual_seed(11)
+    B, T = 6, 9
+    old = -torch.rand(B, T, generator=g) * 3
+    rollout = old + 0.8 * torch.randn(B, T, generator=g)
+    rollout[1, 2] = float("nan")                 # a token vLLM could not score
+    if clips[1] is not None:
+        rollout[4] = old[4] - 60.0               # a product of ratios beyond fp32's range (inf), then capped
+    rollout[5] = old[5] + 3.0                    # a product of ratios e^-27: TRL clamps no exponent (verl at -20)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[2, 5:] = False
+    mask[3, 1:] = False
+    want = _trl_is_weights(old, rollout, mask, mode, *clips)
+    if clips != (None, None):
+        unbounded = _trl_is_weights(old, rollout, mask, mode.split("_")[0] + "_mask", None, None)
+        assert (want > 0).any() and not torch.equal(want, unbounded)   # the bounds bite, and not on every token
+    spec = ao_trl.trl_rollout_correction(mode, *clips)
+    clean = torch.where(torch.isnan(rollout), old, rollout)     # what the trainer passes for vLLM's NaN
+    got = ao.rollout_correction(old, clean, mask, **spec).rollout_is_weights
+    torch.testing.assert_close(got.double() * mask, want, rtol=1e-6, atol=0)
+    # the route inside a loss takes the same weights
+    logp = (old + 0.1).requires_grad_()
+    adv = torch.linspace(-1, 1, B)
+    routed = ao.policy_loss(logp, old, adv, mask, method="ppo", rollout_logp=clean, rollout_correction=spec)
+    given = ao.policy_loss(logp, old, adv, mask, method="ppo", rollout_is_weights=want.float())
+    torch.testing.assert_close(routed.loss, given.loss, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mode="token"), "vllm_importance_sampling_mode"),
+    (dict(clip_min=-0.5), "vllm_importance_sampling_clip_min"),
+    (dict(clip_max=0.0), "vllm_importance_sampling_clip_max"),
+    (dict(clip_min=2.0, clip_max=1.5), "must not exceed"),
+    (dict(mode="token_truncate", clip_max=None), "vllm_importance_sampling_clip_min or"),
+])
+def test_trl_rollout_correction_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ao_trl.trl_rollout_correction(**kwargs)
+
+
+ROLLOUT_NOISE = 0.7
+
+
+def _with_rollout_logps(trainer_cls):
+    """trainer_cls with TRL's vLLM branches on, its completions still sampled by transformers' generate (no vLLM
+    here), and a stand-in for vLLM's per-token log-probs: the model's own log-probs of the sampled tokens at the
+    sampling temperature plus seeded noise (the mismatch), the last token of the first completion far less likely,
+    one token of the second completion unscorable (vLLM's None). Both trainers of a comparison get these same
+    inputs and compute the correction from them."""
+
+    class WithRolloutLogps(trainer_cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.use_vllm = True
+            self._rollout_draws = 0
+
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
+                                  has_tool_images=False):
+            self.use_vllm = False
+            try:
+                completion_ids, _ = super()._generate_single_turn(prompt_ids, images, multimodal_fields,
+                                                                  num_generations, has_tool_images)
+            finally:
+                self.use_vllm = True
+            g = torch.Generator().manual_seed(1000 + self._rollout_draws)
+            self._rollout_draws += 1
+            logprobs = []
+            with torch.no_grad():
+                for row, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+                    logits = self.model(input_ids=torch.tensor([list(p) + list(c)])).logits[0, len(p) - 1:-1]
+                    lp = torch.log_softmax(logits.float() / self.temperature, -1)[torch.arange(len(c)), c]
+                    lp = (lp + ROLLOUT_NOISE * torch.randn(len(c), generator=g)).tolist()
+                    if row == 0:
+                        lp[-1] -= 2.0        # a token vLLM found far less likely: ratio ~e^2, beyond TRL's cap 3
+                    if row == 1:
+                        lp[0] = None
+                    logprobs.append(lp)
+            return completion_ids, logprobs
+
+    return WithRolloutLogps
+
+
+IS_CASES = {
+    "token_truncate": dict(loss_type="dapo", vllm_importance_sampling_mode="token_truncate"),
+    "token_mask-grpo-beta": dict(loss_type="grpo", beta=0.04, vllm_importance_sampling_mode="token_mask"),
+    "sequence_truncate-bnpo-ga2": dict(loss_type="bnpo", gradient_accumulation_steps=2,
+                                       vllm_importance_sampling_mode="sequence_truncate"),
+    "sequence_mask-2iter": dict(loss_type="dapo", num_iterations=2, learning_rate=2.0),   # TRL's default mode
+}
+# TRL's generation-time metrics of the correction
+SAMPLING_METRICS = ("sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",
+                    "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/mean",
+                    "sampling/importance_sampling_ratio/max")
+_STOCK_IS_RUNS = {}
+
+
+def _stock_is_run(tiny_model, tmp_path, case):
+    from trl import GRPOTrainer
+
+    if case not in _STOCK_IS_RUNS:
+        _STOCK_IS_RUNS[case] = _train(tiny_model, tmp_path / "stock", trainer_cls=_with_rollout_logps(GRPOTrainer),
+                                      **IS_CASES[case])
+    return _STOCK_IS_RUNS[case]
+
+
+@pytest.mark.parametrize("case", sorted(IS_CASES))
+def test_alignops_trainer_vllm_correction_gives_stock_trl_run(tiny_model, tmp_path, case):
+    overrides = IS_CASES[case]
+    mode = overrides.get("vllm_importance_sampling_mode", "sequence_mask")
+    want = _stock_is_run(tiny_model, tmp_path, case)
+    got = _train(tiny_model, tmp_path / "alignops", trainer_cls=_with_rollout_logps(ao_trl.AlignopsGRPOTrainer),
+                 config_cls=ao_trl.AlignopsGRPOConfig, **overrides)
+    _assert_same_run(got, want)
+    _assert_same_metrics(got, want)
+    stats = [w for w in want.logs if "sampling/importance_sampling_ratio/mean" in w]
+    assert len(stats) == 3 // overrides.get("num_iterations", 1) + (overrides.get("num_iterations", 1) > 1)
+    # the correction bit: a ratio capped (truncate) or zeroed (mask), and a vLLM NaN token in every batch
+    if mode.endswith("truncate"):
+        assert any(w["sampling/importance_sampling_ratio/max"] == 3.0 for w in stats)
+    else:
+        assert any(w["sampling/importance_sampling_ratio/min"] == 0.0 for w in stats)
+    assert all(0.0 < w["sampling/importance_sampling_ratio/mean"] for w in stats)
+    # TRL's generation step runs in both (on old log-probs scored by alignops's head in one of them)
+    for g, w in zip(got.logs, want.logs):
+        assert {k for k in SAMPLING_METRICS if k in g} == {k for k in SAMPLING_METRICS if k in w}
+        for key in SAMPLING_METRICS:
+            if key in w:
+                assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (key, g[key], w[key])
+    # alignops's own metrics of the correction, per micro-batch: TRL's where a micro-batch is the generation batch
+    names = ("rollout_is_min", "rollout_is_mean", "rollout_is_max") if mode.startswith("token") else \
+        ("rollout_is_seq_min", "rollout_is_seq_mean", "rollout_is_seq_max")
+    assert all(f"rollout_corr/{n}" in g for g in got.logs for n in names)
+    if overrides.get("gradient_accumulation_steps", 1) == 1:
+        for g, w in zip(got.logs, want.logs):
+            for name, trl_name in zip(names, ("min", "mean", "max")):
+                if f"sampling/importance_sampling_ratio/{trl_name}" in w:
+                    assert g[f"rollout_corr/{name}"] == pytest.approx(
+                        w[f"sampling/importance_sampling_ratio/{trl_name}"], rel=1e-5, abs=1e-6), name
+
+
+def test_use_alignops_vllm_correction_gives_stock_trl_run(tiny_model, tmp_path):
+    """Under use_alignops TRL computes its own correction; only the old log-probs it starts from are alignops's."""
+    from trl import GRPOTrainer
+
+    want = _stock_is_run(tiny_model, tmp_path, "token_truncate")
+    with ao_trl.use_alignops():
+        got = _train(tiny_model, tmp_path / "alignops", trainer_cls=_with_rollout_logps(GRPOTrainer),
+                     **IS_CASES["token_truncate"])
+    _assert_same_run(got, want)
+    for g, w in zip(got.logs, want.logs):
+        for key in SAMPLING_METRICS:
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (key, g[key], w[key])
+
+
+def test_vespo_with_vllm_correction_is_refused_at_the_loss(tiny_model, tmp_path):
+    """The same refusal when the vLLM branches are switched on after the trainer was built."""
+    with pytest.raises(NotImplementedError, match="vespo.*sequence log-weight"):
+        _train(tiny_model, tmp_path, trainer_cls=_with_rollout_logps(ao_trl.AlignopsGRPOTrainer),
+               config_cls=ao_trl.AlignopsGRPOConfig, loss_type="vespo")
+
+
+# --------------------------------------------------------------------------------------------
 # alignops_method: the methods only alignops has, inside TRL's normalisation
 
 

@@ -31,6 +31,8 @@ from alignops import layout
 from alignops._validate import check_float
 from alignops.policy import math as pmath
 from alignops.policy.registry import get_method, resolve_options
+from alignops.rollout_correction import PREFIX as ROLLOUT_METRIC_PREFIX
+from alignops.rollout_correction import check_route_options
 
 TRL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -226,6 +228,41 @@ SHARED_KNOBS = ("clip_low", "clip_high", "clip_ratio_c", "kl_estimator", "ratio_
 # loss types whose logged policy_loss is the loss before the division by the accumulation steps
 _GA_DIVIDED = ("grpo", "sapo", "bnpo", "dr_grpo", "luspo")
 
+# TRL's vllm_importance_sampling_mode -> ao.rollout_correction's (level, mode)
+TRL_IS_MODES = {
+    "token_truncate": ("token", "truncate"),
+    "token_mask": ("token", "mask"),
+    "sequence_truncate": ("sequence", "truncate"),
+    "sequence_mask": ("sequence", "mask"),
+}
+
+
+def trl_rollout_correction(mode: str = "sequence_mask", clip_min: float | None = None,
+                           clip_max: float | None = 3.0) -> dict:
+    """The `rollout_correction=` options of alignops's losses that give TRL's vLLM importance-sampling correction
+    (`vllm_importance_sampling_mode`, `vllm_importance_sampling_clip_min`, `vllm_importance_sampling_clip_max`; TRL's
+    defaults here): the ratio exp(old - rollout) per token, or per sequence (the product over the row), truncated to
+    [clip_min, clip_max] (`*_truncate`) or zeroed outside it (`*_mask`), its exponent not clamped (TRL clamps none).
+
+        spec = trl_rollout_correction(args.vllm_importance_sampling_mode, args.vllm_importance_sampling_clip_min,
+                                      args.vllm_importance_sampling_clip_max)
+        ao.policy_loss(logp, old_logp, adv, mask, rollout_logp=sampling_logp, rollout_correction=spec)
+    """
+    if not isinstance(mode, str) or mode not in TRL_IS_MODES:
+        raise ValueError(f"vllm_importance_sampling_mode must be one of {tuple(TRL_IS_MODES)}, got {mode!r}")
+    low = check_float("vllm_importance_sampling_clip_min", clip_min, lo=0.0, lo_open=False, allow_none=True)
+    high = check_float("vllm_importance_sampling_clip_max", clip_max, lo=0.0, allow_none=True)
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"vllm_importance_sampling_clip_min ({low}) must not exceed "
+                         f"vllm_importance_sampling_clip_max ({high})")
+    level, how = TRL_IS_MODES[mode]
+    if how == "truncate" and low is None and high is None:
+        raise ValueError(f"vllm_importance_sampling_mode={mode!r} needs vllm_importance_sampling_clip_min or "
+                         "vllm_importance_sampling_clip_max (a truncation without bounds)")
+    spec = {"level": level, "mode": how, "threshold": (low, high), "ratio_log_clamp": None}
+    check_route_options(spec)
+    return spec
+
 
 @dataclasses.dataclass
 class AlignopsGRPOConfig(GRPOConfig):
@@ -301,8 +338,9 @@ class _LossRequest:
         B, C = self.mask.shape
         adv = self.advantages if self.advantages.dim() == 2 else self.advantages[:, None].expand(B, C)
         kwargs = dict(self.loss_kwargs)
-        for name in ("ref_logp", "rollout_is_weights"):
-            kwargs[name] = self._flat(kwargs.get(name), select, h.device)
+        for name in ("ref_logp", "rollout_is_weights", "rollout_logp"):
+            if name in kwargs:
+                kwargs[name] = self._flat(kwargs[name], select, h.device)
         old, adv = self._flat(self.old_logp, select, h.device), self._flat(adv, select, h.device)
         mask = self._flat(self.mask, select, h.device) != 0
         cu = cu.to(h.device)
@@ -369,6 +407,17 @@ class _TakenGradients(torch.autograd.Function):
         return (None, *scaled, None, None, None)
 
 
+def _unsupported_correction(alignops_method, loss_type: str) -> str | None:
+    """Why the vLLM importance-sampling correction cannot go through the rollout_logp route here, or None."""
+    if alignops_method is None and loss_type == "vespo":
+        return ("loss_type='vespo' with vllm_importance_sampling_correction: TRL adds the clamped log of the rollout "
+                "ratio to VESPO's sequence log-weight, inside its Gamma gate, and does not multiply the loss by it; "
+                "the rollout_logp route multiplies the policy term by the weights, and alignops's vespo has no input "
+                "for an extra sequence log-weight (set vllm_importance_sampling_correction=False, or use another "
+                "loss_type)")
+    return None
+
+
 def _unsupported(args, loss_type: str) -> str | None:
     """Why AlignopsGRPOTrainer cannot reproduce this GRPOConfig, or None."""
     if args.alignops_method is None and loss_type not in TRL_LOSSES:
@@ -391,10 +440,10 @@ def _unsupported(args, loss_type: str) -> str | None:
     if args.entropy_coef != 0.0 and TRL_LOSSES.get(loss_type, ("", "", "token-mean"))[2] != "token-mean":
         return (f"entropy_coef with loss_type={loss_type!r}: TRL's bonus is a token mean, its policy term a mean of "
                 "sequence means, and alignops aggregates both alike")
-    if args.alignops_method is None and loss_type == "vespo" and args.use_vllm \
-            and args.vllm_importance_sampling_correction:
-        return ("loss_type='vespo' with vllm_importance_sampling_correction (TRL folds the rollout's importance ratio "
-                "into VESPO's sequence weight; alignops's rollout_is_weights multiply the loss)")
+    if args.use_vllm and args.vllm_importance_sampling_correction:
+        why = _unsupported_correction(args.alignops_method, loss_type)
+        if why is not None:
+            return why
     if args.alignops_method is None and loss_type == "cispo" and (args.epsilon_high or args.epsilon) <= 1.0:
         return ("loss_type='cispo' with epsilon_high <= 1 (the ratio cap; alignops's cispo needs a cap above 1, "
                 "ScaleRL uses 5.0)")
@@ -440,6 +489,26 @@ class AlignopsGRPOTrainer(GRPOTrainer):
                                      "loss_type, beta and entropy_coef")
             resolve_options(method, {k: v for k, v in self._alignops_kwargs.items() if k not in SHARED_KNOBS})
         self._alignops_fn = AlignopsChunkedLogProb(a.alignops_backend, a.alignops_chunk_size)
+        if a.use_vllm and a.vllm_importance_sampling_correction:
+            self._rollout_spec()       # TRL's options checked now, not at the first loss
+
+    def _rollout_spec(self) -> dict | None:
+        """The rollout_correction= options of TRL's vLLM importance-sampling correction, or None when it is off."""
+        if not (self.use_vllm and self.vllm_importance_sampling_correction):
+            return None
+        why = _unsupported_correction(self.args.alignops_method, self.loss_type)
+        if why is not None:
+            raise NotImplementedError(f"AlignopsGRPOTrainer does not support {why}")
+        return trl_rollout_correction(self.vllm_importance_sampling_mode, self.vllm_importance_sampling_clip_min,
+                                      self.vllm_importance_sampling_clip_max)
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self._rollout_spec() is not None:
+            # TRL's own ratio (it logs its sampling/* metrics from it) is not used: the loss computes the weights
+            # from sampling_per_token_logps through the rollout_logp route
+            output.pop("importance_sampling_ratio", None)
+        return output
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         with AlignopsPatch(self._alignops_fn).install():
@@ -489,7 +558,7 @@ class AlignopsGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         mask = mask.float()
-        B, C = completion_ids.shape
+        C = completion_ids.shape[1]
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
         count = mask.sum()
 
@@ -499,8 +568,16 @@ class AlignopsGRPOTrainer(GRPOTrainer):
         if self.beta != 0.0 and not self.args.use_bias_correction_kl:
             loss_kwargs.update(ref_logp=inputs["ref_per_token_logps"], kl_coef=float(self.beta),
                                kl_estimator=loss_kwargs.get("kl_estimator", "k3"))
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            loss_kwargs["rollout_is_weights"] = inputs["importance_sampling_ratio"].expand(B, C)
+        rollout_spec = self._rollout_spec()
+        if rollout_spec is not None:
+            rollout_logp, old = inputs.get("sampling_per_token_logps"), inputs.get("old_per_token_logps")
+            if rollout_logp is None or old is None:
+                raise RuntimeError("vllm_importance_sampling_correction needs the rollout's sampling_per_token_logps "
+                                   "and the recomputed old_per_token_logps in the inputs; the generation step gave "
+                                   f"{sorted(k for k in inputs if k.endswith('per_token_logps'))}")
+            # a token vLLM could not score (NaN) gets TRL's ratio 1: the rollout log-prob there is the trainer's own
+            loss_kwargs.update(rollout_logp=torch.where(torch.isnan(rollout_logp), old, rollout_logp),
+                               rollout_correction=rollout_spec)
         if self._entropy_bonus_enabled:
             # TRL's bonus is the micro-batch's token-mean entropy over the accumulation steps, whatever the policy
             # term's normaliser: the same term under alignops's shared normaliser takes a rescaled coefficient
@@ -558,8 +635,14 @@ class AlignopsGRPOTrainer(GRPOTrainer):
                     self._metrics[mode][f"clip_ratio/{name}_mean"].append(
                         self._global_mean(metrics[f"clip_ratio/{name}"] * count, count))
             for name, value in metrics.items():
-                if "/" in name and not name.startswith(("clip_ratio/", "ratio/")):
+                if "/" in name and not name.startswith(("clip_ratio/", "ratio/", ROLLOUT_METRIC_PREFIX)):
                     self._metrics[mode][f"alignops/{name}"].append(self.accelerator.gather(value).mean().item())
+        if rollout_spec is not None:
+            # the correction's metrics (verl's names) of this micro-batch, averaged over the processes
+            names = sorted(k for k in metrics if k.startswith(ROLLOUT_METRIC_PREFIX))
+            values = self.accelerator.gather(torch.stack([metrics[k].float() for k in names])[None])
+            for name, value in zip(names, values.mean(0).tolist()):
+                self._metrics[mode][name].append(value)
         return loss
 
     @torch.no_grad()
@@ -593,4 +676,4 @@ class AlignopsGRPOTrainer(GRPOTrainer):
 
 
 __all__ = ["use_alignops", "AlignopsPatch", "AlignopsChunkedLogProb", "trl_chunked_function", "AlignopsGRPOConfig",
-           "AlignopsGRPOTrainer", "TRL_LOSSES"]
+           "AlignopsGRPOTrainer", "TRL_LOSSES", "TRL_IS_MODES", "trl_rollout_correction"]
