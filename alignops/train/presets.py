@@ -161,6 +161,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
                    "good - bad, a peft LoRA fitted to implant them (alpha 1)",
            {"learning_rate": 3e-4, "loop_kwargs": {"variant": "dual", "alpha": 1.0, "stage1_steps": 30}},
            group_method=False, loop="rahf:RAHFLoop"),
+    # --- distillation (alignops/train/loops/distill.py)
+    Preset("on_policy_distill", "On-policy distillation (GKD lambda 1): the student samples, a larger SFT teacher "
+                                "(256 x 4 layers, trained to 90 % probe accuracy once, cached in runs/teacher) "
+                                "scores every sampled token; per-token reverse KL(student || teacher) over the full "
+                                "vocabulary from both lm_heads (fused); forward_kl / jsd (beta) selectable",
+           {"learning_rate": 1e-4}, group_method=False, loop="distill:OnPolicyDistillLoop"),
 ]}
 
 

@@ -44,7 +44,8 @@ def sft_warmup(cfg: TrainConfig, target_accuracy: tuple[float, float] | None = (
                min_steps: int = 200, eval_every: int = 10, probe_size: int = 200, batch_size: int = 64,
                lr: float = 1e-3, warmup_steps: int = 50, time_budget_s: float | None = None,
                out_dir: str = "runs/base",
-               probe_accuracy: Callable[[torch.nn.Module, int], float] | None = None) -> dict:
+               probe_accuracy: Callable[[torch.nn.Module, int], float] | None = None, kind: str = "sft_base",
+               extra: dict | None = None) -> dict:
     """Trains the base and writes it to `out_dir`, its record to state.json (returned).
 
     From `min_steps` on, every `eval_every` steps, greedy accuracy on the first `probe_size`
@@ -61,7 +62,8 @@ def sft_warmup(cfg: TrainConfig, target_accuracy: tuple[float, float] | None = (
     `fixed_steps`), `steps`, `probe_accuracy` (at the kept step; None without evaluation),
     `probe_size`, `heldout_accuracy` (the full held-out set, cfg.eval_size problems),
     `target_accuracy`, `lr`, `warmup_steps`, `batch_size`, `evaluations` ([step, probe accuracy]
-    pairs in the order they ran), `seconds`, and the task, arch and seed."""
+    pairs in the order they ran), `seconds`, and the task, arch and seed; `kind` ("sft_base", or
+    the distillation teacher's "sft_teacher") and `extra` (more fields) are recorded as given."""
     if target_accuracy is not None:
         if len(target_accuracy) != 2 or not 0.0 <= target_accuracy[0] <= target_accuracy[1] <= 1.0:
             raise ValueError(f"target_accuracy must be (low, high) with 0 <= low <= high <= 1, or None; "
@@ -156,12 +158,12 @@ def sft_warmup(cfg: TrainConfig, target_accuracy: tuple[float, float] | None = (
         bar.close()
 
     heldout = evaluate(policy, task, tok, cfg.eval_size, cfg.max_completion_length)
-    info = {"kind": "sft_base", "outcome": outcome, "steps": step, "probe_accuracy": kept_acc,
+    info = {"kind": kind, "outcome": outcome, "steps": step, "probe_accuracy": kept_acc,
             "probe_size": probe_size, "heldout_accuracy": heldout,
             "target_accuracy": list(target_accuracy) if target_accuracy is not None else None,
             "lr": lr, "warmup_steps": warmup_steps, "batch_size": batch_size, "schedule": "linear warm-up, constant",
             "evaluations": evaluations, "seconds": round(time.time() - t0, 1),
-            "task": cfg.task, "arch": cfg.arch, "seed": cfg.seed}
+            "task": cfg.task, "arch": cfg.arch, "seed": cfg.seed, **(extra or {})}
     ckpt.save_checkpoint(out_dir, policy, state=info, tokenizer=tok)
     return info
 
