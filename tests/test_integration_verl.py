@@ -206,18 +206,25 @@ AT_VERL_DEFAULTS = {"ppo": {"clip_ratio_c": 3.0}, "grpo": {"clip_ratio_c": 3.0},
                     "dr_grpo": {"clip_ratio_c": 3.0, "max_len": T}, "ecpo": {"clip_ratio_c": 3.0},
                     "gppo": {"clip_ratio_c": 3.0}, "gppo_klear": {}, "cispo": {}, "cispo_scalerl": {},
                     "reinforce": {}, "gpg": {}, "sapo": {}}
+# methods with an option verl has no default for: (verl's policy_loss fields, the same as alignops options)
+REQUIRED = {"dro": ({"dro_beta": 0.3}, {"dro_beta": 0.3})}
+
+
+def default_config(method):
+    """verl's config at its defaults, plus the fields `method` cannot run without."""
+    fields = REQUIRED.get(method, ({}, {}))[0]
+    return actor_config(policy_loss=aov.AlignopsPolicyLossConfig(**fields)) if fields else actor_config()
 
 
 def test_every_method_is_registered_and_runs():
     """Every method is registered under alignops_<method>; the token-level ones (among them ecpo and
     gppo_klear, which verl does not have) equal a float64 oracle of the method through verl's call."""
     logp, old, adv, mask, _ = policy_inputs()
-    cfg = actor_config()
     assert set(AT_VERL_DEFAULTS) <= set(method_names())
     for method in method_names():
         fn = core_algos.get_policy_loss_fn("alignops_" + method)
         assert fn is aov.policy_loss_fn(method)
-        loss, grad, metrics = run_loss(fn, logp, old, adv, mask, "token-mean", cfg, None)
+        loss, grad, metrics = run_loss(fn, logp, old, adv, mask, "token-mean", default_config(method), None)
         assert torch.isfinite(loss) and torch.isfinite(grad).all(), method
         assert (grad[~mask] == 0).all(), method
         assert all(isinstance(v, float) for v in metrics.values())
@@ -267,20 +274,28 @@ def test_methods_keep_their_defaults_in_verl():
     logp, old, adv, mask, _ = policy_inputs()
     cfg = actor_config()
     for method in method_names():
+        torch.manual_seed(0)    # clip_cov draws from torch's default generator, as verl's
         loss, grad, _ = run_loss(core_algos.get_policy_loss_fn("alignops_" + method), logp, old, adv, mask,
-                                 "token-mean", cfg, None)
+                                 "token-mean", default_config(method), None)
         x = logp.clone().requires_grad_()
-        ref = ao.policy_loss(x, old, adv, mask, method=method, **at_own_defaults(method)).loss
+        torch.manual_seed(0)
+        ref = ao.policy_loss(x, old, adv, mask, method=method, **at_own_defaults(method),
+                             **REQUIRED.get(method, ({}, {}))[1]).loss
         (ref_grad,) = torch.autograd.grad(ref, x)
         torch.testing.assert_close(loss, ref.detach(), msg=method)
         torch.testing.assert_close(grad, ref_grad, msg=method)
-    kw = {m: aov.policy_loss_kwargs(m, cfg, "token-mean", mask) for m in method_names()}
+    kw = {m: aov.policy_loss_kwargs(m, default_config(m), "token-mean", mask) for m in method_names()}
     assert (kw["dapo"]["clip_low"], kw["dapo"]["clip_high"]) == (0.2, 0.28)
     assert (kw["gspo"]["clip_low"], kw["gspo"]["clip_high"], kw["gspo"]["agg"]) == (3e-4, 4e-4, "seq-mean-token-mean")
     assert (kw["cispo"]["clip_low"], kw["cispo"]["clip_high"]) == (1.0, 0.2)
     assert (kw["cispo_scalerl"]["clip_low"], kw["cispo_scalerl"]["clip_high"]) == (1.0, 4.0)
     assert kw["gppo_klear"]["clip_ratio_c"] == 10.0 and kw["dapo"]["clip_ratio_c"] == 3.0
     assert kw["dr_grpo"]["agg"] == "seq-mean-token-sum-norm" and kw["reinforce"]["agg"] == "seq-mean-token-sum"
+    # verl's PolicyLossConfig defaults reach clip_cov and kl_cov (ppo_kl_coef 0.1, not its loss's fallback 1.0)
+    assert {k: kw["clip_cov"][k] for k in ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub")} == \
+        {"clip_cov_ratio": 2e-4, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0}
+    assert (kw["kl_cov"]["kl_cov_ratio"], kw["kl_cov"]["kl_cov_coef"]) == (2e-4, 0.1)
+    assert "clip_ratio_c" not in kw["clip_cov"]    # verl's clip_cov has no dual clip
 
     def verl(name, method):
         a = run_loss(core_algos.get_policy_loss_fn(name), logp, old, adv, mask, "token-mean", cfg, None)
@@ -886,7 +901,9 @@ def test_plain_import_verl_registers_everything():
                 p.wait()
     for got in results:
         assert got["loaded"]
-        assert got["policy_losses"] == sorted("alignops_" + m for m in method_names())
+        assert got["policy_losses"] == sorted(["alignops_" + m for m in method_names()] + ["alignops_bypass_mode"])
+        assert {"alignops_clip_cov", "alignops_kl_cov", "alignops_dro", "alignops_bypass_mode"} <= set(
+            got["policy_losses"])
         assert got["adv_estimators"] == sorted("alignops_" + e for e in aov.ADVANTAGE_ESTIMATORS)
         assert got["fused"] == "alignops.integrations.verl"
         # the vocabulary split over two ranks, as Megatron's TP group hands it to linear_cross_entropy
