@@ -552,6 +552,17 @@ def test_alignops_trainer_vllm_correction_gives_stock_trl_run(tiny_model, tmp_pa
                         w[f"sampling/importance_sampling_ratio/{trl_name}"], rel=1e-5, abs=1e-6), name
 
 
+def test_alignops_trainer_vllm_correction_on_labelled_rows_only(tiny_model, tmp_path, compact_rows):
+    from trl import GRPOTrainer
+
+    overrides = IS_CASES["sequence_mask-2iter"]
+    want = _train(tiny_model, tmp_path / "stock", trainer_cls=_with_rollout_logps(GRPOTrainer), **overrides)
+    got = _train(tiny_model, tmp_path / "alignops", trainer_cls=_with_rollout_logps(ao_trl.AlignopsGRPOTrainer),
+                 config_cls=ao_trl.AlignopsGRPOConfig, **overrides)
+    _assert_same_run(got, want)
+    _assert_same_metrics(got, want)
+
+
 def test_use_alignops_vllm_correction_gives_stock_trl_run(tiny_model, tmp_path):
     """Under use_alignops TRL computes its own correction; only the old log-probs it starts from are alignops's."""
     from trl import GRPOTrainer

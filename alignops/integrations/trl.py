@@ -453,8 +453,10 @@ def _unsupported(args, loss_type: str) -> str | None:
 class AlignopsGRPOTrainer(GRPOTrainer):
     """GRPOTrainer whose policy loss is one ao.fused_linear_policy_loss call from the last hidden states and the
     lm_head weight (a terminal loss: its gradients are taken inside the model's forward), with TRL's normalisation,
-    gradient-accumulation scaling, k3 KL (beta), entropy bonus (entropy_coef) and metric names. Old and reference
-    log-probs are scored through use_alignops. Configure with AlignopsGRPOConfig (a plain GRPOConfig works too).
+    gradient-accumulation scaling, k3 KL (beta), entropy bonus (entropy_coef) and metric names. vLLM's
+    importance-sampling correction runs inside that call: TRL's sampling_per_token_logps go in as rollout_logp= with
+    trl_rollout_correction's options. Old and reference log-probs are scored through use_alignops. Configure with
+    AlignopsGRPOConfig (a plain GRPOConfig works too).
 
         trainer = AlignopsGRPOTrainer(model="Qwen/Qwen2.5-0.5B", reward_funcs=reward, train_dataset=ds,
                                       args=AlignopsGRPOConfig(output_dir="out", loss_type="dapo", beta=0.001))
