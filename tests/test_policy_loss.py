@@ -47,7 +47,8 @@ def oracle(method, logp, old, adv_tok, mask, *, agg="token-mean", clip_low=0.2, 
            clip_ratio_c=None, ref=None, kl_coef=0.0, kl_est="k3", ent=None, ent_coef=0.0,
            normalizer=None, max_len=None, is_w=None, ecpo_delta=0.1, ratio_level="token",
            beta1=1.0, beta2=1.0, alpha=1.0, bapo_bounds=None, tau_pos=1.0, tau_neg=1.05,
-           vespo=(2.0, 3.0, 3.0, 2.0), dppo_is_cap=20.0):
+           vespo=(2.0, 3.0, 3.0, 2.0), dppo_is_cap=20.0, clip_cov=(2e-4, 1.0, 5.0, 0), kl_cov=(2e-4, 0.1),
+           dro_beta=None):
     """Returns (loss, dL/dlogp, dL/dH) for [B, T] float64 numpy inputs."""
     logp, old, A = (np.asarray(x, np.float64) for x in (logp, old, adv_tok))
     m = np.asarray(mask, bool)
@@ -99,6 +100,18 @@ def oracle(method, logp, old, adv_tok, mask, *, agg="token-mean", clip_low=0.2, 
     elif method in ("dppo_tv", "dppo_kl"):
         w = np.minimum(r, dppo_is_cap) * dppo_inside(method, logp, old, A, clip_low, ch)
         phi, grad_tok = -w * A * logp, -w * A
+    elif method == "clip_cov":
+        phi, w = ppo_value_weight(r, A, lo, hi, clip_ratio_c)
+        keep = ~clip_cov_dropped(logp, A, m, r, lo, hi, *clip_cov)
+        phi, grad_tok = phi * keep, w * in_clamp * keep
+    elif method == "kl_cov":
+        sel = kl_cov_selected(logp, A, m, kl_cov[0])
+        raw = logp - old      # the penalty's log-ratio is not clamped (no exp)
+        phi = -r * A + sel * kl_cov[1] * np.abs(raw)
+        grad_tok = -r * A * in_clamp + sel * kl_cov[1] * np.sign(raw)
+    elif method == "dro":
+        raw = logp - old
+        phi, grad_tok = -A * logp + 0.5 * dro_beta * raw * raw, -A + dro_beta * raw
     elif method == "geo_mean":
         grad_tok = None
     elif method in ("gspo", "gspo-token") or method == "ecpo":
@@ -162,6 +175,37 @@ def oracle(method, logp, old, adv_tok, mask, *, agg="token-mean", clip_low=0.2, 
     return loss, grad, grad_h
 
 
+def token_cov(logp, A, m):
+    """(A - mean A)(logp - mean logp), the means over the masked-in tokens (docs/methods.md §2.44)."""
+    n = max(int(m.sum()), 1)
+    return (A - np.where(m, A, 0.0).sum() / n) * (logp - np.where(m, logp, 0.0).sum() / n)
+
+
+def clip_cov_dropped(logp, A, m, r, lo, hi, ratio, lb, ub, seed):
+    """Clip-Cov's dropped tokens (docs/methods.md §2.44): max(int(ratio N), 1) of the candidates (masked in,
+    not clipped by PPO, covariance in (lb, ub)) taken in row-major order by a permutation drawn with
+    torch.randperm from a CPU generator seeded with `seed` (the draw the method documents)."""
+    cov = token_cov(logp, A, m)
+    ppo_clipped = ((A > 0) & (r > hi)) | ((A < 0) & (r < lo))
+    idx = np.flatnonzero(m & ~ppo_clipped & (cov > lb) & (cov < ub))
+    drop = np.zeros(m.shape, bool)
+    if idx.size:
+        perm = torch.randperm(idx.size, generator=torch.Generator().manual_seed(seed)).numpy()
+        drop.flat[idx[perm[:max(int(ratio * int(m.sum())), 1)]]] = True
+    return drop
+
+
+def kl_cov_selected(logp, A, m, ratio):
+    """KL-Cov's penalised tokens (docs/methods.md §2.44): the max(int(ratio N), 1) masked-in tokens of largest
+    covariance, the earlier (row-major) first among equal ones."""
+    sel = np.zeros(m.shape, bool)
+    idx = np.flatnonzero(m)
+    if idx.size:
+        order = np.argsort(-token_cov(logp, A, m).flat[idx], kind="stable")
+        sel.flat[idx[order[:max(int(idx.size * ratio), 1)]]] = True
+    return sel
+
+
 def dppo_inside(method, logp, old, A, low, high):
     """DPPO's trust region (docs/methods.md §2.35): 1 where the sampled token's probability stayed
     within the divergence bound on the side its advantage pushes (A > 0: high, else low)."""
@@ -212,7 +256,7 @@ def bapo_rho(r, A, m, c_lo, c_hi):
 
 def oracle_metrics(method, logp, old, adv_tok, mask, *, clip_low=0.2, clip_high=None, ref=None, kl_est="k3",
                    ent=None, pg_loss=0.0, ecpo_delta=0.1, ratio_level="token", bapo_bounds=None,
-                   vespo=(2.0, 3.0, 3.0, 2.0), dppo_is_cap=20.0):
+                   vespo=(2.0, 3.0, 3.0, 2.0), dppo_is_cap=20.0, clip_cov=(2e-4, 1.0, 5.0, 0), kl_cov=(2e-4, 0.1)):
     """The metrics of docs/design.md ("token-weighted over masked-in tokens", 0 when there are none)
     for [B, T] float64 numpy inputs: clip_ratio/low = r < 1 - clip_low with A < 0, clip_ratio/high =
     r > 1 + clip_high with A > 0, region their sum, ratio/mean and ratio/max of the method's ratio
@@ -242,7 +286,7 @@ def oracle_metrics(method, logp, old, adv_tok, mask, *, clip_low=0.2, clip_high=
     out = {"pg_loss": pg_loss, "ratio/mean": mean(r), "ratio/max": float(r[m].max()) if m.any() else 0.0,
            "approx_kl": mean(old - logp)}
     bounds = {"bapo": bapo_bounds, "reinforce": None, "gpg": None, "sapo": None, "vespo": None, "dppo_tv": None,
-              "dppo_kl": None, "geo_mean": None}.get(method, (1 - clip_low, 1 + ch))
+              "dppo_kl": None, "geo_mean": None, "kl_cov": None, "dro": None}.get(method, (1 - clip_low, 1 + ch))
     if bounds is not None:
         low = ((r < bounds[0]) & (A < 0)).astype(np.float64)
         high = ((r > bounds[1]) & (A > 0)).astype(np.float64)
@@ -256,6 +300,12 @@ def oracle_metrics(method, logp, old, adv_tok, mask, *, clip_low=0.2, clip_high=
                     "bapo/rho": bapo_rho(r, A, m, *bapo_bounds)})
     if method == "gpg":
         out["gpg/alpha"] = 1.0   # no groups given: alpha 1
+    if method == "clip_cov":
+        out["clip_cov/clipped"] = mean(clip_cov_dropped(np.where(m, logp, 0.0), np.where(m, A, 0.0), m, r,
+                                                        1 - clip_low, 1 + ch, *clip_cov))
+    if method == "kl_cov":
+        out["kl_cov/selected"] = mean(kl_cov_selected(np.where(m, logp, 0.0), np.where(m, A, 0.0), m, kl_cov[0]))
+        out["kl_cov/abs_kl"] = mean(np.abs(logp - old))
     if method in ("dppo_tv", "dppo_kl"):
         inside = dppo_inside(method, logp, old, A, clip_low, ch) > 0
         out.update({"dppo/outside": mean(~inside), "dppo/truncated": mean(inside & (r > dppo_is_cap))})
@@ -296,6 +346,11 @@ RATIO_METHODS = ["ppo", "grpo", "dapo", "gppo", "gppo_klear", "cispo", "cispo_sc
 ALL_METHODS = sorted(set(method_names()) | {"ecpo-seq"})
 
 PAPER_CANDIDATES = step_candidates(0.6, 0.9, 0.02, clamp_last=False) + step_candidates(1.2, 3.0, 0.05, clamp_last=False)
+
+
+# the options a method cannot run without (dro_beta), or needs to draw the same tokens twice (clip_cov)
+REQUIRED_OPTIONS = {"dro": {"dro_beta": 0.5}, "clip_cov": {"clip_cov_seed": 0, "clip_cov_ratio": 0.3,
+                                                           "clip_cov_lb": -0.5, "clip_cov_ub": 0.5}}
 
 
 def defaults_of(method):
@@ -412,6 +467,14 @@ def run_both(method, data, dtype, *, agg, kl_est, kl_coef, ent_coef, clip_low=No
         okw.update(tau_pos=extra["sapo_tau_pos"], tau_neg=extra["sapo_tau_neg"])
     if extra and "dppo_is_cap" in extra:
         okw["dppo_is_cap"] = extra["dppo_is_cap"]
+    if name == "clip_cov":
+        e = {"clip_cov_ratio": 2e-4, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0, **(extra or {})}
+        okw["clip_cov"] = (e["clip_cov_ratio"], e["clip_cov_lb"], e["clip_cov_ub"], e["clip_cov_seed"])
+    if name == "kl_cov":
+        e = {"kl_cov_ratio": 2e-4, "kl_cov_coef": 0.1, **(extra or {})}
+        okw["kl_cov"] = (e["kl_cov_ratio"], e["kl_cov_coef"])
+    if name == "dro":
+        okw["dro_beta"] = extra["dro_beta"]
     if extra and "vespo_k_pos" in extra:
         okw.update(vespo=tuple(extra[k] for k in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
                                                    "vespo_lambda_neg")))
@@ -427,7 +490,8 @@ def run_both(method, data, dtype, *, agg, kl_est, kl_coef, ent_coef, clip_low=No
                                ref=R["ref"], kl_est=kl_est, ent=R["ent"], pg_loss=pg_only[0],
                                ecpo_delta=okw.get("ecpo_delta", 0.1), ratio_level=ratio_level,
                                bapo_bounds=okw.get("bapo_bounds"), vespo=okw.get("vespo", (2.0, 3.0, 3.0, 2.0)),
-                               dppo_is_cap=okw.get("dppo_is_cap", 20.0))
+                               dppo_is_cap=okw.get("dppo_is_cap", 20.0),
+                               clip_cov=okw.get("clip_cov", (2e-4, 1.0, 5.0, 0)), kl_cov=okw.get("kl_cov", (2e-4, 0.1)))
     return (out.loss.item(), g_logp.double().numpy(), g_ent.double().numpy(), out.metrics), expected, e_metrics
 
 
@@ -490,6 +554,16 @@ def test_matches_float64_oracle(method, dtype, seed, B, T, agg, kl_est, kl_coef,
         clip = dict(clip_low=0.05, clip_high=0.1)
     if name == "vespo" and knobs == 1:
         extra = dict(vespo_k_pos=0.5, vespo_lambda_pos=1.0, vespo_k_neg=1.0, vespo_lambda_neg=0.5)
+    if name == "clip_cov":
+        extra = [dict(), dict(clip_cov_ratio=0.3, clip_cov_lb=-0.5, clip_cov_ub=0.5),
+                 dict(clip_cov_ratio=1.0, clip_cov_lb=-1.0, clip_cov_ub=1.0), dict(clip_cov_ratio=0.2)][knobs]
+        extra["clip_cov_seed"] = seed % 5
+        if knobs == 3:
+            clip = dict(clip_ratio_c=2.0)
+    if name == "kl_cov":
+        extra = [dict(), dict(kl_cov_ratio=0.3, kl_cov_coef=1.0), dict(kl_cov_ratio=1.0), dict(kl_cov_coef=0.0)][knobs]
+    if name == "dro":
+        extra = dict(dro_beta=[0.1, 0.5, 2.0, 1e-3][knobs])
     spread = 0.4 if name.startswith("gspo") or name == "vespo" else 1.5
     data = make_batch(seed, B, T, spread=spread, token_adv=token_adv)
     (loss, g, gh, metrics), (e_loss, e_g, e_gh), e_metrics = run_both(
@@ -565,7 +639,7 @@ def test_packed_layout_equals_padded(method, agg):
     m = torch.tensor(data["mask"])
     lens = [int(m[i].nonzero().max()) + 1 if m[i].any() else 0 for i in range(4)]
     cu = torch.tensor([0] + list(np.cumsum(lens)))
-    kw = dict(method=name, agg=agg, max_len=9, kl_coef=0.1, entropy_coef=0.01)
+    kw = dict(method=name, agg=agg, max_len=9, kl_coef=0.1, entropy_coef=0.01, **REQUIRED_OPTIONS.get(name, {}))
     if method == "ecpo-seq":
         kw["ratio_level"] = "sequence"
     logp = torch.tensor(data["logp"], requires_grad=True)
@@ -635,6 +709,7 @@ def test_mask_invariance(method, agg):
     extra = {"ratio_level": "sequence"} if method == "ecpo-seq" else {}
     if name == "gpg":
         extra = {"group_size": 1}
+    extra.update(REQUIRED_OPTIONS.get(name, {}))
     data = make_batch(8, 3, 5)
     t = lambda x: torch.tensor(x)  # noqa: E731
     kw = dict(method=name, agg=agg, max_len=7, kl_coef=0.1, entropy_coef=0.02, **extra)
