@@ -104,6 +104,7 @@ METHOD_FAMILY = {
     "reinforce": ("reinforce", 0.2, None, None, "seq-mean-token-sum"),
     "gpg": ("reinforce", 0.2, None, None, "token-mean"),
     "sapo": ("sapo", 0.2, None, None, "token-mean"),
+    "dro": ("dro", 0.2, None, None, "token-mean"),    # dro_beta has no default: pass it
 }
 _OWN_DEFAULTS = {"gppo": {"gppo_beta1": 1.0, "gppo_beta2": 1.0}, "gppo_klear": {"gppo_beta1": 0.25, "gppo_beta2": 1.0},
                  "ecpo": {"ecpo_delta": 0.1}, "sapo": {"sapo_tau_pos": 1.0, "sapo_tau_neg": 1.05}}
@@ -156,6 +157,9 @@ def _phi(family, lp, old, adv, low, high, dual, ratio_log_clamp, opts):
     if family == "sapo":
         tau = torch.where(adv > 0, torch.full_like(adv, opts["sapo_tau_pos"]), torch.full_like(adv, opts["sapo_tau_neg"]))
         return -(4.0 / tau) * torch.sigmoid(tau * (torch.exp(d) - 1.0)) * adv
+    if family == "dro":
+        # docs/methods.md §2.45: -A logp + beta/2 (logp - old)^2, the log-ratio unclamped (no exp)
+        return -adv * lp + 0.5 * opts["dro_beta"] * (lp - old) ** 2
     raise ValueError(family)
 
 

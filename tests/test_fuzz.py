@@ -181,6 +181,16 @@ def _policy_options(draw, method, rows):
     if method == "vespo" and draw(st.booleans()):
         o.update({n: draw(st.sampled_from([0.0, 0.5, 2.0, 3.0] if "_k_" in n else [0.5, 1.0, 3.0]))
                   for n in VESPO_DEFAULTS})
+    if method == "clip_cov":   # always a seed: every backend must draw the same tokens
+        o["clip_cov_seed"] = draw(st.sampled_from([0, 1, 2]))
+        if draw(st.booleans()):
+            o["clip_cov_ratio"] = draw(st.sampled_from([2e-4, 0.3, 1.0]))
+            o["clip_cov_lb"], o["clip_cov_ub"] = draw(st.sampled_from([(1.0, 5.0), (-0.5, 0.5), (-5.0, 5.0)]))
+    if method == "kl_cov" and draw(st.booleans()):
+        o["kl_cov_ratio"] = draw(st.sampled_from([2e-4, 0.3, 1.0]))
+        o["kl_cov_coef"] = draw(st.sampled_from([0.0, 0.1, 1.0]))
+    if method == "dro":
+        o["dro_beta"] = draw(st.sampled_from([1e-3, 0.5, 2.0]))
     if method == "sapo" and draw(st.booleans()):
         o["sapo_tau_pos"] = draw(st.sampled_from([0.5, 1.0, 2.0]))
         o["sapo_tau_neg"] = draw(st.sampled_from([0.5, 1.05, 3.0]))
@@ -498,7 +508,9 @@ OTHER_DEFAULTS = {"bapo": ("clip", 0.2, None, None, "token-mean"),
                   "vespo": ("vespo", 0.2, None, None, "token-mean"),
                   "dppo_tv": ("dppo", 0.2, None, None, "token-mean"),
                   "dppo_kl": ("dppo", 0.2, None, None, "token-mean"),
-                  "geo_mean": ("gmpo", 0.2, None, None, "seq-mean-token-mean")}
+                  "geo_mean": ("gmpo", 0.2, None, None, "seq-mean-token-mean"),
+                  "clip_cov": ("clip_cov", 0.2, None, None, "token-mean"),
+                  "kl_cov": ("kl_cov", 0.2, None, None, "token-mean")}
 VESPO_DEFAULTS = {"vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0}
 ORACLE_METHODS = sorted(set(po.METHOD_FAMILY) | set(OTHER_DEFAULTS))
 
@@ -527,7 +539,7 @@ def bounds_of(case, k):
         b = o.get("bapo_bounds")
         # the search's candidates (both modes' grids) when the bounds are searched
         main = list(b) if b is not None else [round(0.55 + 0.01 * i, 2) for i in range(251)]
-    elif family in ("clip", "gppo", "cispo", "seq"):
+    elif family in ("clip", "gppo", "cispo", "seq", "clip_cov"):
         main = [lo, hi]
     elif family == "ecpo":
         main = [lo, hi, hi + o.get("ecpo_delta", 0.1)]
@@ -598,7 +610,8 @@ def policy_objective(inp, lp, ent):
     adv = tok(x["adv_tok"])
     old = lp.detach() if x["old"] is None else tok(x["old"])
     low, high, dual, clamp = 1.0 - k["clip_low"], 1.0 + k["clip_high"], k["dual"], k["clamp"]
-    own = {n: o[n] for n in ("gppo_beta1", "gppo_beta2", "ecpo_delta", "sapo_tau_pos", "sapo_tau_neg") if n in o}
+    own = {n: o[n] for n in ("gppo_beta1", "gppo_beta2", "ecpo_delta", "sapo_tau_pos", "sapo_tau_neg", "dro_beta")
+           if n in o}
     own = {**po._OWN_DEFAULTS.get(case.method, {}), **own}
     d = lp - old
     d_tok = d if clamp is None else d.clamp(-clamp, clamp)
@@ -648,6 +661,52 @@ def policy_objective(inp, lp, ent):
         r = member.t() @ torch.exp((member @ tok(d_min)) / lengths)
         phi = -(member.t() @ ((member @ adv) / lengths)) * r
         r_m, clip_bounds = r, None
+    elif k["family"] in ("clip_cov", "kl_cov"):
+        # docs/methods.md 2.44: the covariance (A - mean A)(logp - mean logp) over the valid tokens picks
+        # tokens: Clip-Cov drops a seeded random draw of the PPO-unclipped ones inside (lb, ub), KL-Cov adds
+        # coef |log r| to the k of largest covariance (the earlier first among equal ones)
+        nv = max(int(valid.sum()), 1)
+        lpd = tok(lp.detach())
+        cov = (adv - adv.sum() / nv) * (lpd - lpd.sum() / nv)
+        r_m = torch.exp(d_tok)
+        idx = valid.nonzero().squeeze(1)
+        if k["family"] == "clip_cov":
+            ratio_, lb, ub = o.get("clip_cov_ratio", 2e-4), o.get("clip_cov_lb", 1.0), o.get("clip_cov_ub", 5.0)
+            rd = r_m.detach()
+            ppo = ((adv > 0) & (rd > high)) | ((adv < 0) & (rd < low))
+            cand = (valid & ~ppo & (cov > lb) & (cov < ub)).nonzero().squeeze(1)
+            drop = torch.zeros_like(valid)
+            if cand.numel():
+                perm = torch.randperm(cand.numel(), generator=torch.Generator().manual_seed(o["clip_cov_seed"]))
+                drop[cand[perm[:max(int(ratio_ * int(valid.sum())), 1)]]] = True
+            r = torch.exp(d_tok)
+            phi = torch.maximum(-adv * r, -adv * r.clamp(low, high))
+            if dual is not None:
+                phi = torch.where(adv < 0, torch.minimum(phi, -dual * adv), phi)
+            phi = torch.where(drop, zero, phi)
+            x["cov_margin"] = float(min(e[valid].min() if valid.any() else 1.0 for e in
+                                        ((cov - lb).abs(), (cov - ub).abs())))
+            method_metrics = {"clip_cov/clipped": drop.double().sum()}
+        else:
+            ratio_, coef = o.get("kl_cov_ratio", 2e-4), o.get("kl_cov_coef", 0.1)
+            sel = torch.zeros_like(valid)
+            margin = 1.0
+            if idx.numel():
+                vals = cov[idx]
+                order = torch.sort(vals, descending=True, stable=True)
+                kk = max(int(idx.numel() * ratio_), 1)
+                sel[idx[order.indices[:kk]]] = True
+                if kk < idx.numel():
+                    gap = float(order.values[kk - 1] - order.values[kk])
+                    margin = gap if gap > 0 else 1.0   # exact ties: both sides take the earlier token
+                if coef and x["old"] is not None:
+                    margin = min(margin, float((lp.detach() - old).abs()[sel].min()))   # |log r|'s kink at 0
+            x["cov_margin"] = margin
+            phi = -torch.exp(d_tok) * adv + torch.where(sel, coef * (lp - old).abs(), zero)
+            method_metrics = {"kl_cov/selected": sel.double().sum(),
+                              "kl_cov/abs_kl": tok((lp.detach() - old).abs()).sum()}
+        if k["family"] == "kl_cov":
+            clip_bounds = None
     elif case.method == "vespo":
         # docs/methods.md 2.34: log w = clamp(sum of the row's (clamped) log-ratios, log 1e-8, 20),
         # g(w) = e^lambda w^k e^(-lambda w) by the sign of A, phi = -sg(g) A logp
@@ -688,9 +747,10 @@ def policy_objective(inp, lp, ent):
     scales = {"metrics/pg_loss": float(scale), "metrics/approx_kl": float(tok(old.abs() + lp.abs()).detach().sum()) / n,
               "metrics/ratio/mean": float(rv.detach().sum()) / n,
               "metrics/ratio/max": float(outputs["metrics/ratio/max"].detach())}
-    if k["family"] == "dppo":
+    if k["family"] in ("dppo", "clip_cov", "kl_cov"):
         for name, v in method_metrics.items():
-            outputs[f"metrics/{name}"], scales[f"metrics/{name}"] = v / n, 0.0
+            outputs[f"metrics/{name}"] = v / n
+            scales[f"metrics/{name}"] = float(v.detach()) / n if name == "kl_cov/abs_kl" else 0.0
     if case.method == "vespo":
         outputs["metrics/vespo/phi_seq_mean"] = vespo_mean
         scales["metrics/vespo/phi_seq_mean"] = float(vespo_mean.detach())
@@ -987,6 +1047,8 @@ def reference(inp: Inputs) -> Reference:
     loss, outputs, scales = OBJECTIVES[kind](inp, lp_l, ent_l)
     # DPPO's trust region is a hard edge in p = pi(y_t): no token within 1e-4 of it
     assume(inp.oracle_extra.get("dppo_margin", 1.0) > 1e-4)
+    # Clip-Cov's (lb, ub) and KL-Cov's k-th largest covariance are hard edges too
+    assume(inp.oracle_extra.get("cov_margin", 1.0) > 1e-4)
     if loss.requires_grad:
         a, b = torch.autograd.grad(loss, (lp_l, ent_l), allow_unused=True, materialize_grads=True)
     else:   # nothing counts (or a zero normaliser): the objective is a constant
