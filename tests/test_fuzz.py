@@ -697,8 +697,9 @@ def policy_objective(inp, lp, ent):
                 kk = max(int(idx.numel() * ratio_), 1)
                 sel[idx[order.indices[:kk]]] = True
                 if kk < idx.numel():
-                    gap = float(order.values[kk - 1] - order.values[kk])
-                    margin = gap if gap > 0 else 1.0   # exact ties: both sides take the earlier token
+                    # level covariances (N = 2 always ties in exact arithmetic) are broken by each side's
+                    # rounding: the tie rule is tested on its own (test_integration_verl_losses)
+                    margin = float(order.values[kk - 1] - order.values[kk])
                 if coef and x["old"] is not None:
                     margin = min(margin, float((lp.detach() - old).abs()[sel].min()))   # |log r|'s kink at 0
             x["cov_margin"] = margin

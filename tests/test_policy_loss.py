@@ -328,7 +328,7 @@ import os  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hypothesis import example, given  # noqa: E402
+from hypothesis import assume, example, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import alignops as ao  # noqa: E402
@@ -467,6 +467,19 @@ def run_both(method, data, dtype, *, agg, kl_est, kl_coef, ent_coef, clip_low=No
         okw.update(tau_pos=extra["sapo_tau_pos"], tau_neg=extra["sapo_tau_neg"])
     if extra and "dppo_is_cap" in extra:
         okw["dppo_is_cap"] = extra["dppo_is_cap"]
+    if name in ("clip_cov", "kl_cov"):
+        # the selection's hard edges: a covariance at lb / ub, or the k-th largest one level with the next
+        # (N = 2 always ties: c_1 = c_2 in exact arithmetic, and fp32 and float64 break it differently; the
+        # tie rule itself is tested in tests/test_integration_verl_losses.py::test_kl_cov_tie_rule)
+        m = data["mask"]
+        c = token_cov(np.where(m, R["logp"], 0.0), np.where(m, adv_tok, 0.0), m)[m]
+        if name == "kl_cov" and c.size:
+            k = max(int(c.size * (extra or {}).get("kl_cov_ratio", 2e-4)), 1)
+            srt = np.sort(c)[::-1]
+            assume(k >= c.size or srt[k - 1] - srt[k] > 1e-6 * max(abs(srt[k - 1]), 1e-3))
+        if name == "clip_cov" and c.size:
+            e = {"clip_cov_lb": 1.0, "clip_cov_ub": 5.0, **(extra or {})}
+            assume(np.abs(c - e["clip_cov_lb"]).min() > 1e-6 and np.abs(c - e["clip_cov_ub"]).min() > 1e-6)
     if name == "clip_cov":
         e = {"clip_cov_ratio": 2e-4, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0, **(extra or {})}
         okw["clip_cov"] = (e["clip_cov_ratio"], e["clip_cov_lb"], e["clip_cov_ub"], e["clip_cov_seed"])
