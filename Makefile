@@ -21,7 +21,7 @@ extras = $(shell $(PYTHON) -c 'import sys, tomllib; d = tomllib.load(open("pypro
 # against the wheel installed in a clean virtualenv; the rest run in .venv.
 OP_TESTS := test_token_logprobs test_policy_loss test_policy_epilogue test_mask_semantics test_fused_linear \
             test_advantages test_value_loss test_sft test_preference test_triton_kernels test_cuda_kernels \
-            test_cpu_isa test_no_silent_fallback test_vocab_parallel test_sizes
+            test_cpu_isa test_no_silent_fallback test_vocab_parallel test_sizes test_distill
 # Under `make test` a backend that should run here and cannot fails the run (tests/conftest.py).
 TEST_ENV := ALIGNOPS_REQUIRE_BACKENDS=auto ALIGNOPS_REQUIRE_INTEGRATIONS=1
 PYTEST_JOBS ?= 2
