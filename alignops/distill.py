@@ -1,5 +1,5 @@
 """Distillation losses: a divergence between the student's and the teacher's next-token
-distributions over the whole vocabulary, per token (docs/methods.md §3.1).
+distributions over the whole vocabulary, per token (docs/methods.md §2.46, docs/distillation.md).
 
     distill_loss(student_logits, teacher_logits, labels=None, divergence="reverse_kl")
     fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, ...)
@@ -38,6 +38,7 @@ Kernel contract (backends torch, cpu, triton; registered in alignops._backend):
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional
 
 import torch
@@ -265,12 +266,12 @@ def fused_linear_distill_loss(student_hidden: Tensor, student_weight: Tensor, te
     weight and bias."""
     for hidden, weight, bias, who in ((student_hidden, student_weight, student_bias, "student"),
                                       (teacher_hidden, teacher_weight, teacher_bias, "teacher")):
-        dummy = torch.zeros(hidden.shape[:-1] if isinstance(hidden, Tensor) else (), dtype=torch.int64,
-                            device=hidden.device if isinstance(hidden, Tensor) else None)
+        tokens = torch.zeros(hidden.shape[:-1] if isinstance(hidden, Tensor) else (), dtype=torch.int64,
+                             device=hidden.device if isinstance(hidden, Tensor) else None)
         try:
-            check_head(hidden, weight, dummy, bias)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"{who}: {e}") from None
+            check_head(hidden, weight, tokens, bias)
+        except (TypeError, ValueError) as e:  # the fused lm_head's checks, with this model's argument names
+            raise type(e)(re.sub(r"(?<![\w.])(hidden|weight|bias)(?!\w)", rf"{who}_\1", str(e))) from None
     if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
         raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} must have the token shape of student_hidden "
                          f"{tuple(student_hidden.shape)}")
