@@ -148,6 +148,8 @@ NOTES: dict[str, str] = {
                           "so the library stays empty (docs/loops/training_free.md)",
     "vapo": "lam_alpha 1: the paper's 0.05 clamps lambda to 0 for L <= 20 tokens (one-step TD on a fresh critic); "
             "with it vapo gained +3.9",
+    "on_policy_distill": "supervised by a teacher, not a reward: reverse KL to a 256 x 4-layer SFT teacher (own figure) "
+                         "at every sampled token; the teacher's SFT (once, cached) is not in the budget",
     "rahf": "Dual at alpha 1 (SCIT's stage 1 and alpha 5 both lose accuracy here: docs/loops/rahf.md)",
 }
 
@@ -189,6 +191,19 @@ def later_runs(rows, gap_s: float = 3600.0) -> str:
             f"{', '.join(late)}." if late else "")
 
 
+def table_row(r: dict, note: str | None = None) -> str:
+    """One method's line of the table, from its result.json row (`note`: the NOTES entry by default)."""
+    note = NOTES.get(r["method"], "") if note is None else note
+    if "error" in r:
+        return f"| {r['method']} | stopped: {r['error']} ||||||||||||||{note}|\n"
+    own = "; ".join(f"{k[5:]} {fmt_any(a)} -> {fmt_any(b)}" for k, (a, b) in sorted(r.get("own", {}).items()))
+    return (f"| {r['method']} | {fmt(r['before'])} | {fmt(r['after'])} | {fmt(r['gain'], '+.1f')} | "
+            f"{fmt(r['s_before'])} | {fmt(r['s_after'])} | {fmt(r['s_after'] - r['s_before'], '+.1f')} | "
+            f"{fmt(r['train_first'])} | {fmt(r['train_last'])} | {r['steps']} | {fmt(r['train_s'])} | "
+            f"{fmt(r.get('load'))} | "
+            f"{fmt(r['kl'], '.4f')} | {fmt(r['entropy'], '.3f')} | {own} | {note} |\n")
+
+
 def write(out, rows, logs, base_info, args, machine):
     from alignops.train.warmup import describe  # noqa: PLC0415
 
@@ -208,16 +223,7 @@ def write(out, rows, logs, base_info, args, machine):
                 "(before -> after) | note |\n")
         f.write("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
-            note = NOTES.get(r["method"], "")
-            if "error" in r:
-                f.write(f"| {r['method']} | stopped: {r['error']} ||||||||||||||{note}|\n")
-                continue
-            own = "; ".join(f"{k[5:]} {fmt_any(a)} -> {fmt_any(b)}" for k, (a, b) in sorted(r.get("own", {}).items()))
-            f.write(f"| {r['method']} | {fmt(r['before'])} | {fmt(r['after'])} | {fmt(r['gain'], '+.1f')} | "
-                    f"{fmt(r['s_before'])} | {fmt(r['s_after'])} | {fmt(r['s_after'] - r['s_before'], '+.1f')} | "
-                    f"{fmt(r['train_first'])} | {fmt(r['train_last'])} | {r['steps']} | {fmt(r['train_s'])} | "
-                    f"{fmt(r.get('load'))} | "
-                    f"{fmt(r['kl'], '.4f')} | {fmt(r['entropy'], '.3f')} | {own} | {note} |\n")
+            f.write(table_row(r))
     import matplotlib  # noqa: PLC0415
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
