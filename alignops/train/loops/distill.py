@@ -1,4 +1,4 @@
-"""On-policy distillation (docs/methods.md §3.1; Agarwal et al.'s GKD with lambda = 1, the
+"""On-policy distillation (docs/methods.md §2.46; Agarwal et al.'s GKD with lambda = 1, the
 "on-policy distillation" recipe of Qwen3 and of Thinking Machines): the student samples
 completions of the task's prompts, a larger teacher scores every sampled position, and the student
 descends the per-token divergence between its next-token distribution and the teacher's over the
