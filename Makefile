@@ -10,6 +10,9 @@ TORCH_SPEC ?= torch==2.13.0
 # The oldest triton the GPU kernels must compile with (the GPU machines'): gpu-compile-check
 # compiles with it as well as with the newest, which the venv runs.
 TRITON_OLDEST := 3.6.0
+# Liger-Kernel, whose chunked losses the preference and distillation tests and benchmarks are held
+# to: its own files only (it needs nothing beyond torch and triton for them).
+LIGER_VERSION := 0.8.5
 NVCC   ?= $(shell command -v nvcc)
 CUDA_ARCHS ?= 80 90
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
@@ -45,6 +48,7 @@ $(VENV)/.deps: pyproject.toml
 $(VENV)/.integrations: $(VENV)/.deps
 	$(PIP) install -q -c $(VENV)/torch-constraint.txt $(call extras,trl verl)
 	$(PIP) install -q --no-deps $(call extras,openrlhf)
+	$(PIP) install -q --no-deps "liger-kernel==$(LIGER_VERSION)"
 	touch $@
 
 integrations: $(VENV)/.integrations
@@ -162,7 +166,6 @@ bench: build
 # Liger without its dependencies (its kernels need none; a peer that does not import is left out of
 # the table, with the reason)
 bench-extras: $(VENV)/.integrations
-	$(PIP) install -q --no-deps "liger-kernel==0.8.5"
 
 # Every method from the same SFT base, same budget and seed -> bench/results/learning.{md,png}
 learning: build

@@ -19,8 +19,9 @@
 #                (ALIGNOPS_REQUIRE_BACKENDS), pytest-xdist -n 8 when present, no -x -> tests-gpu.log
 #   bench:*      token_logprobs and fused GRPO (policy_loss) with the copy floor (dst.copy_(logits)
 #                in the same process: %_of_copy), fused lm_head against the bare GEMMs, its bf16 tile
-#                (fp32 accumulator against rounded: time, error vs float64); Liger and
-#                TRL rows where they import -> bench.log, tables
+#                (fp32 accumulator against rounded: time, error vs float64), the distillation losses
+#                against Liger's and TRL's (alternated rounds); Liger and TRL rows where they
+#                import -> bench.log, tables
 #   ddp          2 ranks of the reference trainer under torchrun (nccl), only with 2+ GPUs (dry run:
 #                gloo on CPU) -> tests-rest.log
 #   rest:*       every other test file, by group (integrations, then the rest): trainer and
@@ -67,6 +68,7 @@ if [ "$DRY" = 1 ]; then
   CAP_ENV=60 CAP_BUILD=900 CAP_GPU_TESTS=90 CAP_BENCH=60 CAP_DDP=60 CAP_REST=60
   BENCH_ARGS=(--device cpu --isa here --reps 1)   # in this process, as on the GPU
   SIZE_LP=N=64,V=1000 SIZE_PL=N=64,V=1000,T=32 SIZE_FL=N=64,H=64,V=1000 SIZE_TILE=N=64,H=64,V=1000
+  SIZE_DIST=N=64,H=64,V=1000 DIST_ARGS=(--rounds 1)
   SKIP_LP=compile SKIP_FL='*compiled*'
   TEST_SELECT=(-k test_value_loss)                 # collect every op file, run one small one
   DDP_DEVICE=cpu BENCH_DEVICE=cpu
@@ -82,6 +84,7 @@ else
   # the headline shapes: N=8192 tokens (32 x 256), Qwen's vocabulary, H=4096; bf16
   SIZE_LP=N=8192,V=151936 SIZE_PL=N=8192,V=151936,T=256 SIZE_FL=N=8192,H=4096,V=151936
   SIZE_TILE=N=4096,H=896,V=151936
+  SIZE_DIST=N=4096,H=4096,V=151936 DIST_ARGS=(--rounds 3 --dtype bfloat16)
   # torch.compile of the eager paths costs a minute of compiling: left out; Liger's compiled loss stays
   SKIP_LP=compile SKIP_FL=''
   TEST_SELECT=()
@@ -92,7 +95,7 @@ DEADLINE=$((SECONDS + BUDGET))
 # the op test files (tests-gpu); every other tests/test_*.py belongs to rest
 OP_TESTS=(test_token_logprobs.py test_policy_loss.py test_policy_epilogue.py test_mask_semantics.py
           test_fused_linear.py test_advantages.py test_cuda_kernels.py test_triton_kernels.py test_value_loss.py
-          test_sft.py test_preference.py test_vocab_parallel.py test_no_silent_fallback.py)
+          test_sft.py test_preference.py test_vocab_parallel.py test_no_silent_fallback.py test_distill.py)
 
 SUMMARY_ROWS=()
 FAILED=0
@@ -264,6 +267,8 @@ run_step bench:fused_linear "$CAP_BENCH" "$OUT/bench.log" \
 run_step bench:tile_precision "$CAP_BENCH" "$OUT/bench.log" \
   "$PY" -m bench.bench_tile_precision --device "$BENCH_DEVICE" --size "$SIZE_TILE" --rounds 3 \
   --out "$TABLES/fused_linear-bf16-tile.md"
+run_step bench:distill "$CAP_BENCH" "$OUT/bench.log" \
+  "$PY" -m bench.bench_distill --device "$BENCH_DEVICE" --size "$SIZE_DIST" "${DIST_ARGS[@]}" --out "$TABLES/distill.md"
 
 # ---------------------------------------------------------------------------------------- ddp
 # the reference trainer's micro config of tests/test_trainer_ddp.py, 2 ranks, 2 steps

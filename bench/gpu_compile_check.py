@@ -274,7 +274,34 @@ def _drive_advantages(mod, quick: bool):
                 yield f"gae_scan {dt} row_len={length} gamma={gamma}", gae
 
 
-DRIVERS = {"token_stats": _drive_token_stats, "policy_loss": _drive_policy_loss, "advantages": _drive_advantages}
+def _drive_distill(mod, quick: bool):
+    """Forward and backward: JSD (the heaviest epilogue: a log per element) over the tile x dtype sweep,
+    every divergence at the real vocabularies."""
+    import torch  # noqa: PLC0415
+    sweep, vocab = _logits_shapes(mod, quick)
+    if quick:
+        cases = [((2, 16384, 151936), "bfloat16", 2, 1.0)]
+    else:
+        cases = [(shape, dt, 2, INV_TEMPS[1]) for shape in sweep for dt in DTYPES]
+        cases += [(shape, dt, div, it) for shape in vocab for dt in DTYPES for div in (0, 1, 2) for it in INV_TEMPS]
+    for (B, T, V), dt, div, inv_t in cases:
+        def fwd(B=B, T=T, V=V, dt=dt, div=div, inv_t=inv_t):
+            n = B * T
+            mod.distill_fwd(_meta((B, T, V), dt), _meta((B, T, V), dt), _meta(n, torch.bool), inv_t, div, 0.5,
+                            _meta(n, torch.float32), _meta(5 * n, torch.float32))
+
+        def bwd(B=B, T=T, V=V, dt=dt, div=div, inv_t=inv_t):
+            n = B * T
+            mod.distill_bwd(_meta((B, T, V), dt), _meta((B, T, V), dt), _meta(n, torch.bool),
+                            _meta(5 * n, torch.float32), _meta(n, torch.float32), inv_t, div, 0.5,
+                            _meta((B, T, V), dt))
+        label = f"[{B},{T},{V}] {dt} divergence={div} T={1 / inv_t:.3g}"
+        yield f"fwd {label}", fwd
+        yield f"bwd {label}", bwd
+
+
+DRIVERS = {"token_stats": _drive_token_stats, "policy_loss": _drive_policy_loss, "advantages": _drive_advantages,
+           "distill": _drive_distill}
 
 
 # --------------------------------------------------------------------------------------------

@@ -575,8 +575,9 @@ def test_trl_simpo_empty_response_quirk():
 
 
 def liger():
-    return pytest.importorskip("liger_kernel.chunked_loss",
-                               reason="liger-kernel is the bench's peer (make bench-extras)")
+    require_framework("liger-kernel", "liger_kernel")
+    import liger_kernel.chunked_loss  # noqa: PLC0415
+    return liger_kernel.chunked_loss
 
 
 @pytest.mark.parametrize("eps,alpha", [(0.0, 0.0), (0.1, 1.0)])
