@@ -221,3 +221,12 @@ def test_the_preset_is_a_non_group_loop_with_reverse_kl_by_default():
     assert preset.loop and not preset.group_method
     opts = preset.resolve_loop().Options()
     assert opts.divergence == "reverse_kl" and opts.teacher_hidden_size > make_config("grpo").hidden_size
+
+
+def test_a_run_resumes_exactly_with_its_teacher_and_refuses_another(tmp_path, perfect_probe):
+    straight = train(micro(tmp_path, "a", max_steps=3))
+    train(micro(tmp_path, "b", max_steps=2))
+    resumed = train(micro(tmp_path, "b", max_steps=3, resume=True))
+    assert [r["loss"] for r in straight["log"] if "loss" in r] == [r["loss"] for r in resumed["log"] if "loss" in r]
+    with pytest.raises(ValueError, match="resume with the same teacher_dir"):
+        train(micro(tmp_path, "b", teacher_dir=tmp_path / "other", max_steps=4, resume=True))
