@@ -256,14 +256,18 @@ class _FusedLinearDistill(torch.autograd.Function):
 def fused_linear_distill_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
                               teacher_weight: Tensor, labels: Optional[Tensor] = None, *,
                               student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
+                              softcap: Optional[float] = None, logit_scale: Optional[float] = None,
+                              teacher_softcap: Optional[float] = None, teacher_logit_scale: Optional[float] = None,
                               divergence: str = "reverse_kl", beta: float = 0.5, temperature: float = 1.0,
                               ignore_index: int = -100, mask: Optional[Tensor] = None, agg: str = "token-mean",
                               chunk_size: Optional[int] = None, backend: Optional[str] = None) -> DistillOutput:
     """distill_loss of `student_hidden @ student_weight.T (+ student_bias)` and the teacher's, without
     either [N, V] logits: `chunk_size` rows at a time (default: the fused lm_head's), each tile the
     GEMM's fp32 accumulator. Hidden states [N, H] or [B, T, H] (the teacher's H may differ);
-    weights [V, H] (nn.Linear's layout), the same V. Gradients reach the student's hidden states,
-    weight and bias."""
+    weights [V, H] (nn.Linear's layout), the same V. `softcap` / `logit_scale` transform the student's
+    logits as the fused lm_head does (softcap * tanh(z * logit_scale / softcap): Gemma, Cohere,
+    Granite heads), `teacher_softcap` / `teacher_logit_scale` the teacher's. Gradients reach the
+    student's hidden states, weight and bias."""
     for hidden, weight, bias, who in ((student_hidden, student_weight, student_bias, "student"),
                                       (teacher_hidden, teacher_weight, teacher_bias, "teacher")):
         tokens = torch.zeros(hidden.shape[:-1] if isinstance(hidden, Tensor) else (), dtype=torch.int64,
@@ -289,11 +293,14 @@ def fused_linear_distill_loss(student_hidden: Tensor, student_weight: Tensor, te
     w = _row_weights(valid, agg, torch.float64 if fp64 else torch.float32)
     backend = _resolve_backend(backend, student_hidden.device, student_hidden.dtype, "hidden")
     chunk = chunk_rows(chunk_size, student_weight.shape[0])
-    student = LinearHead(student_hidden, student_weight, student_bias, softcap=None, logit_scale=None,
+    student = LinearHead(student_hidden, student_weight, student_bias, softcap=softcap, logit_scale=logit_scale,
                          chunk_size=chunk, shard=None)
-    teacher = LinearHead(teacher_hidden.detach(), teacher_weight.detach(),
-                         None if teacher_bias is None else teacher_bias.detach(), softcap=None, logit_scale=None,
-                         chunk_size=chunk, shard=None)
+    try:
+        teacher = LinearHead(teacher_hidden.detach(), teacher_weight.detach(),
+                             None if teacher_bias is None else teacher_bias.detach(), softcap=teacher_softcap,
+                             logit_scale=teacher_logit_scale, chunk_size=chunk, shard=None)
+    except (TypeError, ValueError) as e:
+        raise type(e)(re.sub(r"(?<![\w.])(softcap|logit_scale)(?!\w)", r"teacher_\1", str(e))) from None
     if torch.compiler.is_compiling():
         raise RuntimeError("fused_linear_distill_loss is eager-only")
     loss, losses = _FusedLinearDistill.apply(student, teacher, valid, w, temperature, code, beta, backend,

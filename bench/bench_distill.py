@@ -1,6 +1,6 @@
 """Distillation losses against the peers' own code, side by side in one process, alternated.
 
-    python -m bench.bench_distill                          # CPU: N=512 H=896 V=151936 fp32, 3 rounds
+    python -m bench.bench_distill                          # CPU: N=256 H=896 V=151936 fp32, 3 rounds
     python -m bench.bench_distill --size N=64,H=64,V=1000 --rounds 1     # toy case (gpu.sh --dry-run)
     python -m bench.bench_distill --device cuda --dtype bfloat16 --size N=8192,H=4096,V=151936
 
@@ -100,7 +100,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--out", help="write the markdown table here")
     args = p.parse_args(argv)
-    size = parse_size(args.size) or dict(N=512, H=896, V=151936)
+    size = parse_size(args.size) or dict(N=256, H=896, V=151936)
     n, h, v = size["N"], size["H"], size["V"]
     dtype = getattr(torch, args.dtype)
     all_cases = [c for beta in (0.5, 1.0) for c in cases(n, h, v, dtype, args.device, beta)]

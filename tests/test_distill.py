@@ -235,6 +235,31 @@ def test_fused_linear_matches_float64(backend, dtype, divergence, beta):
         assert err <= tol * scale, f"{name}: max |error| {err:.3e}, largest {scale:.3e}"
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("torch", "cpu")])
+def test_fused_linear_softcap_and_scale(backend):
+    """Gemma-style heads: z = c tanh(s (h W^T) / c) for each model with its own c and s, against
+    autograd through the float64 transform."""
+    g = torch.Generator().manual_seed(17)
+    N, H, V = 21, 16, 131
+    hs, ws = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
+    ht, wt = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
+    ins = [hs.clone().requires_grad_(), ws.clone().requires_grad_()]
+    out = ao.fused_linear_distill_loss(ins[0], ins[1], ht, wt, softcap=5.0, logit_scale=0.7, teacher_softcap=8.0,
+                                       teacher_logit_scale=1.3, divergence="jsd", beta=0.3, chunk_size=8,
+                                       backend=backend)
+    out.loss.backward()
+    ref = [x.double().requires_grad_() for x in (hs, ws)]
+    zs = 5.0 * torch.tanh(0.7 * (ref[0] @ ref[1].T) / 5.0)
+    zt = 8.0 * torch.tanh(1.3 * (ht.double() @ wt.double().T) / 8.0)
+    valid = torch.ones(N, dtype=torch.bool)
+    loss = oracle(zs, zt, "jsd", 0.3, 1.0, valid).mean()
+    loss.backward()
+    check_close(out.loss, loss, 2e-5, "loss")
+    for name, x, r in zip(("dhidden", "dweight"), ins, ref):
+        err = float((x.grad.double() - r.grad).abs().max())
+        assert err <= 2e-4 * float(r.grad.abs().max()), f"{name}: {err:.3e}"
+
+
 def test_fused_linear_grad_output_scales():
     """The gradients taken in forward are scaled by the incoming gradient (loss * 3)."""
     g = torch.Generator().manual_seed(2)

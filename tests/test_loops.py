@@ -21,10 +21,11 @@ MICRO = dict(hidden_size=32, num_layers=1, num_prompts=2, num_generations=4, max
 LOOPS = sorted(name for name, p in PRESETS.items() if p.loop)
 
 
-def test_the_survey_has_forty_presets_fifteen_of_them_loops():
-    assert len(PRESETS) == 40
-    assert LOOPS == sorted(["cdpo", "chord_mu", "chord_phi", "dft", "dpo", "ipo", "iw_sft", "orpo", "raft", "rahf",
-                            "reflect_retry_reward", "robust_dpo", "self_rewarding", "srl", "training_free_grpo"])
+def test_the_survey_has_forty_one_presets_sixteen_of_them_loops():
+    assert len(PRESETS) == 41
+    assert LOOPS == sorted(["cdpo", "chord_mu", "chord_phi", "dft", "dpo", "ipo", "iw_sft", "on_policy_distill", "orpo",
+                            "raft", "rahf", "reflect_retry_reward", "robust_dpo", "self_rewarding", "srl",
+                            "training_free_grpo"])
 
 
 @pytest.mark.parametrize("method", LOOPS)

@@ -129,13 +129,9 @@ def distill_batch_loss(cfg, student, teacher, batch, divergence: str = "reverse_
     kw = dict(divergence=divergence, beta=beta, temperature=cfg.temperature, agg="token-mean", backend=cfg.backend)
     if s.logits is not None:
         return ao.distill_loss(s.logits, t.logits, labels(batch), **kw)
-    for who, head in (("student", s), ("teacher", t)):
-        if head.softcap is not None or head.logit_scale is not None:
-            raise ValueError(f"the {who}'s lm_head applies a logit transform (softcap {head.softcap}, logit_scale "
-                             f"{head.logit_scale}) that ao.fused_linear_distill_loss does not take: pass "
-                             "--fused_lm_head false")
     return ao.fused_linear_distill_loss(s.hidden, s.weight, t.hidden, t.weight, labels(batch), student_bias=s.bias,
-                                        teacher_bias=t.bias, **kw)
+                                        teacher_bias=t.bias, softcap=s.softcap, logit_scale=s.logit_scale,
+                                        teacher_softcap=t.softcap, teacher_logit_scale=t.logit_scale, **kw)
 
 
 class OnPolicyDistillLoop(DataLoop):
