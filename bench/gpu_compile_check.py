@@ -275,15 +275,15 @@ def _drive_advantages(mod, quick: bool):
 
 
 def _drive_distill(mod, quick: bool):
-    """Forward and backward: JSD (the heaviest epilogue: a log per element) over the tile x dtype sweep,
-    every divergence at the real vocabularies."""
+    """Forward and backward: JSD (the heaviest epilogue: a log per element) over the tile sweep in fp32
+    and bf16, and every divergence x dtype at Qwen's vocabulary (T != 1)."""
     import torch  # noqa: PLC0415
     sweep, vocab = _logits_shapes(mod, quick)
     if quick:
         cases = [((2, 16384, 151936), "bfloat16", 2, 1.0)]
     else:
-        cases = [(shape, dt, 2, INV_TEMPS[1]) for shape in sweep for dt in DTYPES]
-        cases += [(shape, dt, div, it) for shape in vocab for dt in DTYPES for div in (0, 1, 2) for it in INV_TEMPS]
+        cases = [(shape, dt, 2, INV_TEMPS[1]) for shape in sweep for dt in ("float32", "bfloat16")]
+        cases += [((2, 16384, 151936), dt, div, INV_TEMPS[1]) for dt in DTYPES for div in (0, 1, 2)]
     for (B, T, V), dt, div, inv_t in cases:
         def fwd(B=B, T=T, V=V, dt=dt, div=div, inv_t=inv_t):
             n = B * T
