@@ -47,8 +47,8 @@ from torch import Tensor
 from alignops import _backend
 from alignops._validate import check_choice, check_float
 from alignops.layout import check_mask, compute_dtype
-from alignops.logits.kernels import SUPPORTED_DTYPES, as_rows
-from alignops.logits.sources import LinearHead, check_head, check_temperature, chunk_rows, operand_dtype
+from alignops.logits.kernels import as_rows
+from alignops.logits.sources import LinearHead, check_head, check_temperature, check_tokens, chunk_rows
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 AGGS = ("token-mean", "sum")
@@ -82,12 +82,7 @@ def _divergence_code(divergence, beta) -> tuple[int, float]:
 
 def _check_pair(student, teacher, s_name: str, t_name: str) -> None:
     for x, name in ((student, s_name), (teacher, t_name)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
-        if x.dim() not in (2, 3):
-            raise ValueError(f"{name} must be [N, *] or [B, T, *], got shape {tuple(x.shape)}")
+        check_tokens(x, name, "[N, V] or [B, T, V]")
     if teacher.device != student.device:
         raise ValueError(f"{t_name} is on {teacher.device} but {s_name} is on {student.device}")
 

@@ -44,6 +44,17 @@ def _elements(ls, lt, DIV: tl.constexpr, BETA: tl.constexpr, LOG_BETA: tl.conste
 
 
 @triton.jit
+def _tile_log_probs(s_row, t_row, cols, V, ms, log_ss, mt, log_st, INV_TEMP: tl.constexpr):
+    """Both models' log-probs over one tile of the vocabulary (-inf past the row's end)."""
+    in_row = cols < V
+    xs = tl.load(s_row + cols, mask=in_row, other=0.0).to(tl.float32)
+    xt = tl.load(t_row + cols, mask=in_row, other=0.0).to(tl.float32)
+    ls = tl.where(in_row, (xs - ms) * INV_TEMP - log_ss, float("-inf"))
+    lt = tl.where(in_row, (xt - mt) * INV_TEMP - log_st, float("-inf"))
+    return ls, lt
+
+
+@triton.jit
 def _distill_fwd_kernel(
     student_ptr, teacher_ptr, valid_ptr, loss_ptr, stats_ptr,
     N, T, V, s_stride_b, s_stride_t, t_stride_b, t_stride_t,
@@ -66,12 +77,7 @@ def _distill_fwd_kernel(
             loss = 0.0
             dot = 0.0
             for v0 in range(0, V, BLOCK_V):
-                cols = v0 + cols_in_tile
-                in_row = cols < V
-                xs = tl.load(s_row + cols, mask=in_row, other=0.0).to(tl.float32)
-                xt = tl.load(t_row + cols, mask=in_row, other=0.0).to(tl.float32)
-                ls = tl.where(in_row, (xs - ms) * INV_TEMP - log_ss, float("-inf"))
-                lt = tl.where(in_row, (xt - mt) * INV_TEMP - log_st, float("-inf"))
+                ls, lt = _tile_log_probs(s_row, t_row, v0 + cols_in_tile, V, ms, log_ss, mt, log_st, INV_TEMP)
                 term, ps, pt, h = _elements(ls, lt, DIV, BETA, LOG_BETA, LOG1M_BETA)
                 loss += tl.sum(term, 0)
                 dot += tl.sum(ps * h, 0)
@@ -118,10 +124,7 @@ def _distill_bwd_kernel(
                 cols = v0 + cols_in_tile
                 in_row = cols < V
                 # each element is loaded before this program stores to it: grad may alias student
-                xs = tl.load(s_row + cols, mask=in_row, other=0.0).to(tl.float32)
-                xt = tl.load(t_row + cols, mask=in_row, other=0.0).to(tl.float32)
-                ls = tl.where(in_row, (xs - ms) * INV_TEMP - log_ss, float("-inf"))
-                lt = tl.where(in_row, (xt - mt) * INV_TEMP - log_st, float("-inf"))
+                ls, lt = _tile_log_probs(s_row, t_row, cols, V, ms, log_ss, mt, log_st, INV_TEMP)
                 _, ps, pt, h = _elements(ls, lt, DIV, BETA, LOG_BETA, LOG1M_BETA)
                 # p_s - p_t for forward KL (its dot is -1); p_s (h - dot), not q - p_s dot (which
                 # cancels two products of the largest p_s)

@@ -80,7 +80,7 @@ def _check_labels(labels, tokens: Tensor, tokens_name: str) -> None:
         raise ValueError(f"labels is on {labels.device} but {tokens_name} is on {tokens.device}")
 
 
-def _check_tokens(x, name: str, layouts: str) -> None:
+def check_tokens(x, name: str, layouts: str) -> None:
     """The logits or the hidden states: a floating tensor, [N, .] or [B, T, .]."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -92,7 +92,7 @@ def _check_tokens(x, name: str, layouts: str) -> None:
 
 def check_logits_labels(logits, labels) -> None:
     """Shapes, dtypes and devices of given logits and their labels."""
-    _check_tokens(logits, "logits", "[N, V] or [B, T, V]")
+    check_tokens(logits, "logits", "[N, V] or [B, T, V]")
     if logits.shape[-1] == 0:
         raise ValueError("logits has an empty vocabulary (V = 0)")
     _check_labels(labels, logits, "logits")
@@ -164,7 +164,7 @@ class GivenLogits:
 
 
 def check_head(hidden, weight, labels, bias) -> None:
-    _check_tokens(hidden, "hidden", "[N, H] or [B, T, H]")
+    check_tokens(hidden, "hidden", "[N, H] or [B, T, H]")
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
