@@ -39,14 +39,18 @@ from alignops.token_stats import TokenLogprobs
 
 
 def linear_source(hidden, weight, labels, *, bias, temperature, ignore_index, softcap, logit_scale, backend,
-                  chunk_size, validate_labels, vocab_process_group, vocab_start):
+                  chunk_size, validate_labels, vocab_process_group, vocab_start, reduce_hidden_grad=True):
     """(the lm_head as a source of logits tiles, the pass's arguments), checked once."""
     check_head(hidden, weight, labels, bias)
+    check_bool("reduce_hidden_grad", reduce_hidden_grad)
+    if not reduce_hidden_grad and vocab_process_group is None:
+        raise ValueError("reduce_hidden_grad=False leaves dhidden as this rank's partial sum over a vocabulary "
+                         "shard: it needs vocab_process_group")
     args = resolve(hidden, labels, weight.shape[0], temperature=temperature, ignore_index=ignore_index,
                    backend=backend, validate_labels=validate_labels, vocab_process_group=vocab_process_group,
                    vocab_start=vocab_start, name="hidden")
     return LinearHead(hidden, weight, bias, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size,
-                      shard=args.shard), args
+                      shard=args.shard, reduce_hidden_grad=reduce_hidden_grad), args
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,7 +63,7 @@ def fused_linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, 
                                 softcap: float | None = None, logit_scale: float | None = None,
                                 backend: str | None = None, chunk_size: int | None = None,
                                 validate_labels: bool | None = None, vocab_process_group=None,
-                                vocab_start: int | None = None):
+                                vocab_start: int | None = None, reduce_hidden_grad: bool = True):
     """token_logprobs of the logits `hidden @ weight.T + bias` without forming them.
 
     Args:
@@ -75,6 +79,11 @@ def fused_linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, 
             `[V_r, H]` of an lm_head sharded over the group's vocabulary (labels global ids, hidden
             the same on every rank): one all_gather forward, one all_reduce of dhidden backward
             (alignops/logits/vocab_shard.py). vocab_start: this rank's first row; None gathers the sizes.
+        reduce_hidden_grad: with vocab_process_group, False returns this rank's partial dhidden
+            (sum over its own rows only) for a caller that sums it itself: Megatron's layout, where
+            the hidden states reach the lm_head through a region whose backward all-reduces (sequence
+            parallel off) or reduce-scatters (sequence parallel on) over the tensor-parallel group.
+            True (default): dhidden is summed here, for hidden states given alike on every rank.
 
     Returns:
         `logp`, fp32 (fp64 for fp64 inputs), shaped like `labels`; with compute_entropy=True a
@@ -84,7 +93,7 @@ def fused_linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, 
     source, args = linear_source(hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
                                  softcap=softcap, logit_scale=logit_scale, backend=backend, chunk_size=chunk_size,
                                  validate_labels=validate_labels, vocab_process_group=vocab_process_group,
-                                 vocab_start=vocab_start)
+                                 vocab_start=vocab_start, reduce_hidden_grad=reduce_hidden_grad)
     logp, entropy = passes.token_stats(source, args, compute_entropy)
     return TokenLogprobs(logp, entropy) if compute_entropy else logp
 
@@ -96,7 +105,8 @@ def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old
                              compute_entropy: bool | None = None, backend: str | None = None,
                              grad_in_forward: bool = False, chunk_size: int | None = None,
                              validate_labels: bool | None = None, vocab_process_group=None,
-                             vocab_start: int | None = None, **kwargs) -> PolicyLossOutput:
+                             vocab_start: int | None = None, reduce_hidden_grad: bool = True,
+                             **kwargs) -> PolicyLossOutput:
     """fused_policy_loss of the logits `hidden @ weight.T + bias`, without forming them.
 
     Every keyword of policy_loss applies (method options, KL, entropy bonus, aggregation,
@@ -104,14 +114,14 @@ def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old
     masked out whatever `mask` says. grad_in_forward=True: a terminal loss whose gradients are
     taken during forward (no tile is kept): the one-launch kernel per tile for token-local methods
     on cpu and triton (three GEMMs), else a first pass for dL/dlogp and dL/dH and one recompute.
-    vocab_process_group, vocab_start: as fused_linear_token_logprobs (a sharded lm_head); every
-    route works, grad_in_forward with the first-pass-and-recompute path.
+    vocab_process_group, vocab_start, reduce_hidden_grad: as fused_linear_token_logprobs (a sharded
+    lm_head); every route works, grad_in_forward with the first-pass-and-recompute path.
     """
     check_bool("grad_in_forward", grad_in_forward)
     source, args = linear_source(hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
                                  softcap=softcap, logit_scale=logit_scale, backend=backend, chunk_size=chunk_size,
                                  validate_labels=validate_labels, vocab_process_group=vocab_process_group,
-                                 vocab_start=vocab_start)
+                                 vocab_start=vocab_start, reduce_hidden_grad=reduce_hidden_grad)
     return policy_loss_over(source, args, old_logp, advantages, mask, method=method, compute_entropy=compute_entropy,
                             grad_in_forward=grad_in_forward, kwargs=kwargs)
 

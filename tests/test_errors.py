@@ -448,6 +448,8 @@ BAD: list[Bad] = [
     row("fused_linear_token_logprobs", "option", "backend='cuda' on CPU tensors", lambda v: dict(backend="cuda"),
         BUE, "backend"),
     row("fused_linear_token_logprobs", "option", "chunk_size=1.5", lambda v: dict(chunk_size=1.5), TE, "chunk_size"),
+    row("fused_linear_token_logprobs", "option", "reduce_hidden_grad=False without vocab_process_group",
+        lambda v: dict(reduce_hidden_grad=False), VE, "reduce_hidden_grad"),
 
     # ---- fused_linear_policy_loss
     row("fused_linear_policy_loss", "shape", "hidden 1-d", lambda v: dict(hidden=_f(H)), VE, "hidden"),

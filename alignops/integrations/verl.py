@@ -746,19 +746,6 @@ def register() -> dict[str, list[str]]:
 _REDUCTIONS = ("none", "sum", "mean")
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; the gradient times `scale`."""
-
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
-
-
 def _fused_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float,
                     vocab_process_group=None, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
     fn = ao.fused_linear_token_logprobs
@@ -770,7 +757,6 @@ def _fused_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, temperature:
     if vocab_process_group is not None and torch.distributed.get_world_size(vocab_process_group) == 1:
         vocab_process_group = None
     if vocab_process_group is not None:
-        world = torch.distributed.get_world_size(vocab_process_group)
         params = inspect.signature(fn).parameters
         if "vocab_process_group" not in params:
             raise NotImplementedError(
@@ -780,11 +766,12 @@ def _fused_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, temperature:
         if "vocab_start" in params:
             # verl's kernel takes equal shards in rank order (Megatron pads the vocabulary to a multiple of TP)
             kwargs["vocab_start"] = torch.distributed.get_rank(vocab_process_group) * weight.shape[0]
-        # alignops all-reduces dhidden over the group; verl's kernel returns each rank's share and
-        # its caller sums them (the backward of Megatron's sequence-parallel gather), so each rank
-        # hands back 1/world of the sum.
-        if hidden.requires_grad:
-            hidden = _ScaleGrad.apply(hidden, 1.0 / world)
+        # verl's kernel returns each rank's partial dhidden (its own vocabulary rows) and leaves the
+        # sum to its caller: with sequence parallel on, the backward of Megatron's sequence-parallel
+        # gather reduce-scatters it; with it off, verl's fused forward has no region that sums it
+        # (docs/vocab_parallel.md, "Inside Megatron's tensor-parallel layout"). The drop-in keeps
+        # that contract exactly.
+        kwargs["reduce_hidden_grad"] = False
     return fn(hidden, weight, labels, temperature=temperature, compute_entropy=True, chunk_size=chunk_size, **kwargs)
 
 

@@ -206,19 +206,21 @@ class LinearHead:
     """The logits z = softcap * tanh((h @ W.T + b) * logit_scale / softcap), `chunk` rows at a time:
     each tile is computed, used and dropped, and recomputed for the backward. Gradients: dhidden
     per chunk, dweight (fp32 accumulator unless fp64) and dbias summed over the chunks; over a
-    vocabulary shard dhidden is summed over the ranks with one all_reduce."""
+    vocabulary shard dhidden is summed over the ranks with one all_reduce, or left as this rank's
+    partial sum (reduce_hidden_grad=False) for a caller whose own collective sums it (Megatron's
+    tensor-parallel regions)."""
 
     traceable = False
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, *, softcap, logit_scale, chunk_size,
-                 shard: vocab_shard.VocabShard | None):
+                 shard: vocab_shard.VocabShard | None, reduce_hidden_grad: bool = True):
         h = hidden.reshape(-1, hidden.shape[-1])
         self.hidden, self.h = hidden, (h if h.stride(-1) == 1 else h.contiguous())
         self.weight, self.bias = weight, bias
         self.softcap = check_float("softcap", softcap, lo=0.0, allow_none=True)
         self.logit_scale = check_float("logit_scale", logit_scale, allow_none=True)
         self.chunk = chunk_rows(chunk_size, weight.shape[0])
-        self.shard = shard
+        self.shard, self.reduce_hidden_grad = shard, reduce_hidden_grad
         self.inputs = (hidden, weight, bias)
         self.dtype, self.device = hidden.dtype, hidden.device
         # Fixed here, in forward: the backward recomputes the tiles outside any autocast region and
@@ -320,7 +322,8 @@ class LinearHead:
                 self.dw.addmm_(g.t().float(), h.float())
 
     def grads(self) -> tuple:
-        vocab_shard.all_reduce_hidden_grad(self.dh, self.shard)
+        if self.reduce_hidden_grad:
+            vocab_shard.all_reduce_hidden_grad(self.dh, self.shard)
         dh = None if self.dh is None else self.dh.view(self.hidden.shape)
         dw = None if self.dw is None else self.dw.to(self.weight.dtype)
         db = None if self.db is None else self.db.to(self.weight.dtype)
