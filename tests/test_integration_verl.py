@@ -736,9 +736,9 @@ def test_dist_process_group_goes_to_vocab_process_group(monkeypatch):
     seen = {}
 
     def with_keyword(hidden, weight, labels, *, temperature, compute_entropy, chunk_size, vocab_process_group=None,
-                     vocab_start=None):
-        seen.update(group=vocab_process_group, start=vocab_start)
-        # a stand-in whose dhidden is all ones, as alignops's would be after its all-reduce
+                     vocab_start=None, reduce_hidden_grad=True):
+        seen.update(group=vocab_process_group, start=vocab_start, reduce=reduce_hidden_grad)
+        # a stand-in whose dhidden is all ones: the drop-in must pass it back untouched
         return hidden.sum(-1), torch.zeros(labels.numel())
 
     def without_keyword(hidden, weight, labels, *, temperature, compute_entropy, chunk_size):
@@ -753,9 +753,10 @@ def test_dist_process_group_goes_to_vocab_process_group(monkeypatch):
     h = hidden.clone().requires_grad_()
     logp, _ = aov.linear_cross_entropy(h, weight, labels, 1.0, "none", group)
     logp.sum().backward()
-    # this rank's rows start at rank * V_r; its dhidden is 1/world of the sum (verl's caller adds them up)
-    assert seen == {"group": group, "start": 3 * weight.shape[0]}
-    torch.testing.assert_close(h.grad, torch.full_like(h, 0.25))
+    # this rank's rows start at rank * V_r; its dhidden is this rank's partial, as verl's kernel returns
+    # it (the sum is its caller's: tests/test_tensor_parallel.py runs it at 2 ranks)
+    assert seen == {"group": group, "start": 3 * weight.shape[0], "reduce": False}
+    torch.testing.assert_close(h.grad, torch.ones_like(h))
     aov.linear_cross_entropy(hidden, weight, labels, 1.0, "none", None)
     assert seen["group"] is None
     monkeypatch.setattr(ao, "fused_linear_token_logprobs", without_keyword)
