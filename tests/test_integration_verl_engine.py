@@ -1,23 +1,32 @@
-"""verl 0.9.1's FSDP engine at 2 CPU ranks (gloo): stock policy losses against `alignops_<method>`.
+"""verl 0.9.1's actor training path at 2 CPU ranks (gloo): stock policy losses against `alignops_<method>`.
 
-tests/verl_engine_driver.py runs, under torch.distributed.run with 2 processes, verl's own
-FSDPEngineWithLMHead (FSDP2 over the 2 ranks) through forward_backward_batch with verl's ppo_loss:
-the global token count all-reduced into batch_num_tokens, each rank's rows in 2 micro-batches, the
-policy loss called per micro-batch with global_batch_info, the gradients reduce-scattered. Each
-case runs with verl's loss_mode and with `alignops_<method>`; two of them again on verl's fused
-forward (use_fused_kernels, torch backend) with the lm_head sharded across the ranks, stock and after
-alignops.integrations.verl.install_fused_forward(). A float64 single-process oracle of the whole
-global batch (verl's stock loss over all 8 rows with dp_size 1) gives the loss and the gradient the
-2 ranks must reach together.
+tests/verl_engine_driver.py runs under torch.distributed.run with 2 processes, each rank with its own
+half of an 8-row mini-batch in 2 micro-batches. Two runs:
+
+- "packed": verl's TrainingWorker.train_mini_batch (what ActorRolloutRefWorker.update_actor runs)
+  over FSDPEngineWithLMHead with FSDP2 across both ranks: verl's mini-batch iterator, train_batch,
+  the engine's forward_backward_batch (the global token count all-reduced into batch_num_tokens,
+  ppo_loss per micro-batch with global_batch_info), backward, FSDP2's gradient reduce-scatter and
+  optimizer_step's clip (a no-op at this bound: the gradients are read at the step). verl's packed
+  path (use_remove_padding, its default). Every case, and two of them again on verl's fused forward
+  (use_fused_kernels, torch backend) with the lm_head a Shard(0) DTensor across the ranks, stock and
+  after alignops.integrations.verl.install_fused_forward().
+- "padded": FSDPEngineWithLMHead.forward_backward_batch called directly (each micro-batch's loss
+  seen), verl's padded path (use_remove_padding=False), two cases.
+
+Each case runs with verl's loss_mode and with `alignops_<method>`. A float64 single-process oracle
+of the whole global batch (verl's stock loss over all 8 rows with dp_size 1) gives the loss, the
+gradient and its norm the 2 ranks must reach together.
 
 Tolerances. The engine runs the model in float32; its gradients are held to the float64 oracle
 within 64 ulps (float32 eps) of each parameter gradient's largest entry: verl's own stock run needs
 up to ~25 on this 2-layer model (attention, RMSNorm and a 61-way softmax, forward and backward),
 and alignops is held to the same bound. A reduction or normalisation mistake (a rank's gradient not
 reduced, dp_size or the global token count not applied) is off by a large fraction of the gradient,
-millions of ulps: the negative control (the gradient without rank 1's rows) checks the bound
-tells that apart. alignops against verl on the same engine: within 8 ulps (the policy loss alone
-agrees to the bit here; the fused forward's vocabulary sums round differently by a few ulps).
+millions of ulps: the negative control (the gradient without rank 1's rows) checks that the bound
+tells them apart. alignops against verl on the same engine: within 8 ulps (the policy loss alone
+agrees to the bit here; the fused forward's vocabulary sums round differently by a few ulps). Losses
+and the gradient norm, float32 results, at torch's float32 tolerances.
 """
 
 import json
@@ -39,13 +48,17 @@ ROOT = Path(__file__).resolve().parents[1]
 EPS = torch.finfo(torch.float32).eps
 ORACLE_ULPS = 64
 PAIR_ULPS = 8
+# the engine's losses and gradient norm are float32 results: torch's float32 tolerances
+F32 = {"rtol": 1.3e-6, "atol": 1e-5}
 KEYS = [c[0] for c in CASES] + [c + "+fused" for c in FUSED_CASES]
 
 
-# verl's packed path (use_remove_padding, its default: each micro-batch one packed row, sdpa
-# attention kept to each sequence by its position_ids), every case and the fused forward; its padded
-# path (use_remove_padding=False: padded rows, an attention mask), two cases
-RUNS = {"packed": ["--fused"], "padded": ["--padded", "--cases", "vanilla,dr_grpo"]}
+# "packed": through verl's TrainingWorker.train_mini_batch (what ActorRolloutRefWorker.update_actor
+# runs) on verl's packed path (use_remove_padding, its default: each micro-batch one packed row, sdpa
+# attention kept to each sequence by its position_ids), every case and the fused forward.
+# "padded": FSDPEngineWithLMHead.forward_backward_batch directly (each micro-batch's loss seen) on
+# the padded path (use_remove_padding=False: padded rows, an attention mask), two cases.
+RUNS = {"packed": ["--worker", "--fused"], "padded": ["--padded", "--cases", "vanilla,dr_grpo"]}
 RUN_KEYS = {"packed": KEYS, "padded": ["vanilla", "dr_grpo"]}
 PARAMS = [(path, key) for path, keys in RUN_KEYS.items() for key in keys]
 
@@ -101,18 +114,27 @@ def test_alignops_equals_verl_in_the_engine(runs, path, key):
     result, tensors = runs[path]
     rec = result["cases"][key]
     stock, ours = rec["stock"], rec["alignops"]
-    for s, a in zip(stock, ours):
-        torch.testing.assert_close(torch.tensor(a["losses"]), torch.tensor(s["losses"]))
-        torch.testing.assert_close(torch.tensor(a["pg_loss"]), torch.tensor(s["pg_loss"]))
+    assert all(r["mode"] == ("worker" if path == "packed" else "engine") for r in stock + ours)
     # the PPO/CISPO clip is active somewhere in the batch
     assert any(c > 0 for r in stock for c in r["clipfrac"])
-    # each micro-batch's loss is its share of the global loss times dp_size (verl's convention, the
-    # gradients being averaged over the ranks): summed over ranks and divided by 2 it is the oracle's
-    for variant in (stock, ours):
-        total = sum(sum(r["losses"]) for r in variant) / 2
-        torch.testing.assert_close(torch.tensor(total, dtype=torch.float64),
-                                   torch.tensor(rec["oracle_loss"], dtype=torch.float64),
-                                   rtol=1.3e-6, atol=1e-6)
+    for s, a in zip(stock, ours):
+        torch.testing.assert_close(torch.tensor(a["pg_loss"]), torch.tensor(s["pg_loss"]))
+    oracle_loss = torch.tensor(rec["oracle_loss"], dtype=torch.float64)
+    if path == "packed":
+        # verl's own mini-batch metrics (aggregated over micro-batches and ranks by verl): the loss is
+        # the global batch's, the gradient norm the norm of the global gradient
+        for r in stock + ours:
+            torch.testing.assert_close(torch.tensor(r["loss"], dtype=torch.float64), oracle_loss, **F32)
+            torch.testing.assert_close(torch.tensor(r["grad_norm"], dtype=torch.float64),
+                                       torch.tensor(rec["oracle_grad_norm"], dtype=torch.float64), **F32)
+    else:
+        for s, a in zip(stock, ours):
+            torch.testing.assert_close(torch.tensor(a["losses"]), torch.tensor(s["losses"]))
+        # each micro-batch's loss is its share of the global loss times dp_size (verl's convention,
+        # the gradients being averaged over the ranks): summed over ranks and halved, the oracle's
+        for variant in (stock, ours):
+            total = sum(sum(r["losses"]) for r in variant) / 2
+            torch.testing.assert_close(torch.tensor(total, dtype=torch.float64), oracle_loss, **F32)
     truth = tensors[(key, "oracle")]
     assert ulps_off(tensors[(key, "stock")], truth, truth) <= ORACLE_ULPS
     assert ulps_off(tensors[(key, "alignops")], truth, truth) <= ORACLE_ULPS

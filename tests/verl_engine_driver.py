@@ -2,7 +2,7 @@
 run by tests/test_integration_verl_engine.py:
 
     OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node 2 \
-        tests/verl_engine_driver.py --out DIR [--fused] [--padded] [--cases vanilla,gspo,...]
+        tests/verl_engine_driver.py --out DIR [--worker] [--fused] [--padded] [--cases vanilla,gspo,...]
 
 What runs is verl's own code for one actor mini-batch. The padded global batch goes through
 verl.workers.utils.padding.left_right_2_no_padding, each rank takes its half of the rows (as verl's
@@ -16,6 +16,12 @@ count into batch_num_tokens, sets dp_size, splits the rank's rows into micro-bat
 (prepare_micro_batches) and per micro-batch runs forward_step (prepare_model_inputs, the model,
 prepare_model_outputs), ppo_loss (which fills config.global_batch_info and calls the registered
 policy loss) and backward; FSDP2 reduce-scatters the gradients (mean over the 2 ranks).
+With --worker the engine is built and driven by verl.workers.engine_workers.TrainingWorker (its
+__init__ and reset(): EngineRegistry.new, engine.initialize()), and each case is one call of
+TrainingWorker.train_mini_batch, as ActorRolloutRefWorker.update_actor makes it: verl's mini-batch
+iterator, global_token_num, TrainingWorker.train_batch, the engine's train_batch (zero_grad,
+forward_backward_batch, optimizer_step: verl's clip, then the step at lr 0) and verl's metric
+aggregation over micro-batches and ranks (loss, grad_norm, pg_loss).
 
 Each case runs twice from the same weights: verl's loss_mode, then `alignops_<method>`. With
 --fused two cases run again on verl's use_fused_kernels forward (dense_common's torch backend, the
@@ -28,17 +34,22 @@ whole global batch: the same weights in float64, each sequence on its own, verl'
 over all 8 rows with dp_size 1 and the mini-batch's counts; its gradient is what the 2 ranks'
 averaged gradients must equal. Rank 0 writes result.json and tensors.pt.
 
-Three things stand between verl 0.9.1's engine and a CPU, each handled here for this process only:
+What stands between verl 0.9.1's actor and a CPU, each handled here for this process only:
 - verl registers accelerator platforms only (cuda, npu, rocm) and falls back to CUDA without one,
   so the engine's device mesh would be "cuda" (torch.cuda.set_device fails on a CPU build).
   install_cpu_platform registers a CPU platform through verl's own extension point
-  (PlatformRegistry.register, set_platform): device "cpu", backend gloo.
+  (PlatformRegistry.register, set_platform): device "cpu", backend gloo, torch.cpu plus the memory
+  counters verl's worker logs (0). EngineRegistry has FSDPEngineWithLMHead under "cuda" and "npu"
+  only: --worker sets verl's VERL_ENGINE_DEVICE=cuda, which only picks that registry entry.
 - HFModelConfig asks for flash_attention_2 unless override_config names another implementation;
   flash-attn is not installed. The packed path (use_remove_padding, verl's default) runs with sdpa,
   which keeps attention to each sequence from the packed position_ids (the float64 oracle, which
   runs each sequence alone, checks that); --padded runs the padded path with eager attention.
 - verl's apply_monkey_patch patches trl's AutoModelForCausalLMWithValueHead when trl is importable;
   the trl installed here no longer has it (ImportError). verl is told trl is absent.
+- verl.workers.engine_workers imports (through verl.checkpoint_engine and verl.workers.rollout.utils)
+  uvicorn and fastapi, the rollout server's packages; where they are not installed, empty modules
+  stand in for the import (--worker only; the actor never calls them).
 """
 
 from __future__ import annotations
@@ -79,16 +90,30 @@ def install_cpu_platform() -> None:
     none is found: its FSDP engine then builds a "cuda" device mesh. verl's documented extension
     point for other devices is a PlatformBase registered with PlatformRegistry and set with
     set_platform; this is that, for the CPU with gloo (no profiler, no IPC, no Ray resources)."""
+    import types
     from contextlib import contextmanager
 
     from verl.plugin.platform.platform_base import PlatformBase
     from verl.plugin.platform.platform_manager import PlatformRegistry, set_platform
 
+    # torch.cpu, plus the memory counters verl's workers log (perf/max_memory_*): 0, no accounting here
+    device_module = types.ModuleType("cpu_device")
+    device_module.__getattr__ = lambda name: getattr(torch.cpu, name)
+    for counter in ("memory_allocated", "memory_reserved", "max_memory_allocated", "max_memory_reserved"):
+        setattr(device_module, counter, lambda *a, **k: 0)
+    device_module.reset_peak_memory_stats = lambda *a, **k: None
+    device_module.empty_cache = lambda *a, **k: None
+    device_module.mem_get_info = lambda *a, **k: (0, 1)
+    device_module.get_device_name = lambda *a, **k: "CPU"   # what verl's flops counter names torch.cpu
+
     @PlatformRegistry.register(platform="cpu")
     class CPUPlatform(PlatformBase):
         device_name = "cpu"
         vendor_name = "cpu"
-        device_module = torch.cpu
+
+        @property
+        def device_module(self):
+            return device_module
 
         def is_available(self):
             return True
@@ -151,6 +176,21 @@ def install_cpu_platform() -> None:
     set_platform(CPUPlatform())
 
 
+def stub_rollout_server_imports() -> None:
+    """verl.workers.engine_workers imports verl.checkpoint_engine, which imports
+    verl.workers.rollout.utils, which imports uvicorn and fastapi at module level for the rollout
+    server (verl's rollout extras). The actor's training path never calls them; where they are not
+    installed, empty modules stand in for the import."""
+    import importlib.util
+    import types
+    for name in ("uvicorn", "fastapi"):
+        if name not in sys.modules and importlib.util.find_spec(name) is None:
+            mod = types.ModuleType(name)
+            for attr in {"uvicorn": ("Server", "Config"), "fastapi": ("FastAPI",)}[name]:
+                setattr(mod, attr, type(attr, (), {}))   # only subclassed or annotated at import
+            sys.modules[name] = mod
+
+
 def build_tiny_model(path: str, tie: bool) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)
@@ -203,7 +243,7 @@ def actor_config(verl_name, method, mode, fields, alignops):
     return base(mode, policy_loss=policy, **fields)
 
 
-def build_engine(model_dir, fused, strategy, remove_padding=False, attn="eager"):
+def build_engine(model_dir, fused, strategy, remove_padding=False, attn="eager", worker=False):
     # verl's apply_monkey_patch patches trl's AutoModelForCausalLMWithValueHead.state_dict when trl
     # is importable; the trl installed here no longer has that class (ImportError). The actor never
     # uses it: verl is told trl is absent, for this process.
@@ -217,8 +257,23 @@ def build_engine(model_dir, fused, strategy, remove_padding=False, attn="eager")
                                  fused_kernel_options={"impl_backend": "torch"})
     fp32 = {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
     engine_config = FSDPEngineConfig(strategy=strategy, mixed_precision=fp32, use_torch_compile=False, seed=0)
-    optim_config = FSDPOptimizerConfig(lr=1e-3)
+    # lr 0 keeps the weights for the next case; the clip bound is far above any gradient norm here, so
+    # verl's clip multiplies by exactly 1 (the worker path reads the gradients at the optimizer step)
+    optim_config = FSDPOptimizerConfig(lr=0.0, clip_grad=1e9)
     from verl.trainer.config import CheckpointConfig as Ckpt
+    if worker:
+        stub_rollout_server_imports()
+        from verl.workers.config import TrainingWorkerConfig
+        from verl.workers.engine_workers import TrainingWorker
+        # verl registers FSDPEngineWithLMHead for the "cuda" and "npu" keys; VERL_ENGINE_DEVICE is
+        # verl's own override of the key EngineRegistry looks up (the engine runs on the platform's cpu)
+        os.environ["VERL_ENGINE_DEVICE"] = "cuda"
+        w = TrainingWorker(TrainingWorkerConfig(model_type="language_model", model_config=model_config,
+                                                engine_config=engine_config, optimizer_config=optim_config,
+                                                checkpoint_config=Ckpt()))
+        w.reset()
+        assert type(w.engine) is FSDPEngineWithLMHead
+        return w
     engine = FSDPEngineWithLMHead(model_config=model_config, engine_config=engine_config,
                                   optimizer_config=optim_config, checkpoint_config=Ckpt())
     engine.initialize()
@@ -226,34 +281,62 @@ def build_engine(model_dir, fused, strategy, remove_padding=False, attn="eager")
 
 
 def run_case(engine, full, rank, world, cfg, fused, remove_padding=False):
+    """One mini-batch. `engine` an FSDPEngineWithLMHead: its forward_backward_batch inside its
+    train-mode context (gradients read there: the context zeroes them on exit). A TrainingWorker:
+    its train_mini_batch, as ActorRolloutRefWorker.update_actor calls it (verl's mini-batch
+    iterator, global_token_num, train_batch, the engine's train_batch with optimizer_step), the
+    gradients read by a hook at the optimizer step, after verl's clip."""
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.losses import ppo_loss
     td, rows = rank_batch(full, rank, world, remove_padding)
     tu.assign_non_tensor(td, use_fused_kernels=fused)
-    engine.optimizer_zero_grad()
-    # the train-mode context zeroes the gradients on exit (train_batch steps the optimizer inside it):
-    # they are read inside, before any optimizer step or gradient clipping
-    with engine.train_mode():
-        out = engine.forward_backward_batch(td, partial(ppo_loss, config=cfg), forward_only=False)
-        grads = {}
-        for name, p in engine.module.named_parameters():
-            g = p.grad
-            grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
-    metrics = out["metrics"]
-    clip = metrics.get("actor/pg_clipfrac")
-    clipfrac = [float(v) for v in clip.values] if clip is not None else None
-    pg_loss = [float(v) for v in metrics["actor/pg_loss"].values]
+    loss_fn = partial(ppo_loss, config=cfg)
+
+    def read(module):
+        return {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+                for name, p in module.named_parameters()}
+
+    grads, steps = {}, []
+    worker = engine if hasattr(engine, "train_mini_batch") else None
+    engine = worker.engine if worker else engine
+    forward_step = engine.forward_step
+    engine.forward_step = lambda *a, **k: steps.append(1) or forward_step(*a, **k)   # counts micro-batches
+    try:
+        if worker:
+            worker.set_loss_fn(loss_fn)
+            tu.assign_non_tensor(td, mini_batch_size=N_ROWS, epochs=1, seed=0, dataloader_kwargs={"shuffle": False})
+            hook = engine.optimizer.register_step_pre_hook(lambda opt, a, k: grads.update(read(engine.module)))
+            try:
+                metrics = tu.get(worker.train_mini_batch(td), "metrics")
+            finally:
+                hook.remove()
+            # verl's metrics for the mini-batch, aggregated over micro-batches and ranks
+            rec = {"loss": float(metrics["loss"][0]), "grad_norm": float(metrics["grad_norm"][0]),
+                   "pg_loss": float(metrics["actor/pg_loss"][0]),
+                   "clipfrac": [float(v) for v in metrics.get("actor/pg_clipfrac", [])]}
+        else:
+            engine.optimizer_zero_grad()
+            with engine.train_mode():
+                out = engine.forward_backward_batch(td, loss_fn, forward_only=False)
+                grads = read(engine.module)
+            # per micro-batch
+            clip = out["metrics"].get("actor/pg_clipfrac")   # alignops_cispo does not report it
+            rec = {"losses": [float(x) for x in out["loss"]],
+                   "pg_loss": [float(v) for v in out["metrics"]["actor/pg_loss"].values],
+                   "clipfrac": [float(v) for v in clip.values] if clip is not None else []}
+    finally:
+        del engine.forward_step
     import verl.utils.experimental.torch_functional as tf
     params = dict(engine.module.named_parameters())
     head = params.get("lm_head.weight", params["model.embed_tokens.weight"])   # tied: one parameter
     local = head.to_local() if hasattr(head, "to_local") else head
-    return {"rows": list(range(rows.start, rows.stop)), "losses": [float(x) for x in out["loss"]],
+    return {**rec, "mode": "worker" if worker else "engine", "rows": list(range(rows.start, rows.stop)),
             "head_param": type(head).__name__, "head_local_shape": list(local.shape),
             "head_placements": repr(getattr(head, "placements", None)),
             "forward": type(getattr(engine.module, "module", engine.module)).forward.__name__,
             "fused_class": f"{tf.FusedLinearForPPO.__module__}.{tf.FusedLinearForPPO.__name__}",
             "local_tokens": int(td["loss_mask"].sum()), "input_ids_sum": int(td["input_ids"].values().sum()),
-            "micro_batches": len(out["loss"]), "clipfrac": clipfrac, "pg_loss": pg_loss,
+            "micro_batches": len(steps),
             "gbi": {k: (v.item() if torch.is_tensor(v) else v) for k, v in cfg.global_batch_info.items()}}, grads
 
 
@@ -302,6 +385,7 @@ def main():
     ap.add_argument("--untied-fused", action="store_true", help="the fused engine on the untied model (fails in verl)")
     ap.add_argument("--padded", action="store_true",
                     help="use_remove_padding=False: padded rows and an attention mask (eager attention)")
+    ap.add_argument("--worker", action="store_true", help="through verl's TrainingWorker.train_mini_batch")
     ap.add_argument("--attn", default=None, help="attn_implementation (sdpa packed, eager padded)")
     args = ap.parse_args()
     args.remove_padding = not args.padded
@@ -334,7 +418,7 @@ def main():
         # plain cases run first, on their own engine
         model_dir = model_dirs[fused and not args.untied_fused]
         engine = build_engine(model_dir, fused, args.fused_strategy if fused else args.strategy,
-                              args.remove_padding, args.attn)
+                              args.remove_padding, args.attn, args.worker)
         for name, verl_name, method, mode, fields in CASES:
             if name not in wanted or (fused and name not in FUSED_CASES):
                 continue
@@ -356,6 +440,7 @@ def main():
             if rank == 0:
                 loss64, grads64 = oracle(model_dir, full, verl_name, mode, fields)
                 rec["oracle_loss"] = loss64
+                rec["oracle_grad_norm"] = float(torch.sqrt(sum((g * g).sum() for g in grads64.values())))
                 tensors[(key, "oracle")] = grads64
                 if name == "vanilla" and not fused:
                     # the negative control: rank 1's rows contribute nothing
