@@ -24,6 +24,9 @@ GPPO = tl.constexpr(METHOD_CODES["gppo"])
 CISPO = tl.constexpr(METHOD_CODES["cispo"])
 REINFORCE = tl.constexpr(METHOD_CODES["reinforce"])
 SAPO = tl.constexpr(METHOD_CODES["sapo"])
+DRO = tl.constexpr(METHOD_CODES["dro"])
+DPPO_TV = tl.constexpr(METHOD_CODES["dppo_tv"])
+DPPO_KL = tl.constexpr(METHOD_CODES["dppo_kl"])
 KL_NONE = tl.constexpr(KL_CODES["none"])
 KL_K1 = tl.constexpr(KL_CODES["k1"])
 KL_K2 = tl.constexpr(KL_CODES["k2"])
@@ -64,8 +67,8 @@ def _dual_clip_backward(phi, adv, g, dual_clip, DUAL_CLIP: tl.constexpr):
 
 @triton.jit
 def _policy_token(logp, old_logp, adv, g, clip_lo, clip_hi, dual_clip, log_clamp, early_shift, gppo_k_low,
-                  gppo_k_high, scale, sapo_tau_pos, sapo_tau_neg,
-                  METHOD: tl.constexpr, DUAL_CLIP: tl.constexpr, LOG_CLAMP: tl.constexpr,
+                  gppo_k_high, scale, sapo_tau_pos, sapo_tau_neg, dro_beta, dppo_delta_low, dppo_delta_high,
+                  dppo_is_cap, METHOD: tl.constexpr, DUAL_CLIP: tl.constexpr, LOG_CLAMP: tl.constexpr,
                   EARLY_SHIFT: tl.constexpr):
     """(phi, dL/dlogp) of one token given g = dL/dphi, in autograd's order through
     alignops/policy/methods.py (see csrc/common/policy_math.h)."""
@@ -91,6 +94,35 @@ def _policy_token(logp, old_logp, adv, g, clip_lo, clip_hi, dual_clip, log_clamp
         g_s = (g * adv) * k
         value = (k * s) * adv
         grad = tl.where(gate, (((g_s * (1.0 - s)) * s) * tau) * r, 0.0)
+    elif METHOD == DRO:
+        # the log-ratio unclamped (no exp); e's two uses give g m + (g e) c, then logp adds g (-A)
+        e = logp - old_logp
+        c = 0.5 * dro_beta
+        m = c * e
+        neg_adv = -adv
+        value = neg_adv * logp + m * e
+        grad = g * neg_adv + ((g * m) + ((g * e) * c))
+    elif (METHOD == DPPO_TV) or (METHOD == DPPO_KL):
+        # the region reads p = exp(logp) and p_old = exp(old_logp), not the clamped log-ratio
+        r = tl.exp(d)
+        w = tl.where(r > dppo_is_cap, dppo_is_cap, r)
+        prob = tl.exp(logp)
+        prob_old = tl.exp(old_logp)
+        up = adv > 0.0
+        if METHOD == DPPO_TV:
+            diff = prob - prob_old
+            inside_up = diff <= dppo_delta_high
+            inside_down = diff >= -dppo_delta_low
+        else:
+            # binary KL, 1 - p floored by 1e-8 (alignops/policy/methods.py's _DPPO_EPS)
+            q_old = 1.0 - prob_old
+            kl = prob_old * (old_logp - logp) + q_old * tl.log((q_old + 1e-8) / ((1.0 - prob) + 1e-8))
+            inside_up = (kl <= dppo_delta_high) | (prob <= prob_old)
+            inside_down = (kl <= dppo_delta_low) | (prob >= prob_old)
+        inside = tl.where(up, tl.where(inside_up, 1.0, 0.0), tl.where(inside_down, 1.0, 0.0))
+        s = -(w * inside) * adv
+        value = s * logp
+        grad = g * s
     elif METHOD == GPPO:
         r = tl.exp(d)
         low_clipped = (adv < 0.0) & (r < clip_lo)
@@ -154,7 +186,7 @@ def _policy_loss_fused_kernel(
     logp_ptr, entropy_ptr, loss_ptr, pg_ptr, grad_ptr,
     N, T, V, stride_b, stride_t, grad_stride_b, grad_stride_t, ignore_index,
     clip_lo, clip_hi, dual_clip, log_clamp, early_shift, gppo_k_low, gppo_k_high, scale, sapo_tau_pos, sapo_tau_neg,
-    kl_coef, entropy_coef,
+    dro_beta, dppo_delta_low, dppo_delta_high, dppo_is_cap, kl_coef, entropy_coef,
     INV_TEMP: tl.constexpr, METHOD: tl.constexpr, KL: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
     HAS_IS_WEIGHT: tl.constexpr, DUAL_CLIP: tl.constexpr, LOG_CLAMP: tl.constexpr, EARLY_SHIFT: tl.constexpr,
     HAS_ENTROPY_COEF: tl.constexpr, NEED_ENTROPY: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
@@ -206,8 +238,8 @@ def _policy_loss_fused_kernel(
         else:
             g_phi = w
         phi, a = _policy_token(logp, old, adv, g_phi, clip_lo, clip_hi, dual_clip, log_clamp, early_shift,
-                               gppo_k_low, gppo_k_high, scale, sapo_tau_pos, sapo_tau_neg, METHOD, DUAL_CLIP,
-                               LOG_CLAMP, EARLY_SHIFT)
+                               gppo_k_low, gppo_k_high, scale, sapo_tau_pos, sapo_tau_neg, dro_beta, dppo_delta_low,
+                               dppo_delta_high, dppo_is_cap, METHOD, DUAL_CLIP, LOG_CLAMP, EARLY_SHIFT)
         pg = g_phi * phi
         loss = pg
         if KL != KL_NONE:

@@ -105,9 +105,12 @@ METHOD_FAMILY = {
     "gpg": ("reinforce", 0.2, None, None, "token-mean"),
     "sapo": ("sapo", 0.2, None, None, "token-mean"),
     "dro": ("dro", 0.2, None, None, "token-mean"),    # dro_beta has no default: pass it
+    "dppo_tv": ("dppo_tv", 0.2, None, None, "token-mean"),
+    "dppo_kl": ("dppo_kl", 0.2, None, None, "token-mean"),
 }
 _OWN_DEFAULTS = {"gppo": {"gppo_beta1": 1.0, "gppo_beta2": 1.0}, "gppo_klear": {"gppo_beta1": 0.25, "gppo_beta2": 1.0},
-                 "ecpo": {"ecpo_delta": 0.1}, "sapo": {"sapo_tau_pos": 1.0, "sapo_tau_neg": 1.05}}
+                 "ecpo": {"ecpo_delta": 0.1}, "sapo": {"sapo_tau_pos": 1.0, "sapo_tau_neg": 1.05},
+                 "dppo_tv": {"dppo_is_cap": 20.0}, "dppo_kl": {"dppo_is_cap": 20.0}}
 
 
 class PolicyOracle(NamedTuple):
@@ -160,6 +163,22 @@ def _phi(family, lp, old, adv, low, high, dual, ratio_log_clamp, opts):
     if family == "dro":
         # docs/methods.md §2.45: -A logp + beta/2 (logp - old)^2, the log-ratio unclamped (no exp)
         return -adv * lp + 0.5 * opts["dro_beta"] * (lp - old) ** 2
+    if family in ("dppo_tv", "dppo_kl"):
+        # docs/methods.md §2.35: -sg(min(r, C)) A logp where the sampled token's probability stayed in
+        # the region on the side A pushes (A > 0: delta_high above p_old), 0 elsewhere; the bounds
+        # are clip_low/clip_high themselves (low = 1 - clip_low, high = 1 + clip_high here)
+        delta_low, delta_high = 1.0 - low, high - 1.0
+        p, p_old = torch.exp(lp.detach()), torch.exp(old)
+        pos = adv > 0
+        if family == "dppo_tv":
+            ok_pos, ok_neg = p - p_old <= delta_high, p_old - p <= delta_low
+        else:
+            eps = 1e-8
+            bkl = p_old * torch.log(p_old / p) + (1 - p_old) * torch.log((1 - p_old + eps) / (1 - p + eps))
+            ok_pos, ok_neg = (bkl <= delta_high) | (p <= p_old), (bkl <= delta_low) | (p >= p_old)
+        w = torch.where(pos, ok_pos, ok_neg).double() * torch.minimum(torch.exp(d.detach()), torch.tensor(
+            opts["dppo_is_cap"], dtype=torch.float64))
+        return -w * adv * lp
     raise ValueError(family)
 
 

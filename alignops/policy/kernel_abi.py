@@ -21,6 +21,9 @@ METHOD_CODES = {
     "cispo": 2,      # -sg(clip(r, lo, hi)) * A * logp
     "reinforce": 3,  # -scale * A * logp
     "sapo": 4,       # -(4 / tau) sigmoid(tau (r - 1)) A, tau by the sign of A
+    "dro": 5,        # -A logp + (dro_beta / 2) (logp - old_logp)^2, the log-ratio unclamped
+    "dppo_tv": 6,    # -sg(min(r, dppo_is_cap)) A logp inside the TV region of p = exp(logp)
+    "dppo_kl": 7,    # the same inside the binary-KL region of p
 }
 KL_CODES = {"none": 0, "k1": 1, "k2": 2, "k3": 3, "low_var_kl": 4}
 
@@ -33,6 +36,9 @@ KNOBS = (
     "gppo_k_low", "gppo_k_high",
     "scale",
     "sapo_tau_pos", "sapo_tau_neg",
+    "dro_beta",
+    "dppo_delta_low", "dppo_delta_high",  # DPPO's region bounds: clip_low/clip_high as given, not 1 -+ them
+    "dppo_is_cap",
     "kl_coef", "entropy_coef",
 )
 # Flag bits: FLAGS[i] is bit 1 << i.

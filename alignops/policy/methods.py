@@ -262,11 +262,21 @@ def _check_dppo(opts):
     return {**opts, "dppo_is_cap": check_float("dppo_is_cap", opts["dppo_is_cap"], lo=0.0)}
 
 
+def _dppo_knobs(opts, shared):
+    # the region's bounds are clip_low/clip_high themselves (the kernel compares p - p_old or the
+    # binary KL with them as torch does, not with 1 -+ them)
+    return {"dppo_delta_low": shared.clip_low, "dppo_delta_high": shared.clip_high,
+            "dppo_is_cap": opts["dppo_is_cap"]}
+
+
+# the capped example first: the one-launch tests run the first example (RATIO_TARGETS reach 1.5, not 20)
 _DPPO = dict(options={"dppo_is_cap": 20.0}, validate=_check_dppo,
-             examples=({}, {"clip_low": 0.05, "clip_high": 0.1, "dppo_is_cap": 1.5}))
+             examples=({"clip_low": 0.05, "clip_high": 0.1, "dppo_is_cap": 1.5}, {}))
 register_method("dppo_tv", lambda t, dppo_is_cap: dppo_token_loss(t, "tv", dppo_is_cap), **_DPPO,
+                one_launch=OneLaunch("dppo_tv", _dppo_knobs),
                 doc="-sg(min(r, C)) A logp inside a TV region of the sampled token's probability (clip_low/high)")
 register_method("dppo_kl", lambda t, dppo_is_cap: dppo_token_loss(t, "kl", dppo_is_cap), **_DPPO,
+                one_launch=OneLaunch("dppo_kl", _dppo_knobs),
                 doc="-sg(min(r, C)) A logp inside a binary-KL region of the token's probability (clip_low/high)")
 
 
@@ -582,5 +592,6 @@ def _check_dro(opts):
 
 
 register_method("dro", lambda t, dro_beta: dro_token_loss(t, dro_beta), options={"dro_beta": None},
-                validate=_check_dro, examples=({"dro_beta": 0.1}, {"dro_beta": 2.0}),
+                validate=_check_dro, one_launch=OneLaunch("dro", lambda o, s: {"dro_beta": o["dro_beta"]}),
+                examples=({"dro_beta": 0.1}, {"dro_beta": 2.0}),
                 doc="-A logp + dro_beta/2 (log r)^2; dro_beta required (verl dro)")

@@ -10,7 +10,10 @@ enum PolicyMethodCode : int {
   kPolicyCispo = 2,
   kPolicyReinforce = 3,
   kPolicySapo = 4,
-  kPolicyMethodCount = 5,
+  kPolicyDro = 5,
+  kPolicyDppoTv = 6,
+  kPolicyDppoKl = 7,
+  kPolicyMethodCount = 8,
 };
 
 enum KlEstimatorCode : int {
@@ -33,9 +36,13 @@ enum PolicyKnob : int {
   kKnobScale = 7,
   kKnobSapoTauPos = 8,
   kKnobSapoTauNeg = 9,
-  kKnobKlCoef = 10,
-  kKnobEntropyCoef = 11,
-  kPolicyKnobCount = 12,
+  kKnobDroBeta = 10,
+  kKnobDppoDeltaLow = 11,
+  kKnobDppoDeltaHigh = 12,
+  kKnobDppoIsCap = 13,
+  kKnobKlCoef = 14,
+  kKnobEntropyCoef = 15,
+  kPolicyKnobCount = 16,
 };
 
 enum PolicyFlag : long long {

@@ -28,6 +28,9 @@ struct PolicyParams {
   double gppo_k_low, gppo_k_high;  // GPPO: -beta1 * clip_lo, -beta2 * clip_hi
   double scale;           // REINFORCE / GPG alpha
   double sapo_tau_pos, sapo_tau_neg;
+  double dro_beta;
+  double dppo_delta_low, dppo_delta_high;  // DPPO's region bounds (clip_low, clip_high as given)
+  double dppo_is_cap;
   double kl_coef, entropy_coef;
   bool has_old, has_ref, has_is_weight;
 };
@@ -50,6 +53,10 @@ inline PolicyParams make_policy_params(int method, int kl_estimator, const doubl
   p.scale = k[kKnobScale];
   p.sapo_tau_pos = k[kKnobSapoTauPos];
   p.sapo_tau_neg = k[kKnobSapoTauNeg];
+  p.dro_beta = k[kKnobDroBeta];
+  p.dppo_delta_low = k[kKnobDppoDeltaLow];
+  p.dppo_delta_high = k[kKnobDppoDeltaHigh];
+  p.dppo_is_cap = k[kKnobDppoIsCap];
   p.kl_coef = k[kKnobKlCoef];
   p.entropy_coef = k[kKnobEntropyCoef];
   p.has_old = (flags & kFlagHasOld) != 0;
@@ -121,6 +128,40 @@ ALIGNOPS_HD ValueGrad<acc_t> policy_token(acc_t logp, acc_t old_logp, acc_t adv,
     const acc_t k = -(acc_t(4) / tau);
     const acc_t g_s = (g * adv) * k;
     return {(k * s) * adv, gate ? (((g_s * (acc_t(1) - s)) * s) * tau) * r : acc_t(0)};
+  }
+  if (p.method == kPolicyDro) {
+    // phi = (-A) logp + ((beta / 2) e) e with e = logp - old_logp, not clamped (no exp). Autograd:
+    // e's two uses give g m + (g e) c, m = c e; logp then adds g (-A).
+    const acc_t e = logp - old_logp;
+    const acc_t c = static_cast<acc_t>(0.5 * p.dro_beta);
+    const acc_t m = c * e;
+    const acc_t neg_adv = -adv;
+    return {neg_adv * logp + m * e, g * neg_adv + ((g * m) + ((g * e) * c))};
+  }
+  if (p.method == kPolicyDppoTv || p.method == kPolicyDppoKl) {
+    // phi = (-(sg(min(r, C)) * inside)) A logp. The region reads the token's probability
+    // p = exp(logp) and p_old = exp(old_logp), not the clamped log-ratio; it bounds the side A
+    // pushes (A > 0: the upper bound). clamp(max=C) keeps a NaN ratio NaN.
+    const acc_t r = exp(d);
+    const acc_t cap = static_cast<acc_t>(p.dppo_is_cap);
+    const acc_t w = r > cap ? cap : r;
+    const acc_t prob = exp(logp), prob_old = exp(old_logp);
+    const acc_t delta_lo = static_cast<acc_t>(p.dppo_delta_low), delta_hi = static_cast<acc_t>(p.dppo_delta_high);
+    const bool up = adv > acc_t(0);
+    bool inside;
+    if (p.method == kPolicyDppoTv) {
+      const acc_t diff = prob - prob_old;
+      inside = up ? diff <= delta_hi : diff >= -delta_lo;
+    } else {
+      // binary KL; 1 - p floored by 1e-8 as alignops/policy/methods.py's _DPPO_EPS (a NaN KL,
+      // from p_old > 1, is outside unless p is on the allowed side of p_old)
+      const acc_t eps = static_cast<acc_t>(1e-8);
+      const acc_t q_old = acc_t(1) - prob_old;
+      const acc_t kl = prob_old * (old_logp - logp) + q_old * log((q_old + eps) / ((acc_t(1) - prob) + eps));
+      inside = up ? (kl <= delta_hi || prob <= prob_old) : (kl <= delta_lo || prob >= prob_old);
+    }
+    const acc_t s = -(w * (inside ? acc_t(1) : acc_t(0))) * adv;
+    return {s * logp, g * s};
   }
   if (p.method == kPolicyGppo) {
     const acc_t r = exp(d);
