@@ -238,6 +238,67 @@ def test_cpu_float64_against_oracle(method, pattern, monkeypatch):
         torch.testing.assert_close(grad, o.grad, rtol=1e-10, atol=1e-13)
 
 
+def make_dppo_case(method, seed, delta_low, delta_high, cap):
+    """Tokens whose probability p and old probability p_old put them on both sides of DPPO's
+    region bounds (docs/methods.md §2.35) for both signs of A, and above and below the cap: the
+    label's probability drawn over (0.02, 0.98), p - p_old over (-0.45, 0.45). Tokens within 1e-4
+    of a bound (where one float32 rounding could move them across) are masked out."""
+    B, T, V = 4, 16, 31
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, V, generator=gen, dtype=torch.float64) * 0.5
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    p_target = 0.02 + 0.96 * torch.rand(B, T, generator=gen, dtype=torch.float64)
+    z = x / TEMPERATURE
+    others = torch.logsumexp(z.scatter(-1, labels.unsqueeze(-1), float("-inf")), -1)
+    x.scatter_(-1, labels.unsqueeze(-1), (TEMPERATURE * (torch.log(p_target / (1 - p_target)) + others)).unsqueeze(-1))
+    logits = x.float()
+    with torch.no_grad():
+        lp = torch.log_softmax(logits.double() / TEMPERATURE, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    p = lp.exp()
+    p_old = (p - (0.9 * torch.rand(B, T, generator=gen, dtype=torch.float64) - 0.45)).clamp(1e-3, 0.999)
+    old = torch.log(p_old).float()
+    p_old = old.double().exp()
+    adv = torch.randn(B, T, generator=gen).float()
+    pos = adv > 0
+    if method == "dppo_tv":
+        dist, other_side = p - p_old, torch.zeros_like(pos)
+        bound = torch.where(pos, delta_high, -delta_low)
+    else:
+        dist = p_old * torch.log(p_old / p) + (1 - p_old) * torch.log((1 - p_old + 1e-8) / (1 - p + 1e-8))
+        other_side = torch.where(pos, p <= p_old, p >= p_old)   # inside whatever the KL
+        bound = torch.where(pos, delta_high, delta_low)
+    inside = torch.where(pos, dist <= bound, dist >= bound) if method == "dppo_tv" else (dist <= bound) | other_side
+    r = (lp - old.double()).exp()
+    mask = ((dist - bound).abs() > 1e-4) & ((r - cap).abs() > 1e-4)
+    # every case the region and the cap distinguish, among the tokens that count
+    for sign in (pos, ~pos):
+        for where in (inside & ~other_side, ~inside, other_side & (dist > bound)) if method == "dppo_kl" else \
+                (inside, ~inside):
+            assert (mask & sign & where).any(), (method, seed)
+    assert (mask & inside & (r > cap)).any() and (mask & inside & (r < cap)).any(), (method, seed)
+    isw = (0.25 + 1.5 * torch.rand(B, T, generator=gen)).float()
+    return logits, labels, old, adv, mask, isw
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["dppo_tv", "dppo_kl"])
+def test_dppo_region_edges_against_oracle(backend, method, monkeypatch):
+    """DPPO's one-launch branch on tokens on both sides of each region bound and of the cap (the
+    generic cases keep p small, so p - p_old and the binary KL stay far inside the region)."""
+    kw = {"method": method, "clip_low": 0.05, "clip_high": 0.1, "dppo_is_cap": 1.5}
+    for seed, agg, use_is in ((0, "token-mean", False), (1, "seq-mean-token-mean", True)):
+        logits, labels, old, adv, mask, isw = make_dppo_case(method, seed, kw["clip_low"], kw["clip_high"],
+                                                             kw["dppo_is_cap"])
+        extra = {"agg": agg, **({"rollout_is_weights": isw} if use_is else {})}
+        one = run(logits, labels, old, adv, mask, backend=backend, one_launch=True, monkeypatch=monkeypatch,
+                  **kw, **extra)
+        assert one[3]
+        assert_matches_oracle(one, oracle_for(logits, labels, old, adv, mask, **kw, **extra), torch.float32,
+                              what=(backend, method, seed))
+        assert_metrics_like_two_pass(one, run(logits, labels, old, adv, mask, backend=backend, one_launch=False,
+                                              **kw, **extra))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_log_ratio_clamp_and_normalizer(backend, monkeypatch):
     """Clamped log-ratios (zero gradient outside the clamp), an explicit and a zero normaliser."""
