@@ -706,6 +706,18 @@ def test_zero3_refused_only_where_a_backward_follows(monkeypatch):
         fn.apply(hidden.requires_grad_(), weight, None, targets, 1.0, 32, None, 1.0, ("log_probs",))
 
 
+def test_alignops_trainer_refuses_zero3(monkeypatch, tmp_path):
+    """Its backward fails under ZeRO-3 at 2 processes (docs/integrations/trl.md): refused when built, by name."""
+    monkeypatch.setattr(ao_trl, "_zero3_enabled", lambda: True)
+    args = ao_trl.AlignopsGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", loss_type="dapo")
+    for name in ("alignops_method", "alignops_method_kwargs"):
+        if not hasattr(args, name):
+            setattr(args, name, None)
+    assert "ZeRO-3" in ao_trl._unsupported(args, "dapo")
+    monkeypatch.setattr(ao_trl, "_zero3_enabled", lambda: False)
+    assert ao_trl._unsupported(args, "dapo") is None
+
+
 def test_use_alignops_gives_stock_sft_run(tiny_model, tmp_path):
     """SFTTrainer asks the head for is_top1 (its mean_token_accuracy) besides log-probs and entropy."""
     import datasets

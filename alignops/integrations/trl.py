@@ -129,8 +129,8 @@ class AlignopsChunkedLogProb:
             # TRL's backward gathers the ZeRO-3 partitioned head again; alignops's autograd keeps the weight it was
             # given, which ZeRO-3 empties after forward.
             raise NotImplementedError("use_alignops does not support DeepSpeed ZeRO-3 (the lm_head weight is "
-                                      "re-partitioned before backward); use ZeRO-1/2 or FSDP, or AlignopsGRPOTrainer, "
-                                      "whose terminal loss takes its gradients inside the gathered forward")
+                                      "re-partitioned before backward); use ZeRO-1/2 or FSDP2 "
+                                      "(docs/integrations/trl.md)")
         softcap = check_float("final_logit_softcapping", final_logit_softcapping, lo=0.0, allow_none=True)
         logit_scale = check_float("logit_scale", logit_scale)
         scale = None if logit_scale == 1.0 else logit_scale
@@ -420,6 +420,10 @@ def _unsupported_correction(alignops_method, loss_type: str) -> str | None:
 
 def _unsupported(args, loss_type: str) -> str | None:
     """Why AlignopsGRPOTrainer cannot reproduce this GRPOConfig, or None."""
+    if _zero3_enabled():
+        # its lm_head gradients are taken inside the gathered forward, but autograd adds them to the weight
+        # after ZeRO-3 has re-partitioned it (a size-0 tensor): a shape error in backward (2 ranks, deepspeed 0.19.8)
+        return "DeepSpeed ZeRO-3 (the lm_head weight is re-partitioned before backward); use ZeRO-1/2 or FSDP2"
     if args.alignops_method is None and loss_type not in TRL_LOSSES:
         return (f"loss_type={loss_type!r} has no alignops method (alignops has {sorted(TRL_LOSSES)} of TRL's); use "
                 "GRPOTrainer for it, or choose a per-token loss with alignops_method=")
