@@ -2,8 +2,8 @@
 backends): the kernel's own loss (its loss_terms, summed), pg_loss (its pg_terms) and logits
 gradient against a float64 oracle written in tests/policy_oracle.py (torch float64 math from the
 formulas, on the same rounded inputs; it shares no code with alignops), for every method code of
-the epilogue (clip: ppo/grpo/dapo/dr_grpo and token-level ecpo, gppo, cispo, reinforce/gpg), every
-KL estimator, the entropy bonus, IS weights, dual clip, every aggregation and temperature 0.7.
+the epilogue (clip: ppo/grpo/dapo/dr_grpo and token-level ecpo, gppo, cispo, reinforce/gpg, sapo, dro,
+dppo_tv, dppo_kl), every KL estimator, the entropy bonus, IS weights, dual clip, every aggregation and temperature 0.7.
 
 float32 tolerance: 1e-5 of the aggregate of the terms' absolute values (the terms cancel, and fp32
 rounding is relative to their size, not to the sum's), and 1e-5 of the largest gradient entry or
