@@ -500,7 +500,8 @@ def flat_labels(inp):
 # the objectives, as functions of the per-token log-probs and entropies (float64, flat [N])
 
 
-# the methods tests/policy_oracle.py has no entry for: (family, clip_low, clip_high, dual clip, agg)
+# the fuzz oracle's own defaults of the methods outside policy_oracle.py's shared families (DPPO has a
+# formula there now, but its fuzz branch below keeps its own): (family, clip_low, clip_high, dual clip, agg)
 # from docs/methods.md 2.11 (GSPO) and 2.19 (BAPO: PPO with the searched absolute bounds)
 OTHER_DEFAULTS = {"bapo": ("clip", 0.2, None, None, "token-mean"),
                   "gspo": ("seq", 3e-4, 4e-4, None, "seq-mean-token-mean"),
