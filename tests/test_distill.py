@@ -9,6 +9,7 @@ log-prob carried through p_s and p_t, plus the final rounding to the logits' dty
 """
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -107,17 +108,19 @@ def run_case(backend, dtype, divergence, beta, student, teacher, labels=None, ma
     return out
 
 
+# logits near +1000 only in fp32: 16 bits cannot hold them to a useful precision
+DTYPE_PATTERNS = [(dt, p) for dt in (torch.float32, torch.bfloat16, torch.float16)
+                  for p in ("normal", "peaked", "shifted_up") if p != "shifted_up" or dt == torch.float32]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype,pattern", DTYPE_PATTERNS)
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES)
-@pytest.mark.parametrize("pattern", ["normal", "peaked", "shifted_up"])
 def test_matches_float64(backend, dtype, divergence, beta, pattern):
-    g = torch.Generator().manual_seed(hash((divergence, beta, pattern)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(repr((divergence, beta, pattern)).encode()))
     V = 1031  # prime: no tile divides it
     student = make_logits(6, V, torch.float64, pattern, g).view(2, 3, V)
     teacher = student + make_logits(6, V, torch.float64, "normal", g).view(2, 3, V)
-    if pattern == "shifted_up" and dtype != torch.float32:
-        pytest.skip("logits near 1000 are not representable to a useful precision in 16 bits")
     labels = torch.randint(0, V, (2, 3), generator=g)
     labels[1, 0] = -100  # an ignored position, mask=None
     run_case(backend, dtype, divergence, beta, student, teacher, labels, temperature=0.7)
