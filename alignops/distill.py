@@ -47,6 +47,7 @@ from torch import Tensor
 from alignops import _backend
 from alignops._validate import check_choice, check_float
 from alignops.layout import check_mask, compute_dtype
+from alignops.logits import passes
 from alignops.logits.kernels import as_rows
 from alignops.logits.sources import LinearHead, check_head, check_temperature, check_tokens, chunk_rows
 
@@ -214,38 +215,22 @@ def distill_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optiona
     return DistillOutput(loss, losses.detach().view(shape), _metrics(losses.detach(), valid))
 
 
-class _FusedLinearDistill(torch.autograd.Function):
-    """The fused form: each chunk's two logits tiles are computed, used and dropped in forward, and
-    the student's gradients taken then (the loss is terminal), so backward only scales them."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, valid, w, temperature, code, beta, backend, s_hidden, s_weight, s_bias):
-        want = [x is not None and x.requires_grad for x in student.inputs]
-        student.start_grads(want)
-        losses = torch.empty(valid.numel(), dtype=torch.float64 if student.dtype == torch.float64 else torch.float32,
-                             device=valid.device)
-        for (s, e, ts, deriv), (_, _, tt, _) in zip(student.tiles(), teacher.tiles()):
-            v = valid[s:e]
-            loss_rows, stats = rows_forward(ts, tt.to(ts.dtype), v, temperature, code, beta, backend)
-            losses[s:e] = loss_rows
-            if any(want):
-                g = rows_backward(ts, tt.to(ts.dtype), v, stats, w[s:e].to(stats.dtype), temperature, code, beta,
-                                  backend, ts)
-                student.take_grad(s, e, g, deriv)
-        grads = student.grads() if any(want) else (None, None, None)
-        ctx.save_for_backward(*[g for g in grads if g is not None])
-        ctx.which = [g is not None for g in grads]
-        loss = (losses * w.to(losses.dtype)).sum()
-        return loss, losses
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_losses):
-        saved = iter(ctx.saved_tensors)
-        grads = []
-        for has in ctx.which:
-            g = next(saved) if has else None
-            grads.append(None if g is None else g.mul_(grad_loss.to(g.dtype)))
-        return (None,) * 8 + tuple(grads)
+def _fused_rows(student: LinearHead, teacher: LinearHead, valid: Tensor, w: Tensor, temperature: float, code: int,
+                beta: float, backend: str) -> tuple[Tensor, tuple]:
+    """(per-token losses, the student's input gradients for the loss sum(w * losses)): each chunk's two
+    logits tiles are computed, used and dropped; the loss is terminal, so its gradients are taken now
+    (the student's tile becomes its own gradient) and backward only scales them."""
+    want = [x is not None and x.requires_grad for x in student.inputs]
+    student.start_grads(want)
+    losses = torch.empty(valid.numel(), dtype=torch.float64 if student.dtype == torch.float64 else torch.float32,
+                         device=valid.device)
+    for (s, e, ts, deriv), (_, _, tt, _) in zip(student.tiles(), teacher.tiles()):
+        tt = tt.to(ts.dtype)
+        losses[s:e], stats = rows_forward(ts, tt, valid[s:e], temperature, code, beta, backend)
+        if any(want):
+            g = rows_backward(ts, tt, valid[s:e], stats, w[s:e].to(stats.dtype), temperature, code, beta, backend, ts)
+            student.take_grad(s, e, g, deriv)
+    return losses, student.grads() if any(want) else (None,) * len(student.inputs)
 
 
 def fused_linear_distill_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
@@ -298,8 +283,9 @@ def fused_linear_distill_loss(student_hidden: Tensor, student_weight: Tensor, te
         raise type(e)(re.sub(r"(?<![\w.])(softcap|logit_scale)(?!\w)", r"teacher_\1", str(e))) from None
     if torch.compiler.is_compiling():
         raise RuntimeError("fused_linear_distill_loss is eager-only")
-    loss, losses = _FusedLinearDistill.apply(student, teacher, valid, w, temperature, code, beta, backend,
-                                             *student.inputs)
+    with torch.no_grad():
+        losses, grads = _fused_rows(student, teacher, valid, w, temperature, code, beta, backend)
+    loss = passes.precomputed((losses * w.to(losses.dtype)).sum(), student, grads)
     return DistillOutput(loss, losses.detach().view(shape), _metrics(losses.detach(), valid))
 
 

@@ -7,9 +7,9 @@ import math
 import torch
 from torch import Tensor
 
+from alignops.distill import FORWARD_KL, REVERSE_KL
 from alignops.layout import compute_dtype
 
-FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
 # Rows per step: bounds the fp32 temporaries (a few [rows, V]) of this eager backend.
 _STEP_BYTES = 64 << 20
 
