@@ -13,6 +13,9 @@ TRITON_OLDEST := 3.6.0
 # Liger-Kernel, whose chunked losses the preference and distillation tests and benchmarks are held
 # to: its own files only (it needs nothing beyond torch and triton for them).
 LIGER_VERSION := 0.8.5
+# DeepSpeed, for the ZeRO-2/3 runs of TRL at 2 processes (`make test-all`): its CPU accelerator and the
+# Python packages it imports, without its other requirements (which would re-resolve torch).
+DEEPSPEED_SPEC := deepspeed==0.19.8 hjson==3.1.0 py-cpuinfo==9.0.0 einops==0.8.2
 NVCC   ?= $(shell command -v nvcc)
 CUDA_ARCHS ?= 80 90
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
@@ -52,6 +55,10 @@ $(VENV)/.integrations: $(VENV)/.deps
 	touch $@
 
 integrations: $(VENV)/.integrations
+
+$(VENV)/.deepspeed: $(VENV)/.integrations
+	$(PIP) install -q --no-build-isolation --no-deps $(DEEPSPEED_SPEC)
+	touch $@
 
 # Editable install builds alignops._C with the torch already in the venv. The objects live in
 # build/objects-*, shared with `make wheel`, which then only links and packs.
@@ -149,8 +156,8 @@ fuzz: build
 	ALIGNOPS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(TEST_ENV) $(PY) -m pytest tests/test_fuzz.py -n 0 -p no:cacheprovider \
 	  --hypothesis-show-statistics
 
-# make test plus the tests marked slow (large shapes)
-test-all: test
+# make test plus the tests marked slow (large shapes; TRL under DeepSpeed ZeRO-2/3 at 2 processes)
+test-all: test $(VENV)/.deepspeed
 	$(TEST_ENV) $(PY) -m pytest tests -n $(PYTEST_JOBS) -m slow
 
 test-fast: build

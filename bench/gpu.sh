@@ -24,6 +24,10 @@
 #                import -> bench.log, tables
 #   ddp          2 ranks of the reference trainer under torchrun (nccl), only with 2+ GPUs (dry run:
 #                gloo on CPU) -> tests-rest.log
+#   ddp:trl      TRL's GRPOTrainer at 2 ranks (nccl, one GPU each): stock, use_alignops() and
+#                AlignopsGRPOTrainer equal step by step (tests/test_integration_trl_distributed.py with
+#                ALIGNOPS_TRL_DIST_DEVICE=cuda), only with 2+ GPUs (dry run: collected, not run; make
+#                test runs it on CPU with gloo) -> tests-rest.log
 #   rest:*       every other test file, by group (integrations, then the rest): trainer and
 #                integration tests may fail on the machine's transformers; that is recorded as a
 #                failure of a rest:* step, after the op tests and benchmarks are done -> tests-rest.log
@@ -280,6 +284,14 @@ if [ "$DRY" = 1 ] || [ "$GPUS" -ge 2 ]; then
     "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 -m alignops.train "${DDP_ARGS[@]}"
 else
   record ddp skip 0 "one GPU here ($GPUS): the 2-rank nccl run needs two"
+fi
+TRL_DDP=(tests/test_integration_trl_distributed.py -k test_trl_ddp_two_ranks "${PYTEST_COMMON[@]}")
+if [ "$GPUS" -ge 2 ] && [ "$DRY" != 1 ]; then
+  ALIGNOPS_TRL_DIST_DEVICE=cuda run_step ddp:trl "$CAP_DDP" "$OUT/tests-rest.log" "$PY" -m pytest "${TRL_DDP[@]}"
+elif [ "$DRY" = 1 ]; then
+  ALIGNOPS_TRL_DIST_DEVICE=cuda run_step ddp:trl "$CAP_DDP" "$OUT/tests-rest.log" "$PY" -m pytest "${TRL_DDP[@]}" --co
+else
+  record ddp:trl skip 0 "one GPU here ($GPUS): TRL's 2-rank nccl run needs two"
 fi
 
 # ---------------------------------------------------------------------------------------- rest

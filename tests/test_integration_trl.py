@@ -696,28 +696,6 @@ def test_chunked_function_under_autocast():
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
-def test_zero3_refused_only_where_a_backward_follows(monkeypatch):
-    monkeypatch.setattr(ao_trl, "_zero3_enabled", lambda: True)
-    hidden, weight, b, targets = _head_inputs(6, 8, 20, bias=False, seed=7)
-    fn = ao_trl.AlignopsChunkedLogProb()
-    with torch.no_grad():    # the old and reference log-probs
-        fn.apply(hidden, weight, None, targets, 1.0, 32, None, 1.0, ("log_probs",))
-    with pytest.raises(NotImplementedError, match="ZeRO-3"):
-        fn.apply(hidden.requires_grad_(), weight, None, targets, 1.0, 32, None, 1.0, ("log_probs",))
-
-
-def test_alignops_trainer_refuses_zero3(monkeypatch, tmp_path):
-    """Its backward fails under ZeRO-3 at 2 processes (docs/integrations/trl.md): refused when built, by name."""
-    monkeypatch.setattr(ao_trl, "_zero3_enabled", lambda: True)
-    args = ao_trl.AlignopsGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", loss_type="dapo")
-    for name in ("alignops_method", "alignops_method_kwargs"):
-        if not hasattr(args, name):
-            setattr(args, name, None)
-    assert "ZeRO-3" in ao_trl._unsupported(args, "dapo")
-    monkeypatch.setattr(ao_trl, "_zero3_enabled", lambda: False)
-    assert ao_trl._unsupported(args, "dapo") is None
-
-
 def test_use_alignops_gives_stock_sft_run(tiny_model, tmp_path):
     """SFTTrainer asks the head for is_top1 (its mean_token_accuracy) besides log-probs and entropy."""
     import datasets

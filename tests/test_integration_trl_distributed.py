@@ -1,5 +1,9 @@
-"""TRL 1.16's GRPOTrainer at 2 processes (CPU, gloo) under DDP and under FSDP2: stock, `use_alignops()` and
-`AlignopsGRPOTrainer` take the same steps (loss, grad norm, every parameter, the lm_head gradient).
+"""TRL 1.16's GRPOTrainer at 2 processes (CPU, gloo) under DDP, FSDP2 and DeepSpeed ZeRO-2/3: stock,
+`use_alignops()` and `AlignopsGRPOTrainer` take the same steps (loss, grad norm, every parameter, the lm_head
+gradient). The ZeRO tests are marked slow (`make test-all` installs deepspeed and runs them).
+
+ALIGNOPS_TRL_DIST_DEVICE=cuda runs the DDP test on 2 GPUs with nccl instead (bench/gpu.sh's ddp:trl step; skipped
+with fewer than 2 GPUs); the others always run on CPU.
 
 Each test launches tests/trl_distributed_driver.py with `python -m torch.distributed.run --standalone
 --nproc_per_node 2` (OMP_NUM_THREADS=1); the driver runs the three variants in each rank from one saved
@@ -36,6 +40,10 @@ VOCAB, HIDDEN = 42, 32
 # dapo (its normaliser divides by the process count), 2 iterations per generation (old log-probs scored
 # without gradient, a clipped ratio), 3 steps
 CASE = {"loss_type": "dapo", "num_iterations": 2, "learning_rate": 2.0}
+# ZeRO-3 besides: 2 micro-batches per step (the loss's backward once per micro-batch, through the model's
+# output) and a reference model (beta: the k3 KL, ZeRO-3 partitioning the reference model too)
+ZERO3_CASE = {**CASE, "gradient_accumulation_steps": 2, "beta": 0.04}
+DDP_DEVICE = os.environ.get("ALIGNOPS_TRL_DIST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +53,7 @@ def tiny_model(tmp_path_factory):
     return str(path)
 
 
-def _launch(tiny_model, out: Path, parallel: str):
+def _launch(tiny_model, out: Path, parallel: str, case: dict = CASE, device: str = "cpu"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)}
@@ -54,7 +62,7 @@ def _launch(tiny_model, out: Path, parallel: str):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "trl_distributed_driver.py"), "--model", tiny_model, "--out", str(out),
-           "--parallel", parallel, "--case", json.dumps(CASE)]
+           "--parallel", parallel, "--case", json.dumps(case), "--device", device]
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(ROOT), env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
@@ -64,8 +72,8 @@ def _launch(tiny_model, out: Path, parallel: str):
     return result, tensors
 
 
-def _assert_two_ranks(result, distributed_type):
-    assert result["world_size"] == 2 and result["backend"] == "gloo"
+def _assert_two_ranks(result, distributed_type, prompts_per_call=4, backend="gloo"):
+    assert result["world_size"] == 2 and result["backend"] == backend
     ranks = result["ranks"]
     assert len(ranks) == 2
     for variant in driver.VARIANTS:
@@ -76,7 +84,7 @@ def _assert_two_ranks(result, distributed_type):
         seen = [r["seen_prompts"] for r in rows]
         assert len(seen[0]) == len(seen[1]) >= 2
         for a, b in zip(*seen):
-            assert len(a) == len(b) == 4 and set(a).isdisjoint(b), (a, b)
+            assert len(a) == len(b) == prompts_per_call and set(a).isdisjoint(b), (a, b)
         # the same shards in every variant (the comparison is of the same data)
         for r in range(2):
             assert ranks[r][variant]["seen_prompts"] == ranks[r]["stock"]["seen_prompts"]
@@ -93,7 +101,7 @@ def _assert_same_steps(result, tensors):
             got_logs = result["ranks"][rank][variant]["logs"]
             assert len(got_logs) == 3
             for step, (g, w) in enumerate(zip(got_logs, result["ranks"][rank]["stock"]["logs"])):
-                for key in ("loss", "grad_norm", "entropy"):
+                for key in ("loss", "grad_norm", "entropy") + (("kl",) if "kl" in w else ()):
                     assert g[key] == pytest.approx(w[key], rel=RTOL, abs=ATOL), (variant, rank, step, key)
             # what each rank holds of the head's gradient (its shard, or the whole reduced gradient)
             for step, (g, w) in enumerate(zip(result["ranks"][rank][variant]["head_layout"],
@@ -129,8 +137,15 @@ def _assert_same_steps(result, tensors):
 
 
 def test_trl_ddp_two_ranks_alignops_equals_stock(tiny_model, tmp_path):
-    result, tensors = _launch(tiny_model, tmp_path, "ddp")
-    _assert_two_ranks(result, "MULTI_CPU")
+    if DDP_DEVICE not in ("cpu", "cuda"):
+        raise ValueError(f"ALIGNOPS_TRL_DIST_DEVICE must be cpu or cuda, got {DDP_DEVICE!r}")
+    if DDP_DEVICE == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip(f"ALIGNOPS_TRL_DIST_DEVICE=cuda needs 2 GPUs, {torch.cuda.device_count()} here")
+    result, tensors = _launch(tiny_model, tmp_path, "ddp", device=DDP_DEVICE)
+    if DDP_DEVICE == "cuda":
+        _assert_two_ranks(result, "MULTI_GPU", backend="nccl")
+    else:
+        _assert_two_ranks(result, "MULTI_CPU")
     for rank in range(2):
         for variant in driver.VARIANTS:
             r = result["ranks"][rank][variant]
@@ -164,9 +179,11 @@ def test_trl_fsdp2_two_ranks_alignops_equals_stock(tiny_model, tmp_path):
     _assert_same_steps(result, tensors)
 
 
+@pytest.mark.slow
 def test_trl_deepspeed_zero2_two_ranks_alignops_equals_stock(tiny_model, tmp_path):
     """DeepSpeed ZeRO-2 on its CPU accelerator (gloo), when deepspeed is installed (it is not a dependency:
-    docs/integrations/trl.md). Gradients and optimizer state are partitioned; the parameters stay whole."""
+    `make test-all` installs it; docs/integrations/trl.md). Gradients and optimizer state are partitioned; the
+    parameters stay whole."""
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (docs/integrations/trl.md, ZeRO on CPU)")
     result, tensors = _launch(tiny_model, tmp_path, "zero2")
     _assert_two_ranks(result, "DEEPSPEED")
@@ -174,4 +191,25 @@ def test_trl_deepspeed_zero2_two_ranks_alignops_equals_stock(tiny_model, tmp_pat
         for variant in driver.VARIANTS:
             for layout in result["ranks"][rank][variant]["head_layout"]:
                 assert layout["weight"]["local_shape"] == [VOCAB, HIDDEN] and layout["grad"] is None, layout
+                assert "partition_numel" not in layout["weight"], layout
+    _assert_same_steps(result, tensors)
+
+
+@pytest.mark.slow
+def test_trl_deepspeed_zero3_two_ranks_alignops_equals_stock(tiny_model, tmp_path):
+    """DeepSpeed ZeRO-3: every parameter, the lm_head's included, is partitioned over the 2 ranks and gathered
+    around its use. TRL gathers the head for its fused function; AlignopsGRPOTrainer's loss (its gradients taken
+    in that gathered forward) reaches the head through the model's output, whose backward hook gathers the head
+    again before the gradient is accumulated (alignops/integrations/trl.py, _LossRequest._through_output)."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (docs/integrations/trl.md, ZeRO on CPU)")
+    result, tensors = _launch(tiny_model, tmp_path, "zero3", ZERO3_CASE)
+    _assert_two_ranks(result, "DEEPSPEED", prompts_per_call=4 * ZERO3_CASE["gradient_accumulation_steps"])
+    for rank in range(2):
+        for variant in driver.VARIANTS:
+            for layout in result["ranks"][rank][variant]["head_layout"]:
+                # this rank's partition: half of the head's 42 x 32 elements
+                assert layout["weight"]["partition_numel"] == VOCAB * HIDDEN // 2 and layout["grad"] is None, layout
+    for rank in range(2):
+        logs = result["ranks"][rank]["stock"]["logs"]
+        assert all(w["kl"] > 0 for w in logs[1:]), logs      # the reference model took part
     _assert_same_steps(result, tensors)

@@ -50,11 +50,6 @@ def _check_outputs(outputs) -> tuple[str, ...]:
     return tuple(outputs)
 
 
-def _zero3_enabled() -> bool:
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled  # noqa: PLC0415
-    return bool(is_deepspeed_zero3_enabled())
-
-
 def _head_dtype(hidden: Tensor) -> torch.dtype:
     """The dtype TRL projects in: the autocast dtype when autocast is on, else the hidden states' own."""
     kind = hidden.device.type
@@ -125,12 +120,6 @@ class AlignopsChunkedLogProb:
             raise ValueError(f"hidden must be a [N, H] tensor, got {getattr(hidden, 'shape', type(hidden).__name__)}")
         needs_grad = torch.is_grad_enabled() and any(
             isinstance(p, Tensor) and p.requires_grad for p in (hidden, weight, bias))
-        if request is None and needs_grad and _zero3_enabled():
-            # TRL's backward gathers the ZeRO-3 partitioned head again; alignops's autograd keeps the weight it was
-            # given, which ZeRO-3 empties after forward.
-            raise NotImplementedError("use_alignops does not support DeepSpeed ZeRO-3 (the lm_head weight is "
-                                      "re-partitioned before backward); use ZeRO-1/2 or FSDP2 "
-                                      "(docs/integrations/trl.md)")
         softcap = check_float("final_logit_softcapping", final_logit_softcapping, lo=0.0, allow_none=True)
         logit_scale = check_float("logit_scale", logit_scale)
         scale = None if logit_scale == 1.0 else logit_scale
@@ -348,7 +337,7 @@ class _LossRequest:
                     chunk_size=fn.chunk_rows)
         if self.weighted_kl is not None:
             logp = self._weighted_kl_loss(h, w, targets, old, adv, mask, cu, head, kwargs)
-            return logp, torch.zeros_like(logp), None, None, None
+            return self._through_output(logp), torch.zeros_like(logp), None, None, None
         self.output = ao.fused_linear_policy_loss(h, w, targets, old, adv, mask, compute_entropy=True,
                                                   grad_in_forward=True, cu_seqlens=cu, **head, **kwargs)
         if self.want_logp:
@@ -359,7 +348,29 @@ class _LossRequest:
                                                       chunk_size=fn.chunk_rows)
         else:
             logp = torch.zeros(n, dtype=torch.float32, device=h.device)
-        return logp, torch.zeros_like(logp), None, None, None
+        return self._through_output(logp), torch.zeros_like(logp), None, None, None
+
+    def _through_output(self, logp: Tensor) -> Tensor:
+        """The log-probs the model's forward returns, carrying the loss's gradient edge. A loss that is not
+        one of the forward's outputs gets its backward before the engine's hooks on those outputs have run:
+        ZeRO-3 has re-partitioned the lm_head by then (the gradient, taken in forward, no longer fits the
+        weight), where the outputs' hooks gather it again for their backward."""
+        loss = self.output.loss
+        return _CarryLoss.apply(logp, loss) if loss.requires_grad else logp
+
+    def loss_from_output(self, logps: Tensor) -> Tensor:
+        """The policy loss, its backward routed through `logps`, the [B, C] log-probs the model returned."""
+        loss = self.output.loss
+        if not loss.requires_grad:
+            return loss
+        if logps.shape != self.mask.shape or not logps.requires_grad:
+            raise RuntimeError(f"the model returned log-probs of shape {tuple(logps.shape)} (requires_grad="
+                               f"{logps.requires_grad}) for a completion mask of {tuple(self.mask.shape)}")
+        kept = self.mask.reshape(-1).nonzero()
+        # a scored token's position (where the forward's masking keeps the gradient); with none, the loss is
+        # constant in the parameters and any position will do
+        at = int(kept[0]) if kept.numel() else 0
+        return _LossFromOutput.apply(loss, logps, at)
 
     def _weighted_kl_loss(self, h, w, targets, old, adv, mask, cu, head, kwargs):
         """TRL's use_bias_correction_kl: beta * Agg(r * k3) with the differentiable ratio r, a term alignops's KL
@@ -393,6 +404,35 @@ class _LossRequest:
         return logp.detach()
 
 
+class _CarryLoss(torch.autograd.Function):
+    """logp unchanged; backward hands the loss the sum of the gradient that reached logp."""
+
+    @staticmethod
+    def forward(ctx, logp, loss):
+        ctx.loss_dtype = loss.dtype
+        return logp.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad.sum().to(ctx.loss_dtype)
+
+
+class _LossFromOutput(torch.autograd.Function):
+    """The loss's value; backward puts its gradient on one scored element of the returned log-probs, which
+    _CarryLoss hands back to the loss (a unit gradient passes TRL's slicing and masking unchanged)."""
+
+    @staticmethod
+    def forward(ctx, loss, logps, at):
+        ctx.shape, ctx.at = logps.shape, at
+        return loss.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        d = grad.new_zeros(ctx.shape)
+        d.view(-1)[ctx.at] = grad
+        return None, d, None
+
+
 class _TakenGradients(torch.autograd.Function):
     """A loss whose gradients were already taken: backward scales them by the incoming gradient."""
 
@@ -420,10 +460,6 @@ def _unsupported_correction(alignops_method, loss_type: str) -> str | None:
 
 def _unsupported(args, loss_type: str) -> str | None:
     """Why AlignopsGRPOTrainer cannot reproduce this GRPOConfig, or None."""
-    if _zero3_enabled():
-        # its lm_head gradients are taken inside the gathered forward, but autograd adds them to the weight
-        # after ZeRO-3 has re-partitioned it (a size-0 tensor): a shape error in backward (2 ranks, deepspeed 0.19.8)
-        return "DeepSpeed ZeRO-3 (the lm_head weight is re-partitioned before backward); use ZeRO-1/2 or FSDP2"
     if args.alignops_method is None and loss_type not in TRL_LOSSES:
         return (f"loss_type={loss_type!r} has no alignops method (alignops has {sorted(TRL_LOSSES)} of TRL's); use "
                 "GRPOTrainer for it, or choose a per-token loss with alignops_method=")
@@ -611,7 +647,7 @@ class AlignopsGRPOTrainer(GRPOTrainer):
         if request.output is None:
             raise RuntimeError("the model's forward never reached TRL's fused lm_head (add_fused_lm_head); "
                                "AlignopsGRPOTrainer needs the model GRPOTrainer prepared")
-        loss, metrics = request.output.loss, request.output.metrics
+        loss, metrics = request.loss_from_output(logps), request.output.metrics
 
         if self._entropy_bonus_enabled:
             entropy_term = self.entropy_coef * metrics["entropy"] / accumulation
