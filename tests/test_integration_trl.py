@@ -696,6 +696,44 @@ def test_chunked_function_under_autocast():
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("scored", ["some", "first_masked", "none"])
+def test_trainer_loss_routed_through_model_output(compact, scored):
+    """AlignopsGRPOTrainer's loss reaches backward through the log-probs the model returns (the route ZeRO-3
+    needs): the precomputed gradients arrive scaled by exactly the loss's incoming gradient, through TRL's two
+    ways of placing the rows (every position then masked, or only the labelled ones scattered), a masked first
+    position, and a micro-batch with nothing scored (zero: the loss is then constant)."""
+    B, C, T = 2, 4, 6
+    mask = torch.tensor([[0, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.float32)
+    if scored == "first_masked":
+        mask[:, 0] = 0
+    elif scored == "none":
+        mask.zero_()
+    attention = torch.ones(B, T, dtype=torch.long)
+    input_ids = torch.arange(B * T).reshape(B, T) % 7 + 1
+    request = ao_trl._LossRequest(input_ids, attention, C, mask, torch.ones(B), None, {}, want_logp=False)
+    weight = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    taken = torch.randn(3, 5, dtype=torch.float64)          # the gradient the loss took in forward
+    loss = ao_trl._TakenGradients.apply(torch.tensor(0.75, dtype=torch.float64), torch.zeros(1), weight, None,
+                                        None, taken, None)
+    request.output = type("Out", (), {"loss": loss})()
+    label_mask = torch.zeros(B, T - 1, dtype=torch.bool)
+    label_mask[:, -C:] = mask != 0
+    n = int(label_mask.sum()) if compact else B * (T - 1)
+    rows = request._through_output(torch.randn(n).double())
+    # TRL's _fused_forward and _get_per_token_logps_and_entropies on the rows
+    if compact:
+        grid = rows.new_zeros(B, T - 1).masked_scatter(label_mask, rows)
+    else:
+        grid = rows.view(B, T - 1).masked_fill(~label_mask, 0)
+    logps = grid[:, -C:]
+    total = request.loss_from_output(logps)
+    assert total.item() == 0.75
+    (2.5 * total).backward()
+    want = torch.zeros_like(taken) if scored == "none" else 2.5 * taken
+    torch.testing.assert_close(weight.grad, want, rtol=0, atol=0)
+
+
 def test_use_alignops_gives_stock_sft_run(tiny_model, tmp_path):
     """SFTTrainer asks the head for is_top1 (its mean_token_accuracy) besides log-probs and entropy."""
     import datasets

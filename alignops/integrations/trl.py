@@ -118,8 +118,6 @@ class AlignopsChunkedLogProb:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         if not isinstance(hidden, Tensor) or hidden.dim() != 2:
             raise ValueError(f"hidden must be a [N, H] tensor, got {getattr(hidden, 'shape', type(hidden).__name__)}")
-        needs_grad = torch.is_grad_enabled() and any(
-            isinstance(p, Tensor) and p.requires_grad for p in (hidden, weight, bias))
         softcap = check_float("final_logit_softcapping", final_logit_softcapping, lo=0.0, allow_none=True)
         logit_scale = check_float("logit_scale", logit_scale)
         scale = None if logit_scale == 1.0 else logit_scale
@@ -366,10 +364,9 @@ class _LossRequest:
         if logps.shape != self.mask.shape or not logps.requires_grad:
             raise RuntimeError(f"the model returned log-probs of shape {tuple(logps.shape)} (requires_grad="
                                f"{logps.requires_grad}) for a completion mask of {tuple(self.mask.shape)}")
-        kept = self.mask.reshape(-1).nonzero()
-        # a scored token's position (where the forward's masking keeps the gradient); with none, the loss is
-        # constant in the parameters and any position will do
-        at = int(kept[0]) if kept.numel() else 0
+        # the first scored token's position (where the forward's masking keeps the gradient), found without a host
+        # sync; with none, the loss is constant in the parameters and position 0 will do
+        at = (self.mask.reshape(-1) != 0).to(torch.uint8).argmax().reshape(1)
         return _LossFromOutput.apply(loss, logps, at)
 
     def _weighted_kl_loss(self, h, w, targets, old, adv, mask, cu, head, kwargs):
@@ -423,13 +420,15 @@ class _LossFromOutput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, loss, logps, at):
-        ctx.shape, ctx.at = logps.shape, at
+        ctx.shape, ctx.dtype = logps.shape, logps.dtype
+        ctx.save_for_backward(at)
         return loss.detach().clone()
 
     @staticmethod
     def backward(ctx, grad):
-        d = grad.new_zeros(ctx.shape)
-        d.view(-1)[ctx.at] = grad
+        (at,) = ctx.saved_tensors
+        d = grad.new_zeros(ctx.shape, dtype=ctx.dtype)
+        d.view(-1).index_copy_(0, at, grad.reshape(1).to(ctx.dtype))
         return None, d, None
 
 
