@@ -38,11 +38,11 @@ ROOT = Path(__file__).resolve().parent.parent
 RTOL, ATOL = 1e-5, 1e-6
 VOCAB, HIDDEN = 42, 32
 # dapo (its normaliser divides by the process count), 2 iterations per generation (old log-probs scored
-# without gradient, a clipped ratio), 3 steps
-CASE = {"loss_type": "dapo", "num_iterations": 2, "learning_rate": 2.0}
-# ZeRO-3 besides: 2 micro-batches per step (the loss's backward once per micro-batch, through the model's
-# output) and a reference model (beta: the k3 KL, ZeRO-3 partitioning the reference model too)
-ZERO3_CASE = {**CASE, "gradient_accumulation_steps": 2, "beta": 0.04}
+# without gradient, a clipped ratio), 2 micro-batches per step (the loss's backward once per micro-batch),
+# a reference model (beta: the k3 KL; the engine wraps or partitions it too), 3 steps
+CASE = {"loss_type": "dapo", "num_iterations": 2, "learning_rate": 2.0, "gradient_accumulation_steps": 2,
+        "beta": 0.04}
+PROMPTS_PER_CALL = 4 * CASE["gradient_accumulation_steps"]
 DDP_DEVICE = os.environ.get("ALIGNOPS_TRL_DIST_DEVICE", "cpu")
 
 
@@ -72,7 +72,7 @@ def _launch(tiny_model, out: Path, parallel: str, case: dict = CASE, device: str
     return result, tensors
 
 
-def _assert_two_ranks(result, distributed_type, prompts_per_call=4, backend="gloo"):
+def _assert_two_ranks(result, distributed_type, backend="gloo"):
     assert result["world_size"] == 2 and result["backend"] == backend
     ranks = result["ranks"]
     assert len(ranks) == 2
@@ -84,7 +84,7 @@ def _assert_two_ranks(result, distributed_type, prompts_per_call=4, backend="glo
         seen = [r["seen_prompts"] for r in rows]
         assert len(seen[0]) == len(seen[1]) >= 2
         for a, b in zip(*seen):
-            assert len(a) == len(b) == prompts_per_call and set(a).isdisjoint(b), (a, b)
+            assert len(a) == len(b) == PROMPTS_PER_CALL and set(a).isdisjoint(b), (a, b)
         # the same shards in every variant (the comparison is of the same data)
         for r in range(2):
             assert ranks[r][variant]["seen_prompts"] == ranks[r]["stock"]["seen_prompts"]
@@ -96,12 +96,14 @@ def _assert_same_steps(result, tensors):
     assert len(want_logs) == len(want["params"]) == 3
     assert any(w["grad_norm"] > 1e-3 for w in want_logs)
     assert any(w.get("clip_ratio/region_mean", 0) > 0 for w in want_logs), "the second iteration never clipped"
+    for rank in range(2):       # the reference model took part
+        assert all(w["kl"] > 0 for w in result["ranks"][rank]["stock"]["logs"][1:])
     for variant in driver.VARIANTS[1:]:
         for rank in range(2):
             got_logs = result["ranks"][rank][variant]["logs"]
             assert len(got_logs) == 3
             for step, (g, w) in enumerate(zip(got_logs, result["ranks"][rank]["stock"]["logs"])):
-                for key in ("loss", "grad_norm", "entropy") + (("kl",) if "kl" in w else ()):
+                for key in ("loss", "grad_norm", "entropy", "kl"):
                     assert g[key] == pytest.approx(w[key], rel=RTOL, abs=ATOL), (variant, rank, step, key)
             # what each rank holds of the head's gradient (its shard, or the whole reduced gradient)
             for step, (g, w) in enumerate(zip(result["ranks"][rank][variant]["head_layout"],
@@ -202,14 +204,11 @@ def test_trl_deepspeed_zero3_two_ranks_alignops_equals_stock(tiny_model, tmp_pat
     in that gathered forward) reaches the head through the model's output, whose backward hook gathers the head
     again before the gradient is accumulated (alignops/integrations/trl.py, _LossRequest._through_output)."""
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (docs/integrations/trl.md, ZeRO on CPU)")
-    result, tensors = _launch(tiny_model, tmp_path, "zero3", ZERO3_CASE)
-    _assert_two_ranks(result, "DEEPSPEED", prompts_per_call=4 * ZERO3_CASE["gradient_accumulation_steps"])
+    result, tensors = _launch(tiny_model, tmp_path, "zero3")
+    _assert_two_ranks(result, "DEEPSPEED")
     for rank in range(2):
         for variant in driver.VARIANTS:
             for layout in result["ranks"][rank][variant]["head_layout"]:
                 # this rank's partition: half of the head's 42 x 32 elements
                 assert layout["weight"]["partition_numel"] == VOCAB * HIDDEN // 2 and layout["grad"] is None, layout
-    for rank in range(2):
-        logs = result["ranks"][rank]["stock"]["logs"]
-        assert all(w["kl"] > 0 for w in logs[1:]), logs      # the reference model took part
     _assert_same_steps(result, tensors)
