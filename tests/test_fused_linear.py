@@ -409,6 +409,9 @@ def test_bad_input_names_the_argument():
     h, W, b, y = case()
     with pytest.raises(ValueError, match="weight must be"):
         ao.fused_linear_token_logprobs(h, W.T, y)
+    # what a DeepSpeed ZeRO-3 parameter looks like outside its module's forward
+    with pytest.raises(ValueError, match=r"weight must be .* got shape \(0,\) \(an empty weight: a DeepSpeed ZeRO-3"):
+        ao.fused_linear_token_logprobs(h, W.new_empty(0), y)
     with pytest.raises(TypeError, match="weight dtype"):
         ao.fused_linear_token_logprobs(h, W.double(), y)
     with pytest.raises(ValueError, match="labels shape"):

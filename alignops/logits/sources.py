@@ -168,8 +168,12 @@ def check_head(hidden, weight, labels, bias) -> None:
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        # DeepSpeed ZeRO-3 leaves a parameter outside its module's forward as an empty tensor
+        partitioned = (" (an empty weight: a DeepSpeed ZeRO-3 parameter outside its module's forward? Gather it "
+                       "with deepspeed.zero.GatheredParameters, or make the call inside the model's forward)"
+                       if weight.numel() == 0 else "")
         raise ValueError(f"weight must be [V, H] with H = {hidden.shape[-1]} (the nn.Linear layout of lm_head), "
-                         f"got shape {tuple(weight.shape)}")
+                         f"got shape {tuple(weight.shape)}{partitioned}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
     if weight.device != hidden.device:
