@@ -431,6 +431,25 @@ def test_bad_input_names_the_argument():
         ao.fused_linear_policy_loss(h2, W2, y2, old, adv, mask, method="nope")
 
 
+def test_dtensor_head_is_refused_by_name(tmp_path):
+    """An FSDP2 shard handed over as the weight (or the hidden states) is named, not left to aten's mixed-tensor
+    error deep inside the GEMM."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        h, W, b, y = case()
+        with pytest.raises(TypeError, match="weight is a DTensor"):
+            ao.fused_linear_token_logprobs(h, distribute_tensor(W, mesh, [Shard(0)]), y)
+        with pytest.raises(TypeError, match="hidden is a DTensor"):
+            ao.fused_linear_token_logprobs(distribute_tensor(h, mesh, [Shard(0)]), W, y)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_empty_and_all_masked_batches_are_finite():
     h, W, b, y = case(N=4)
     ph = h[:0].clone().requires_grad_()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 
 import torch
 from torch import Tensor
@@ -163,10 +164,21 @@ class GivenLogits:
 # hidden states x lm_head weight
 
 
+def _is_dtensor(x) -> bool:
+    # a DTensor exists only once torch.distributed.tensor is imported: no import here
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
+
+
 def check_head(hidden, weight, labels, bias) -> None:
     check_tokens(hidden, "hidden", "[N, H] or [B, T, H]")
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if _is_dtensor(x):
+            raise TypeError(f"{name} is a DTensor (an FSDP2 shard?): pass the whole tensor (x.full_tensor(), or "
+                            "the weight inside the head's unsharded forward); a vocabulary split over ranks goes "
+                            "through vocab_process_group=")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         # DeepSpeed ZeRO-3 leaves a parameter outside its module's forward as an empty tensor
         partitioned = (" (an empty weight: a DeepSpeed ZeRO-3 parameter outside its module's forward? Gather it "
