@@ -1,6 +1,7 @@
 """TRL 1.16's GRPOTrainer at 2 processes (CPU, gloo) under DDP, FSDP2 and DeepSpeed ZeRO-2/3: stock,
 `use_alignops()` and `AlignopsGRPOTrainer` take the same steps (loss, grad norm, every parameter, the lm_head
-gradient). The ZeRO tests are marked slow (`make test-all` installs deepspeed and runs them).
+gradient). SFTTrainer under `use_alignops()` too (FSDP2, ZeRO-3). The ZeRO tests are marked slow (`make test-all`
+installs deepspeed and runs them).
 
 ALIGNOPS_TRL_DIST_DEVICE=cuda runs the DDP test on 2 GPUs with nccl instead (bench/gpu.sh's ddp:trl step; skipped
 with fewer than 2 GPUs); the others always run on CPU.
@@ -53,7 +54,7 @@ def tiny_model(tmp_path_factory):
     return str(path)
 
 
-def _launch(tiny_model, out: Path, parallel: str, case: dict = CASE, device: str = "cpu"):
+def _launch(tiny_model, out: Path, parallel: str, case: dict = CASE, device: str = "cpu", trainer: str = "grpo"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)}
@@ -62,7 +63,7 @@ def _launch(tiny_model, out: Path, parallel: str, case: dict = CASE, device: str
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "trl_distributed_driver.py"), "--model", tiny_model, "--out", str(out),
-           "--parallel", parallel, "--case", json.dumps(case), "--device", device]
+           "--parallel", parallel, "--case", json.dumps(case), "--device", device, "--trainer", trainer]
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(ROOT), env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
@@ -212,3 +213,39 @@ def test_trl_deepspeed_zero3_two_ranks_alignops_equals_stock(tiny_model, tmp_pat
                 # this rank's partition: half of the head's 42 x 32 elements
                 assert layout["weight"]["partition_numel"] == VOCAB * HIDDEN // 2 and layout["grad"] is None, layout
     _assert_same_steps(result, tensors)
+
+
+@pytest.mark.parametrize("parallel", ["fsdp2", pytest.param("zero3", marks=pytest.mark.slow)])
+def test_trl_sft_two_ranks_use_alignops_equals_stock(tiny_model, tmp_path, parallel):
+    """SFTTrainer under use_alignops() at 2 processes: its fused head asks for is_top1 (mean_token_accuracy)
+    besides log-probs and entropy, with the head sharded (FSDP2) or partitioned (ZeRO-3)."""
+    if parallel == "zero3":
+        pytest.importorskip("deepspeed", reason="deepspeed is not installed (docs/integrations/trl.md, ZeRO on CPU)")
+    result, tensors = _launch(tiny_model, tmp_path, parallel, case={}, trainer="sft")
+    assert result["world_size"] == 2 and result["backend"] == "gloo"
+    want_type = "FSDP" if parallel == "fsdp2" else "DEEPSPEED"
+    for rank in range(2):
+        stock, ours = (result["ranks"][rank][v] for v in driver.SFT_VARIANTS)
+        assert stock["rank"] == ours["rank"] == rank and stock["distributed_type"] == want_type
+        assert len(stock["logs"]) == len(ours["logs"]) == 3
+        for step, (g, w) in enumerate(zip(ours["logs"], stock["logs"])):
+            for key in ("loss", "grad_norm", "entropy"):
+                assert g[key] == pytest.approx(w[key], rel=RTOL, abs=ATOL), (rank, step, key)
+            assert g["mean_token_accuracy"] == w["mean_token_accuracy"], (rank, step)
+        calls = [c for c in ours["calls"] if c["grad"]]
+        assert len(calls) == 3 and all(c["outputs"] == ["log_probs", "entropy", "is_top1"] for c in calls), calls
+        assert all(c["weight_type"] != "DTensor" and c["weight_shape"] == [VOCAB, HIDDEN] for c in calls), calls
+        for layout in ours["head_layout"]:
+            if parallel == "fsdp2":
+                assert layout["grad"]["type"] == "DTensor" and layout["grad"]["local_shape"] == [VOCAB // 2, HIDDEN]
+            else:
+                assert layout["weight"]["partition_numel"] == VOCAB * HIDDEN // 2 and layout["grad"] is None
+    want, got = tensors["stock"], tensors["use_alignops"]
+    for step in range(3):
+        for name, w in want["params"][step].items():
+            torch.testing.assert_close(got["params"][step][name], w, rtol=RTOL, atol=ATOL,
+                                       msg=lambda m, n=name, s=step: f"step {s} {n}: {m}")
+        if want["head_grads"][step] is not None:
+            torch.testing.assert_close(got["head_grads"][step], want["head_grads"][step], rtol=RTOL, atol=ATOL)
+    first, last = want["params"][0], want["params"][-1]
+    assert max((last[n] - first[n]).abs().max().item() for n in first) > 100 * ATOL, "the parameters barely moved"

@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node 2 \
         tests/trl_distributed_driver.py --model DIR --out DIR --parallel ddp|fsdp2|zero2|zero3 [--case JSON] [--variants ...]
 
-on CPU with gloo, or with `--device cuda --parallel ddp` on 2 GPUs with nccl (bench/gpu.sh's ddp:trl step).
+on CPU with gloo, or with `--device cuda --parallel ddp` on 2 GPUs with nccl (bench/gpu.sh's ddp:trl step);
+`--trainer sft` runs SFTTrainer instead, stock and under `use_alignops()`.
 
 Each rank runs three variants in turn from the same saved model and seed: stock `GRPOTrainer`,
 `GRPOTrainer` under `use_alignops()`, and `AlignopsGRPOTrainer`. After each step it records the logged
@@ -39,6 +40,7 @@ import torch  # noqa: E402
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +=?"
 PROMPTS = ["ab", "1+2=", "cat ", "zz9", "hello", "7*", "q?", "xyz "]
 VARIANTS = ("stock", "use_alignops", "alignops_trainer")
+SFT_VARIANTS = ("stock", "use_alignops")
 
 
 def build_tiny_model(path: str) -> None:
@@ -175,10 +177,71 @@ def _recording_function():
             self.calls.append({"weight_type": "DTensor" if isinstance(weight, DTensor) else type(weight).__name__,
                                "weight_shape": list(weight.shape), "rows": hidden.shape[0],
                                "grad": bool(torch.is_grad_enabled() and weight.requires_grad),
-                               "loss_request": self.request is not None})
+                               "loss_request": self.request is not None,
+                               "outputs": list(rest[2]) if len(rest) > 2 else None})
             return super().apply(hidden, weight, bias, targets, temperature, chunk_size, *rest)
 
     return Recording
+
+
+def _parallel_settings(parallel: str, device: str) -> dict:
+    """The TrainingArguments fields that set up the parallelism (shared by GRPOConfig and SFTConfig)."""
+    settings = {"use_cpu": device == "cpu"}
+    if parallel == "fsdp2":
+        settings.update(fsdp=True, fsdp_config={"version": 2, "reshard_after_forward": True,
+                                                "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]})
+    elif parallel in ("zero2", "zero3"):
+        # DeepSpeed through TRL's `deepspeed` option; its CPU accelerator (DS_ACCELERATOR=cpu) runs over gloo
+        settings.update(use_cpu=False, deepspeed={
+            "zero_optimization": {"stage": int(parallel[-1])}, "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": False}, "fp16": {"enabled": False}})
+    return settings
+
+
+def _run_record(trainer, record, fn) -> dict:
+    acc = trainer.accelerator
+    return {
+        "logs": record.logs,
+        "params": record.params,
+        "head_grads": record.head_grads,
+        "head_layout": record.head_layout,
+        "calls": None if fn is None else fn.calls,
+        "seen_prompts": [list(s) for s in SEEN],
+        "rank": acc.process_index,
+        "world_size": acc.num_processes,
+        "distributed_type": acc.distributed_type.value,
+        "fsdp2": bool(getattr(acc, "is_fsdp2", False)),
+        "model_class": type(trainer.model).__name__,
+    }
+
+
+def run_sft_variant(variant: str, model: str, out: str, parallel: str, case: dict, device: str = "cpu"):
+    """SFTTrainer, stock or under use_alignops(): its fused head asks for is_top1 (mean_token_accuracy) too."""
+    import datasets
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from alignops.integrations import trl as ao_trl
+
+    settings = dict(output_dir=os.path.join(out, "sft-" + variant), per_device_train_batch_size=4, max_steps=3,
+                    logging_steps=1, report_to="none", seed=0, learning_rate=0.5, optim="sgd",
+                    lr_scheduler_type="constant", save_strategy="no", bf16=False, max_length=16,
+                    **_parallel_settings(parallel, device))
+    settings.update(case)
+    record = _recorder()
+    data = datasets.Dataset.from_dict({"text": [p + " " + p[::-1] + " abc" for p in PROMPTS] * 4})
+    SEEN.clear()
+    trainer = SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=data,
+                         processing_class=AutoTokenizer.from_pretrained(model), callbacks=[record])
+    fn = None
+    if variant == "use_alignops":
+        fn = _recording_function()()
+        with ao_trl.AlignopsPatch(fn).install():
+            trainer.train()
+    else:
+        trainer.train()
+    return _run_record(trainer, record, fn)
 
 
 def run_variant(variant: str, model: str, out: str, parallel: str, case: dict, device: str = "cpu"):
@@ -190,20 +253,9 @@ def run_variant(variant: str, model: str, out: str, parallel: str, case: dict, d
 
     Recording = _recording_function()
     settings = dict(output_dir=os.path.join(out, variant), per_device_train_batch_size=4, num_generations=4,
-                    max_completion_length=8, max_steps=3, logging_steps=1, report_to="none", use_cpu=True, seed=0,
+                    max_completion_length=8, max_steps=3, logging_steps=1, report_to="none", seed=0,
                     learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", save_strategy="no",
-                    loss_type="dapo", beta=0.0, bf16=False)
-    if parallel == "fsdp2":
-        settings.update(fsdp=True, fsdp_config={"version": 2, "reshard_after_forward": True,
-                                                        "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]})
-    elif parallel in ("zero2", "zero3"):
-        # DeepSpeed through TRL's `deepspeed` option; its CPU accelerator (DS_ACCELERATOR=cpu) runs over gloo
-        settings.update(use_cpu=False, deepspeed={
-            "zero_optimization": {"stage": int(parallel[-1])}, "train_micro_batch_size_per_gpu": "auto",
-            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": False}, "fp16": {"enabled": False}})
-    if device == "cuda":
-        settings.update(use_cpu=False)
+                    loss_type="dapo", beta=0.0, bf16=False, **_parallel_settings(parallel, device))
     settings.update(case)
     record = _recorder()
     fn = None
@@ -229,20 +281,7 @@ def run_variant(variant: str, model: str, out: str, parallel: str, case: dict, d
             trainer.train()
     else:
         trainer.train()
-    acc = trainer.accelerator
-    return {
-        "logs": record.logs,
-        "params": record.params,
-        "head_grads": record.head_grads,
-        "head_layout": record.head_layout,
-        "calls": None if fn is None else fn.calls,
-        "seen_prompts": [list(s) for s in SEEN],
-        "rank": acc.process_index,
-        "world_size": acc.num_processes,
-        "distributed_type": acc.distributed_type.value,
-        "fsdp2": bool(getattr(acc, "is_fsdp2", False)),
-        "model_class": type(trainer.model).__name__,
-    }
+    return _run_record(trainer, record, fn)
 
 
 def main(argv=None):
@@ -253,7 +292,9 @@ def main(argv=None):
     parser.add_argument("--case", default="{}", help="GRPOConfig overrides, JSON")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: one GPU per rank, nccl (ddp only)")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--trainer", choices=("grpo", "sft"), default="grpo",
+                        help="sft: SFTTrainer, variants stock and use_alignops")
+    parser.add_argument("--variants", default=None, help="comma-separated (default: all of the trainer's)")
     a = parser.parse_args(argv)
     if a.device == "cuda" and a.parallel != "ddp":
         parser.error("--device cuda runs --parallel ddp only")
@@ -266,9 +307,10 @@ def main(argv=None):
 
     case = json.loads(a.case)
     results = {}
-    for variant in a.variants.split(","):
-        assert variant in VARIANTS, variant
-        results[variant] = run_variant(variant, a.model, a.out, a.parallel, case, a.device)
+    known, run = (SFT_VARIANTS, run_sft_variant) if a.trainer == "sft" else (VARIANTS, run_variant)
+    for variant in (a.variants or ",".join(known)).split(","):
+        assert variant in known, variant
+        results[variant] = run(variant, a.model, a.out, a.parallel, case, a.device)
     want = "nccl" if a.device == "cuda" else "gloo"
     assert dist.is_initialized() and want in dist.get_backend(), f"not a {want} process group: {dist.get_backend()}"
     world = dist.get_world_size()
