@@ -17,6 +17,7 @@ import trl.trainer.utils as trl_utils  # noqa: E402
 from trl.kernels import ChunkedLogProbFunction as TRLChunkedLogProb  # noqa: E402
 
 from alignops.integrations import trl as ao_trl  # noqa: E402
+from tests.trl_distributed_driver import PROMPTS, build_tiny_model  # noqa: E402
 
 ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -156,8 +157,6 @@ def test_chunked_function_bad_arguments():
 # the real GRPOTrainer, stock and with alignops
 
 
-CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +=?"
-PROMPTS = ["ab", "1+2=", "cat ", "zz9", "hello", "7*", "q?", "xyz "]
 
 
 def _reward(completions, prompts=None, **_):
@@ -177,21 +176,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A saved 2-layer Qwen2 (hidden 32, vocab 42) and its character-level tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
     path = tmp_path_factory.mktemp("tiny_qwen2")
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path), tok
+    return str(path), build_tiny_model(str(path))
 
 
 def _callback():

@@ -183,35 +183,26 @@ def test_trl_fsdp2_two_ranks_alignops_equals_stock(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_trl_deepspeed_zero2_two_ranks_alignops_equals_stock(tiny_model, tmp_path):
-    """DeepSpeed ZeRO-2 on its CPU accelerator (gloo), when deepspeed is installed (it is not a dependency:
-    `make test-all` installs it; docs/integrations/trl.md). Gradients and optimizer state are partitioned; the
-    parameters stay whole."""
+@pytest.mark.parametrize("parallel", ["zero2", "zero3"])
+def test_trl_deepspeed_two_ranks_alignops_equals_stock(tiny_model, tmp_path, parallel):
+    """DeepSpeed on its CPU accelerator (gloo), when deepspeed is installed (it is not a dependency: `make
+    test-all` installs it; docs/integrations/trl.md). ZeRO-2 partitions gradients and optimizer state; the
+    parameters stay whole. ZeRO-3 partitions every parameter, the lm_head's included, and gathers it around its
+    use: TRL gathers the head for its fused function, and AlignopsGRPOTrainer's loss (its gradients taken in that
+    gathered forward) reaches the head through the model's output, whose backward hook gathers the head again
+    before the gradient is accumulated (alignops/integrations/trl.py, _LossRequest._through_output)."""
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (docs/integrations/trl.md, ZeRO on CPU)")
-    result, tensors = _launch(tiny_model, tmp_path, "zero2")
+    result, tensors = _launch(tiny_model, tmp_path, parallel)
     _assert_two_ranks(result, "DEEPSPEED")
     for rank in range(2):
         for variant in driver.VARIANTS:
             for layout in result["ranks"][rank][variant]["head_layout"]:
-                assert layout["weight"]["local_shape"] == [VOCAB, HIDDEN] and layout["grad"] is None, layout
-                assert "partition_numel" not in layout["weight"], layout
-    _assert_same_steps(result, tensors)
-
-
-@pytest.mark.slow
-def test_trl_deepspeed_zero3_two_ranks_alignops_equals_stock(tiny_model, tmp_path):
-    """DeepSpeed ZeRO-3: every parameter, the lm_head's included, is partitioned over the 2 ranks and gathered
-    around its use. TRL gathers the head for its fused function; AlignopsGRPOTrainer's loss (its gradients taken
-    in that gathered forward) reaches the head through the model's output, whose backward hook gathers the head
-    again before the gradient is accumulated (alignops/integrations/trl.py, _LossRequest._through_output)."""
-    pytest.importorskip("deepspeed", reason="deepspeed is not installed (docs/integrations/trl.md, ZeRO on CPU)")
-    result, tensors = _launch(tiny_model, tmp_path, "zero3")
-    _assert_two_ranks(result, "DEEPSPEED")
-    for rank in range(2):
-        for variant in driver.VARIANTS:
-            for layout in result["ranks"][rank][variant]["head_layout"]:
-                # this rank's partition: half of the head's 42 x 32 elements
-                assert layout["weight"]["partition_numel"] == VOCAB * HIDDEN // 2 and layout["grad"] is None, layout
+                assert layout["grad"] is None, layout      # ZeRO keeps the gradients in its own partitions
+                if parallel == "zero2":
+                    assert layout["weight"]["local_shape"] == [VOCAB, HIDDEN], layout
+                    assert "partition_numel" not in layout["weight"], layout
+                else:   # this rank's partition: half of the head's 42 x 32 elements
+                    assert layout["weight"]["partition_numel"] == VOCAB * HIDDEN // 2, layout
     _assert_same_steps(result, tensors)
 
 

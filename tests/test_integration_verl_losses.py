@@ -35,19 +35,12 @@ def _probability_inputs(seed=0):
 def test_dppo_equals_verl(name, mode, info):
     """verl's fields set away from their defaults (the divergence bounds, the IS cap clip_ratio_c) reach
     alignops_<name> as they reach verl's loss: value, gradient, ppo_kl and both clip fractions."""
-    logp, old, adv, mask, isw = _probability_inputs()
+    inputs = logp, old, adv, mask, _ = _probability_inputs()
     cfg = actor_config(mode, clip_ratio_low=0.1, clip_ratio_high=0.21, clip_ratio_c=1.6,
                        policy_loss=agg_as_given(name, mode))
     cfg.global_batch_info.update(global_info(info, mask))
-    for weights in (None, isw):
-        ref_loss, ref_grad, ref_m = run_loss(core_algos.get_policy_loss_fn(name), logp, old, adv, mask, mode, cfg,
-                                             weights)
-        loss, grad, m = run_loss(core_algos.get_policy_loss_fn("alignops_" + name), logp, old, adv, mask, mode, cfg,
-                                 weights)
-        torch.testing.assert_close(loss, ref_loss)
-        torch.testing.assert_close(grad, ref_grad)
-        for key in ("actor/ppo_kl", "actor/pg_clipfrac", "actor/pg_clipfrac_lower"):
-            assert m[key] == pytest.approx(ref_m[key], rel=1e-6, abs=1e-7), key
+    _, ref_m = _assert_equals_verl(name, inputs, mode, cfg, ("actor/ppo_kl", "actor/pg_clipfrac",
+                                                              "actor/pg_clipfrac_lower"), abs_tol=1e-7)
     # the inputs reach both sides of the region and the cap, and tell the lower bound from the upper
     assert 0.1 < ref_m["actor/pg_clipfrac"] < 0.9 and ref_m["actor/pg_clipfrac_lower"] > 0
     swapped = actor_config(mode, clip_ratio_low=0.21, clip_ratio_high=0.1, clip_ratio_c=1.6,
@@ -164,24 +157,32 @@ def _both(name, logp, old, adv, mask, mode, cfg, weights, seed=None):
     return out
 
 
+def _assert_equals_verl(name, inputs, mode, cfg, keys, seed=None, abs_tol=None):
+    """verl's `name` and alignops_<name>, without and with IS weights: the same value and gradient, and the
+    metrics `keys` to rel 1e-6 (abs_tol besides). Returns verl's (loss, metrics) of the last call."""
+    logp, old, adv, mask, isw = inputs
+    for weights in (None, isw):
+        (ref_loss, ref_grad, ref_m), (loss, grad, m) = _both(name, logp, old, adv, mask, mode, cfg, weights, seed)
+        torch.testing.assert_close(loss, ref_loss)
+        torch.testing.assert_close(grad, ref_grad)
+        for key in keys:
+            assert m[key] == pytest.approx(ref_m[key], rel=1e-6, abs=abs_tol), key
+    return ref_loss, ref_m
+
+
 @pytest.mark.parametrize("info", ["local", "global"])
 @pytest.mark.parametrize("mode", AGG_MODES)
 def test_clip_cov_equals_verl(mode, info):
     """verl draws the tokens it takes out with torch.randperm on torch's default generator; alignops_clip_cov
     (clip_cov_seed None) draws from the same generator in the same order (the candidates row-major), so
     from the same seed the two take out the same tokens: value, gradient and both metrics are equal."""
-    logp, old, adv, mask, isw = _cov_inputs()
+    inputs = logp, old, adv, mask, _ = _cov_inputs()
     cfg = actor_config(mode, clip_ratio_low=0.15, clip_ratio_high=0.25,
                        policy_loss=_policy_loss("clip_cov", clip_cov_ratio=0.2, clip_cov_lb=-0.3, clip_cov_ub=0.6))
     cfg.global_batch_info.update(global_info(info, mask))
-    for weights in (None, isw):
-        for seed in (0, 1):
-            (ref_loss, ref_grad, ref_m), (loss, grad, m) = _both("clip_cov", logp, old, adv, mask, mode, cfg,
-                                                                 weights, seed)
-            torch.testing.assert_close(loss, ref_loss)
-            torch.testing.assert_close(grad, ref_grad)
-            for key in ("actor/ppo_kl", "actor/pg_clipfrac"):
-                assert m[key] == pytest.approx(ref_m[key], rel=1e-6, abs=1e-7), key
+    for seed in (0, 1):
+        _, ref_m = _assert_equals_verl("clip_cov", inputs, mode, cfg, ("actor/ppo_kl", "actor/pg_clipfrac"), seed,
+                                       abs_tol=1e-7)
     # the rule takes int(0.2 * 25) = 5 tokens out (the data have more candidates than that), and the two
     # seeds take out different ones
     assert int(mask.sum()) == 25 and ref_m["actor/pg_clipfrac"] == pytest.approx(5 / 25)
@@ -228,16 +229,12 @@ def test_kl_cov_equals_verl(mode, info):
     """On fp32 inputs without ties in the covariance, verl's topk and alignops's stable ranking pick the same
     tokens: value, gradient and ppo_kl (verl's: mean |log r|) are equal; kl_cov_ratio and ppo_kl_coef reach
     alignops_kl_cov as they reach verl's."""
-    logp, old, adv, mask, isw = _cov_inputs()
+    inputs = logp, old, adv, mask, _ = _cov_inputs()
     cov = ((adv - adv[mask].mean()) * (logp - logp[mask].mean()))[mask]
     assert cov.unique().numel() == cov.numel()
     cfg = actor_config(mode, policy_loss=_policy_loss("kl_cov", kl_cov_ratio=0.25, ppo_kl_coef=0.7))
     cfg.global_batch_info.update(global_info(info, mask))
-    for weights in (None, isw):
-        (ref_loss, ref_grad, ref_m), (loss, grad, m) = _both("kl_cov", logp, old, adv, mask, mode, cfg, weights)
-        torch.testing.assert_close(loss, ref_loss)
-        torch.testing.assert_close(grad, ref_grad)
-        assert m["actor/ppo_kl"] == pytest.approx(ref_m["actor/ppo_kl"], rel=1e-6)
+    ref_loss, _ = _assert_equals_verl("kl_cov", inputs, mode, cfg, ("actor/ppo_kl",))
     # the penalty binds: without it (coef 0) both change
     cfg = actor_config(mode, policy_loss=_policy_loss("kl_cov", kl_cov_ratio=0.25, ppo_kl_coef=0.0))
     cfg.global_batch_info.update(global_info(info, mask))
@@ -287,14 +284,10 @@ def test_kl_cov_tie_rule():
 @pytest.mark.parametrize("info", ["local", "global"])
 @pytest.mark.parametrize("mode", AGG_MODES)
 def test_dro_equals_verl(mode, info):
-    logp, old, adv, mask, isw = _cov_inputs()
+    inputs = _cov_inputs()
     cfg = actor_config(mode, policy_loss=_policy_loss("dro", dro_beta=0.4))
-    cfg.global_batch_info.update(global_info(info, mask))
-    for weights in (None, isw):
-        (ref_loss, ref_grad, ref_m), (loss, grad, m) = _both("dro", logp, old, adv, mask, mode, cfg, weights)
-        torch.testing.assert_close(loss, ref_loss)
-        torch.testing.assert_close(grad, ref_grad)
-        assert m["actor/ppo_kl"] == pytest.approx(ref_m["actor/ppo_kl"], rel=1e-6)
+    cfg.global_batch_info.update(global_info(info, mask=inputs[3]))
+    _assert_equals_verl("dro", inputs, mode, cfg, ("actor/ppo_kl",))
 
 
 def test_dro_beta_is_required():

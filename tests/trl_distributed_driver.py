@@ -43,9 +43,9 @@ VARIANTS = ("stock", "use_alignops", "alignops_trainer")
 SFT_VARIANTS = ("stock", "use_alignops")
 
 
-def build_tiny_model(path: str) -> None:
-    """A saved 2-layer Qwen2 (hidden 32, vocab 42) and its character-level tokenizer, as
-    tests/test_integration_trl.py builds it."""
+def build_tiny_model(path: str):
+    """A saved 2-layer Qwen2 (hidden 32, vocab 42) and its character-level tokenizer (returned), for the TRL
+    tests in one process (tests/test_integration_trl.py) and at 2 processes."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -59,6 +59,7 @@ def build_tiny_model(path: str) -> None:
                       tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
     Qwen2ForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
+    return tok
 
 
 # the prompts this rank's reward function saw, per call: the ranks' data shards
