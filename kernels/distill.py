@@ -172,14 +172,18 @@ def _beta_args(divergence, beta) -> dict:
     return dict(DIV=divergence, BETA=beta, LOG_BETA=math.log(beta), LOG1M_BETA=math.log1p(-beta))
 
 
-def distill_fwd(student, teacher, valid, inv_temperature, divergence, beta, loss, stats) -> None:
+def _check_call(student, teacher, valid, stats, inv_temperature, divergence, beta):
+    """What both launchers check: (N, T, V, the checked 1/temperature, the kernels' divergence constants)."""
     N, T, V = _check_pair(student, teacher)
+    _check_rows(valid, "valid", N, torch.bool, student.device)
+    _check_rows(stats, "stats", 5 * N, torch.float32, student.device)
+    return N, T, V, _check_inv_temperature(inv_temperature), _beta_args(divergence, beta)
+
+
+def distill_fwd(student, teacher, valid, inv_temperature, divergence, beta, loss, stats) -> None:
+    N, T, V, inv_temperature, consts = _check_call(student, teacher, valid, stats, inv_temperature, divergence, beta)
     device = student.device
-    _check_rows(valid, "valid", N, torch.bool, device)
     _check_rows(loss, "loss", N, torch.float32, device)
-    _check_rows(stats, "stats", 5 * N, torch.float32, device)
-    inv_temperature = _check_inv_temperature(inv_temperature)
-    consts = _beta_args(divergence, beta)
     if N == 0:
         return
     block_v, num_warps = _launch_config(V)
@@ -192,17 +196,13 @@ def distill_fwd(student, teacher, valid, inv_temperature, divergence, beta, loss
 
 
 def distill_bwd(student, teacher, valid, stats, grad_loss, inv_temperature, divergence, beta, grad_student) -> None:
-    N, T, V = _check_pair(student, teacher)
+    N, T, V, inv_temperature, consts = _check_call(student, teacher, valid, stats, inv_temperature, divergence, beta)
     _check_logits(grad_student, "grad_student")
     device = student.device
     if tuple(grad_student.shape) != tuple(student.shape) or grad_student.dtype != student.dtype:
         raise ValueError(f"grad_student must have the student's shape {tuple(student.shape)} and dtype "
                          f"{student.dtype}, got {tuple(grad_student.shape)} {grad_student.dtype}")
-    _check_rows(valid, "valid", N, torch.bool, device)
-    _check_rows(stats, "stats", 5 * N, torch.float32, device)
     _check_rows(grad_loss, "grad_loss", N, torch.float32, device)
-    inv_temperature = _check_inv_temperature(inv_temperature)
-    consts = _beta_args(divergence, beta)
     if N == 0:
         return
     block_v, num_warps = _launch_config(V)
