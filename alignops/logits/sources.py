@@ -176,11 +176,11 @@ def check_head(hidden, weight, labels, bias) -> None:
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
         if _is_dtensor(x):
-            raise TypeError(f"{name} is a DTensor (an FSDP2 shard?): pass the whole tensor (x.full_tensor(), or "
-                            "the weight inside the head's unsharded forward); a vocabulary split over ranks goes "
-                            "through vocab_process_group=")
+            raise TypeError(f"{name} is a DTensor (an FSDP2 shard?): pass the whole tensor, read inside the "
+                            "forward of its FSDP unit, where FSDP2 unshards it and reduce-scatters its gradient "
+                            "(a full_tensor() of your own bypasses that reduction); a vocabulary split over ranks "
+                            "goes through vocab_process_group=")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
-        # DeepSpeed ZeRO-3 leaves a parameter outside its module's forward as an empty tensor
         partitioned = (" (an empty weight: a DeepSpeed ZeRO-3 parameter outside its module's forward? Gather it "
                        "with deepspeed.zero.GatheredParameters, or make the call inside the model's forward)"
                        if weight.numel() == 0 else "")
